@@ -1,0 +1,8 @@
+"""Compatibility layers that let unmodified Megatron-Core run where it was not written for.
+
+See ``megatron_paced.compat.cpu`` and ``patches/README.md``.
+"""
+
+from megatron_paced.compat.cpu import enable_cpu_compat, is_cpu_compat_enabled
+
+__all__ = ["enable_cpu_compat", "is_cpu_compat_enabled"]

@@ -1,0 +1,148 @@
+"""Process groups: the one place that touches Megatron's global parallel state.
+
+:func:`initialize_parallel` starts ``torch.distributed`` (nccl with CUDA, gloo without, the
+CPU compatibility layer switched on in the latter case), builds Megatron's TP x PP x DP groups
+and returns a :class:`ParallelContext` that everything else receives as an argument: models,
+log-prob computation, losses and (later) the sharded log-Z table never call the global
+getters themselves.
+
+Ranks are laid out as Megatron's default order ``tp-cp-ep-dp-pp``: TP ranks are adjacent,
+then DP, then PP.
+
+Usage (under ``torchrun --nproc-per-node 4``)::
+
+    ctx = initialize_parallel(ParallelConfig(tensor_model_parallel_size=2), seed=1234)
+    print(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.dp_size)
+    ...
+    destroy_parallel()
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.compat import enable_cpu_compat
+from megatron_paced.config import ParallelConfig
+
+
+@dataclass
+class ParallelContext:
+    """Process groups and this rank's coordinates in the TP x PP x DP grid."""
+
+    pg: "object"  # megatron.core.process_groups_config.ProcessGroupCollection
+    config: ParallelConfig
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.pg.tp
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.pg.pp
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.pg.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.pg.tp)
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(self.pg.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pg.pp)
+
+    @property
+    def pp_size(self) -> int:
+        return dist.get_world_size(self.pg.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.pg.dp)
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size(self.pg.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def last_stage_global_rank(self) -> int:
+        """Global rank of the last pipeline stage in this rank's pipeline."""
+        return dist.get_global_rank(self.pg.pp, self.pp_size - 1)
+
+
+def _backend(config: ParallelConfig) -> str:
+    if config.distributed_backend != "auto":
+        return config.distributed_backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize_parallel(
+    config: ParallelConfig, *, seed: int, timeout_minutes: int = 30
+) -> ParallelContext:
+    """Start torch.distributed (if needed) and Megatron's model-parallel groups.
+
+    Reads the usual torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``); a plain ``python`` run is world size 1. The layout is
+    validated against the world size before any group is created.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config.validate(world_size=world_size)
+    if not torch.cuda.is_available():
+        enable_cpu_compat()
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=_backend(config),
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    return ParallelContext(
+        pg=ProcessGroupCollection.use_mpu_process_groups(),
+        config=config,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+    )
+
+
+def destroy_parallel(*, destroy_process_group: bool = False) -> None:
+    """Tear down Megatron's groups (so that another layout can be built in the same process)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()
