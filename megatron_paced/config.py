@@ -185,3 +185,8 @@ class OptimizerConfig:
         require(0 <= self.adam_beta2 < 1, "adam_beta2", self.adam_beta2, "must be in [0, 1)")
         require(self.adam_eps > 0, "adam_eps", self.adam_eps, "must be > 0")
         require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0 (0 disables)")
+        if self.optimizer != "adam" and self.use_distributed_optimizer:
+            raise ConfigError(
+                f"--optimizer {self.optimizer!r} with --use-distributed-optimizer: Megatron's "
+                "distributed optimizer supports only adam; pass --no-use-distributed-optimizer"
+            )

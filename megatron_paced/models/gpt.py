@@ -46,6 +46,10 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def _leave_uninitialized(weight: torch.Tensor) -> None:
+    """Init method that does nothing: init_layout_invariant_ fills the weights."""
+
+
 def transformer_config(
     model_cfg: ModelConfig, ctx: ParallelContext, *, params_dtype: torch.dtype = torch.float32
 ):
@@ -78,9 +82,13 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        # Weights are filled by init_layout_invariant_; Megatron's own init would be
-        # thrown away (and differs between PP layouts).
-        perform_initialization=False,
+        # Weights are filled by init_layout_invariant_ after the build (Megatron's own init
+        # differs between PP layouts). Initialization stays "on" because Megatron sets the
+        # TP attributes of split weights (partition_dim, ...) inside its init routine.
+        perform_initialization=True,
+        init_method=_leave_uninitialized,
+        output_layer_init_method=_leave_uninitialized,
+        embedding_init_method=_leave_uninitialized,
         use_cpu_initialization=on_cpu,
         # Fused kernels need CUDA; the unfused paths are numerically the reference.
         bias_activation_fusion=not on_cpu and transformer_engine_available(),

@@ -1,0 +1,204 @@
+"""Run a batch of sequences through Megatron's pipeline schedule: log-probs, losses, gradients.
+
+A :class:`SequenceBatch` is this data-parallel rank's share of the step: right-padded token
+ids, a mask of the completion tokens to score, and any per-sequence tensors a loss needs
+(rewards, old log-probs, prompt ids). :func:`forward_backward` cuts it into micro-batches and
+hands them to ``get_forward_backward_func()`` -- the no-pipelining loop for PP1, 1F1B for
+PP > 1 -- so PP works unchanged. On the last stage each micro-batch's vocab-parallel logits
+become token log-probs (:mod:`megatron_paced.logprobs`) and go to a loss with Megatron's
+contract::
+
+    loss_fn(token_log_probs (b, T), micro_batch) -> (loss_sum, num_items, logs)
+
+``loss_sum`` is a sum over items (tokens or sequences, the loss says which in its
+docstring); Megatron divides the gradients once by the global ``num_items`` summed over
+micro-batches and DP ranks (``calculate_per_token_loss=True``), so the gradient does not
+depend on how the batch was split.
+
+:func:`compute_log_probs` is the no-grad case: it returns the (B, T) token log-probs and the
+(B,) completion sums on every rank of the pipeline (broadcast from the last stage).
+
+Usage::
+
+    batch = SequenceBatch(tokens, completion_mask).shard_for_dp(ctx.dp_rank, ctx.dp_size)
+    result = compute_log_probs(model, batch, ctx, vocab_size=cfg.vocab_size,
+                               micro_batch_size=2)
+    logs = forward_backward(model, batch, nll_loss, ctx, vocab_size=cfg.vocab_size,
+                            micro_batch_size=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.logprobs import next_token_log_probs, sequence_log_probs
+from megatron_paced.parallel import ParallelContext
+
+LossFn = Callable[[torch.Tensor, "SequenceBatch"], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass
+class SequenceBatch:
+    """Sequences of one step on one DP rank; every tensor's first dimension is the sequence."""
+
+    tokens: torch.Tensor
+    """(B, T) int64 token ids, prompt then completion, right-padded."""
+    completion_mask: torch.Tensor
+    """(B, T) float, 1 on the completion tokens whose log-probs count."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-sequence tensors for the loss, each with first dimension B."""
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2 or self.tokens.shape != self.completion_mask.shape:
+            raise ValueError(
+                f"tokens {tuple(self.tokens.shape)} and completion_mask "
+                f"{tuple(self.completion_mask.shape)} must both be (B, T)"
+            )
+        for name, value in self.extras.items():
+            if value.shape[0] != self.tokens.shape[0]:
+                raise ValueError(f"extras[{name!r}] has {value.shape[0]} rows, tokens "
+                                 f"{self.tokens.shape[0]}")
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+    def rows(self, start: int, stop: int) -> "SequenceBatch":
+        return SequenceBatch(self.tokens[start:stop], self.completion_mask[start:stop],
+                             {k: v[start:stop] for k, v in self.extras.items()})
+
+    def to(self, device: torch.device) -> "SequenceBatch":
+        return dataclasses.replace(
+            self, tokens=self.tokens.to(device), completion_mask=self.completion_mask.to(device),
+            extras={k: v.to(device) for k, v in self.extras.items()},
+        )
+
+    def shard_for_dp(self, dp_rank: int, dp_size: int) -> "SequenceBatch":
+        """This DP rank's contiguous share of a global batch (B must divide by dp_size)."""
+        if self.num_sequences % dp_size != 0:
+            raise ValueError(f"global batch of {self.num_sequences} sequences does not divide "
+                             f"by the data-parallel size {dp_size}")
+        per_rank = self.num_sequences // dp_size
+        return self.rows(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+
+    def micro_batches(self, micro_batch_size: int) -> list["SequenceBatch"]:
+        if self.num_sequences % micro_batch_size != 0:
+            raise ValueError(f"--micro-batch-size {micro_batch_size} does not divide the "
+                             f"{self.num_sequences} sequences of this rank's batch")
+        return [self.rows(i, i + micro_batch_size)
+                for i in range(0, self.num_sequences, micro_batch_size)]
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _forward_step(
+    data_iterator: Iterator[SequenceBatch], model: torch.nn.Module, *, loss_fn: LossFn,
+    ctx: ParallelContext, vocab_size: int,
+):
+    micro_batch = next(data_iterator)
+    tokens = micro_batch.tokens
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    # Causal attention with right padding: real tokens never attend to the padding after them.
+    output = model(tokens, position_ids, None)
+    return output, partial(_loss_on_last_stage, micro_batch=micro_batch, loss_fn=loss_fn,
+                           ctx=ctx, vocab_size=vocab_size)
+
+
+def _loss_on_last_stage(logits: torch.Tensor, *, micro_batch: SequenceBatch, loss_fn: LossFn,
+                        ctx: ParallelContext, vocab_size: int):
+    token_log_probs = next_token_log_probs(
+        logits, micro_batch.tokens, tp_group=ctx.tp_group,
+        vocab_start=ctx.tp_rank * logits.shape[-1], vocab_size=vocab_size,
+    )
+    return loss_fn(token_log_probs, micro_batch)
+
+
+def forward_backward(
+    model: list[torch.nn.Module],
+    batch: SequenceBatch,
+    loss_fn: LossFn,
+    ctx: ParallelContext,
+    *,
+    vocab_size: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
+    micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
+    model (DDP grad buffers) unless ``forward_only``."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    micro_batches = batch.to(ctx.device).micro_batches(micro_batch_size)
+    config = _unwrap(model[0]).config
+    p2p = P2PCommunicator(pp_group=ctx.pp_group, config=config) if ctx.pp_size > 1 else None
+    forward_backward_func = get_forward_backward_func(pp_size=ctx.pp_size)
+    extra = {"p2p_communicator": p2p} if p2p is not None else {}
+    return forward_backward_func(
+        forward_step_func=partial(_forward_step, loss_fn=loss_fn, ctx=ctx,
+                                  vocab_size=vocab_size),
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=batch.seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        pg_collection=ctx.pg,
+        **extra,
+    )
+
+
+def _keep_token_log_probs(token_log_probs: torch.Tensor, micro_batch: SequenceBatch):
+    masked = token_log_probs * micro_batch.completion_mask
+    zero = masked.sum() * 0.0
+    return zero, torch.tensor(1, dtype=torch.int, device=masked.device), {
+        "token_log_probs": masked.detach()}
+
+
+@dataclass
+class LogProbs:
+    """Log-probs of one batch's completions, on every rank of the pipeline."""
+
+    token_log_probs: torch.Tensor
+    """(B, T) log p(token_t | tokens_<t), 0 outside the completion mask."""
+    sequence_log_probs: torch.Tensor
+    """(B,) sum of the completion tokens' log-probs, S(y|x)."""
+
+
+@torch.no_grad()
+def compute_log_probs(
+    model: list[torch.nn.Module], batch: SequenceBatch, ctx: ParallelContext, *,
+    vocab_size: int, micro_batch_size: int,
+) -> LogProbs:
+    """Token and sequence log-probs of ``batch`` (no grad), available on all PP stages."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        logs = forward_backward(model, batch, _keep_token_log_probs, ctx, vocab_size=vocab_size,
+                                micro_batch_size=micro_batch_size, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    if ctx.is_last_stage:
+        token_log_probs = torch.cat([log["token_log_probs"] for log in logs]).float()
+    else:
+        token_log_probs = torch.empty(batch.tokens.shape, dtype=torch.float32,
+                                      device=ctx.device)
+    if ctx.pp_size > 1:
+        dist.broadcast(token_log_probs, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
+    mask = batch.completion_mask.to(token_log_probs.device)
+    return LogProbs(token_log_probs, sequence_log_probs(token_log_probs, mask))

@@ -1,0 +1,172 @@
+"""The trainable policy and the frozen reference, on the same TP/PP layout.
+
+* :class:`Policy`: this rank's stage of a ``GPTModel`` wrapped in Megatron's
+  ``DistributedDataParallel`` (contiguous fp32 grad buffers, reduce-scatter for the
+  distributed optimizer) with Megatron's optimizer (``get_megatron_optimizer``: the
+  distributed optimizer shards Adam state and fp32 main weights over DP). Gradient
+  finalization (DP reduction, tied-embedding sync across PP stages, division by the global
+  item count) is Megatron's ``finalize_model_grads`` with our process groups.
+* :class:`Reference`: the same architecture and layout, no grads, ``eval()``; it can be
+  parked in host memory between uses (``park()``/``unpark()``) to free GPU memory for
+  rollouts. It starts as a copy of the policy's weights (shard for shard, no communication).
+
+Usage::
+
+    policy = build_policy(model_cfg, optim_cfg, ctx, seed=1234)
+    logs = forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=..., micro_batch_size=2)
+    grad_norm = policy.step()
+    reference = build_reference(model_cfg, ctx, seed=1234, copy_from=policy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_paced.config import OptimizerConfig
+from megatron_paced.models.config import ModelConfig
+from megatron_paced.models.gpt import build_gpt_model
+from megatron_paced.parallel import ParallelContext
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    update_successful: bool
+    grad_norm: float
+    num_zeros_in_grad: int | None
+
+
+class Policy:
+    """The trainable model stage(s) of this rank with their optimizer."""
+
+    def __init__(self, model: list[torch.nn.Module], optimizer, model_cfg: ModelConfig,
+                 ctx: ParallelContext) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.model_cfg = model_cfg
+        self.ctx = ctx
+
+    def zero_grad(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> StepResult:
+        """Apply the accumulated gradients; returns the global grad norm (before clipping)."""
+        update_successful, grad_norm, num_zeros = self.optimizer.step()
+        return StepResult(bool(update_successful), float(grad_norm or 0.0), num_zeros)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The bare GPTModel stages, without the DDP wrapper."""
+        return [chunk.module for chunk in self.model]
+
+
+def _megatron_optimizer_config(optim_cfg: OptimizerConfig, params_dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+
+    return MegatronOptimizerConfig(
+        optimizer=optim_cfg.optimizer,
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
+        adam_eps=optim_cfg.adam_eps,
+        sgd_momentum=optim_cfg.sgd_momentum,
+        clip_grad=optim_cfg.clip_grad,
+        use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+    )
+
+
+def build_policy(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimizerConfig,
+    ctx: ParallelContext,
+    *,
+    seed: int,
+    params_dtype: torch.dtype = torch.float32,
+) -> Policy:
+    """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    optim_cfg.validate()
+    gpt = build_gpt_model(model_cfg, ctx, seed=seed, params_dtype=params_dtype)
+    config = gpt.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
+                                  pg_collection=ctx.pg)
+    ddp.broadcast_params()  # identical replicas across DP, whatever happened at init
+    config.finalize_model_grads_func = partial(_finalize_model_grads, finalize_model_grads)
+    config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(
+        _megatron_optimizer_config(optim_cfg, params_dtype), [ddp], pg_collection=ctx.pg,
+        # Megatron refuses its extra gloo groups with explicit process groups; on the CPU the
+        # main groups are gloo already.
+        use_gloo_process_groups=False,
+    )
+    return Policy([ddp], optimizer, model_cfg, ctx)
+
+
+def _finalize_model_grads(finalize, model, num_tokens, pg_collection=None, force_all_reduce=False):
+    # The schedule passes its own pg_collection, which is ours (forward_backward passes ctx.pg).
+    return finalize(model, num_tokens, pg_collection=pg_collection,
+                    force_all_reduce=force_all_reduce)
+
+
+class Reference:
+    """A frozen copy of the model for KL terms, optionally parked in host memory."""
+
+    def __init__(self, model: list[torch.nn.Module], ctx: ParallelContext) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.parked = False
+
+    def park(self) -> None:
+        """Move the weights to host memory (no-op on a CPU run)."""
+        if self.ctx.device.type != "cpu" and not self.parked:
+            for chunk in self.model:
+                chunk.to("cpu")
+            self.parked = True
+
+    def unpark(self) -> None:
+        """Bring the weights back to the device before use."""
+        if self.parked:
+            for chunk in self.model:
+                chunk.to(self.ctx.device)
+            self.parked = False
+
+
+def build_reference(
+    model_cfg: ModelConfig,
+    ctx: ParallelContext,
+    *,
+    seed: int,
+    copy_from: Policy | None = None,
+    params_dtype: torch.dtype = torch.float32,
+) -> Reference:
+    """The frozen reference on the same layout; a copy of ``copy_from``'s weights if given."""
+    gpt = build_gpt_model(model_cfg, ctx, seed=seed, params_dtype=params_dtype)
+    if copy_from is not None:
+        source = copy_from.modules()[0].state_dict()
+        gpt.load_state_dict(source, strict=True)
+    gpt.eval()
+    for param in gpt.parameters():
+        param.requires_grad_(False)
+    return Reference([gpt], ctx)

@@ -1,0 +1,1 @@
+"""Test utilities that ship with the package: the multi-process harness (``distributed``)."""

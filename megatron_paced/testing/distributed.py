@@ -1,0 +1,107 @@
+"""A harness for multi-process tests on gloo: one ``torchrun`` launch, many checks.
+
+A launch costs 6-20 s on a 2-core machine (Megatron-Core takes ~5 s to import per process),
+so a distributed test module launches one worker a few times and runs many checks inside.
+The worker records each check with :class:`CheckRecorder` (a check fails if it fails on any
+rank) and may save tensors for the test process to compare; the test process launches it
+with :func:`launch_workers` and reads the results back.
+
+Worker side::
+
+    checks = CheckRecorder()
+    with checks.check("logprobs_match_log_softmax[tp2]"):
+        torch.testing.assert_close(ours, reference)
+    checks.write(out_dir / "checks.json")          # collective: call on every rank
+
+Test side::
+
+    result = launch_workers("tests.distributed.worker", nprocs=4, args=["--out", str(tmp)])
+    checks = read_checks(tmp / "checks.json")
+    assert checks["logprobs_match_log_softmax[tp2]"]["ok"], checks[...]["error"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch.distributed as dist
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def launch_workers(
+    module: str,
+    *,
+    nprocs: int,
+    args: Sequence[str] = (),
+    timeout_s: float = 900,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> LaunchResult:
+    """Run ``python -m module args`` on ``nprocs`` local processes with torchrun (gloo on CPU).
+
+    Each process is limited to one intra-op thread: the ranks share the machine's cores, and
+    oversubscription makes a 2-core run many times slower.
+    """
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nprocs}", "-m", module, *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "TORCHELASTIC_ERROR_FILE": "", **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout_s, env=full_env, cwd=cwd)
+    return LaunchResult(proc.returncode, proc.stdout, time.perf_counter() - start)
+
+
+class CheckRecorder:
+    """Records named pass/fail checks in a worker; merges them over ranks on ``write``."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def check(self, name: str) -> Iterator[None]:
+        """Run the body as one named check; an exception fails it and is recorded."""
+        try:
+            yield
+        except Exception:  # noqa: BLE001 - any failure of the body is the check's failure
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            self.results[name] = {"ok": False, "error": f"rank {rank}: {traceback.format_exc()}"}
+        else:
+            self.results.setdefault(name, {"ok": True, "error": ""})
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Gather every rank's results to global rank 0 and write them as JSON there."""
+        gathered: list[dict | None] = [self.results]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.results)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        merged: dict[str, dict] = {}
+        for results in gathered:
+            for name, result in (results or {}).items():
+                if name not in merged or not result["ok"]:
+                    merged[name] = result
+        Path(path).write_text(json.dumps(merged, indent=1, sort_keys=True))
+
+
+def read_checks(path: str | os.PathLike) -> dict[str, dict]:
+    """The merged check results a worker wrote."""
+    return json.loads(Path(path).read_text())

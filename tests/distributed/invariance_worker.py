@@ -1,0 +1,155 @@
+"""Worker for the layout-invariance tests: one torchrun launch runs several TP x PP layouts.
+
+For each layout (``TPxPP``, DP fills the rest of the world) and each model family it builds
+the policy from the same seed, then records, on global rank 0, as full (TP1, PP1) tensors:
+
+* ``log_probs``: (B, T) token log-probs of a fixed global batch (no grad);
+* ``params_init``: the initial parameters;
+* ``params_sgd``: the parameters after one SGD step (lr 1, clipped at norm 1) of the NLL loss;
+* ``params_adam``: the parameters after two AdamW steps (the second depends on gradient ratios);
+* ``grad_norms``: the global grad norms the optimizer reported.
+
+The test process compares every layout with the single-process one. In-worker checks (vocab
+parallel log-probs against a gathered ``log_softmax``, PP broadcast) go to ``checks.json``.
+
+    torchrun --nproc-per-node 4 -m tests.distributed.invariance_worker --out DIR \
+        --layouts 2x2 2x1 1x2 1x1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import OptimizerConfig, ParallelConfig
+from megatron_paced.forward_backward import SequenceBatch, compute_log_probs, forward_backward
+from megatron_paced.losses import nll_loss
+from megatron_paced.models.config import PRESETS, ModelConfig
+from megatron_paced.models.policy import build_policy
+from megatron_paced.models.sharding import gather_full_state_dict
+from megatron_paced.parallel import ParallelContext, destroy_parallel, initialize_parallel
+from megatron_paced.testing.distributed import CheckRecorder
+
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
+GLOBAL_BATCH = 8
+SEQ_LENGTH = 24
+MICRO_BATCH = 2
+SEED = 1234
+
+
+def make_global_batch(vocab_size: int) -> SequenceBatch:
+    """A fixed batch: random prompts of 4-10 tokens, completions of 3-12, right-padded."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LENGTH), generator=gen)
+    mask = torch.zeros(GLOBAL_BATCH, SEQ_LENGTH)
+    for row in range(GLOBAL_BATCH):
+        prompt = int(torch.randint(4, 11, (), generator=gen))
+        completion = int(torch.randint(3, 13, (), generator=gen))
+        end = min(prompt + completion, SEQ_LENGTH)
+        mask[row, prompt:end] = 1.0
+        tokens[row, end:] = 0  # padding
+    return SequenceBatch(tokens, mask)
+
+
+def gather_over_dp(local: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    parts = [torch.empty_like(local) for _ in range(ctx.dp_size)]
+    dist.all_gather(parts, local.contiguous(), group=ctx.dp_group)
+    return torch.cat(parts)
+
+
+def full_params(policy, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    return gather_full_state_dict(policy.modules()[0], ctx.tp_group, ctx.pp_group)
+
+
+def train_steps(policy, batch: SequenceBatch, ctx, model_cfg: ModelConfig, num_steps: int):
+    grad_norms = []
+    for _ in range(num_steps):
+        policy.zero_grad()
+        forward_backward(policy.model, batch, nll_loss, ctx, vocab_size=model_cfg.vocab_size,
+                         micro_batch_size=MICRO_BATCH)
+        grad_norms.append(policy.step().grad_norm)
+    return grad_norms
+
+
+def check_log_probs_against_log_softmax(checks, policy, batch, ctx, model_cfg, name):
+    """On the last stage: our vocab-parallel log-probs == log_softmax of gathered logits."""
+    if not ctx.is_last_stage or ctx.pp_size > 1:
+        return  # needs the whole model on this rank to run a plain forward
+    with checks.check(f"vocab_parallel_log_probs_equal_log_softmax[{name}]"):
+        gpt = policy.modules()[0]
+        with torch.no_grad():
+            tokens = batch.tokens
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            logits = gpt(tokens, positions, None)  # (b, T, V/tp)
+            shards = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+            dist.all_gather(shards, logits.contiguous(), group=ctx.tp_group)
+            full = torch.cat(shards, dim=-1)[..., : model_cfg.vocab_size]
+            expected = torch.log_softmax(full.double(), dim=-1)[:, :-1].gather(
+                -1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+            expected = torch.nn.functional.pad(expected, (1, 0)) * batch.completion_mask
+        ours = compute_log_probs(policy.model, batch, ctx, vocab_size=model_cfg.vocab_size,
+                                 micro_batch_size=MICRO_BATCH).token_log_probs
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=5e-6)
+
+
+def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ctx = initialize_parallel(parallel, seed=SEED)
+    layout = f"tp{tp}pp{pp}dp{ctx.dp_size}"
+    for family in FAMILIES:
+        model_cfg = PRESETS[family]
+        global_batch = make_global_batch(model_cfg.vocab_size)
+        batch = global_batch.shard_for_dp(ctx.dp_rank, ctx.dp_size)
+        record: dict[str, object] = {}
+
+        sgd = build_policy(model_cfg, OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0,
+                                                      clip_grad=1.0,
+                                                      use_distributed_optimizer=False),
+                           ctx, seed=SEED)
+        log_probs = compute_log_probs(sgd.model, batch, ctx, vocab_size=model_cfg.vocab_size,
+                                      micro_batch_size=MICRO_BATCH)
+        with checks.check(f"log_probs_on_every_stage[{layout},{family}]"):
+            # Every PP stage received the same values from the last stage.
+            reference = log_probs.token_log_probs.clone()
+            dist.broadcast(reference, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
+            torch.testing.assert_close(log_probs.token_log_probs, reference, rtol=0, atol=0)
+            assert torch.isfinite(log_probs.sequence_log_probs).all()
+        check_log_probs_against_log_softmax(checks, sgd, batch, ctx, model_cfg,
+                                            f"{layout},{family}")
+        record["log_probs"] = gather_over_dp(log_probs.token_log_probs, ctx)
+        record["params_init"] = full_params(sgd, ctx)
+        record["grad_norms_sgd"] = train_steps(sgd, batch, ctx, model_cfg, num_steps=1)
+        record["params_sgd"] = full_params(sgd, ctx)
+
+        adam = build_policy(model_cfg, OptimizerConfig(optimizer="adam", lr=1e-3,
+                                                       weight_decay=0.1), ctx, seed=SEED)
+        record["grad_norms_adam"] = train_steps(adam, batch, ctx, model_cfg, num_steps=2)
+        record["params_adam"] = full_params(adam, ctx)
+        if dist.get_rank() == 0:
+            torch.save(record, out / f"{layout}__{family}.pt")
+        del sgd, adam
+    destroy_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layouts", nargs="+", required=True, help="TPxPP, e.g. 2x1")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    checks = CheckRecorder()
+    for layout in args.layouts:
+        tp, pp = (int(x) for x in layout.split("x"))
+        run_layout(tp, pp, args.out, checks)
+    checks.write(args.out / f"checks_world{os.environ.get('WORLD_SIZE', '1')}.json")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
