@@ -105,20 +105,48 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+LastStageFn = Callable[[torch.Tensor, SequenceBatch], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
 def _forward_step(
-    data_iterator: Iterator[SequenceBatch], model: torch.nn.Module, *, loss_fn: LossFn,
-    ctx: ParallelContext, vocab_size: int,
+    data_iterator: Iterator[SequenceBatch], model: torch.nn.Module, *,
+    last_stage_fn: LastStageFn,
 ):
     micro_batch = next(data_iterator)
     tokens = micro_batch.tokens
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # Causal attention with right padding: real tokens never attend to the padding after them.
     output = model(tokens, position_ids, None)
-    return output, partial(_loss_on_last_stage, micro_batch=micro_batch, loss_fn=loss_fn,
-                           ctx=ctx, vocab_size=vocab_size)
+    return output, partial(last_stage_fn, micro_batch=micro_batch)
 
 
-def _loss_on_last_stage(logits: torch.Tensor, *, micro_batch: SequenceBatch, loss_fn: LossFn,
+def _run_schedule(
+    model: list[torch.nn.Module], batch: SequenceBatch, last_stage_fn: LastStageFn,
+    ctx: ParallelContext, *, micro_batch_size: int, forward_only: bool,
+) -> list[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    micro_batches = batch.to(ctx.device).micro_batches(micro_batch_size)
+    config = _unwrap(model[0]).config
+    extra = {}
+    if ctx.pp_size > 1:
+        extra["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pp_group, config=config)
+    forward_backward_func = get_forward_backward_func(pp_size=ctx.pp_size)
+    return forward_backward_func(
+        forward_step_func=partial(_forward_step, last_stage_fn=last_stage_fn),
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=batch.seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        pg_collection=ctx.pg,
+        **extra,
+    )
+
+
+def _loss_on_last_stage(logits: torch.Tensor, micro_batch: SequenceBatch, *, loss_fn: LossFn,
                         ctx: ParallelContext, vocab_size: int):
     token_log_probs = next_token_log_probs(
         logits, micro_batch.tokens, tp_group=ctx.tp_group,
@@ -140,33 +168,21 @@ def forward_backward(
     """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
     micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
     model (DDP grad buffers) unless ``forward_only``."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    last_stage_fn = partial(_loss_on_last_stage, loss_fn=loss_fn, ctx=ctx, vocab_size=vocab_size)
+    return _run_schedule(model, batch, last_stage_fn, ctx, micro_batch_size=micro_batch_size,
+                         forward_only=forward_only)
 
-    micro_batches = batch.to(ctx.device).micro_batches(micro_batch_size)
-    config = _unwrap(model[0]).config
-    p2p = P2PCommunicator(pp_group=ctx.pp_group, config=config) if ctx.pp_size > 1 else None
-    forward_backward_func = get_forward_backward_func(pp_size=ctx.pp_size)
-    extra = {"p2p_communicator": p2p} if p2p is not None else {}
-    return forward_backward_func(
-        forward_step_func=partial(_forward_step, loss_fn=loss_fn, ctx=ctx,
-                                  vocab_size=vocab_size),
-        data_iterator=iter(micro_batches),
-        model=model,
-        num_microbatches=len(micro_batches),
-        seq_length=batch.seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-        pg_collection=ctx.pg,
-        **extra,
+
+def _keep_log_probs(logits: torch.Tensor, micro_batch: SequenceBatch, *, ctx: ParallelContext,
+                    vocab_size: int):
+    token_log_probs, is_argmax = next_token_log_probs(
+        logits, micro_batch.tokens, tp_group=ctx.tp_group,
+        vocab_start=ctx.tp_rank * logits.shape[-1], vocab_size=vocab_size, return_is_argmax=True,
     )
-
-
-def _keep_token_log_probs(token_log_probs: torch.Tensor, micro_batch: SequenceBatch):
     masked = token_log_probs * micro_batch.completion_mask
-    zero = masked.sum() * 0.0
-    return zero, torch.tensor(1, dtype=torch.int, device=masked.device), {
-        "token_log_probs": masked.detach()}
+    no_loss = masked.sum() * 0.0
+    return no_loss, torch.tensor(1, dtype=torch.int, device=masked.device), {
+        "token_log_probs": masked.detach(), "is_argmax": is_argmax}
 
 
 @dataclass
@@ -177,6 +193,12 @@ class LogProbs:
     """(B, T) log p(token_t | tokens_<t), 0 outside the completion mask."""
     sequence_log_probs: torch.Tensor
     """(B,) sum of the completion tokens' log-probs, S(y|x)."""
+    is_argmax: torch.Tensor
+    """(B, T) bool: the token is the model's argmax given its prefix (greedy decoding's pick)."""
+
+    def greedy_matches(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: greedy decoding from the prompt reproduces the whole completion."""
+        return (self.is_argmax | (completion_mask == 0)).all(dim=-1)
 
 
 @torch.no_grad()
@@ -188,17 +210,22 @@ def compute_log_probs(
     for chunk in model:
         chunk.eval()
     try:
-        logs = forward_backward(model, batch, _keep_token_log_probs, ctx, vocab_size=vocab_size,
-                                micro_batch_size=micro_batch_size, forward_only=True)
+        logs = _run_schedule(model, batch,
+                             partial(_keep_log_probs, ctx=ctx, vocab_size=vocab_size), ctx,
+                             micro_batch_size=micro_batch_size, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()
     if ctx.is_last_stage:
         token_log_probs = torch.cat([log["token_log_probs"] for log in logs]).float()
+        is_argmax = torch.cat([log["is_argmax"] for log in logs]).float()
     else:
         token_log_probs = torch.empty(batch.tokens.shape, dtype=torch.float32,
                                       device=ctx.device)
+        is_argmax = torch.empty_like(token_log_probs)
     if ctx.pp_size > 1:
-        dist.broadcast(token_log_probs, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
+        both = torch.stack([token_log_probs, is_argmax])  # one broadcast for both
+        dist.broadcast(both, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
+        token_log_probs, is_argmax = both[0], both[1]
     mask = batch.completion_mask.to(token_log_probs.device)
-    return LogProbs(token_log_probs, sequence_log_probs(token_log_probs, mask))
+    return LogProbs(token_log_probs, sequence_log_probs(token_log_probs, mask), is_argmax > 0.5)

@@ -53,12 +53,15 @@ class _VocabParallelLogProb(torch.autograd.Function):
             dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
             sum_exp, target_logit = both[0], both[1]
         log_probs = target_logit - sum_exp.log()
+        # The target is the greedy (argmax) token iff its logit equals the global max.
+        is_argmax = target_logit >= 0
         softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_targets, owned)
-        return log_probs
+        ctx.mark_non_differentiable(is_argmax)
+        return log_probs, is_argmax
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, grad_is_argmax=None):
         softmax, local_targets, owned = ctx.saved_tensors
         grad = softmax.neg_()  # reuse the buffer: d/dz = onehot - softmax
         onehot_rows = owned.unsqueeze(-1).to(grad.dtype)
@@ -84,26 +87,33 @@ def vocab_parallel_log_probs(
     tp_group: dist.ProcessGroup | None,
     vocab_start: int,
     vocab_size: int,
-) -> torch.Tensor:
+    return_is_argmax: bool = False,
+):
     """``log softmax(logits)[targets]`` over the TP-split, padded vocabulary. Shapes
-    (..., V/tp) and (...) -> (...), float32."""
+    (..., V/tp) and (...) -> (...), float32. With ``return_is_argmax`` also a bool (...)
+    tensor: whether each target is the argmax token (what greedy decoding would pick)."""
     logits = mask_vocab_padding(logits, vocab_start, vocab_size)
-    return _VocabParallelLogProb.apply(logits, targets, vocab_start, tp_group)
+    log_probs, is_argmax = _VocabParallelLogProb.apply(logits, targets, vocab_start, tp_group)
+    return (log_probs, is_argmax) if return_is_argmax else log_probs
 
 
 def next_token_log_probs(
     logits: torch.Tensor, tokens: torch.Tensor, *, tp_group: dist.ProcessGroup | None,
-    vocab_start: int, vocab_size: int,
-) -> torch.Tensor:
+    vocab_start: int, vocab_size: int, return_is_argmax: bool = False,
+):
     """Log-prob of each token given the ones before it: (B, T, V/tp), (B, T) -> (B, T).
 
-    ``logits[:, t]`` predicts ``tokens[:, t + 1]``; column 0 of the result is 0.
+    ``logits[:, t]`` predicts ``tokens[:, t + 1]``; column 0 of the result is 0 (and, with
+    ``return_is_argmax``, column 0 of the argmax flags is True).
     """
-    shifted = vocab_parallel_log_probs(
+    log_probs, is_argmax = vocab_parallel_log_probs(
         logits[:, :-1], tokens[:, 1:], tp_group=tp_group, vocab_start=vocab_start,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, return_is_argmax=True,
     )  # (B, T-1)
-    return torch.nn.functional.pad(shifted, (1, 0))
+    log_probs = torch.nn.functional.pad(log_probs, (1, 0))
+    if not return_is_argmax:
+        return log_probs
+    return log_probs, torch.nn.functional.pad(is_argmax, (1, 0), value=True)
 
 
 def sequence_log_probs(token_log_probs: torch.Tensor, completion_mask: torch.Tensor,

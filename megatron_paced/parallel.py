@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,23 @@ class ParallelContext:
         return dist.get_global_rank(self.pg.pp, self.pp_size - 1)
 
 
+# Upstream warnings that carry no information for a user of this package: Megatron falling
+# back to torch implementations without Apex/TE (expected on the CPU), and Megatron's own
+# use of torch APIs that torch has deprecated.
+_KNOWN_UPSTREAM_WARNINGS = (
+    r".*Apex is not installed.*",
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*full scope is deprecated.*",
+    r".*`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
+    r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",
+)
+
+
+def silence_known_upstream_warnings() -> None:
+    for pattern in _KNOWN_UPSTREAM_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _backend(config: ParallelConfig) -> str:
     if config.distributed_backend != "auto":
         return config.distributed_backend
@@ -106,6 +124,7 @@ def initialize_parallel(
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_size=world_size)
+    silence_known_upstream_warnings()
     if not torch.cuda.is_available():
         enable_cpu_compat()
     from megatron.core import parallel_state, tensor_parallel

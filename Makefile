@@ -1,0 +1,33 @@
+# megatron-paced: `make demo` and `make test` on a fresh machine (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; an unpinned torch from PyPI is the multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) \
+		-m megatron_paced.demo $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no multi-process launches).
+test-fast: install
+	$(PY) -m pytest -m "not distributed and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Built-in tasks with exact verifiers (synthetic, controllable difficulty)."""

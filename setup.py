@@ -1,0 +1,36 @@
+"""megatron-paced: PACED-RL post-training of LLMs on NVIDIA Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-paced",
+    version="0.1.0",
+    description="PACED-RL (GFlowNet partition function as a difficulty scheduler) on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_paced", "megatron_paced.*"]),
+    install_requires=[
+        # On a CPU-only machine install torch's CPU build first (the Makefile does); an
+        # unpinned torch from PyPI is the CUDA build.
+        "torch>=2.6",
+        # 0.16.x is the last release for Python 3.11; 0.17+ need Python 3.12.
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging",
+        "psutil",  # dist_checkpointing.save needs it
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "wandb": ["wandb"],
+        "math": ["math-verify"],
+        "sglang": ["sglang"],
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "paced-demo=megatron_paced.demo:main",
+        ],
+    },
+)
