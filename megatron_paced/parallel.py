@@ -127,6 +127,8 @@ def initialize_parallel(
     silence_known_upstream_warnings()
     if not torch.cuda.is_available():
         enable_cpu_compat()
+        # A CUDA tuning hint (launch scripts set the variable on GPUs); meaningless here.
+        warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
