@@ -55,12 +55,19 @@ def _flat(params: dict[str, torch.Tensor], names) -> torch.Tensor:
 
 
 def test_worker_checks_pass(invariance_dir):
-    failures = {}
+    failures, names = {}, set()
     for world_size in LAUNCHES:
         for name, result in read_checks(invariance_dir / f"checks_world{world_size}.json").items():
+            names.add(name)
             if not result["ok"]:
                 failures[name] = result["error"]
     assert not failures, "\n".join(f"{k}:\n{v}" for k, v in failures.items())
+    for layout in [REFERENCE, *LAYOUTS]:
+        assert f"reference_is_a_frozen_copy[{layout}]" in names
+        for family in FAMILIES:
+            assert f"log_probs_on_every_stage[{layout},{family}]" in names
+            if "pp1" in layout:  # a plain forward needs the whole model on one rank
+                assert f"vocab_parallel_log_probs_equal_log_softmax[{layout},{family}]" in names
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,7 +29,7 @@ from megatron_paced.config import OptimizerConfig, ParallelConfig
 from megatron_paced.forward_backward import SequenceBatch, compute_log_probs, forward_backward
 from megatron_paced.losses import nll_loss
 from megatron_paced.models.config import PRESETS, ModelConfig
-from megatron_paced.models.policy import build_policy
+from megatron_paced.models.policy import build_policy, build_reference
 from megatron_paced.models.sharding import gather_full_state_dict
 from megatron_paced.parallel import ParallelContext, destroy_parallel, initialize_parallel
 from megatron_paced.testing.distributed import CheckRecorder
@@ -96,6 +96,23 @@ def check_log_probs_against_log_softmax(checks, policy, batch, ctx, model_cfg, n
         torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=5e-6)
 
 
+def check_reference(checks, policy, model_cfg, batch, policy_log_probs, ctx, layout) -> None:
+    """The reference copies the trained policy's weights shard for shard, is frozen, and
+    survives park/unpark; its log-probs equal the policy's at the copy, then stay put."""
+    with checks.check(f"reference_is_a_frozen_copy[{layout}]"):
+        reference = build_reference(model_cfg, ctx, seed=SEED + 1, copy_from=policy)
+        assert all(not p.requires_grad for p in reference.model[0].parameters())
+        reference.park()
+        reference.unpark()
+        ours = compute_log_probs(reference.model, batch, ctx, vocab_size=model_cfg.vocab_size,
+                                 micro_batch_size=MICRO_BATCH)
+        current = compute_log_probs(policy.model, batch, ctx, vocab_size=model_cfg.vocab_size,
+                                    micro_batch_size=MICRO_BATCH)
+        torch.testing.assert_close(ours.token_log_probs, current.token_log_probs, rtol=0, atol=0)
+        # The policy was trained one step since policy_log_probs, so they differ now.
+        assert not torch.allclose(current.token_log_probs, policy_log_probs.token_log_probs)
+
+
 def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel, seed=SEED)
@@ -124,6 +141,9 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
         record["params_init"] = full_params(sgd, ctx)
         record["grad_norms_sgd"] = train_steps(sgd, batch, ctx, model_cfg, num_steps=1)
         record["params_sgd"] = full_params(sgd, ctx)
+
+        if family == FAMILIES[0]:
+            check_reference(checks, sgd, model_cfg, batch, log_probs, ctx, layout)
 
         adam = build_policy(model_cfg, OptimizerConfig(optimizer="adam", lr=1e-3,
                                                        weight_decay=0.1), ctx, seed=SEED)
