@@ -1,21 +1,110 @@
-"""Losses in Megatron's ``loss_func`` contract: pure functions on tensors.
+"""Losses as pure functions on tensors, and their adapters to Megatron's ``loss_func`` contract.
 
-Every loss takes the (b, T) token log-probs of a micro-batch and the micro-batch itself and
-returns ``(loss_sum, num_items, logs)``. Megatron sums ``loss_sum`` and ``num_items`` over
-micro-batches and data-parallel ranks and divides the gradients once by the total
-(``calculate_per_token_loss=True``), so the result does not depend on the split.
+Notation: x a prompt, y a completion, r in [0, 1] its reward, beta the KL coefficient,
+S(y|x) = sum_t log pi(y_t | x, y_<t) over the completion tokens, |y| their number.
 
-    nll_loss:  loss_sum = -sum_{completion tokens} log p(y_t | x, y_<t),
-               num_items = number of completion tokens          (per-token mean NLL)
+PACED-RL (trajectory balance against the policy that generated y, arXiv 2602.12642)::
+
+    delta(x, y) = log_z[x] + S_theta(y|x) - S_old(y|x) - r(x, y) / beta
+    loss        = mean over samples of delta^2
+
+  At the optimum beta * log_z[x] = p_old(x) + beta * KL(pi_old || pi_theta) (Proposition 4.1),
+  so ``beta * log_z`` estimates the online accuracy of x. With ``token_mean`` the two S terms
+  are divided by |y|.
+
+FlowRL (trajectory balance against the frozen reference, token-mean log-probs, arXiv
+2509.15207)::
+
+    delta  = log_z[x] + S_theta(y|x) / |y| - S_ref(y|x) / |y| - r / beta
+    w      = clip(exp(S_theta/|y| - S_old/|y|), 1 - eps, 1 + eps), no gradient
+    loss   = mean over samples of w * delta^2
+
+GRPO (group-normalized advantages, PPO-clipped ratio, optional k3 KL to the reference)::
+
+    A_i    = (r_i - mean_group(r)) / (std_group(r) + 1e-6)
+    rho_t  = exp(log pi_theta(y_t) - log pi_old(y_t))
+    l_t    = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)
+             + kl_coef * (exp(ref_t - theta_t) - (ref_t - theta_t) - 1)
+    loss   = mean over completion tokens of l_t           (token-level, as in DAPO)
+
+The Megatron adapters (``paced_loss_fn`` ...) take the micro-batch's (b, T) token log-probs
+and a :class:`~megatron_paced.forward_backward.SequenceBatch` whose ``extras`` hold the
+per-sequence inputs, and return ``(loss_sum, num_items, logs)``: Megatron divides the model
+gradients once by the global ``num_items`` (sequences for the TB losses, tokens for GRPO and
+the NLL). The ``log_z`` extra is a leaf tensor requiring grad; its gradient is the raw
+per-sample ``d loss_sum / d log_z = 2 delta`` (the log-Z table normalizes per prompt).
 
 Usage::
 
-    forward_backward(policy.model, batch, nll_loss, ctx, vocab_size=..., micro_batch_size=2)
+    loss_fn = functools.partial(paced_loss_fn, beta=0.05)
+    forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=..., micro_batch_size=2)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"--beta {beta!r}: must be a finite number > 0")
+
+
+def paced_tb_delta(log_z: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                   rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """PACED-RL trajectory-balance residual per sample: all (B,) -> (B,)."""
+    return log_z + log_probs - old_log_probs - rewards / beta
+
+
+def flowrl_delta_and_weight(
+    log_z: torch.Tensor, mean_log_probs: torch.Tensor, mean_ref_log_probs: torch.Tensor,
+    mean_old_log_probs: torch.Tensor, rewards: torch.Tensor, beta: float, clip_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowRL residual and its clipped (no-grad) importance weight per sample: (B,) each."""
+    delta = log_z + mean_log_probs - mean_ref_log_probs - rewards / beta
+    weight = torch.exp(mean_log_probs - mean_old_log_probs).clamp(1 - clip_eps, 1 + clip_eps)
+    return delta, weight.detach()
+
+
+def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
+                                eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: reward minus its group's mean, over the group's std (B,) -> (B,)."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=rewards.dtype).index_add_(0, inverse, rewards)
+    means = sums / counts
+    sq = torch.zeros(len(counts), dtype=rewards.dtype).index_add_(
+        0, inverse, (rewards - means[inverse]) ** 2)
+    std = (sq / (counts - 1).clamp(min=1)).sqrt()
+    return (rewards - means[inverse]) / (std[inverse] + eps)
+
+
+def grpo_token_losses(
+    token_log_probs: torch.Tensor, old_token_log_probs: torch.Tensor,
+    advantages: torch.Tensor, *, clip_low: float, clip_high: float,
+    ref_token_log_probs: torch.Tensor | None = None, kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """GRPO per-token loss (B, T): clipped surrogate plus optional k3 KL to the reference."""
+    ratio = torch.exp(token_log_probs - old_token_log_probs)
+    adv = advantages.unsqueeze(-1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    loss = -surrogate
+    if ref_token_log_probs is not None and kl_coef > 0:
+        log_ratio = ref_token_log_probs - token_log_probs
+        loss = loss + kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
+    return loss
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value).all():
+        bad = value[~torch.isfinite(value)].flatten()[:4].tolist()
+        raise FloatingPointError(f"non-finite {name}: {bad} (the step is aborted; nothing "
+                                 "is written to the log-Z table)")
+
+
+def _num(value: float | int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int, device=like.device)
 
 
 def nll_loss(token_log_probs: torch.Tensor, micro_batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -24,4 +113,69 @@ def nll_loss(token_log_probs: torch.Tensor, micro_batch) -> tuple[torch.Tensor, 
     loss_sum = -(token_log_probs * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     return loss_sum, num_tokens, {"nll_sum": loss_sum.detach().clone(),
+                                  "num_tokens": num_tokens.detach().clone()}
+
+
+def paced_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, beta: float,
+                  token_mean: bool = False):
+    """PACED-RL TB loss in Megatron's contract (normalizer: sequences).
+
+    Extras: ``log_z`` (b,) leaf requiring grad, ``old_log_probs`` (b, T), ``rewards`` (b,).
+    Logs the per-sample ``delta`` and the sample estimate of KL(pi_old || pi_theta).
+    """
+    mask = micro_batch.completion_mask
+    extras = micro_batch.extras
+    log_probs = (token_log_probs * mask).sum(-1)
+    old_log_probs = (extras["old_log_probs"] * mask).sum(-1)
+    if token_mean:
+        lengths = mask.sum(-1).clamp(min=1)
+        log_probs, old_log_probs = log_probs / lengths, old_log_probs / lengths
+    delta = paced_tb_delta(extras["log_z"], log_probs, old_log_probs, extras["rewards"], beta)
+    _check_finite("PACED loss residual", delta.detach())
+    loss_sum = (delta ** 2).sum()
+    return loss_sum, _num(delta.numel(), delta), {
+        "loss_sum": loss_sum.detach().clone(),
+        "kl_old_theta_sum": (old_log_probs - log_probs).detach().sum(),
+        "num_sequences": _num(delta.numel(), delta),
+    }
+
+
+def flowrl_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, beta: float,
+                   clip_eps: float = 0.2):
+    """FlowRL loss in Megatron's contract (normalizer: sequences).
+
+    Extras: ``log_z`` (b,), ``old_log_probs``, ``ref_log_probs`` (b, T), ``rewards`` (b,).
+    """
+    mask = micro_batch.completion_mask
+    extras = micro_batch.extras
+    lengths = mask.sum(-1).clamp(min=1)
+
+    def mean_lp(values: torch.Tensor) -> torch.Tensor:
+        return (values * mask).sum(-1) / lengths
+
+    delta, weight = flowrl_delta_and_weight(
+        extras["log_z"], mean_lp(token_log_probs), mean_lp(extras["ref_log_probs"]),
+        mean_lp(extras["old_log_probs"]), extras["rewards"], beta, clip_eps)
+    _check_finite("FlowRL loss residual", delta.detach())
+    loss_sum = (weight * delta ** 2).sum()
+    return loss_sum, _num(delta.numel(), delta), {"loss_sum": loss_sum.detach().clone(),
+                                                  "num_sequences": _num(delta.numel(), delta)}
+
+
+def grpo_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, clip_low: float = 0.2,
+                 clip_high: float = 0.2, kl_coef: float = 0.0):
+    """GRPO loss in Megatron's contract (normalizer: completion tokens).
+
+    Extras: ``old_log_probs`` (b, T), ``advantages`` (b,), and ``ref_log_probs`` (b, T) when
+    ``kl_coef > 0``.
+    """
+    mask = micro_batch.completion_mask
+    extras = micro_batch.extras
+    per_token = grpo_token_losses(
+        token_log_probs, extras["old_log_probs"], extras["advantages"], clip_low=clip_low,
+        clip_high=clip_high, ref_token_log_probs=extras.get("ref_log_probs"), kl_coef=kl_coef)
+    loss_sum = (per_token * mask).sum()
+    _check_finite("GRPO loss", loss_sum.detach())
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach().clone(),
                                   "num_tokens": num_tokens.detach().clone()}

@@ -1,0 +1,1 @@
+"""PACED-RL components: the sharded log-Z table, prompt selection, priority replay."""

@@ -1,0 +1,234 @@
+"""The per-prompt log-partition table log_z, sharded over data-parallel ranks by prompt_id.
+
+One float per prompt (dense ids ``0 <= prompt_id < num_prompts``), on a 1/beta scale:
+``acc_est(x) = beta * log_z[x]`` estimates the online accuracy of x (Proposition 4.1).
+Unvisited rows start at ``init_acc / beta`` (init_acc defaults to the selection target tau,
+so new prompts look maximally informative and are tried first).
+
+Partition: rows are split in contiguous blocks, ``rows_per_rank = ceil(num_prompts /
+dp_size)``, ``owner(id) = id // rows_per_rank``. Every replica of a DP rank (its TP and PP
+peers) holds the same shard and applies the same updates. A sample of prompt x may be
+trained on any DP rank:
+
+    lookup(ids)            ids go to their owners, values come back     (two all-to-alls)
+    apply_gradients(ids, g) (id, grad) pairs go to their owners           (two all-to-alls)
+
+The table has its own optimizer, outside the model's DDP buckets. Gradients are normalized
+*per prompt*: a row's gradient is the mean over that step's samples of the prompt of
+``d delta^2 / d log_z = 2 delta``, so the learning rate does not depend on the batch size or
+the number of samples per prompt. With SGD and lr 0.5 a row jumps to the step's optimum;
+lr 0.05 is an exponential average over about ten visits. Adam keeps per-row moments and a
+per-row step count (rows are updated only when their prompt is drawn).
+
+Every rank validates its inputs and the ranks agree (an all-reduce of a flag) before any
+row is written, so a bad prompt_id or a non-finite gradient raises on every rank and leaves
+the table untouched.
+
+Usage::
+
+    table = ShardedLogZ(num_prompts=7473, beta=0.05, init_acc=0.5, lr=0.1,
+                        dp_group=ctx.dp_group)
+    log_z = table.lookup(batch_prompt_ids).requires_grad_()     # (B,), into the loss
+    ... backward ...
+    table.apply_gradients(batch_prompt_ids, log_z.grad)
+    acc_est = table.gather_acc_est()                            # (num_prompts,), every rank
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import require
+
+
+@dataclass
+class LogZConfig:
+    """The log-partition table and its optimizer."""
+
+    log_z_lr: float = 0.05
+    """Learning rate of the log-Z table (per-prompt mean gradient, see megatron_paced.paced.log_z)."""
+    log_z_optimizer: Literal["sgd", "adam"] = "sgd"
+    """Optimizer of the log-Z rows: sgd, or adam with per-row moments and step counts."""
+    log_z_init_acc: Optional[float] = None
+    """Accuracy estimate of an unvisited prompt (log_z = init / beta); default: --target-acc."""
+
+    def validate(self) -> None:
+        require(math.isfinite(self.log_z_lr) and self.log_z_lr > 0, "log_z_lr", self.log_z_lr,
+                "must be a finite number > 0")
+        if self.log_z_init_acc is not None:
+            require(0.0 <= self.log_z_init_acc <= 1.0, "log_z_init_acc", self.log_z_init_acc,
+                    "must be in [0, 1]")
+
+
+def _agree(group: dist.ProcessGroup | None, ok: bool) -> bool:
+    """True iff ``ok`` holds on every rank of ``group``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return send.clone()
+    recv = torch.empty(sum(recv_counts), dtype=send.dtype)
+    dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
+    return recv
+
+
+class ShardedLogZ:
+    """This DP rank's block of the log-Z table, with its optimizer state."""
+
+    def __init__(self, num_prompts: int, *, beta: float, init_acc: float, lr: float,
+                 optimizer: str = "sgd", dp_group: dist.ProcessGroup | None = None,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> None:
+        require(num_prompts >= 1, "num_prompts", num_prompts, "the table needs >= 1 prompt")
+        require(math.isfinite(beta) and beta > 0, "beta", beta, "must be a finite number > 0")
+        require(optimizer in ("sgd", "adam"), "log_z_optimizer", optimizer, "sgd or adam")
+        self.num_prompts = num_prompts
+        self.beta = float(beta)
+        self.init_acc = float(init_acc)
+        self.lr = float(lr)
+        self.optimizer = optimizer
+        self.adam_betas = adam_betas
+        self.adam_eps = adam_eps
+        self.dp_group = dp_group
+        self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+        self.rows_per_rank = -(-num_prompts // self.dp_size)
+        self.row_start = min(self.dp_rank * self.rows_per_rank, num_prompts)
+        self.row_end = min(self.row_start + self.rows_per_rank, num_prompts)
+        n = self.row_end - self.row_start
+        self.values = torch.full((n,), self.init_acc / self.beta, dtype=torch.float64)
+        self.visits = torch.zeros(n, dtype=torch.int64)
+        self.exp_avg = torch.zeros(n, dtype=torch.float64)
+        self.exp_avg_sq = torch.zeros(n, dtype=torch.float64)
+
+    # ---- routing -------------------------------------------------------------------------
+    def owner_of(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return prompt_ids // self.rows_per_rank
+
+    def _check_ids(self, prompt_ids: torch.Tensor) -> None:
+        ok = bool(((prompt_ids >= 0) & (prompt_ids < self.num_prompts)).all())
+        if not _agree(self.dp_group, ok):
+            if not ok:
+                bad = prompt_ids[(prompt_ids < 0) | (prompt_ids >= self.num_prompts)]
+                raise ValueError(f"prompt_id {int(bad[0])} is outside the log-Z table of "
+                                 f"{self.num_prompts} prompts (ids 0..{self.num_prompts - 1})")
+            raise ValueError("a prompt_id on another data-parallel rank is outside the log-Z "
+                             "table (see that rank's error)")
+
+    def _route(self, prompt_ids: torch.Tensor):
+        """Sort requests by owner; exchange counts. Returns what both directions need."""
+        owners = self.owner_of(prompt_ids)
+        order = torch.argsort(owners, stable=True)
+        send_counts = torch.bincount(owners, minlength=self.dp_size)
+        recv_counts = _all_to_all(send_counts, [1] * self.dp_size, [1] * self.dp_size,
+                                  self.dp_group)
+        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
+        recv_ids = _all_to_all(prompt_ids[order], send_counts, recv_counts, self.dp_group)
+        return order, send_counts, recv_counts, recv_ids
+
+    # ---- lookup and update -----------------------------------------------------------------
+    def lookup(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """log_z of each requested prompt, (n,) int64 -> (n,) float32, from the owners."""
+        prompt_ids = prompt_ids.to(torch.int64).cpu()
+        self._check_ids(prompt_ids)
+        order, send_counts, recv_counts, recv_ids = self._route(prompt_ids)
+        answers = self.values[recv_ids - self.row_start]
+        replies = _all_to_all(answers, recv_counts, send_counts, self.dp_group)
+        out = torch.empty(len(prompt_ids), dtype=torch.float64)
+        out[order] = replies
+        return out.float()
+
+    def apply_gradients(self, prompt_ids: torch.Tensor, grads: torch.Tensor) -> int:
+        """One optimizer step on the rows of the given samples; returns rows updated here.
+
+        ``grads[i]`` is ``d loss / d log_z`` of sample i (2 delta_i for the TB losses); a row
+        moves by its prompt's mean gradient. Raises on every rank, writing nothing, if any
+        id is outside the table or any gradient is not finite.
+        """
+        prompt_ids = prompt_ids.to(torch.int64).cpu()
+        grads = grads.detach().to(torch.float64).cpu()
+        if grads.shape != prompt_ids.shape:
+            raise ValueError(f"{grads.shape[0]} gradients for {prompt_ids.shape[0]} prompt ids")
+        self._check_ids(prompt_ids)
+        finite = bool(torch.isfinite(grads).all())
+        if not _agree(self.dp_group, finite):
+            raise FloatingPointError("non-finite log-Z gradient (a NaN reward or loss?): the "
+                                     "step is aborted and the log-Z table is unchanged")
+        order, send_counts, recv_counts, recv_ids = self._route(prompt_ids)
+        recv_grads = _all_to_all(grads[order], send_counts, recv_counts, self.dp_group)
+        rows = recv_ids - self.row_start
+        n = len(self.values)
+        grad_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, recv_grads)
+        count = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
+        touched = count > 0
+        mean_grad = grad_sum[touched] / count[touched]
+        if self.optimizer == "sgd":
+            self.values[touched] -= self.lr * mean_grad
+        else:
+            beta1, beta2 = self.adam_betas
+            self.visits[touched] += 1
+            steps = self.visits[touched].double()
+            self.exp_avg[touched] = beta1 * self.exp_avg[touched] + (1 - beta1) * mean_grad
+            self.exp_avg_sq[touched] = (beta2 * self.exp_avg_sq[touched]
+                                        + (1 - beta2) * mean_grad ** 2)
+            m_hat = self.exp_avg[touched] / (1 - beta1 ** steps)
+            v_hat = self.exp_avg_sq[touched] / (1 - beta2 ** steps)
+            self.values[touched] -= self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+            return int(touched.sum())
+        self.visits[touched] += 1
+        return int(touched.sum())
+
+    # ---- estimates -----------------------------------------------------------------------
+    def local_acc_est(self) -> torch.Tensor:
+        """beta * log_z of this rank's rows (unclipped), (rows,) float64."""
+        return self.beta * self.values
+
+    def gather_acc_est(self) -> torch.Tensor:
+        """beta * log_z of every prompt on every rank: (num_prompts,) float64, one all-reduce.
+
+        For small tables; selection over large tables uses local candidates instead.
+        """
+        full = torch.zeros(self.num_prompts, dtype=torch.float64)
+        full[self.row_start:self.row_end] = self.local_acc_est()
+        if self.dp_group is not None and self.dp_size > 1:
+            dist.all_reduce(full, group=self.dp_group)
+        return full
+
+    # ---- checkpointing ---------------------------------------------------------------------
+    _STATE = ("values", "visits", "exp_avg", "exp_avg_sq")
+
+    def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,)) -> dict:
+        """Megatron sharded state dict: each tensor as this rank's block (offset row_start)
+        of the global (num_prompts,) tensor, so a checkpoint loads on any DP size.
+        ``replica_id`` must be all zeros on exactly one replica of each DP rank (e.g.
+        (tp_rank, pp_rank)). The last block may be shorter than the others, so the tensors
+        carry no ``axis_fragmentations`` (which would demand equal blocks)."""
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        out = {}
+        for name in self._STATE:
+            tensor = getattr(self, name)
+            out[name] = ShardedTensor(
+                key=f"{prefix}{name}", data=tensor, dtype=tensor.dtype,
+                local_shape=tuple(tensor.shape), global_shape=(self.num_prompts,),
+                global_offset=(self.row_start,), axis_fragmentations=None,
+                replica_id=replica_id)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the tensors of a loaded :meth:`sharded_state_dict`."""
+        for name in self._STATE:
+            value = state[name]
+            value = value.data if hasattr(value, "data") and not isinstance(
+                value, torch.Tensor) else value
+            getattr(self, name).copy_(value.reshape(-1))
