@@ -110,6 +110,14 @@ class ShardedLogZ:
         self.visits = torch.zeros(n, dtype=torch.int64)
         self.exp_avg = torch.zeros(n, dtype=torch.float64)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float64)
+        self._updated_rows: list[torch.Tensor] | None = None  # None: every row changed
+
+    def take_updated_rows(self) -> torch.Tensor | None:
+        """Local rows written since the last call (None: all of them, e.g. after a load)."""
+        rows = None if self._updated_rows is None else (
+            torch.cat(self._updated_rows) if self._updated_rows else torch.zeros(0, dtype=torch.int64))
+        self._updated_rows = []
+        return rows
 
     # ---- routing -------------------------------------------------------------------------
     def owner_of(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -171,6 +179,8 @@ class ShardedLogZ:
         grad_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, recv_grads)
         count = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
         touched = count > 0
+        if self._updated_rows is not None:
+            self._updated_rows.append(torch.nonzero(touched).flatten())
         mean_grad = grad_sum[touched] / count[touched]
         if self.optimizer == "sgd":
             self.values[touched] -= self.lr * mean_grad
@@ -189,9 +199,9 @@ class ShardedLogZ:
         return int(touched.sum())
 
     # ---- estimates -----------------------------------------------------------------------
-    def local_acc_est(self) -> torch.Tensor:
-        """beta * log_z of this rank's rows (unclipped), (rows,) float64."""
-        return self.beta * self.values
+    def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """beta * log_z of this rank's rows (all, or the given local row indices), float64."""
+        return self.beta * (self.values if rows is None else self.values[rows])
 
     def gather_acc_est(self) -> torch.Tensor:
         """beta * log_z of every prompt on every rank: (num_prompts,) float64, one all-reduce.
@@ -232,3 +242,4 @@ class ShardedLogZ:
             value = value.data if hasattr(value, "data") and not isinstance(
                 value, torch.Tensor) else value
             getattr(self, name).copy_(value.reshape(-1))
+        self._updated_rows = None

@@ -1,0 +1,285 @@
+"""Adaptive prompt selection: pick the prompts whose estimated accuracy is nearest tau.
+
+Every prompt has a *key*; a step selects the ``num`` prompts with the highest keys. All
+randomness comes from generators seeded by ``(seed, step, stream, block of 65,536 prompt
+ids)``, so the selection depends only on the table's values, the seed and the step: the same
+on every rank, on any DP layout, and after a resume.
+
+    a(x)          = clip(beta * log_z[x], 0, 1)                  accuracy estimate
+    paced-greedy  key = -|a(x) - tau| - 1e-12 * u_x              (the paper's rule; u_x is a
+                  fixed per-prompt uniform, so ties -- e.g. the unvisited prompts, all at
+                  a = tau -- are tried in a random order)
+    paced-soft    key = -|a(x) - tau| / T + Gumbel(u_{x,step})   (Gumbel-top-k: sampling
+                  without replacement with weights exp(-|a - tau| / T))
+    uniform       num prompts drawn uniformly without replacement
+
+With ``--selection-epsilon e`` a Binomial(num, e) share of the slots is first filled
+uniformly, the rest by the paced rule among the other prompts. Uniform draws cost O(num).
+
+Distributed (the table is sharded by prompt_id over DP):
+
+* tables up to ``--selection-gather-max`` prompts: one all-reduce assembles the estimates
+  and every rank runs :func:`select_prompts` on the full vector;
+* larger tables: each rank proposes its local top-``num`` candidates and an all-gather of
+  O(num x dp) (key, id) pairs picks the exact global set (a global top-k is always inside
+  the union of the local top-k's). For greedy, each rank keeps a pool of its best rows and a
+  threshold that no row outside the pool exceeds; a step only re-keys the rows the log-Z
+  update touched, and rebuilds the pool (one pass over the local rows) when fewer than
+  ``num`` pool rows remain above the threshold -- exact, O(batch) per step amortized.
+  paced-soft re-draws its noise every step and so makes one pass over the local rows.
+
+Usage::
+
+    selector = PromptSelector(SelectionConfig(prompt_selection="paced-greedy"), seed=1,
+                              dp_group=ctx.dp_group)
+    prompt_ids = selector.select(log_z_table, num=64, step=step)   # same on every rank
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import require
+
+BLOCK = 1 << 16
+TIE_STREAM, SOFT_STREAM, UNIFORM_STREAM = 0, 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over a tuple of ints: a 63-bit generator seed."""
+    x = 0
+    for value in values:
+        x = (x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def block_uniforms(start: int, end: int, *, seed: int, step: int, stream: int) -> torch.Tensor:
+    """Uniforms in (0, 1) for prompt ids [start, end): float64, the same whatever the split."""
+    if end <= start:
+        return torch.zeros(0, dtype=torch.float64)
+    parts = []
+    for block in range(start // BLOCK, (end - 1) // BLOCK + 1):
+        gen = torch.Generator().manual_seed(_mix(seed, step, stream, block))
+        values = torch.rand(BLOCK, generator=gen, dtype=torch.float64)
+        lo, hi = max(start, block * BLOCK) - block * BLOCK, min(end, (block + 1) * BLOCK) - block * BLOCK
+        parts.append(values[lo:hi])
+    return torch.cat(parts).clamp_(min=1e-300)
+
+
+@dataclass
+class SelectionConfig:
+    """Which prompts each step trains on."""
+
+    prompt_selection: Literal["uniform", "paced-greedy", "paced-soft"] = "paced-greedy"
+    """uniform, paced-greedy (nearest to --target-acc) or paced-soft (sampled with weights
+    exp(-|acc - tau| / T))."""
+    target_acc: float = 0.5
+    """tau: the estimated accuracy the selection aims for, in (0, 1)."""
+    selection_epsilon: float = 0.0
+    """Share of each step's prompts drawn uniformly (exploration)."""
+    selection_temperature: float = 0.1
+    """T of paced-soft."""
+    selection_gather_max: int = 100_000
+    """Tables up to this many prompts all-reduce the estimates; larger ones exchange
+    per-rank candidates (O(batch x dp))."""
+
+    def validate(self) -> None:
+        require(0.0 < self.target_acc < 1.0, "target_acc", self.target_acc,
+                "tau must be in (0, 1)")
+        require(0.0 <= self.selection_epsilon <= 1.0, "selection_epsilon",
+                self.selection_epsilon, "must be in [0, 1]")
+        require(math.isfinite(self.selection_temperature) and self.selection_temperature > 0,
+                "selection_temperature", self.selection_temperature, "must be > 0")
+        require(self.selection_gather_max >= 0, "selection_gather_max",
+                self.selection_gather_max, "must be >= 0")
+
+
+def num_uniform_slots(num: int, cfg: SelectionConfig, *, seed: int, step: int) -> int:
+    """How many of ``num`` slots are uniform this step: all for uniform, else Binomial."""
+    if cfg.prompt_selection == "uniform":
+        return num
+    if cfg.selection_epsilon <= 0:
+        return 0
+    gen = torch.Generator().manual_seed(_mix(seed, step, UNIFORM_STREAM, 1))
+    return int((torch.rand(num, generator=gen) < cfg.selection_epsilon).sum())
+
+
+def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int) -> torch.Tensor:
+    """``num`` distinct ids drawn uniformly from [0, num_prompts), in O(num) when num is small."""
+    if num == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(_mix(seed, step, UNIFORM_STREAM, 0))
+    if 2 * num > num_prompts:
+        return torch.randperm(num_prompts, generator=gen)[:num]
+    chosen: dict[int, None] = {}
+    while len(chosen) < num:
+        for value in torch.randint(0, num_prompts, (2 * (num - len(chosen)),),
+                                   generator=gen).tolist():
+            chosen.setdefault(value)
+            if len(chosen) == num:
+                break
+    return torch.tensor(list(chosen), dtype=torch.int64)
+
+
+def paced_keys(acc_est: torch.Tensor, tie_uniforms: torch.Tensor, cfg: SelectionConfig,
+               soft_uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys (higher is picked first) of the paced rules for the given estimates."""
+    distance = (acc_est.double().clamp(0.0, 1.0) - cfg.target_acc).abs()
+    if cfg.prompt_selection == "paced-soft":
+        return -distance / cfg.selection_temperature - torch.log(-torch.log(soft_uniforms))
+    return -distance - 1e-12 * tie_uniforms
+
+
+def _top(keys: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by key, exact ties ordered by prompt id; returns (keys, ids) in pick order."""
+    k = min(k, len(keys))
+    if k <= 0:
+        return keys[:0], ids[:0]
+    top_keys, index = torch.topk(keys, k)
+    top_ids = ids[index]
+    order = torch.from_numpy(np.lexsort((top_ids.numpy(), -top_keys.numpy())))
+    return top_keys[order], top_ids[order]
+
+
+def _top_excluding(keys, ids, k, excluded: torch.Tensor):
+    keep = ~torch.isin(ids, excluded)
+    return _top(keys[keep], ids[keep], k)
+
+
+def select_prompts(acc_est: torch.Tensor, num: int, cfg: SelectionConfig, *, seed: int,
+                   step: int, tie_uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """The single-process selection over a full (num_prompts,) estimate vector."""
+    num_prompts = len(acc_est)
+    require(1 <= num <= num_prompts, "num_prompts_per_step", num,
+            f"must be in [1, {num_prompts}] (the number of prompts in the table)")
+    n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
+    uniform_ids = draw_uniform_ids(num_prompts, n_uniform, seed=seed, step=step)
+    if n_uniform == num:
+        return uniform_ids
+    if tie_uniforms is None:
+        tie_uniforms = block_uniforms(0, num_prompts, seed=seed, step=-1, stream=TIE_STREAM)
+    soft = (block_uniforms(0, num_prompts, seed=seed, step=step, stream=SOFT_STREAM)
+            if cfg.prompt_selection == "paced-soft" else None)
+    keys = paced_keys(acc_est, tie_uniforms, cfg, soft)
+    ids = torch.arange(num_prompts, dtype=torch.int64)
+    _, paced_ids = _top_excluding(keys, ids, num - n_uniform, uniform_ids)
+    return torch.cat([uniform_ids, paced_ids])
+
+
+class _GreedyPool:
+    """This rank's best rows under the greedy key, kept exact as rows change."""
+
+    def __init__(self, table, cfg: SelectionConfig, tie_uniforms: torch.Tensor) -> None:
+        self.table, self.cfg, self.tie = table, cfg, tie_uniforms
+        self.keys = paced_keys(table.local_acc_est(), tie_uniforms, cfg)
+        self.ids = torch.arange(table.row_start, table.row_end, dtype=torch.int64)
+        self.pool = self.ids[:0]
+        self.threshold = math.inf  # forces a build on first use
+        self.in_pool = torch.zeros(len(self.ids), dtype=torch.bool)
+        self.num_rebuilds = 0
+        table.take_updated_rows()
+
+    def refresh(self) -> None:
+        rows = self.table.take_updated_rows()
+        if rows is None:
+            self.keys = paced_keys(self.table.local_acc_est(), self.tie, self.cfg)
+            self.threshold = math.inf
+            return
+        if len(rows):
+            self.keys[rows] = paced_keys(self.table.local_acc_est(rows), self.tie[rows], self.cfg)
+            newcomers = rows[(self.keys[rows] > self.threshold) & ~self.in_pool[rows]]
+            self.in_pool[newcomers] = True
+            self.pool = torch.cat([self.pool, newcomers])
+
+    def candidates(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local top-k (keys, global ids); every row outside has a key <= threshold."""
+        pool_keys = self.keys[self.pool]
+        if int((pool_keys > self.threshold).sum()) < k:
+            self._rebuild(k)
+            pool_keys = self.keys[self.pool]
+        eligible = pool_keys > self.threshold
+        return _top(pool_keys[eligible], self.ids[self.pool[eligible]], k)
+
+    def _rebuild(self, k: int) -> None:
+        size = min(len(self.ids), max(64 * k, 4096))
+        _, rows = torch.topk(self.keys, size)
+        self.in_pool.zero_()
+        self.in_pool[rows] = True
+        self.pool = rows
+        # Rows outside have keys <= the smallest pool key; keep strictly-greater ones eligible.
+        self.threshold = -math.inf if size == len(self.ids) else float(
+            torch.max(self.keys[~self.in_pool]))
+        self.num_rebuilds += 1
+
+
+class PromptSelector:
+    """Selection over a :class:`~megatron_paced.paced.log_z.ShardedLogZ`, same on every rank."""
+
+    def __init__(self, cfg: SelectionConfig, *, seed: int,
+                 dp_group: dist.ProcessGroup | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.seed = seed
+        self.dp_group = dp_group
+        self._tie: torch.Tensor | None = None
+        self._pool: _GreedyPool | None = None
+
+    def select(self, table, num: int, step: int) -> torch.Tensor:
+        cfg, seed = self.cfg, self.seed
+        if table.num_prompts <= cfg.selection_gather_max:
+            if self._tie is None:
+                self._tie = block_uniforms(0, table.num_prompts, seed=seed, step=-1,
+                                           stream=TIE_STREAM)
+            return select_prompts(table.gather_acc_est(), num, cfg, seed=seed, step=step,
+                                  tie_uniforms=self._tie)
+        require(1 <= num <= table.num_prompts, "num_prompts_per_step", num,
+                f"must be in [1, {table.num_prompts}] (the number of prompts in the table)")
+        n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
+        uniform_ids = draw_uniform_ids(table.num_prompts, n_uniform, seed=seed, step=step)
+        if n_uniform == num:
+            return uniform_ids
+        if cfg.prompt_selection == "paced-greedy":
+            if self._pool is None:
+                tie = block_uniforms(table.row_start, table.row_end, seed=seed, step=-1,
+                                     stream=TIE_STREAM)
+                self._pool = _GreedyPool(table, cfg, tie)
+            self._pool.refresh()
+            local_keys, local_ids = self._pool.candidates(num)
+        else:
+            soft = block_uniforms(table.row_start, table.row_end, seed=seed, step=step,
+                                  stream=SOFT_STREAM)
+            keys = paced_keys(table.local_acc_est(), soft, cfg, soft)
+            ids = torch.arange(table.row_start, table.row_end, dtype=torch.int64)
+            local_keys, local_ids = _top(keys, ids, num)
+        cand_keys, cand_ids = self._gather_candidates(local_keys, local_ids, num)
+        _, paced_ids = _top_excluding(cand_keys, cand_ids, num - n_uniform, uniform_ids)
+        return torch.cat([uniform_ids, paced_ids])
+
+    def _gather_candidates(self, keys: torch.Tensor, ids: torch.Tensor, k: int):
+        pad = k - len(keys)  # a rank with fewer rows than k pads with -inf / id -1
+        local = torch.stack([
+            torch.cat([keys, torch.full((pad,), -math.inf, dtype=torch.float64)]),
+            torch.cat([ids, torch.full((pad,), -1, dtype=torch.int64)]).double()])
+        gathered = [local]
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            gathered = [torch.empty_like(local)
+                        for _ in range(dist.get_world_size(self.dp_group))]
+            dist.all_gather(gathered, local, group=self.dp_group)
+        both = torch.cat(gathered, dim=1)
+        valid = both[1] >= 0
+        return both[0][valid], both[1][valid].long()
+
+    def state_dict(self) -> dict:
+        """The selector is stateless across steps (its randomness is keyed by the step); the
+        config and seed are saved so that a resume can check they did not change."""
+        return {"seed": self.seed, "cfg": dict(vars(self.cfg))}
