@@ -1,0 +1,256 @@
+"""Accuracy-estimate-error-prioritized replay, distributed over data-parallel ranks.
+
+After a group of G samples of prompt x is scored, the observed accuracy is p_obs = mean
+reward and every sample of the group gets priority
+
+    priority = |acc_est(x) - p_obs|        (acc_est = beta * log_z[x] read before the update)
+
+(``--replay-priority uniform`` gives every sample priority 1). The buffer keeps the
+``--replay-size`` highest-priority samples (ties: the newer wins); each step draws
+``--replay-per-step`` of them with replacement, with probability proportional to priority,
+and mixes them into the batch. A stored sample keeps its token ids, completion mask, the
+log-probs of the policy that generated it, its reward, prompt_id and policy version.
+
+Distribution over DP ranks: a sample lives on the owner of its prompt_id (the same block
+partition as the log-Z table). Items are ordered globally by (prompt_id, insertion number),
+so rank r's items form a contiguous segment of one global list:
+
+* add: candidates that beat the buffer's current admission bar are exchanged, each rank keeps
+  the ones it owns, and an all-gather of at most ``replay_size`` priorities per rank finds the
+  global cut, so the buffer equals what one global buffer would hold;
+* sample: an all-gather of one float per rank (its priority mass) gives each rank its
+  segment of [0, total); the draws (from a generator seeded by (seed, step), identical on all
+  ranks) that fall in a rank's segment are resolved there, and the drawn samples are
+  all-gathered so every rank builds the same batch. The draws equal those of one global
+  buffer over the same global list.
+
+Usage::
+
+    replay = DistributedReplay(ReplayConfig(replay_size=128, replay_per_step=16),
+                               num_prompts=7473, seed=1, dp_group=ctx.dp_group)
+    replay.add(samples, priorities)          # this rank's scored samples
+    drawn = replay.sample(step)              # the same list of samples on every rank
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import require
+from megatron_paced.paced.selection import _mix
+
+
+@dataclass
+class ReplayConfig:
+    """The priority replay buffer."""
+
+    replay_size: int = 128
+    """Samples the buffer holds (over all DP ranks); 0 disables replay."""
+    replay_per_step: int = 16
+    """Samples drawn from the buffer and mixed into each step's batch."""
+    replay_priority: Literal["acc-error", "uniform"] = "acc-error"
+    """acc-error: |acc_est - observed group accuracy|; uniform: every sample alike."""
+    replay_successful_only: bool = True
+    """Only successful samples (reward > 0) enter the buffer, as in the paper."""
+
+    def validate(self) -> None:
+        require(self.replay_size >= 0, "replay_size", self.replay_size, "must be >= 0")
+        require(self.replay_per_step >= 0, "replay_per_step", self.replay_per_step,
+                "must be >= 0")
+        if self.replay_per_step > 0:
+            require(self.replay_size > 0, "replay_per_step", self.replay_per_step,
+                    "needs --replay-size > 0")
+
+
+@dataclass
+class ReplaySample:
+    """One stored completion with what training on it again needs."""
+
+    prompt_id: int
+    tokens: torch.Tensor  # (T,) int64
+    completion_mask: torch.Tensor  # (T,) float
+    old_log_probs: torch.Tensor  # (T,) log-probs of the policy that generated it
+    reward: float
+    policy_version: int
+    priority: float = 0.0
+    insertion: int = field(default=-1)  # global insertion number, set by the buffer
+
+    def order_key(self) -> tuple[int, int]:
+        return (self.prompt_id, self.insertion)
+
+
+def priorities_from_groups(acc_est_before: torch.Tensor, rewards: torch.Tensor,
+                           group_ids: torch.Tensor) -> torch.Tensor:
+    """|acc_est(x) - mean reward of x's group| for every sample: (B,), (B,), (B,) -> (B,)."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, rewards.double())
+    p_obs = (sums / counts)[inverse]
+    return (acc_est_before.double() - p_obs).abs()
+
+
+class DistributedReplay:
+    """This DP rank's share of the global priority replay buffer."""
+
+    def __init__(self, cfg: ReplayConfig, *, num_prompts: int, seed: int,
+                 dp_group: dist.ProcessGroup | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.num_prompts = num_prompts
+        self.seed = seed
+        self.dp_group = dp_group
+        self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+        self.rows_per_rank = -(-num_prompts // self.dp_size)
+        self.items: list[ReplaySample] = []  # sorted by (prompt_id, insertion)
+        self.num_inserted = 0  # global insertion counter, identical on all ranks
+
+    # ---- collectives -----------------------------------------------------------------------
+    def _all_gather_object(self, obj):
+        if self.dp_group is None or self.dp_size == 1:
+            return [obj]
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp_group)
+        return out
+
+    def _all_gather_floats(self, values: torch.Tensor, length: int) -> list[torch.Tensor]:
+        """Variable-length float64 vectors (each <= length) from every rank."""
+        padded = torch.full((length + 1,), -math.inf, dtype=torch.float64)
+        padded[0] = len(values)
+        padded[1:1 + len(values)] = values
+        if self.dp_group is None or self.dp_size == 1:
+            gathered = [padded]
+        else:
+            gathered = [torch.empty_like(padded) for _ in range(self.dp_size)]
+            dist.all_gather(gathered, padded, group=self.dp_group)
+        return [g[1:1 + int(g[0])] for g in gathered]
+
+    def owner_of(self, prompt_id: int) -> int:
+        return prompt_id // self.rows_per_rank
+
+    # ---- add ---------------------------------------------------------------------------------
+    def admission_bar(self) -> float:
+        """Global priority a new sample must exceed (or tie) to enter a full buffer."""
+        local = torch.tensor([s.priority for s in self.items], dtype=torch.float64)
+        everyone = torch.cat(self._all_gather_floats(local, self.cfg.replay_size))
+        if len(everyone) < self.cfg.replay_size:
+            return -math.inf
+        return float(torch.topk(everyone, self.cfg.replay_size).values[-1])
+
+    def add(self, samples: list[ReplaySample], priorities: torch.Tensor) -> int:
+        """Offer this rank's new samples (collective). Returns the global buffer size."""
+        if self.cfg.replay_size == 0:
+            return 0
+        if len(samples) != len(priorities):
+            raise ValueError(f"{len(samples)} samples but {len(priorities)} priorities")
+        if not bool(torch.isfinite(torch.as_tensor(priorities, dtype=torch.float64)).all()):
+            raise FloatingPointError("non-finite replay priority (a NaN reward?): nothing was "
+                                     "added to the replay buffer")
+        if self.cfg.replay_priority == "uniform":
+            priorities = torch.ones(len(samples), dtype=torch.float64)
+        bar = self.admission_bar()
+        offered = []
+        for sample, priority in zip(samples, priorities.tolist()):
+            if self.cfg.replay_successful_only and not sample.reward > 0:
+                continue
+            if not 0 <= sample.prompt_id < self.num_prompts:
+                raise ValueError(f"prompt_id {sample.prompt_id} is outside the table of "
+                                 f"{self.num_prompts} prompts")
+            if priority >= bar:
+                offered.append((sample, float(priority)))
+        # Insertion numbers follow (rank, position): identical on every rank.
+        per_rank = self._all_gather_object(offered)
+        for rank_offers in per_rank:
+            for sample, priority in rank_offers:
+                if self.owner_of(sample.prompt_id) == self.dp_rank:
+                    self.items.append(ReplaySample(
+                        sample.prompt_id, sample.tokens, sample.completion_mask,
+                        sample.old_log_probs, sample.reward, sample.policy_version, priority,
+                        self.num_inserted))
+                self.num_inserted += 1
+        self._evict()
+        return self.global_size()
+
+    def _evict(self) -> None:
+        """Keep the global top-replay_size by (priority, insertion)."""
+        capacity = self.cfg.replay_size
+        keys = torch.tensor([s.priority for s in self.items], dtype=torch.float64)
+        order = torch.tensor([s.insertion for s in self.items], dtype=torch.float64)
+        # Combined key: priority, then newer first. Gather only each rank's top `capacity`.
+        local_top = sorted(range(len(self.items)),
+                           key=lambda i: (-float(keys[i]), -float(order[i])))[:capacity]
+        pairs = torch.stack([keys[local_top], order[local_top]]).flatten() if local_top else \
+            torch.zeros(0, dtype=torch.float64)
+        gathered = self._all_gather_floats(pairs, 2 * capacity)
+        everyone = sorted(((float(g[i]), float(g[len(g) // 2 + i]))
+                           for g in gathered for i in range(len(g) // 2)), reverse=True)
+        if len(everyone) < capacity:
+            keep_from = (-math.inf, -math.inf)
+        else:
+            keep_from = everyone[capacity - 1]
+        self.items = sorted((s for s in self.items if (s.priority, s.insertion) >= keep_from),
+                            key=ReplaySample.order_key)
+
+    def global_size(self) -> int:
+        sizes = self._all_gather_floats(torch.tensor([float(len(self.items))]), 1)
+        return int(sum(float(s[0]) for s in sizes))
+
+    # ---- sample ------------------------------------------------------------------------------
+    def _weights(self) -> torch.Tensor:
+        return torch.tensor([s.priority for s in self.items], dtype=torch.float64)
+
+    def sample(self, step: int, num: int | None = None) -> list[ReplaySample]:
+        """Draw ``num`` (default --replay-per-step) samples with replacement, in proportion to
+        priority; the same list, in draw order, on every rank. Empty if the buffer is."""
+        num = self.cfg.replay_per_step if num is None else num
+        if num == 0 or self.cfg.replay_size == 0:
+            return []
+        weights = self._weights()
+        masses = torch.cat(self._all_gather_floats(weights.sum().reshape(1), 1))
+        ends = torch.cumsum(masses, 0)  # rank r owns [ends[r-1], ends[r]) of [0, total)
+        total = float(ends[-1])
+        if total <= 0:
+            return []
+        gen = torch.Generator().manual_seed(_mix(self.seed, step, 77))
+        draws = torch.rand(num, generator=gen, dtype=torch.float64) * total
+        owners = torch.searchsorted(ends, draws, right=True).clamp(max=self.dp_size - 1)
+        mine = owners == self.dp_rank
+        offset = float(ends[self.dp_rank - 1]) if self.dp_rank > 0 else 0.0
+        cumulative = torch.cumsum(weights, 0)
+        found = []
+        for index in torch.nonzero(mine).flatten().tolist():
+            position = int(torch.searchsorted(cumulative, draws[index] - offset, right=True))
+            found.append((index, self.items[min(position, len(self.items) - 1)]))
+        drawn = [None] * num
+        for rank_found in self._all_gather_object(found):
+            for index, sample in rank_found:
+                drawn[index] = sample
+        return drawn
+
+    # ---- checkpointing -----------------------------------------------------------------------
+    _FIELDS = ("prompt_id", "tokens", "completion_mask", "old_log_probs", "reward",
+               "policy_version", "priority", "insertion")
+
+    def state_dict(self) -> dict:
+        """The whole buffer as plain tensors and numbers (collective: gathered from every
+        rank), for the common state of a checkpoint -- the buffer is small by design (the
+        paper uses 128 samples)."""
+        items = [s for rank_items in self._all_gather_object(self.items) for s in rank_items]
+        items.sort(key=ReplaySample.order_key)
+        return {"items": [{name: getattr(s, name) for name in self._FIELDS} for s in items],
+                "num_inserted": self.num_inserted}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Keep the saved samples this rank owns under the current DP size."""
+        self.num_inserted = int(state["num_inserted"])
+        items = [ReplaySample(**item) for item in state["items"]]
+        for item in items:
+            if not 0 <= item.prompt_id < self.num_prompts:
+                raise ValueError(f"replay state holds prompt_id {item.prompt_id}, outside the "
+                                 f"table of {self.num_prompts} prompts")
+        self.items = sorted((s for s in items if self.owner_of(s.prompt_id) == self.dp_rank),
+                            key=ReplaySample.order_key)

@@ -1,0 +1,45 @@
+"""The PACED state (log-Z table, selector, replay) as one Megatron sharded state dict.
+
+The log-Z table and its optimizer state are ``ShardedTensor`` blocks of global
+(num_prompts,) tensors, so ``dist_checkpointing`` writes each row once and re-partitions on
+load when the DP size changes. The replay buffer (small by design) and the selector's
+settings are common state, written once and re-split by prompt_id on load.
+
+Usage::
+
+    from megatron.core import dist_checkpointing
+    state = paced_sharded_state_dict(table, selector, replay, replica_id=(tp_rank, pp_rank))
+    dist_checkpointing.save(state, ckpt_dir)
+    ...
+    loaded = dist_checkpointing.load(paced_sharded_state_dict(table, selector, replay,
+                                                              replica_id=...), ckpt_dir)
+    load_paced_state(loaded, table, selector, replay)
+"""
+
+from __future__ import annotations
+
+
+def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
+                             prefix: str = "paced.") -> dict:
+    """Collective (the replay buffer is gathered). ``replica_id`` is all zeros on one
+    replica (TP/PP peer) of each DP rank."""
+    return {
+        "log_z": table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id),
+        "log_z_meta": {"num_prompts": table.num_prompts, "beta": table.beta,
+                       "optimizer": table.optimizer},
+        "selector": selector.state_dict(),
+        "replay": replay.state_dict(),
+    }
+
+
+def load_paced_state(loaded: dict, table, selector, replay) -> None:
+    """Apply a loaded state; refuses a checkpoint of another table size or beta."""
+    meta = loaded["log_z_meta"]
+    if meta["num_prompts"] != table.num_prompts:
+        raise ValueError(f"checkpoint's log-Z table has {meta['num_prompts']} prompts; this run "
+                         f"has {table.num_prompts} (a different prompt set?)")
+    if meta["beta"] != table.beta:
+        raise ValueError(f"checkpoint was trained with --beta {meta['beta']}; this run has "
+                         f"--beta {table.beta} (log_z lives on a 1/beta scale)")
+    table.load_state_dict(loaded["log_z"])
+    replay.load_state_dict(loaded["replay"])
