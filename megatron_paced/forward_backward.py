@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.logprobs import next_token_log_probs, sequence_log_probs
-from megatron_paced.parallel import ParallelContext
+from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
 LossFn = Callable[[torch.Tensor, "SequenceBatch"], tuple[torch.Tensor, torch.Tensor, dict]]
 
@@ -223,9 +223,7 @@ def compute_log_probs(
         token_log_probs = torch.empty(batch.tokens.shape, dtype=torch.float32,
                                       device=ctx.device)
         is_argmax = torch.empty_like(token_log_probs)
-    if ctx.pp_size > 1:
-        both = torch.stack([token_log_probs, is_argmax])  # one broadcast for both
-        dist.broadcast(both, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
-        token_log_probs, is_argmax = both[0], both[1]
+    both = broadcast_from_last_stage(torch.stack([token_log_probs, is_argmax]), ctx)
+    token_log_probs, is_argmax = both[0], both[1]
     mask = batch.completion_mask.to(token_log_probs.device)
     return LogProbs(token_log_probs, sequence_log_probs(token_log_probs, mask), is_argmax > 0.5)

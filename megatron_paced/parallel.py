@@ -107,6 +107,17 @@ def silence_known_upstream_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def broadcast_from_last_stage(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Give every pipeline stage the last stage's values (in place; returns the tensor).
+
+    Losses run on the last stage only, so their by-products (token log-probs, log-Z
+    gradients) must be broadcast before the replicas of a DP rank can act on them alike.
+    """
+    if ctx.pp_size > 1:
+        dist.broadcast(tensor, src=ctx.last_stage_global_rank(), group=ctx.pp_group)
+    return tensor
+
+
 def _backend(config: ParallelConfig) -> str:
     if config.distributed_backend != "auto":
         return config.distributed_backend

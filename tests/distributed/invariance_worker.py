@@ -27,11 +27,17 @@ import torch.distributed as dist
 
 from megatron_paced.config import OptimizerConfig, ParallelConfig
 from megatron_paced.forward_backward import SequenceBatch, compute_log_probs, forward_backward
-from megatron_paced.losses import nll_loss
+import functools
+
+from megatron_paced.losses import (
+    flowrl_loss_fn, group_normalized_advantages, grpo_loss_fn, nll_loss, paced_loss_fn,
+)
 from megatron_paced.models.config import PRESETS, ModelConfig
 from megatron_paced.models.policy import build_policy, build_reference
 from megatron_paced.models.sharding import gather_full_state_dict
-from megatron_paced.parallel import ParallelContext, destroy_parallel, initialize_parallel
+from megatron_paced.parallel import (
+    ParallelContext, broadcast_from_last_stage, destroy_parallel, initialize_parallel,
+)
 from megatron_paced.testing.distributed import CheckRecorder
 
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
@@ -113,6 +119,52 @@ def check_reference(checks, policy, model_cfg, batch, policy_log_probs, ctx, lay
         assert not torch.allclose(current.token_log_probs, policy_log_probs.token_log_probs)
 
 
+RL_LOSSES = {
+    "paced": functools.partial(paced_loss_fn, beta=0.05),
+    "flowrl": functools.partial(flowrl_loss_fn, beta=0.05, clip_eps=0.2),
+    "grpo": functools.partial(grpo_loss_fn, kl_coef=0.05),
+}
+
+
+def rl_extras(global_batch: SequenceBatch, base_log_probs: torch.Tensor) -> dict:
+    """Fixed rewards, group ids, old/ref log-probs (perturbed from the policy's own) and
+    log-Z values for the global batch."""
+    gen = torch.Generator().manual_seed(99)
+    mask = global_batch.completion_mask
+    rewards = (torch.rand(GLOBAL_BATCH, generator=gen) < 0.5).float()
+    groups = torch.arange(GLOBAL_BATCH) // 4
+    return {
+        "rewards": rewards,
+        "advantages": group_normalized_advantages(rewards, groups),
+        "old_log_probs": (base_log_probs + 0.05 * torch.randn(base_log_probs.shape,
+                                                              generator=gen)) * mask,
+        "ref_log_probs": (base_log_probs + 0.1 * torch.randn(base_log_probs.shape,
+                                                             generator=gen)) * mask,
+        "log_z": 8.0 + torch.randn(GLOBAL_BATCH, generator=gen),
+    }
+
+
+def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
+    """One SGD step of an RL loss; returns the full params and the log-Z gradients."""
+    policy = build_policy(model_cfg, OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0,
+                                                     clip_grad=1.0,
+                                                     use_distributed_optimizer=False),
+                          ctx, seed=SEED)
+    extras = rl_extras(global_batch, base_log_probs)
+    batch = SequenceBatch(global_batch.tokens, global_batch.completion_mask, extras)
+    batch = batch.shard_for_dp(ctx.dp_rank, ctx.dp_size)
+    log_z = batch.extras["log_z"].clone().requires_grad_(True)
+    batch.extras["log_z"] = log_z
+    policy.zero_grad()
+    forward_backward(policy.model, batch, RL_LOSSES[algo], ctx, vocab_size=model_cfg.vocab_size,
+                     micro_batch_size=MICRO_BATCH)
+    grad_norm = policy.step().grad_norm
+    log_z_grad = log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)
+    log_z_grad = broadcast_from_last_stage(log_z_grad.detach().clone(), ctx)
+    return {"params": full_params(policy, ctx), "log_z_grad": gather_over_dp(log_z_grad, ctx),
+            "grad_norm": grad_norm}
+
+
 def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel, seed=SEED)
@@ -144,6 +196,9 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
 
         if family == FAMILIES[0]:
             check_reference(checks, sgd, model_cfg, batch, log_probs, ctx, layout)
+            for algo in RL_LOSSES:
+                record[f"rl_{algo}"] = rl_step(algo, model_cfg, ctx, global_batch,
+                                               record["log_probs"])
 
         adam = build_policy(model_cfg, OptimizerConfig(optimizer="adam", lr=1e-3,
                                                        weight_decay=0.1), ctx, seed=SEED)
