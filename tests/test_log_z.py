@@ -97,3 +97,28 @@ def test_estimate_is_wrong_without_the_partition_update():
     # Control: with the table frozen the estimate stays at its initialization.
     errors, _, _, _ = run_bandit(lr_log_z=1e-9, lr_policy=0.02, steps=300)
     assert float(errors.mean()) > 0.15
+
+
+def test_flags_and_init_default_to_tau():
+    import argparse
+
+    from megatron_paced.config import add_flags, from_args
+    from megatron_paced.paced.log_z import build_log_z_table
+    from megatron_paced.paced.replay import ReplayConfig
+    from megatron_paced.paced.selection import SelectionConfig
+
+    parser = argparse.ArgumentParser()
+    for cls in (LogZConfig, SelectionConfig, ReplayConfig):
+        add_flags(parser, cls)
+    args = parser.parse_args([
+        "--log-z-lr", "0.2", "--prompt-selection", "paced-soft", "--target-acc", "0.3",
+        "--selection-epsilon", "0.1", "--replay-size", "64", "--replay-per-step", "8",
+        "--replay-priority", "uniform"])
+    logz, selection, replay = (from_args(c, args) for c in (LogZConfig, SelectionConfig,
+                                                            ReplayConfig))
+    assert (logz.log_z_lr, selection.prompt_selection, replay.replay_priority) == \
+        (0.2, "paced-soft", "uniform")
+    table = build_log_z_table(8, logz, beta=0.05, target_acc=selection.target_acc)
+    torch.testing.assert_close(table.gather_acc_est(), torch.full((8,), 0.3, dtype=torch.float64))
+    table = build_log_z_table(8, LogZConfig(log_z_init_acc=0.9), beta=0.05, target_acc=0.3)
+    torch.testing.assert_close(table.gather_acc_est(), torch.full((8,), 0.9, dtype=torch.float64))

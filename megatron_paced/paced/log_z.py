@@ -174,29 +174,25 @@ class ShardedLogZ:
                                      "step is aborted and the log-Z table is unchanged")
         order, send_counts, recv_counts, recv_ids = self._route(prompt_ids)
         recv_grads = _all_to_all(grads[order], send_counts, recv_counts, self.dp_group)
-        rows = recv_ids - self.row_start
-        n = len(self.values)
-        grad_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, recv_grads)
-        count = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
-        touched = count > 0
+        # Work on the distinct rows received: O(batch), whatever the table size.
+        touched, inverse = torch.unique(recv_ids - self.row_start, return_inverse=True)
+        grad_sum = torch.zeros(len(touched), dtype=torch.float64).index_add_(0, inverse,
+                                                                              recv_grads)
+        mean_grad = grad_sum / torch.bincount(inverse, minlength=len(touched))
         if self._updated_rows is not None:
-            self._updated_rows.append(torch.nonzero(touched).flatten())
-        mean_grad = grad_sum[touched] / count[touched]
+            self._updated_rows.append(touched)
+        self.visits[touched] += 1
         if self.optimizer == "sgd":
             self.values[touched] -= self.lr * mean_grad
-        else:
-            beta1, beta2 = self.adam_betas
-            self.visits[touched] += 1
-            steps = self.visits[touched].double()
-            self.exp_avg[touched] = beta1 * self.exp_avg[touched] + (1 - beta1) * mean_grad
-            self.exp_avg_sq[touched] = (beta2 * self.exp_avg_sq[touched]
-                                        + (1 - beta2) * mean_grad ** 2)
-            m_hat = self.exp_avg[touched] / (1 - beta1 ** steps)
-            v_hat = self.exp_avg_sq[touched] / (1 - beta2 ** steps)
-            self.values[touched] -= self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-            return int(touched.sum())
-        self.visits[touched] += 1
-        return int(touched.sum())
+            return len(touched)
+        beta1, beta2 = self.adam_betas
+        steps = self.visits[touched].double()
+        self.exp_avg[touched] = beta1 * self.exp_avg[touched] + (1 - beta1) * mean_grad
+        self.exp_avg_sq[touched] = beta2 * self.exp_avg_sq[touched] + (1 - beta2) * mean_grad ** 2
+        m_hat = self.exp_avg[touched] / (1 - beta1 ** steps)
+        v_hat = self.exp_avg_sq[touched] / (1 - beta2 ** steps)
+        self.values[touched] -= self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+        return len(touched)
 
     # ---- estimates -----------------------------------------------------------------------
     def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,3 +239,12 @@ class ShardedLogZ:
                 value, torch.Tensor) else value
             getattr(self, name).copy_(value.reshape(-1))
         self._updated_rows = None
+
+
+def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_acc: float,
+                      dp_group: dist.ProcessGroup | None = None) -> ShardedLogZ:
+    """The table from its flags; ``--log-z-init-acc`` defaults to ``--target-acc`` (tau)."""
+    cfg.validate()
+    init_acc = target_acc if cfg.log_z_init_acc is None else cfg.log_z_init_acc
+    return ShardedLogZ(num_prompts, beta=beta, init_acc=init_acc, lr=cfg.log_z_lr,
+                       optimizer=cfg.log_z_optimizer, dp_group=dp_group)

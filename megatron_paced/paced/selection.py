@@ -1,7 +1,7 @@
 """Adaptive prompt selection: pick the prompts whose estimated accuracy is nearest tau.
 
 Every prompt has a *key*; a step selects the ``num`` prompts with the highest keys. All
-randomness comes from generators seeded by ``(seed, step, stream, block of 65,536 prompt
+randomness comes from generators seeded by ``(seed, step, stream, block of 4,096 prompt
 ids)``, so the selection depends only on the table's values, the seed and the step: the same
 on every rank, on any DP layout, and after a resume.
 
@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from megatron_paced.config import require
 
-BLOCK = 1 << 16
+BLOCK = 1 << 12
 TIE_STREAM, SOFT_STREAM, UNIFORM_STREAM = 0, 1, 2
 _MASK64 = (1 << 64) - 1
 
