@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
+from megatron_paced.paced.partition import PromptPartition
 
 
 @dataclass
@@ -100,11 +101,9 @@ class ShardedLogZ:
         self.adam_betas = adam_betas
         self.adam_eps = adam_eps
         self.dp_group = dp_group
-        self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
-        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
-        self.rows_per_rank = -(-num_prompts // self.dp_size)
-        self.row_start = min(self.dp_rank * self.rows_per_rank, num_prompts)
-        self.row_end = min(self.row_start + self.rows_per_rank, num_prompts)
+        self.partition = PromptPartition.of(num_prompts, dp_group)
+        self.dp_size, self.dp_rank = self.partition.dp_size, self.partition.dp_rank
+        self.row_start, self.row_end = self.partition.row_start, self.partition.row_end
         n = self.row_end - self.row_start
         self.values = torch.full((n,), self.init_acc / self.beta, dtype=torch.float64)
         self.visits = torch.zeros(n, dtype=torch.int64)
@@ -120,9 +119,6 @@ class ShardedLogZ:
         return rows
 
     # ---- routing -------------------------------------------------------------------------
-    def owner_of(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        return prompt_ids // self.rows_per_rank
-
     def _check_ids(self, prompt_ids: torch.Tensor) -> None:
         ok = bool(((prompt_ids >= 0) & (prompt_ids < self.num_prompts)).all())
         if not _agree(self.dp_group, ok):
@@ -135,7 +131,7 @@ class ShardedLogZ:
 
     def _route(self, prompt_ids: torch.Tensor):
         """Sort requests by owner; exchange counts. Returns what both directions need."""
-        owners = self.owner_of(prompt_ids)
+        owners = self.partition.owner_of(prompt_ids)
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.dp_size)
         recv_counts = _all_to_all(send_counts, [1] * self.dp_size, [1] * self.dp_size,

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
+from megatron_paced.paced.partition import PromptPartition
 from megatron_paced.paced.selection import _mix
 
 
@@ -103,9 +104,8 @@ class DistributedReplay:
         self.num_prompts = num_prompts
         self.seed = seed
         self.dp_group = dp_group
-        self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
-        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
-        self.rows_per_rank = -(-num_prompts // self.dp_size)
+        self.partition = PromptPartition.of(num_prompts, dp_group)
+        self.dp_size, self.dp_rank = self.partition.dp_size, self.partition.dp_rank
         self.items: list[ReplaySample] = []  # sorted by (prompt_id, insertion)
         self.num_inserted = 0  # global insertion counter, identical on all ranks
 
@@ -128,9 +128,6 @@ class DistributedReplay:
             gathered = [torch.empty_like(padded) for _ in range(self.dp_size)]
             dist.all_gather(gathered, padded, group=self.dp_group)
         return [g[1:1 + int(g[0])] for g in gathered]
-
-    def owner_of(self, prompt_id: int) -> int:
-        return prompt_id // self.rows_per_rank
 
     # ---- add ---------------------------------------------------------------------------------
     def admission_bar(self) -> float:
@@ -166,7 +163,7 @@ class DistributedReplay:
         per_rank = self._all_gather_object(offered)
         for rank_offers in per_rank:
             for sample, priority in rank_offers:
-                if self.owner_of(sample.prompt_id) == self.dp_rank:
+                if self.partition.owner_of(sample.prompt_id) == self.dp_rank:
                     self.items.append(ReplaySample(
                         sample.prompt_id, sample.tokens, sample.completion_mask,
                         sample.old_log_probs, sample.reward, sample.policy_version, priority,
@@ -252,5 +249,5 @@ class DistributedReplay:
             if not 0 <= item.prompt_id < self.num_prompts:
                 raise ValueError(f"replay state holds prompt_id {item.prompt_id}, outside the "
                                  f"table of {self.num_prompts} prompts")
-        self.items = sorted((s for s in items if self.owner_of(s.prompt_id) == self.dp_rank),
-                            key=ReplaySample.order_key)
+        mine = (s for s in items if self.partition.owner_of(s.prompt_id) == self.dp_rank)
+        self.items = sorted(mine, key=ReplaySample.order_key)

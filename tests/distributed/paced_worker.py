@@ -151,7 +151,7 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                 assert bool((full != 0).any()), field  # Adam state really was saved
             got = fresh_replay.state_dict()["items"]
             assert [(i["prompt_id"], i["insertion"]) for i in got] == saved["replay"]
-            assert all(i["prompt_id"] // fresh_replay.rows_per_rank == dp_rank
+            assert all(fresh_replay.partition.owner_of(i["prompt_id"]) == dp_rank
                        for i in [vars(s) for s in fresh_replay.items])
     if save_to is not None:
         from megatron.core import dist_checkpointing
