@@ -67,6 +67,7 @@ def test_worker_checks_pass(invariance_dir):
         for family in FAMILIES:
             assert f"log_probs_on_every_stage[{layout},{family}]" in names
             if "pp1" in layout:  # a plain forward needs the whole model on one rank
+                assert f"engine_log_probs_equal_trainer[{layout}]" in names
                 assert f"vocab_parallel_log_probs_equal_log_softmax[{layout},{family}]" in names
 
 

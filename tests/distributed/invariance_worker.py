@@ -119,6 +119,46 @@ def check_reference(checks, policy, model_cfg, batch, policy_log_probs, ctx, lay
         assert not torch.allclose(current.token_log_probs, policy_log_probs.token_log_probs)
 
 
+def check_engine(checks, policy, model_cfg, ctx, layout) -> None:
+    """Embedded engine: sampled tokens' log-probs == the trainer's log-probs of the same
+    tokens (1e-5); greedy decoding picks argmax tokens; TP ranks agree on the samples."""
+    if ctx.pp_size > 1:
+        return
+    from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
+
+    with checks.check(f"engine_log_probs_equal_trainer[{layout}]"):
+        engine = EmbeddedEngine(policy.model, ctx, vocab_size=model_cfg.vocab_size,
+                                max_sequence_length=SEQ_LENGTH, max_batch_size=5)
+        prompts = [[3, 14, 15, 92], [6, 53], [58, 97, 93, 23, 84, 62], [64]]
+        for sampling in (SamplingParams(temperature=1.0, max_new_tokens=9, stop_token_ids=[7]),
+                         SamplingParams(temperature=0.0, max_new_tokens=6),
+                         SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=5)):
+            out = engine.generate(prompts, n=3, sampling=sampling, seed=5 + ctx.dp_rank)
+            rows = [(p, c) for p, completions in enumerate(out) for c in completions]
+            tokens = torch.zeros(len(rows), SEQ_LENGTH, dtype=torch.long)
+            mask = torch.zeros(len(rows), SEQ_LENGTH)
+            for i, (p, c) in enumerate(rows):
+                ids = prompts[p] + c.token_ids
+                tokens[i, : len(ids)] = torch.tensor(ids)
+                mask[i, len(prompts[p]): len(ids)] = 1
+                assert c.finish_reason in ("stop", "length") and len(c.token_ids) >= 1
+                assert len(c.log_probs) == len(c.token_ids)
+            trainer = compute_log_probs(policy.model, SequenceBatch(tokens, mask), ctx,
+                                        vocab_size=model_cfg.vocab_size,
+                                        micro_batch_size=len(rows))
+            for i, (p, c) in enumerate(rows):
+                start = len(prompts[p])
+                ours = trainer.token_log_probs[i, start: start + len(c.token_ids)]
+                torch.testing.assert_close(ours, torch.tensor(c.log_probs), rtol=1e-5, atol=1e-5)
+                if sampling.temperature == 0:
+                    assert trainer.is_argmax[i, start: start + len(c.token_ids)].all()
+            gathered = [torch.empty_like(tokens) for _ in range(ctx.tp_size)]
+            dist.all_gather(gathered, tokens, group=ctx.tp_group)
+            assert all(torch.equal(g, tokens) for g in gathered)
+            if sampling.temperature == 1.0:
+                assert len({tuple(c.token_ids) for c in out[0]}) > 1  # n samples differ
+
+
 RL_LOSSES = {
     "paced": functools.partial(paced_loss_fn, beta=0.05),
     "flowrl": functools.partial(flowrl_loss_fn, beta=0.05, clip_eps=0.2),
@@ -196,6 +236,7 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
 
         if family == FAMILIES[0]:
             check_reference(checks, sgd, model_cfg, batch, log_probs, ctx, layout)
+            check_engine(checks, sgd, model_cfg, ctx, layout)
             for algo in RL_LOSSES:
                 record[f"rl_{algo}"] = rl_step(algo, model_cfg, ctx, global_batch,
                                                record["log_probs"])

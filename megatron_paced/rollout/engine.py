@@ -1,0 +1,204 @@
+"""The rollout interface, and the embedded engine: KV-cached sampling on the Megatron model.
+
+Every rollout backend (this in-process engine, the SGLang client) answers
+
+    generate(prompts: list[list[int]], n, sampling, seed) -> list[list[Completion]]
+    update_weights(...) ; health() -> bool
+
+``generate`` returns, for each prompt, ``n`` completions with their token ids and the
+log-probability of each generated token under the model (the full-vocabulary softmax of the
+raw logits, i.e. temperature 1 -- the policy pi itself, whatever temperature sampled it), so
+the trainer can use them as pi_old.
+
+The embedded engine runs on the trainer's own ``GPTModel`` stage with Megatron's
+``StaticInferenceContext`` (a static KV cache). Rows of different prompt lengths share one
+batch: the prefill covers the shortest prompt, then each decode step feeds, per row, either
+the row's next prompt token (still inside its prompt) or the token just sampled -- every
+position is real, so plain causal attention is exact. With tensor parallelism the logits are
+gathered over TP (one (b, V) row per step), every TP rank samples, and TP rank 0's tokens
+are broadcast so the ranks cannot drift apart. It is the default backend when no server is
+configured and what runs on the CPU. Pipeline parallelism is not supported here (use the
+SGLang backend).
+
+Usage::
+
+    engine = EmbeddedEngine(policy.modules(), ctx, vocab_size=cfg.vocab_size,
+                            max_sequence_length=64)
+    out = engine.generate([[1, 5, 6], [1, 7]], n=4,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=8,
+                                                  stop_token_ids=[2]), seed=0)
+    out[0][3].token_ids, out[0][3].log_probs, out[0][3].finish_reason
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import ConfigError, require
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings, with SGLang's field names."""
+
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1: no top-k filter."""
+    max_new_tokens: int = 128
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+                self.temperature, "must be >= 0")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        require(self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "must be -1 or >= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+
+    def to_sglang(self) -> dict:
+        """The ``sampling_params`` object of SGLang's /generate."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens, "stop_token_ids": list(self.stop_token_ids)}
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    log_probs: list[float]
+    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: (b, V) -> (b, V) with removed entries -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the first over
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One token per row from (b, V) logits under the sampling settings."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    scaled = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.softmax(scaled.float(), dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class EmbeddedEngine:
+    """In-process generation on this rank's model stage (TP-aware, PP = 1)."""
+
+    def __init__(self, model: list[torch.nn.Module], ctx, *, vocab_size: int,
+                 max_sequence_length: int, max_batch_size: int = 64) -> None:
+        if ctx.pp_size > 1:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {ctx.pp_size}: the embedded rollout engine "
+                "needs 1; use the SGLang backend for pipeline-parallel policies")
+        self.model = [m.module if hasattr(m, "module") else m for m in model]
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+
+    def health(self) -> bool:
+        return True
+
+    def update_weights(self, version: int | None = None) -> int:
+        """The engine reads the trainer's weights in place: a push only bumps the version."""
+        self.weight_version = self.weight_version + 1 if version is None else version
+        return self.weight_version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seed: int) -> list[list[Completion]]:
+        sampling.validate()
+        require(n >= 1, "num_samples_per_prompt", n, "must be >= 1")
+        rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
+        out: list[list[Completion]] = [[None] * n for _ in prompts]  # type: ignore[list-item]
+        model = self.model[0]
+        was_training = model.training
+        model.eval()
+        try:
+            for chunk_index, start in enumerate(range(0, len(rows), self.max_batch_size)):
+                chunk = rows[start:start + self.max_batch_size]
+                generator = torch.Generator().manual_seed(
+                    (seed * 1_000_003 + chunk_index) & ((1 << 63) - 1))
+                for (p, s), completion in zip(chunk, self._generate_chunk(
+                        [prompts[p] for p, _ in chunk], sampling, generator)):
+                    completion.prompt_index, completion.sample_index = p, s
+                    out[p][s] = completion
+        finally:
+            model.train(was_training)
+        return out
+
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams,
+                        generator: torch.Generator) -> list[Completion]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = self.ctx.device
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1:
+            raise ValueError("an empty prompt cannot be continued")
+        if max(lengths) >= self.max_sequence_length:
+            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room under the "
+                             f"maximum sequence length {self.max_sequence_length}")
+        total = min(max(lengths) + sampling.max_new_tokens, self.max_sequence_length)
+        batch = len(prompts)
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt)
+        prompt_len = torch.tensor(lengths, device=device)
+        positions = torch.arange(total, device=device).expand(batch, -1)
+        context = StaticInferenceContext(batch, total)
+        model = self.model[0]
+        start = min(lengths)
+        logits = model(tokens[:, :start], positions[:, :start], None,
+                       inference_context=context, runtime_gather_output=True)[:, -1]
+        context.sequence_len_offset = start
+        generated: list[list[int]] = [[] for _ in prompts]
+        log_probs: list[list[float]] = [[] for _ in prompts]
+        finish = [""] * batch
+        stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=device)
+        for t in range(start, total):
+            logits = logits.float()[:, : self.vocab_size]  # drop the vocabulary padding
+            sampled = sample_tokens(logits, sampling, generator)
+            if self.ctx.tp_size > 1:
+                dist.broadcast(sampled, src=dist.get_global_rank(self.ctx.tp_group, 0),
+                               group=self.ctx.tp_group)
+            token_log_probs = torch.log_softmax(logits, -1).gather(-1, sampled[:, None])[:, 0]
+            in_prompt = t < prompt_len
+            next_tokens = torch.where(in_prompt, tokens[:, t], sampled)
+            for row in torch.nonzero(~in_prompt).flatten().tolist():
+                if finish[row]:
+                    continue
+                generated[row].append(int(sampled[row]))
+                log_probs[row].append(float(token_log_probs[row]))
+                if bool((stop_ids == sampled[row]).any()):
+                    finish[row] = "stop"
+                elif len(generated[row]) >= sampling.max_new_tokens or t == total - 1:
+                    finish[row] = "length"
+            if all(finish):
+                break
+            tokens[:, t] = next_tokens
+            logits = model(tokens[:, t:t + 1], positions[:, t:t + 1], None,
+                           inference_context=context, runtime_gather_output=True)[:, -1]
+            context.sequence_len_offset += 1
+        return [Completion(-1, -1, generated[row], log_probs[row], finish[row] or "length")
+                for row in range(batch)]
