@@ -22,9 +22,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "math-verify"],
         "wandb": ["wandb"],
         "math": ["math-verify"],
+        "data": ["pyarrow"],
         "sglang": ["sglang"],
         "te": ["transformer-engine[pytorch]"],
     },
