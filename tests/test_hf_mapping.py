@@ -1,0 +1,77 @@
+"""Megatron <-> HF name table and transforms: bitwise round trips, QKV layout, bad names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_paced.models.config import PRESETS
+from megatron_paced.models.hf_mapping import (
+    hf_to_megatron, megatron_to_hf, merge_qkv, split_qkv,
+)
+
+
+def fake_megatron_state(cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Random full tensors with Megatron's names and shapes for one config."""
+    h, f, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
+    state = {"embedding.word_embeddings.weight": torch.randn(padded_vocab, h),
+             "decoder.final_layernorm.weight": torch.randn(h)}
+    state["embedding.word_embeddings.weight"][cfg.vocab_size:] = 0
+    if cfg.untie_embeddings_and_output_weights:
+        state["output_layer.weight"] = torch.randn(padded_vocab, h)
+        state["output_layer.weight"][cfg.vocab_size:] = 0
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        state |= {p + "input_layernorm.weight": torch.randn(h),
+                  p + "self_attention.linear_qkv.weight": torch.randn(qkv_rows, h),
+                  p + "self_attention.linear_proj.weight": torch.randn(h, cfg.num_attention_heads * hd),
+                  p + "pre_mlp_layernorm.weight": torch.randn(h),
+                  p + "mlp.linear_fc1.weight": torch.randn(2 * f, h),
+                  p + "mlp.linear_fc2.weight": torch.randn(h, f)}
+        if cfg.spec.add_qkv_bias:
+            state[p + "self_attention.linear_qkv.bias"] = torch.randn(qkv_rows)
+        if cfg.spec.qk_layernorm:
+            state[p + "self_attention.q_layernorm.weight"] = torch.randn(hd)
+            state[p + "self_attention.k_layernorm.weight"] = torch.randn(hd)
+    return state
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "smollm2-135m"])
+def test_round_trip_is_bitwise(preset):
+    cfg = PRESETS[preset]
+    padded = cfg.padded_vocab_size(2)
+    state = fake_megatron_state(cfg, padded)
+    hf = megatron_to_hf(state, cfg)
+    assert hf["model.embed_tokens.weight"].shape[0] == cfg.vocab_size
+    assert ("lm_head.weight" in hf) == cfg.untie_embeddings_and_output_weights
+    assert ("model.layers.0.self_attn.q_proj.bias" in hf) == (preset == "tiny-qwen2")
+    assert ("model.layers.0.self_attn.q_norm.weight" in hf) == (preset == "tiny-qwen3")
+    assert hf["model.layers.0.self_attn.k_proj.weight"].shape == (
+        cfg.num_query_groups * cfg.head_dim, cfg.hidden_size)
+    back = hf_to_megatron(hf, cfg, padded_vocab_size=padded)
+    assert sorted(back) == sorted(state)
+    for name in state:
+        assert torch.equal(back[name], state[name]), name
+
+
+def test_qkv_is_group_major():
+    cfg = PRESETS["tiny-llama"].replace(num_attention_heads=4, num_query_groups=2,
+                                        hidden_size=8, kv_channels=1)
+    # Rows per group: q0 q1 k v; label each row with its HF destination.
+    fused = torch.tensor([10.0, 11, 20, 30, 12, 13, 21, 31]).unsqueeze(-1)
+    q, k, v = split_qkv(fused, cfg)
+    assert q.flatten().tolist() == [10, 11, 12, 13] and k.flatten().tolist() == [20, 21]
+    assert v.flatten().tolist() == [30, 31] and torch.equal(merge_qkv(q, k, v, cfg), fused)
+
+
+def test_bad_names():
+    cfg = PRESETS["tiny-llama"]
+    with pytest.raises(KeyError, match="decoder.layers.0.mystery.weight"):
+        megatron_to_hf({"decoder.layers.0.mystery.weight": torch.zeros(1)}, cfg)
+    hf = megatron_to_hf(fake_megatron_state(cfg, 512), cfg)
+    del hf["model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.v_proj.weight"):
+        hf_to_megatron(hf, cfg, padded_vocab_size=512)
+    with pytest.raises(KeyError, match="unexpected Hugging Face tensor 'model.rotary.inv_freq'"):
+        hf_to_megatron({"model.rotary.inv_freq": torch.zeros(1)}, cfg, padded_vocab_size=512)
