@@ -20,6 +20,7 @@ setup(
         "packaging",
         "psutil",  # dist_checkpointing.save needs it
         "pyyaml",
+        "safetensors",  # HF checkpoints and disk weight sync
     ],
     extras_require={
         "test": ["pytest>=8", "math-verify", "pyarrow"],

@@ -3,6 +3,8 @@
 See ``megatron_paced.compat.cpu`` and ``patches/README.md``.
 """
 
-from megatron_paced.compat.cpu import enable_cpu_compat, is_cpu_compat_enabled
+from megatron_paced.compat.cpu import (
+    cpu_compat_in_this_thread, enable_cpu_compat, is_cpu_compat_enabled,
+)
 
-__all__ = ["enable_cpu_compat", "is_cpu_compat_enabled"]
+__all__ = ["cpu_compat_in_this_thread", "enable_cpu_compat", "is_cpu_compat_enabled"]

@@ -32,6 +32,9 @@ Contract
            a CPU build of torch silently queues the state change and never applies it).
     * ``torch.cuda.is_available()`` keeps answering False, so code that branches on it stays
       honest.
+    * Torch function modes are per thread: the thread that calls :func:`enable_cpu_compat`
+      gets the device redirection; another thread that runs Megatron code (an HTTP handler of
+      the rollout server) wraps that code in ``with cpu_compat_in_this_thread():``.
 
 Usage::
 
@@ -47,13 +50,15 @@ Checked against megatron-core 0.16.1 (Python 3.11) with torch 2.13 (CPU build).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
 _MODE: "_CudaToCpuMode | None" = None
+_THREAD = threading.local()  # .active: this thread runs under the redirecting mode
 
 _CPU = torch.device("cpu")
 
@@ -215,9 +220,25 @@ def enable_cpu_compat() -> bool:
     _install_cuda_standins()
     _install_megatron_rng_helpers()
     _MODE = _CudaToCpuMode()
-    _MODE.__enter__()  # stays on for the life of the process
+    _MODE.__enter__()  # stays on for the life of the process (in this thread)
+    _THREAD.active = True
     _ENABLED = True
     return True
+
+
+@contextlib.contextmanager
+def cpu_compat_in_this_thread() -> Iterator[None]:
+    """Run the body under the CUDA-to-CPU redirection in the current thread (a no-op where the
+    layer is off or the thread already has it)."""
+    if not _ENABLED or getattr(_THREAD, "active", False):
+        yield
+        return
+    _THREAD.active = True
+    try:
+        with _CudaToCpuMode():
+            yield
+    finally:
+        _THREAD.active = False
 
 
 def is_cpu_compat_enabled() -> bool:

@@ -126,9 +126,11 @@ def _one_to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, t
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, *, padded_vocab_size: int,
-                   te_layernorm_names: bool = False) -> dict[str, torch.Tensor]:
+                   te_layernorm_names: bool = False, complete: bool = True
+                   ) -> dict[str, torch.Tensor]:
     """HF tensors -> full Megatron tensors (local-spec names unless ``te_layernorm_names``).
-    Missing or unexpected HF names raise KeyError naming them."""
+    Unexpected HF names, and parts missing from a fused parameter, raise KeyError naming
+    them; ``complete=False`` accepts a subset of the model (a weight-sync bucket)."""
     inverse_global = {v: k for k, v in _GLOBAL.items()}
     layer_copies = {v: k for k, v in _LAYER_COPIES.items()
                     if ("layer_norm_weight" in k) == te_layernorm_names or "layernorm" not in v}
@@ -161,6 +163,6 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, *, padded_voca
         tensors = [parts[n] for n in names]
         out[f"decoder.layers.{index}.{fused}"] = (
             merge_qkv(*tensors, cfg) if "qkv" in fused else torch.cat(tensors))
-    if cfg.untie_embeddings_and_output_weights and "output_layer.weight" not in out:
+    if complete and cfg.untie_embeddings_and_output_weights and "output_layer.weight" not in out:
         raise KeyError("missing Hugging Face tensor 'lm_head.weight' (untied embeddings)")
     return out

@@ -187,3 +187,40 @@ def init_layout_invariant_(
         if padded_rows:
             full = torch.cat([full, full.new_zeros(padded_rows, *full_shape[1:])])
         param.copy_(shard_of(full, meta, tp_rank, tp_size).to(param.dtype))
+
+
+def iter_full_params(model: torch.nn.Module, tp_group: dist.ProcessGroup | None):
+    """(global name, full tensor) of this pipeline stage's parameters, one at a time, so that
+    at most one full parameter is materialized (collective over the TP group)."""
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    names = global_param_names(model)
+    for name, param in _unwrap(model).named_parameters():
+        data = param.detach()
+        meta = shard_meta(name, param)
+        if meta.partition_dim is not None and tp_size > 1:
+            shards = [torch.empty_like(data) for _ in range(tp_size)]
+            dist.all_gather(shards, data.contiguous(), group=tp_group)
+            data = full_of(shards, meta)
+        yield names[name], data
+
+
+@torch.no_grad()
+def load_full_params_(model: torch.nn.Module, full: dict[str, torch.Tensor], *, tp_rank: int,
+                      tp_size: int, strict: bool = True) -> list[str]:
+    """Copy full (TP1) tensors, by global name, into this rank's shards. With ``strict`` every
+    parameter of the stage must be given; returns the names that were loaded."""
+    names = global_param_names(model)
+    loaded = []
+    for name, param in _unwrap(model).named_parameters():
+        global_name = names[name]
+        if global_name not in full:
+            if strict:
+                raise KeyError(f"no value for parameter {global_name!r}")
+            continue
+        shard = shard_of(full[global_name], shard_meta(name, param), tp_rank, tp_size)
+        if shard.shape != param.shape:
+            raise ValueError(f"{global_name}: shard {tuple(shard.shape)} does not fit parameter "
+                             f"{tuple(param.shape)}")
+        param.copy_(shard.to(param.dtype))
+        loaded.append(global_name)
+    return loaded
