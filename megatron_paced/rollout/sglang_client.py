@@ -1,0 +1,257 @@
+"""The SGLang backend: server processes we start (or attach to) and a client for /generate.
+
+:class:`ServerProcess` starts ``python -m sglang.launch_server`` (or any command that serves
+SGLang's native API, such as ``python -m megatron_paced.rollout.serve``) with the user's
+arguments passed through plus ``--host``/``--port``, waits until ``/health`` answers,
+restarts it when it dies, and stops it on exit.
+
+:class:`SGLangClient` implements the rollout interface over HTTP. A call to ``generate`` is
+cut into requests of ``prompts_per_request`` prompts (each ``input_ids`` with
+``sampling_params.n``, ``return_logprob`` and one ``rid`` per row), at most ``concurrency``
+in flight, spread over the servers. A request that fails (connection refused or reset,
+timeout, HTTP 5xx) is retried up to ``max_retries`` times; if its server process has died
+it is restarted first and ``on_restart(server)`` runs (the weight sync re-pushes the current
+weights there). Every (prompt, sample) slot is filled exactly once or the call raises
+:class:`RolloutError` naming what is missing: no prompt is lost or duplicated.
+
+Usage::
+
+    server = ServerProcess(["python", "-m", "sglang.launch_server", "--model-path", path,
+                            "--tp", "2"], port=30000)
+    server.start()
+    client = SGLangClient([server], concurrency=8)
+    out = client.generate(prompt_token_ids, n=8, sampling=SamplingParams(...), seed=step)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from megatron_paced.rollout.engine import Completion, SamplingParams
+
+
+class RolloutError(RuntimeError):
+    """Generation could not be completed (after retries and restarts)."""
+
+
+def http_json(url: str, body: dict | None = None, *, timeout_s: float,
+              api_key: str | None = None, method: str | None = None):
+    """POST (or GET without a body) JSON; returns the decoded answer or raises on HTTP errors
+    with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"))
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:500]
+        raise urllib.error.HTTPError(err.url, err.code, f"{err.reason}: {detail}", err.headers,
+                                     None) from None
+    return json.loads(raw) if raw else None
+
+
+class ServerProcess:
+    """One managed server process on ``host:port``."""
+
+    def __init__(self, command: Sequence[str], *, host: str = "127.0.0.1", port: int = 30000,
+                 startup_timeout_s: float = 600.0, log_path: str | None = None,
+                 env: dict[str, str] | None = None, api_key: str | None = None) -> None:
+        self.command = list(command)
+        self.host, self.port = host, port
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = log_path
+        self.env = env
+        self.api_key = api_key
+        self.process: subprocess.Popen | None = None
+        self.num_restarts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        command = self.command + ["--host", self.host, "--port", str(self.port)]
+        if self.api_key:
+            command += ["--api-key", self.api_key]
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(self.env or {})},
+                                        start_new_session=True)
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RolloutError(f"server {self.command[:4]}... exited with code "
+                                   f"{self.process.returncode} while starting"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            if self.healthy():
+                return
+            time.sleep(0.25)
+        raise RolloutError(f"server at {self.url} not healthy after {self.startup_timeout_s} s")
+
+    def healthy(self) -> bool:
+        try:
+            http_json(f"{self.url}/health", timeout_s=5)
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def restart_if_dead(self) -> bool:
+        """Restart the process if it exited; True if this call restarted it."""
+        with self._lock:
+            if self.alive():
+                return False
+            self.num_restarts += 1
+            self.start()
+            return True
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class SGLangClient:
+    """The rollout interface over SGLang's native HTTP API."""
+
+    def __init__(self, servers: Sequence[ServerProcess | str], *, concurrency: int = 8,
+                 prompts_per_request: int = 32, timeout_s: float = 600.0, max_retries: int = 3,
+                 api_key: str | None = None,
+                 on_restart: Callable[[ServerProcess], None] | None = None) -> None:
+        if not servers:
+            raise ValueError("--sglang-url or a launched server is required")
+        self.servers = list(servers)
+        self.concurrency = concurrency
+        self.prompts_per_request = prompts_per_request
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.api_key = api_key
+        self.on_restart = on_restart
+        self.num_retries = 0
+
+    def _url(self, server) -> str:
+        return server.url if isinstance(server, ServerProcess) else server.rstrip("/")
+
+    def post(self, server, path: str, body: dict | None = None, *, timeout_s: float | None = None):
+        return http_json(self._url(server) + path, body, timeout_s=timeout_s or self.timeout_s,
+                         api_key=self.api_key)
+
+    def post_all(self, path: str, body: dict | None = None) -> list:
+        return [self.post(server, path, body) for server in self.servers]
+
+    def health(self) -> bool:
+        try:
+            self.post_all("/health")
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seed: int) -> list[list[Completion]]:
+        sampling.validate()
+        chunks = [list(range(i, min(i + self.prompts_per_request, len(prompts))))
+                  for i in range(0, len(prompts), self.prompts_per_request)]
+        results: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = [pool.submit(self._run_chunk, index, chunk, prompts, n, sampling, seed)
+                       for index, chunk in enumerate(chunks)]
+            for future in futures:
+                for completion in future.result():
+                    slot = results[completion.prompt_index]
+                    if slot[completion.sample_index] is not None:
+                        raise RolloutError(f"duplicate completion for prompt "
+                                           f"{completion.prompt_index} sample "
+                                           f"{completion.sample_index}")
+                    slot[completion.sample_index] = completion
+        missing = [(p, s) for p, row in enumerate(results) for s, c in enumerate(row) if c is None]
+        if missing:
+            raise RolloutError(f"no completion for (prompt, sample) {missing[:5]}")
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def request_body(chunk: list[int], prompts, n: int, sampling: SamplingParams, seed: int,
+                     chunk_index: int) -> dict:
+        """The /generate body of one request: SGLang's GenerateReqInput schema."""
+        return {
+            "input_ids": [prompts[p] for p in chunk],
+            "sampling_params": {**sampling.to_sglang(), "n": n,
+                                "sampling_seed": seed * 100_003 + chunk_index},
+            "return_logprob": True,
+            "rid": [f"s{seed}-p{chunk[i % len(chunk)]}-n{i // len(chunk)}"
+                    for i in range(len(chunk) * n)],
+        }
+
+    def _run_chunk(self, chunk_index: int, chunk: list[int], prompts, n: int,
+                   sampling: SamplingParams, seed: int) -> list[Completion]:
+        body = self.request_body(chunk, prompts, n, sampling, seed, chunk_index)
+        server = self.servers[chunk_index % len(self.servers)]
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                outputs = self.post(server, "/generate", body)
+                return self._parse(outputs, chunk, n)
+            except urllib.error.HTTPError as err:
+                if err.code < 500:
+                    raise RolloutError(f"server {self._url(server)} rejected a request: "
+                                       f"{err.reason}") from None
+                last_error = err
+            except (OSError, urllib.error.URLError, ConnectionError) as err:
+                last_error = err
+            self.num_retries += 1
+            if isinstance(server, ServerProcess) and server.restart_if_dead():
+                if self.on_restart is not None:
+                    self.on_restart(server)
+            else:
+                time.sleep(min(2.0 ** attempt * 0.5, 10.0))
+        raise RolloutError(f"prompts {chunk[0]}..{chunk[-1]} failed after {self.max_retries} "
+                           f"retries on {self._url(server)}: {last_error}")
+
+    @staticmethod
+    def _parse(outputs, chunk: list[int], n: int) -> list[Completion]:
+        if isinstance(outputs, dict):
+            outputs = [outputs]
+        if len(outputs) != len(chunk) * n:
+            raise RolloutError(f"expected {len(chunk) * n} outputs, got {len(outputs)}")
+        completions = []
+        for position, output in enumerate(outputs):  # SGLang: the batch, repeated n times
+            meta = output["meta_info"]
+            triples = meta.get("output_token_logprobs") or []
+            token_ids = list(output.get("output_ids") or [t for _, t, _ in triples])
+            finish = meta.get("finish_reason") or {}
+            completions.append(Completion(
+                prompt_index=chunk[position % len(chunk)], sample_index=position // len(chunk),
+                token_ids=token_ids, log_probs=[float(lp) for lp, _, _ in triples],
+                finish_reason="stop" if finish.get("type") == "stop" else "length"))
+        return completions
+
+    def close(self) -> None:
+        for server in self.servers:
+            if isinstance(server, ServerProcess):
+                server.stop()
+
+
+def serve_command(*args: str) -> list[str]:
+    """The command of this package's own rollout server (for tests and CPU runs)."""
+    return [sys.executable, "-m", "megatron_paced.rollout.serve", *args]

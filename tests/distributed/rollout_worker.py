@@ -1,0 +1,161 @@
+"""Worker: the SGLang client against a rollout server in a subprocess.
+
+Started with torchrun (world 1; the policy lives in this process, the server in another):
+
+1. generation with n > 1: the server's log-probs equal this process's trainer log-probs of
+   the same tokens (1e-5);
+2. a weight push (disk, then tensor) after an optimizer step: the server reports the new
+   weight_version, its greedy outputs equal the local engine's with the new weights, and its
+   log-probs equal the new trainer log-probs;
+3. the server is killed after the first response of a batch: the client restarts it, the
+   restart hook re-pushes the current weights, and the batch completes with every (prompt,
+   sample) exactly once and the right log-probs;
+4. the API key: weight updates without it are refused (401).
+
+    torchrun --nproc-per-node 1 -m tests.distributed.rollout_worker --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import urllib.error
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import OptimizerConfig, ParallelConfig
+from megatron_paced.forward_backward import SequenceBatch, compute_log_probs, forward_backward
+from megatron_paced.losses import nll_loss
+from megatron_paced.models.config import PRESETS
+from megatron_paced.models.policy import build_policy
+from megatron_paced.parallel import initialize_parallel
+from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
+from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess, serve_command
+from megatron_paced.rollout.weight_sync import DiskTransport, TensorTransport
+from megatron_paced.testing.distributed import CheckRecorder
+
+SEED = 1234
+SEQ = 48
+API_KEY = "test-key"
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15], [16, 17, 18, 19], [20, 21, 22]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_log_probs(outputs, policy, cfg, ctx) -> None:
+    rows = [(p, c) for p, completions in enumerate(outputs) for c in completions]
+    tokens = torch.zeros(len(rows), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(rows), SEQ)
+    for i, (p, c) in enumerate(rows):
+        ids = PROMPTS[p] + c.token_ids
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        mask[i, len(PROMPTS[p]): len(ids)] = 1
+    trainer = compute_log_probs(policy.model, SequenceBatch(tokens, mask), ctx,
+                                vocab_size=cfg.vocab_size, micro_batch_size=len(rows))
+    for i, (p, c) in enumerate(rows):
+        start = len(PROMPTS[p])
+        torch.testing.assert_close(trainer.token_log_probs[i, start:start + len(c.token_ids)],
+                                   torch.tensor(c.log_probs), rtol=1e-5, atol=1e-5)
+
+
+def train_step(policy, cfg, ctx, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
+    mask = torch.ones(4, 16)
+    mask[:, :4] = 0
+    policy.zero_grad()
+    forward_backward(policy.model, SequenceBatch(tokens, mask), nll_loss, ctx,
+                     vocab_size=cfg.vocab_size, micro_batch_size=4)
+    policy.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    checks = CheckRecorder()
+    ctx = initialize_parallel(ParallelConfig(), seed=SEED)
+    cfg = PRESETS["tiny-llama"]
+    policy = build_policy(cfg, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0,
+                                               use_distributed_optimizer=False), ctx, seed=SEED)
+    engine = EmbeddedEngine(policy.model, ctx, vocab_size=cfg.vocab_size, max_sequence_length=SEQ)
+    server = ServerProcess(serve_command("--model", "tiny-llama", "--seed", str(SEED),
+                                         "--max-sequence-length", str(SEQ)),
+                           port=free_port(), startup_timeout_s=120, api_key=API_KEY,
+                           log_path=str(args.out / "server.log"),
+                           env={"OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
+    server.start()
+    client = SGLangClient([server], concurrency=2, prompts_per_request=2, timeout_s=120,
+                          api_key=API_KEY)
+    sample = SamplingParams(temperature=1.0, max_new_tokens=6, stop_token_ids=[3])
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    try:
+        with checks.check("server_log_probs_equal_trainer"):
+            outputs = client.generate(PROMPTS, n=3, sampling=sample, seed=1)
+            assert all(len(row) == 3 for row in outputs)
+            assert len({tuple(c.token_ids) for c in outputs[0]}) > 1
+            check_log_probs(outputs, policy, cfg, ctx)
+        transports = {
+            "disk": DiskTransport(client, cfg, ctx, directory=str(args.out / "weights"),
+                                  bucket_bytes=64 << 10),
+            "tensor": TensorTransport(client, cfg, ctx, bucket_bytes=64 << 10),
+        }
+        for step, (name, transport) in enumerate(transports.items(), start=1):
+            with checks.check(f"{name}_push_changes_outputs"):
+                before = client.generate(PROMPTS, n=1, sampling=greedy, seed=0)
+                train_step(policy, cfg, ctx, seed=step)
+                transport.push(policy.modules()[0], version=f"v{step}")
+                info = client.post(server, "/get_model_info")
+                assert info["weight_version"] == f"v{step}", info
+                after = client.generate(PROMPTS, n=1, sampling=greedy, seed=0)
+                local = engine.generate(PROMPTS, n=1, sampling=greedy, seed=0)
+                assert [r[0].token_ids for r in after] == [r[0].token_ids for r in local]
+                assert [r[0].token_ids for r in after] != [r[0].token_ids for r in before]
+                check_log_probs(client.generate(PROMPTS, n=2, sampling=sample, seed=3),
+                                policy, cfg, ctx)
+        with checks.check("killed_server_restarts_and_batch_completes"):
+            sync = transports["tensor"]
+            client.on_restart = lambda s: sync.push(policy.modules()[0], version=sync.version)
+            post = client.post
+            killed = []
+
+            def post_then_kill(target, path, body=None, **kwargs):
+                answer = post(target, path, body, **kwargs)
+                if path == "/generate" and not killed:
+                    killed.append(True)
+                    server.process.kill()
+                    server.process.wait()
+                return answer
+
+            client.post = post_then_kill
+            outputs = client.generate(PROMPTS, n=4, sampling=sample, seed=11)
+            client.post = post
+            assert killed and server.num_restarts == 1 and client.num_retries >= 1
+            slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
+            assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
+            check_log_probs(outputs, policy, cfg, ctx)  # the restarted server got the weights
+        with checks.check("weight_updates_need_the_api_key"):
+            unauthenticated = SGLangClient([server], api_key=None, timeout_s=30)
+            try:
+                unauthenticated.post(server, "/update_weight_version", {"new_version": "x"})
+                raise AssertionError("accepted a weight update without the API key")
+            except urllib.error.HTTPError as err:
+                assert err.code == 401
+            assert client.post(server, "/get_model_info")["weight_version"] == "v2"
+    finally:
+        client.close()
+    checks.write(args.out / "checks.json")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

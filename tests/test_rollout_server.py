@@ -1,0 +1,41 @@
+"""The SGLang client against the rollout server in a subprocess (see
+distributed/rollout_worker.py): log-probs equal the trainer's, weight pushes by disk and by
+tensor change the server's outputs to the new weights' outputs, a server killed mid-batch is
+restarted and the batch completes with no prompt lost or duplicated, and weight updates need
+the API key."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_paced.testing.distributed import launch_workers, read_checks
+
+pytestmark = pytest.mark.distributed
+
+EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
+            "tensor_push_changes_outputs", "killed_server_restarts_and_batch_completes",
+            "weight_updates_need_the_api_key"]
+
+
+@pytest.fixture(scope="module")
+def rollout_checks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rollout")
+    result = launch_workers("tests.distributed.rollout_worker", nprocs=1, args=["--out", str(out)],
+                            timeout_s=600)
+    assert result.returncode == 0, result.output[-6000:]
+    return read_checks(out / "checks.json")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_rollout_check(rollout_checks, name):
+    assert name in rollout_checks, f"check {name} did not run"
+    assert rollout_checks[name]["ok"], rollout_checks[name]["error"]
+
+
+def test_server_refuses_public_bind_without_api_key():
+    from tests.conftest import run_python
+
+    result = run_python("-m megatron_paced.rollout.serve", "--host", "0.0.0.0", "--model",
+                        "tiny-llama", timeout=60)
+    assert result.returncode == 2
+    assert "--host 0.0.0.0 is not a loopback address: pass --api-key" in result.stderr
