@@ -144,3 +144,20 @@ def test_demo_rejects_bad_flags_at_startup(flags, env, expected):
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_rollout_flags_and_validation():
+    from megatron_paced.rollout import RolloutConfig
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, RolloutConfig)
+    args = parser.parse_args(["--rollout-backend", "sglang", "--sglang-url", "http://a:1",
+                              "http://b:2", "--sglang-server-args", "--tp 2 --mem-fraction 0.6",
+                              "--weight-sync", "disk"])
+    cfg = from_args(RolloutConfig, args)
+    assert cfg.sglang_url == ["http://a:1", "http://b:2"] and cfg.weight_sync == "disk"
+    cfg.validate()
+    with pytest.raises(ConfigError, match="--weight-sync 'nccl'"):
+        RolloutConfig(rollout_backend="sglang", weight_sync="nccl").validate()
+    with pytest.raises(ConfigError, match="--rollout-concurrency 0"):
+        RolloutConfig(rollout_concurrency=0).validate()

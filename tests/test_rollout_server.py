@@ -14,7 +14,7 @@ pytestmark = pytest.mark.distributed
 
 EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
             "tensor_push_changes_outputs", "killed_server_restarts_and_batch_completes",
-            "weight_updates_need_the_api_key"]
+            "weight_updates_need_the_api_key", "release_and_resume_memory"]
 
 
 @pytest.fixture(scope="module")

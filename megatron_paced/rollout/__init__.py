@@ -1,0 +1,102 @@
+"""Rollout: generation backends (embedded engine, SGLang servers), the rollout server, and
+weight sync. :func:`build_rollout` turns a :class:`RolloutConfig` (flags) into a backend.
+
+Usage::
+
+    rollout, weight_sync = build_rollout(cfg, model=policy.modules(), model_cfg=model_cfg,
+                                         ctx=ctx, max_sequence_length=4096, log_dir=save_dir)
+    completions = rollout.generate(prompt_ids, n=8, sampling=sampling, seed=step)
+    if weight_sync is not None:
+        weight_sync.push(policy.modules()[0], version=str(step))
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_paced.config import ConfigError, require
+
+
+@dataclass
+class RolloutConfig:
+    """Where completions come from."""
+
+    rollout_backend: Literal["embedded", "sglang"] = "embedded"
+    """embedded: KV-cached sampling on the trainer's own model (CPU or GPU, PP1); sglang:
+    SGLang servers, launched here or attached by --sglang-url."""
+    sglang_url: list[str] = field(default_factory=list)
+    """URLs of running servers to attach to (no launch)."""
+    sglang_launch_command: str = "python -m sglang.launch_server"
+    """Command that starts one server; --host/--port/--api-key are appended."""
+    sglang_server_args: str = ""
+    """Arguments passed through to each launched server (e.g. "--model-path X --tp 2")."""
+    sglang_num_servers: int = 1
+    """Servers to launch (one per node or GPU group)."""
+    sglang_base_port: int = 30000
+    """Port of the first launched server; the next ones count up."""
+    sglang_api_key: Optional[str] = None
+    """API key the servers require for weight updates."""
+    rollout_concurrency: int = 8
+    """Requests in flight at once."""
+    rollout_prompts_per_request: int = 32
+    """Prompts per /generate request."""
+    rollout_timeout: float = 600.0
+    """Seconds one request may take."""
+    rollout_max_retries: int = 3
+    """Retries of a failed request (restarting a dead launched server first)."""
+    weight_sync: Literal["tensor", "disk", "nccl"] = "tensor"
+    """How weights reach SGLang: tensor (colocated, /update_weights_from_tensor), disk
+    (/update_weights_from_disk), nccl (disaggregated; not implemented yet)."""
+    weight_sync_bucket_mb: int = 256
+    """Size bound of one weight-sync bucket."""
+
+    def validate(self) -> None:
+        if self.rollout_backend == "sglang":
+            require(self.sglang_num_servers >= 1 or bool(self.sglang_url), "sglang_num_servers",
+                    self.sglang_num_servers, "must be >= 1 (or pass --sglang-url)")
+            if self.weight_sync == "nccl":
+                raise ConfigError("--weight-sync 'nccl': the NCCL transport is not implemented "
+                                  "yet; use tensor (colocated) or disk")
+        require(self.rollout_concurrency >= 1, "rollout_concurrency", self.rollout_concurrency,
+                "must be >= 1")
+        require(self.rollout_prompts_per_request >= 1, "rollout_prompts_per_request",
+                self.rollout_prompts_per_request, "must be >= 1")
+        require(self.rollout_max_retries >= 0, "rollout_max_retries", self.rollout_max_retries,
+                "must be >= 0")
+
+
+def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_length: int,
+                  log_dir: str | None = None):
+    """(backend, weight transport or None) for this configuration."""
+    from megatron_paced.rollout.engine import EmbeddedEngine
+
+    cfg.validate()
+    if cfg.rollout_backend == "embedded":
+        return EmbeddedEngine(model, ctx, vocab_size=model_cfg.vocab_size,
+                              max_sequence_length=max_sequence_length), None
+    from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess
+    from megatron_paced.rollout.weight_sync import DiskTransport, TensorTransport, staging_directory
+
+    servers: list = list(cfg.sglang_url)
+    if not servers:
+        command = shlex.split(cfg.sglang_launch_command) + shlex.split(cfg.sglang_server_args)
+        for index in range(cfg.sglang_num_servers):
+            log = os.path.join(log_dir, f"sglang-{index}.log") if log_dir else None
+            server = ServerProcess(command, port=cfg.sglang_base_port + index, log_path=log,
+                                   api_key=cfg.sglang_api_key)
+            server.start()
+            servers.append(server)
+    client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
+                          prompts_per_request=cfg.rollout_prompts_per_request,
+                          timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
+                          api_key=cfg.sglang_api_key)
+    bucket = cfg.weight_sync_bucket_mb << 20
+    transport = (TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)
+                 if cfg.weight_sync == "tensor" else
+                 DiskTransport(client, model_cfg, ctx, directory=staging_directory(),
+                               bucket_bytes=bucket))
+    client.on_restart = lambda server: transport.push(model[0], version=transport.version)
+    return client, transport

@@ -161,6 +161,14 @@ class SGLangClient:
     def post_all(self, path: str, body: dict | None = None) -> list:
         return [self.post(server, path, body) for server in self.servers]
 
+    def release_memory(self) -> None:
+        """Colocated servers give their GPU memory (weights, KV cache) back for training."""
+        self.post_all("/release_memory_occupation", {})
+
+    def resume_memory(self) -> None:
+        """Take the memory back before the next generation (then push weights)."""
+        self.post_all("/resume_memory_occupation", {})
+
     def health(self) -> bool:
         try:
             self.post_all("/health")

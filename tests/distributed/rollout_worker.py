@@ -151,6 +151,15 @@ def main() -> None:
             except urllib.error.HTTPError as err:
                 assert err.code == 401
             assert client.post(server, "/get_model_info")["weight_version"] == "v2"
+        with checks.check("release_and_resume_memory"):
+            client.release_memory()
+            try:
+                client.generate(PROMPTS[:1], n=1, sampling=greedy, seed=0)
+                raise AssertionError("generated while the memory was released")
+            except Exception as err:  # noqa: BLE001 - the rejection is the point
+                assert "released" in str(err), err
+            client.resume_memory()
+            assert len(client.generate(PROMPTS[:1], n=1, sampling=greedy, seed=0)) == 1
     finally:
         client.close()
     checks.write(args.out / "checks.json")
