@@ -48,8 +48,10 @@ import torch
 
 
 def check_beta(beta: float) -> None:
+    from megatron_paced.config import ConfigError
+
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"--beta {beta!r}: must be a finite number > 0")
+        raise ConfigError(f"--beta {beta!r}: must be a finite number > 0")
 
 
 def paced_tb_delta(log_z: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,

@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -90,7 +91,12 @@ class ServerProcess:
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(self.env or {})},
                                         start_new_session=True)
-        self.wait_healthy()
+        atexit.register(self.stop)  # never leave a server behind the trainer
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -55,7 +57,10 @@ def launch_workers(
     """Run ``python -m module args`` on ``nprocs`` local processes with torchrun (gloo on CPU).
 
     Each process is limited to one intra-op thread: the ranks share the machine's cores, and
-    oversubscription makes a 2-core run many times slower.
+    oversubscription makes a 2-core run many times slower. The launch runs in its own process
+    session with its output in a file, and the session is killed when torchrun returns, so
+    helpers a killed rank left behind (Megatron's checkpoint writer spawns some) can neither
+    hang the caller nor outlive the test.
     """
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -64,9 +69,20 @@ def launch_workers(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TORCHELASTIC_ERROR_FILE": "", **(env or {})}
     start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout_s, env=full_env, cwd=cwd)
-    return LaunchResult(proc.returncode, proc.stdout, time.perf_counter() - start)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=cwd, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.seek(0)
+        output = log.read()
+    return LaunchResult(returncode, output, time.perf_counter() - start)
 
 
 class CheckRecorder:

@@ -1,0 +1,155 @@
+"""Checkpoints through Megatron's ``dist_checkpointing``: policy, optimizer, PACED state, counters.
+
+Layout::
+
+    <save>/iter_0000040/                 one dist checkpoint (model, optimizer, log Z, replay,
+                                         selector, counters) + model_config.json
+    <save>/latest_checkpointed_iteration.txt
+
+A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and
+the ``latest`` file is replaced atomically after that, so a run killed at any moment leaves
+the previous checkpoint complete and pointed to. The optimizer state is saved
+``dp_reshardable`` and the log-Z table and replay by prompt_id, so a run resumes on another DP
+size (the model weights reshard over TP/PP too; the distributed optimizer's state does not, on
+megatron-core 0.16.1). Before loading, the saved model config is compared with this run's and
+any difference is reported by field.
+
+Usage::
+
+    save_checkpoint(save_dir, step, policy, paced_state, counters={"num_samples": n})
+    counters = load_checkpoint(load_dir, policy, paced_state)     # {} when nothing to load
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import ConfigError
+from megatron_paced.paced.state import load_paced_state, paced_sharded_state_dict
+
+LATEST = "latest_checkpointed_iteration.txt"
+# Megatron 0.16.1: "fully_reshardable" breaks with torch AdamW (per-parameter "step") and
+# "fully_sharded_model_space" needs flattened ShardedTensors, which it no longer supports;
+# "dp_reshardable" re-partitions over any DP size (TP/PP must stay the same).
+_OPTIMIZER_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_step(root: str) -> int | None:
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def _sharded_state(policy, paced, counters: dict, is_loading: bool) -> dict:
+    ctx = policy.ctx
+    model_sd = policy.modules()[0].sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                         metadata=_OPTIMIZER_META),
+        "paced": paced_sharded_state_dict(*paced, replica_id=(ctx.tp_rank, ctx.pp_rank)),
+        "counters": dict(counters),
+    }
+
+
+def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
+    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay)."""
+    from megatron.core import dist_checkpointing
+
+    final = _iteration_dir(root, step)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(policy.model_cfg), f, indent=1)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(policy, paced, counters, is_loading=False), tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = os.path.join(root, f".{LATEST}.tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(str(step))
+        os.replace(latest_tmp, os.path.join(root, LATEST))
+    dist.barrier()
+    return final
+
+
+def check_loadable(root: str, model_cfg) -> int | None:
+    """The step to resume from, or None; raises ConfigError (no collective) when ``--load``
+    does not exist or holds another model's shape."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"--load {root!r}: no such folder")
+    step = latest_step(root)
+    if step is None:
+        return None
+    path = _iteration_dir(root, step)
+    config_path = os.path.join(path, "model_config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"--load {root!r}: {path} is not a megatron-paced checkpoint")
+    with open(config_path) as f:
+        saved = json.load(f)
+    ours = dataclasses.asdict(model_cfg)
+    different = {k: (saved.get(k), v) for k, v in ours.items()
+                 if k not in ("init_method_std",) and saved.get(k) != v}
+    if different:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}"
+                            for k, (a, b) in different.items())
+        raise ConfigError(f"--load {root!r} holds another model shape ({listing})")
+    return step
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no state to describe in a load template; give it
+    Megatron's own dummy state (a zero-gradient step), which the load then overwrites --
+    weights included, since the model is loaded after."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not inner.optimizer.state and hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Megatron 0.16.1 puts the loaded Adam step count in ``param_groups[i]["step"]``, but
+    torch's AdamW reads the per-parameter ``state["step"]`` (left at the dummy 1): copy it over
+    so that bias correction continues exactly (see patches/README.md)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.optimizer.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    # A tensor of its own: after the load all parameters share one.
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
+def load_checkpoint(root: str, policy, paced) -> dict:
+    """Load the latest iteration into policy, optimizer and PACED state; returns counters."""
+    from megatron.core import dist_checkpointing
+
+    step = check_loadable(root, policy.model_cfg)
+    if step is None:
+        return {}
+    _materialize_optimizer_state(policy.optimizer)
+    template = _sharded_state(policy, paced, {}, is_loading=True)
+    loaded = dist_checkpointing.load(template, _iteration_dir(root, step))
+    policy.modules()[0].load_state_dict(loaded["model"])
+    with torch.no_grad():  # Megatron copies into parameter views in place
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(policy.optimizer)
+    load_paced_state(loaded["paced"], *paced)
+    return dict(loaded["counters"])

@@ -1,0 +1,548 @@
+"""paced-train: RL post-training with PACED-RL (or GRPO / FlowRL) on Megatron-Core.
+
+One step, as a straight line (:func:`train_step`)::
+
+    select -> generate -> score -> replay -> old log-probs -> loss -> optimize -> sync -> log
+
+Every rank selects the same prompts (global selection over the sharded log-Z table); each DP
+rank generates for its share, scores, offers its samples to the distributed replay, draws its
+share of the replayed samples, and trains on the union; gradients meet in Megatron's DDP and
+in the log-Z table's all-to-all. Metrics go to ``<save>/metrics.jsonl`` (and wandb), and
+checkpoints through ``dist_checkpointing`` (:mod:`megatron_paced.checkpointing`).
+
+The built-in task (``--task arithmetic``) is multi-digit addition with prompts of 1 to
+``--task-max-digits`` digits, so that a tiny model sees every difficulty; ``--sft-warmup-iters``
+first teaches it the easy levels.
+
+Usage::
+
+    torchrun --nproc-per-node 2 -m megatron_paced.train --tensor-model-parallel-size 2 \\
+        --train-iters 20 --save runs/tp2
+    paced-train --config examples/tiny.yaml --load runs/tp2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.config import (
+    ConfigError, OptimizerConfig, ParallelConfig, add_flags, from_args, require,
+)
+from megatron_paced.models.config import ModelConfig
+from megatron_paced.paced.log_z import LogZConfig
+from megatron_paced.paced.replay import ReplayConfig
+from megatron_paced.paced.selection import SelectionConfig
+from megatron_paced.rollout import RolloutConfig
+
+
+@dataclass
+class TrainConfig:
+    """The RL job."""
+
+    algo: Literal["paced", "grpo", "flowrl"] = "paced"
+    """Loss: paced (TB against pi_old + log-Z), grpo, or flowrl (TB against pi_ref)."""
+    beta: float = 0.05
+    """KL coefficient; rewards enter the TB losses as r / beta."""
+    num_samples_per_prompt: int = 8
+    """G: completions per selected prompt."""
+    num_prompts_per_step: int = 16
+    """Prompts selected per step (over all DP ranks)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on one rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
+    train_iters: int = 100
+    """RL steps."""
+    seed: int = 1234
+    """Seed of weights, selection, sampling and data."""
+    save: Optional[str] = None
+    """Folder of checkpoints and metrics.jsonl."""
+    load: Optional[str] = None
+    """Checkpoint folder to resume from (the latest iteration in it)."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end, if --save)."""
+    eval_interval: int = 0
+    """Evaluate pass@1 / pass@k every this many steps (0: never)."""
+    eval_num_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    eval_k: int = 4
+    """Samples per held-out prompt (pass@k)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    max_new_tokens: int = 16
+    """Longest completion."""
+    task: Literal["arithmetic"] = "arithmetic"
+    """Built-in task (prompt files come with the data flags)."""
+    task_num_prompts: int = 512
+    """Prompts of the built-in task (the log-Z table's size)."""
+    task_min_digits: int = 1
+    """Fewest digits of an addend."""
+    task_max_digits: int = 4
+    """Most digits of an addend."""
+    sft_warmup_iters: int = 0
+    """Supervised steps on the task's answers before RL (the base policy)."""
+    sft_lr: float = 3e-3
+    """Learning rate of the supervised warm start."""
+    grpo_kl_coef: float = 0.0
+    """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
+    flowrl_clip: float = 0.2
+    """FlowRL's importance-weight clip."""
+    use_rollout_logprobs: bool = False
+    """pi_old from the rollout engine instead of a trainer recompute."""
+    wandb_project: Optional[str] = None
+    """Also log to this wandb project (offline without network)."""
+    exit_after_step: Optional[int] = None
+    """Testing aid: exit with code 17 right after this step, as if killed."""
+
+    def validate(self, dp_size: int, replay: ReplayConfig) -> int:
+        """Check the batch arithmetic; returns the global batch in sequences."""
+        from megatron_paced.losses import check_beta
+
+        check_beta(self.beta)
+        for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size",
+                     "train_iters"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
+                self.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
+        require(replay.replay_per_step % dp_size == 0, "replay_per_step",
+                replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
+        total = self.num_prompts_per_step * self.num_samples_per_prompt + replay.replay_per_step
+        if self.global_batch_size is not None and self.global_batch_size != total:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} contradicts --num-prompts-per-step "
+                f"{self.num_prompts_per_step} x --num-samples-per-prompt "
+                f"{self.num_samples_per_prompt} + --replay-per-step {replay.replay_per_step} "
+                f"= {total}")
+        require((total // dp_size) % self.micro_batch_size == 0, "micro_batch_size",
+                self.micro_batch_size,
+                f"must divide the {total // dp_size} sequences per data-parallel rank "
+                f"({total} per step over {dp_size} ranks)")
+        require(self.eval_k >= 1, "eval_k", self.eval_k, "must be >= 1")
+        return total
+
+
+TINY_MODEL = ModelConfig(architecture="llama", num_layers=4, hidden_size=128, ffn_hidden_size=384,
+                         num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
+CONFIGS = {"train": TrainConfig, "parallel": ParallelConfig, "model": ModelConfig,
+           "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,
+           "replay": ReplayConfig, "rollout": RolloutConfig}
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """Flags, with ``--config FILE.yaml`` supplying defaults (unknown keys are an error)."""
+    parser = argparse.ArgumentParser(prog="paced-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file of flag values (flag names, - or _)")
+    for title, cls in CONFIGS.items():
+        add_flags(parser, cls, title)
+    parser.set_defaults(**vars(TINY_MODEL), lr=1e-3, weight_decay=0.0, replay_per_step=0)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        import yaml
+
+        with open(pre.config) as f:
+            values = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            parser.error(f"--config {pre.config}: unknown keys {unknown}")
+        parser.set_defaults(**normalized)
+    args = parser.parse_args(argv)
+    return {title: from_args(cls, args) for title, cls in CONFIGS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: everything the step needs, built once.
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, cfgs: dict) -> None:
+        from megatron_paced.models.policy import build_policy, build_reference
+        from megatron_paced.paced.log_z import build_log_z_table
+        from megatron_paced.paced.replay import DistributedReplay
+        from megatron_paced.paced.selection import PromptSelector
+        from megatron_paced.parallel import initialize_parallel
+        from megatron_paced.rollout import build_rollout
+        from megatron_paced.rollout.engine import SamplingParams
+        from megatron_paced.tasks.arithmetic import AdditionTask, CharTokenizer
+
+        self.cfg: TrainConfig = cfgs["train"]
+        cfg = self.cfg
+        self.ctx = initialize_parallel(cfgs["parallel"], seed=cfg.seed)
+        self.tokenizer = CharTokenizer()
+        self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits)
+        self.problems = self.task.sample(cfg.task_num_prompts, seed=cfg.seed)
+        self.eval_problems = self.task.sample(cfg.eval_num_prompts, seed=cfg.seed + 1)
+        self.model_cfg: ModelConfig = cfgs["model"]
+        self.policy = build_policy(self.model_cfg, cfgs["optimizer"], self.ctx, seed=cfg.seed)
+        self.reference = None
+        if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.grpo_kl_coef > 0):
+            self.reference = build_reference(self.model_cfg, self.ctx, seed=cfg.seed,
+                                             copy_from=self.policy)
+        sel, dp = cfgs["selection"], self.ctx.dp_group
+        self.log_z = build_log_z_table(len(self.problems), cfgs["log_z"], beta=cfg.beta,
+                                       target_acc=sel.target_acc, dp_group=dp)
+        self.selector = PromptSelector(sel, seed=cfg.seed, dp_group=dp)
+        self.replay = DistributedReplay(cfgs["replay"], num_prompts=len(self.problems),
+                                        seed=cfg.seed, dp_group=dp)
+        self.seq_length = self.task.max_sequence_length + cfg.max_new_tokens
+        self.rollout, self.weight_sync = build_rollout(
+            cfgs["rollout"], model=self.policy.modules(), model_cfg=self.model_cfg, ctx=self.ctx,
+            max_sequence_length=self.model_cfg.max_position_embeddings, log_dir=cfg.save)
+        self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens,
+                                       stop_token_ids=[self.tokenizer.eos_id])
+        self.step, self.num_samples = 0, 0
+        self.paced_seconds = 0.0
+        self.metrics_path = os.path.join(cfg.save, "metrics.jsonl") if cfg.save else None
+        self.wandb = None
+
+    @property
+    def paced_state(self):
+        return (self.log_z, self.selector, self.replay)
+
+    def is_logger(self) -> bool:
+        return dist.get_rank() == 0
+
+    # ---- select -----------------------------------------------------------------------------
+    def select(self, step: int) -> torch.Tensor:
+        """This DP rank's share of the globally selected prompts."""
+        start = time.perf_counter()
+        chosen = self.selector.select(self.log_z, self.cfg.num_prompts_per_step, step)
+        per_rank = len(chosen) // self.ctx.dp_size
+        self.paced_seconds += time.perf_counter() - start
+        return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+
+    # ---- generate and score -----------------------------------------------------------------
+    def prompt_tokens(self, problem) -> list[int]:
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)]
+
+    def generate(self, problems, n: int, seed: int):
+        prompts = [self.prompt_tokens(p) for p in problems]
+        return self.rollout.generate(prompts, n=n, sampling=self.sampling, seed=seed)
+
+    def score(self, problems, completions) -> torch.Tensor:
+        """(P, G) rewards: exact answers, decoded up to the end token."""
+        return torch.tensor([[self.task.verify(p, self.tokenizer.decode(
+            [t for t in c.token_ids if t != self.tokenizer.eos_id])) for c in row]
+            for p, row in zip(problems, completions)])
+
+    # ---- replay -----------------------------------------------------------------------------
+    def replay_step(self, prompt_ids, completions, rewards, step: int):
+        """Offer the scored samples (priority |acc_est - p_obs|); draw this rank's share."""
+        from megatron_paced.paced.replay import ReplaySample
+
+        start = time.perf_counter()
+        acc_before = self.log_z.lookup(prompt_ids).double() * self.cfg.beta
+        p_obs = rewards.double().mean(dim=1)
+        priorities = (acc_before - p_obs).abs()
+        samples, sample_priorities = [], []
+        for i, row in enumerate(completions):
+            for c, reward in zip(row, rewards[i].tolist()):
+                tokens, mask, old = self.row_tensors(self.problems[int(prompt_ids[i])], c)
+                samples.append(ReplaySample(int(prompt_ids[i]), tokens, mask, old, reward,
+                                            self.step))
+                sample_priorities.append(float(priorities[i]))
+        self.replay.add(samples, torch.tensor(sample_priorities, dtype=torch.float64))
+        drawn = self.replay.sample(step)
+        per_rank = len(drawn) // self.ctx.dp_size
+        mine = drawn[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+        self.paced_seconds += time.perf_counter() - start
+        return acc_before, p_obs, mine
+
+    def row_tensors(self, problem, completion):
+        """(tokens, completion mask, rollout log-probs) of one sample, padded to seq_length."""
+        prompt = self.prompt_tokens(problem)
+        ids = prompt + completion.token_ids
+        tokens = torch.zeros(self.seq_length, dtype=torch.long)
+        mask = torch.zeros(self.seq_length)
+        old = torch.zeros(self.seq_length)
+        tokens[: len(ids)] = torch.tensor(ids)
+        mask[len(prompt): len(ids)] = 1.0
+        old[len(prompt): len(ids)] = torch.tensor(completion.log_probs)
+        return tokens, mask, old
+
+    def micro_batch_size(self, batch) -> int:
+        """--micro-batch-size, or the largest size below it that divides this step's batch
+        (it is smaller while the replay buffer fills); the loss is normalized per item, so
+        the gradient does not depend on the split."""
+        size = self.cfg.micro_batch_size
+        while batch.num_sequences % size:
+            size -= 1
+        return size
+
+    # ---- batch and old log-probs --------------------------------------------------------------
+    def make_batch(self, prompt_ids, completions, rewards, replayed):
+        from megatron_paced.forward_backward import SequenceBatch, compute_log_probs
+        from megatron_paced.losses import group_normalized_advantages
+
+        rows, ids, rews, groups = [], [], [], []
+        for i, row in enumerate(completions):
+            for c, reward in zip(row, rewards[i].tolist()):
+                rows.append(self.row_tensors(self.problems[int(prompt_ids[i])], c))
+                ids.append(int(prompt_ids[i]))
+                rews.append(reward)
+                groups.append(i)
+        num_fresh = len(rows)
+        for sample in replayed:
+            rows.append((sample.tokens, sample.completion_mask, sample.old_log_probs))
+            ids.append(sample.prompt_id)
+            rews.append(sample.reward)
+            groups.append(-1 - len(groups))  # a group of its own
+        tokens, mask, rollout_lp = (torch.stack(t) for t in zip(*rows))
+        rewards_t = torch.tensor(rews, dtype=torch.float32)
+        extras = {"prompt_ids": torch.tensor(ids), "rewards": rewards_t,
+                  "advantages": group_normalized_advantages(rewards_t, torch.tensor(groups)),
+                  "old_log_probs": rollout_lp}
+        batch = SequenceBatch(tokens, mask, extras)
+        if not self.cfg.use_rollout_logprobs:  # pi_old recomputed by the trainer (default)
+            fresh = compute_log_probs(self.policy.model, batch, self.ctx,
+                                      vocab_size=self.model_cfg.vocab_size,
+                                      micro_batch_size=self.micro_batch_size(batch))
+            extras["old_log_probs"] = torch.cat([fresh.token_log_probs[:num_fresh].cpu(),
+                                                 rollout_lp[num_fresh:]])
+        if self.reference is not None:
+            extras["ref_log_probs"] = compute_log_probs(
+                self.reference.model, batch, self.ctx, vocab_size=self.model_cfg.vocab_size,
+                micro_batch_size=self.micro_batch_size(batch)).token_log_probs.cpu()
+        return batch
+
+    # ---- loss and optimize ----------------------------------------------------------------------
+    def loss_fn(self):
+        from megatron_paced import losses
+
+        cfg = self.cfg
+        if cfg.algo == "paced":
+            return functools.partial(losses.paced_loss_fn, beta=cfg.beta)
+        if cfg.algo == "flowrl":
+            return functools.partial(losses.flowrl_loss_fn, beta=cfg.beta,
+                                     clip_eps=cfg.flowrl_clip)
+        return functools.partial(losses.grpo_loss_fn, kl_coef=cfg.grpo_kl_coef)
+
+    def optimize(self, batch) -> dict:
+        """forward_backward through Megatron's schedule, the policy step and the log-Z step."""
+        from megatron_paced.forward_backward import forward_backward
+        from megatron_paced.parallel import broadcast_from_last_stage
+
+        log_z = self.log_z.lookup(batch.extras["prompt_ids"]).requires_grad_(True)
+        batch.extras["log_z"] = log_z
+        self.policy.zero_grad()
+        logs = forward_backward(self.policy.model, batch, self.loss_fn(), self.ctx,
+                                vocab_size=self.model_cfg.vocab_size,
+                                micro_batch_size=self.micro_batch_size(batch))
+        totals = torch.zeros(3, dtype=torch.float64)
+        for log in logs:
+            totals += torch.stack([log["loss_sum"].double().cpu(),
+                                   log.get("num_sequences", log.get("num_tokens")).double().cpu(),
+                                   log.get("kl_old_theta_sum", torch.zeros(())).double().cpu()])
+        totals = broadcast_from_last_stage(totals, self.ctx)
+        dist.all_reduce(totals, group=self.ctx.dp_group)
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        if not math.isfinite(loss):
+            bad = batch.extras["prompt_ids"].tolist()[:8]
+            raise FloatingPointError(f"step {self.step}: non-finite loss {loss} (prompt ids "
+                                     f"{bad}...); stopping, the last checkpoint is intact")
+        result = self.policy.step()
+        if self.cfg.algo != "grpo":
+            grads = log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)
+            start = time.perf_counter()
+            self.log_z.apply_gradients(batch.extras["prompt_ids"],
+                                       broadcast_from_last_stage(grads.detach().clone(), self.ctx))
+            self.paced_seconds += time.perf_counter() - start
+        return {"loss": loss, "grad_norm": result.grad_norm,
+                "kl_old_theta": float(totals[2] / totals[1].clamp(min=1))}
+
+    # ---- sync and log -----------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.weight_sync is not None:
+            self.weight_sync.push(self.policy.modules()[0], version=str(self.step))
+        else:
+            self.rollout.update_weights(self.step)
+
+    def dp_mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.ctx.dp_group)
+        return (t / self.ctx.dp_size).tolist()
+
+    def log(self, record: dict) -> None:
+        if not self.is_logger():
+            return
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+
+def train_step(run: Run) -> dict:
+    """One RL step; returns its metrics."""
+    start, run.paced_seconds = time.perf_counter(), 0.0
+    step, cfg = run.step + 1, run.cfg
+    prompt_ids = run.select(step)                                                    # select
+    problems = [run.problems[int(i)] for i in prompt_ids]
+    completions = run.generate(problems, cfg.num_samples_per_prompt, seed=step)      # generate
+    rewards = run.score(problems, completions)                                       # score
+    acc_before, p_obs, replayed = run.replay_step(prompt_ids, completions, rewards, step)  # replay
+    batch = run.make_batch(prompt_ids, completions, rewards, replayed)               # old log-probs
+    losses = run.optimize(batch)                                                     # loss, optimize
+    run.step, run.num_samples = step, run.num_samples + cfg.num_prompts_per_step * cfg.num_samples_per_prompt
+    run.sync()                                                                       # sync
+    reward_mean, mae, selected = run.dp_mean([float(rewards.mean()),                 # log
+                                              float((acc_before - p_obs).abs().mean()),
+                                              float(acc_before.clamp(0, 1).mean())])
+    return {"step": step, "num_samples": run.num_samples, "reward_mean": reward_mean,
+            "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
+            "num_replayed": len(replayed) * run.ctx.dp_size,
+            "step_time_s": time.perf_counter() - start, "paced_overhead_s": run.paced_seconds}
+
+
+def evaluate(run: Run) -> dict:
+    """pass@1 and unbiased pass@k (k = --eval-k samples) on held-out problems."""
+    cfg, ctx = run.cfg, run.ctx
+    per_rank = math.ceil(len(run.eval_problems) / ctx.dp_size)
+    mine = run.eval_problems[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
+    correct = torch.zeros(2, dtype=torch.float64)  # [sum of pass@1, sum of pass@k]
+    if mine:
+        completions = run.generate(mine, cfg.eval_k, seed=10**6 + run.step)
+        scores = run.score(mine, completions)
+        correct[0] = scores.mean(dim=1).sum()
+        correct[1] = (scores.max(dim=1).values).sum()  # c >= 1 of n = k samples
+    dist.all_reduce(correct, group=ctx.dp_group)
+    total = len(run.eval_problems)
+    return {"eval_pass@1": float(correct[0] / total), f"eval_pass@{cfg.eval_k}":
+            float(correct[1] / total)}
+
+
+def sft_warmup(run: Run) -> None:
+    """Supervised steps on the reference answers (the base policy of the built-in task)."""
+    from megatron_paced.forward_backward import forward_backward
+    from megatron_paced.losses import nll_loss
+
+    cfg = run.cfg
+    saved_lrs = [group["lr"] for group in run.policy.optimizer.param_groups]
+    for group in run.policy.optimizer.param_groups:
+        group["lr"] = cfg.sft_lr
+    for step in range(cfg.sft_warmup_iters):
+        problems = run.task.sample(cfg.micro_batch_size * run.ctx.dp_size,
+                                   seed=cfg.seed * 7 + step)
+        batch = run.task.to_batch(problems, run.tokenizer, run.seq_length)
+        run.policy.zero_grad()
+        forward_backward(run.policy.model, batch.shard_for_dp(run.ctx.dp_rank, run.ctx.dp_size),
+                         nll_loss, run.ctx, vocab_size=run.model_cfg.vocab_size,
+                         micro_batch_size=cfg.micro_batch_size)
+        run.policy.step()
+    for group, lr in zip(run.policy.optimizer.param_groups, saved_lrs):
+        group["lr"] = lr
+
+
+def train(cfgs: dict) -> Run:
+    from megatron_paced.checkpointing import check_loadable, load_checkpoint, save_checkpoint
+
+    cfg = cfgs["train"]
+    run = Run(cfgs)
+    counters = {}
+    if cfg.load and check_loadable(cfg.load, run.model_cfg) is not None:
+        counters = load_checkpoint(cfg.load, run.policy, run.paced_state)
+        run.step, run.num_samples = int(counters["step"]), int(counters["num_samples"])
+    elif cfg.sft_warmup_iters:
+        sft_warmup(run)
+    if cfg.save and run.is_logger():
+        os.makedirs(cfg.save, exist_ok=True)
+        _truncate_metrics(run.metrics_path, run.step)
+    if cfg.wandb_project and run.is_logger():
+        import wandb
+
+        run.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.save,
+                               config={k: vars(v) for k, v in cfgs.items()},
+                               mode=os.environ.get("WANDB_MODE", "offline"))
+    if cfg.eval_interval and run.step == 0:
+        run.log({"step": 0, "num_samples": 0, **evaluate(run)})
+    while run.step < cfg.train_iters:
+        record = train_step(run)
+        if cfg.eval_interval and run.step % cfg.eval_interval == 0:
+            record.update(evaluate(run))
+        run.log(record)
+        if run.is_logger():
+            print(f"step {run.step:5d}/{cfg.train_iters}  reward {record['reward_mean']:.3f}  "
+                  f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
+                  f"{record['step_time_s']:.2f} s/step", flush=True)
+        if cfg.save and cfg.save_interval and run.step % cfg.save_interval == 0:
+            save_checkpoint(cfg.save, run.step, run.policy, run.paced_state,
+                            {"step": run.step, "num_samples": run.num_samples})
+        if cfg.exit_after_step is not None and run.step == cfg.exit_after_step:
+            dist.barrier()
+            os._exit(17)
+    if cfg.save and (not cfg.save_interval or run.step % cfg.save_interval):
+        save_checkpoint(cfg.save, run.step, run.policy, run.paced_state,
+                        {"step": run.step, "num_samples": run.num_samples})
+    return run
+
+
+def _truncate_metrics(path: str | None, step: int) -> None:
+    """On resume, drop metric rows after the checkpoint's step (they will be redone)."""
+    if not path or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def validate_startup(cfgs: dict, world_size: int) -> None:
+    """Every check that needs no process group, so bad flags fail before any work."""
+    from megatron_paced.checkpointing import check_loadable
+    from megatron_paced.tasks.arithmetic import CharTokenizer
+
+    parallel, model_cfg, train_cfg = cfgs["parallel"], cfgs["model"], cfgs["train"]
+    if model_cfg.vocab_size != CharTokenizer().vocab_size:
+        raise ConfigError(f"--vocab-size {model_cfg.vocab_size} does not match the task's "
+                          f"tokenizer ({CharTokenizer().vocab_size} tokens)")
+    parallel.validate(world_size=world_size)
+    model_cfg.validate(parallel)
+    cfgs["optimizer"].validate()
+    cfgs["log_z"].validate()
+    cfgs["selection"].validate()
+    cfgs["replay"].validate()
+    cfgs["rollout"].validate()
+    train_cfg.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
+    require(train_cfg.num_prompts_per_step <= train_cfg.task_num_prompts, "num_prompts_per_step",
+            train_cfg.num_prompts_per_step,
+            f"must be <= --task-num-prompts {train_cfg.task_num_prompts}")
+    if train_cfg.load:
+        check_loadable(train_cfg.load, model_cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_paced.tasks.arithmetic import CharTokenizer
+
+    cfgs = parse_args(argv)
+    cfgs["model"] = cfgs["model"].replace(vocab_size=CharTokenizer().vocab_size) \
+        if cfgs["model"].vocab_size == ModelConfig().vocab_size else cfgs["model"]
+    try:
+        validate_startup(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"paced-train: error: {err}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    train(cfgs)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""paced-train end to end on gloo processes: kill-and-resume on DP2 gives the same metrics as an
+uninterrupted run, resume on another DP size, a TP2 run, and start-up errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_paced.testing.distributed import launch_workers
+from tests.conftest import run_python
+
+COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
+          "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
+          "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
+          "--save-interval", "2", "--max-new-tokens", "6"]
+TIMINGS = ("step_time_s", "paced_overhead_s")
+
+
+def _metrics(path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(path)]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"duplicate or unordered steps: {steps}"
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
+
+
+def _train(args, nprocs=2, expect=0):
+    result = launch_workers("megatron_paced.train", nprocs=nprocs, args=args, timeout_s=600)
+    assert result.returncode == expect or (expect and result.returncode != 0), result.output[-5000:]
+    return result
+
+
+@pytest.mark.distributed
+def test_kill_and_resume_equals_uninterrupted_and_resumes_on_other_layout(tmp_path):
+    full, killed, moved = tmp_path / "full", tmp_path / "killed", tmp_path / "moved"
+    _train(COMMON + ["--train-iters", "4", "--save", str(full)])
+    _train(COMMON + ["--train-iters", "4", "--save", str(killed), "--exit-after-step", "3"],
+           expect=17)
+    assert (killed / "iter_0000002").is_dir() and not (killed / "iter_0000004").exists()
+    assert (killed / "latest_checkpointed_iteration.txt").read_text() == "2"
+    _train(COMMON + ["--train-iters", "4", "--save", str(killed), "--load", str(killed)])
+    uninterrupted, resumed = _metrics(full / "metrics.jsonl"), _metrics(killed / "metrics.jsonl")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert resumed == uninterrupted
+    assert uninterrupted[4]["num_samples"] == 64 and uninterrupted[4]["num_replayed"] == 4
+    # Resume DP2's checkpoint on DP1 (one process) and go on.
+    _train(COMMON + ["--train-iters", "6", "--save", str(moved), "--load", str(full)], nprocs=1)
+    after = _metrics(moved / "metrics.jsonl")
+    assert sorted(after) == [5, 6] and after[6]["num_samples"] == 96
+    assert all(0 <= after[s]["acc_est_mae"] <= 1 for s in after)
+
+
+@pytest.mark.distributed
+def test_tp2_run_trains_and_logs(tmp_path):
+    save = tmp_path / "tp2"
+    _train(COMMON + ["--train-iters", "3", "--save", str(save), "--tensor-model-parallel-size",
+                     "2", "--eval-interval", "3", "--eval-num-prompts", "8"])
+    rows = _metrics(save / "metrics.jsonl")
+    assert sorted(rows) == [0, 1, 2, 3] and "eval_pass@4" in rows[3] and "eval_pass@1" in rows[0]
+    for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
+        assert key in rows[3] and rows[3][key] == rows[3][key]  # present and not NaN
+    assert (save / "iter_0000003").is_dir()
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    (["--global-batch-size", "30"], {"WORLD_SIZE": "2"},
+     "--global-batch-size 30 contradicts --num-prompts-per-step 16"),
+    (["--micro-batch-size", "5"], {}, "--micro-batch-size 5: must divide the 128 sequences"),
+    (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
+    (["--vocab-size", "100"], {}, "--vocab-size 100 does not match the task's tokenizer"),
+    (["--beta", "0"], {}, "--beta 0"),
+    (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
+    (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},
+     "--num-prompts-per-step 1000: must be <= --task-num-prompts 512"),
+])
+def test_bad_flags_fail_before_work(flags, env, expected):
+    result = run_python("-m megatron_paced.train", *flags, env=env, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_load_of_another_model_shape(tmp_path):
+    root = tmp_path / "ckpt"
+    (root / "iter_0000003").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("3")
+    (root / "iter_0000003" / "model_config.json").write_text(json.dumps(
+        {"architecture": "llama", "num_layers": 2, "hidden_size": 64}))
+    result = run_python("-m megatron_paced.train", "--load", str(root), timeout=60)
+    assert result.returncode == 2
+    assert "holds another model shape (num_layers: checkpoint 2 vs this run 4" in result.stderr
+
+
+def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("num-prompts-per-step: 3\nmicro_batch_size: 8\n")
+    result = run_python("-m megatron_paced.train", "--config", str(good), timeout=60)
+    assert "--num-prompts-per-step 3: must divide" not in result.stderr  # world size 1 divides
+    assert "--micro-batch-size 8: must divide the 24 sequences" not in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_promts_per_step: 3\n")
+    result = run_python("-m megatron_paced.train", "--config", str(bad), timeout=60)
+    assert result.returncode == 2 and "unknown keys ['num_promts_per_step']" in result.stderr
