@@ -25,7 +25,7 @@ $(STAMP): setup.py Makefile
 
 demo: install
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) \
-		-m megatron_paced.demo $(ARGS)
+		-m megatron_paced.train --config examples/demo.yaml $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -33,7 +33,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "paced-demo=megatron_paced.demo:main",
+            "paced-train=megatron_paced.train:main",
         ],
     },
 )

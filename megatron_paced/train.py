@@ -242,39 +242,25 @@ class Run:
             for p, row in zip(problems, completions)])
 
     # ---- replay -----------------------------------------------------------------------------
-    def replay_step(self, prompt_ids, completions, rewards, step: int):
+    def replay_step(self, prompt_ids, fresh, rewards, step: int):
         """Offer the scored samples (priority |acc_est - p_obs|); draw this rank's share."""
         from megatron_paced.paced.replay import ReplaySample
 
         start = time.perf_counter()
         acc_before = self.log_z.lookup(prompt_ids).double() * self.cfg.beta
         p_obs = rewards.double().mean(dim=1)
-        priorities = (acc_before - p_obs).abs()
-        samples, sample_priorities = [], []
-        for i, row in enumerate(completions):
-            for c, reward in zip(row, rewards[i].tolist()):
-                tokens, mask, old = self.row_tensors(self.problems[int(prompt_ids[i])], c)
-                samples.append(ReplaySample(int(prompt_ids[i]), tokens, mask, old, reward,
-                                            self.step))
-                sample_priorities.append(float(priorities[i]))
-        self.replay.add(samples, torch.tensor(sample_priorities, dtype=torch.float64))
+        group_size = rewards.shape[1]
+        priorities = (acc_before - p_obs).abs().repeat_interleave(group_size)
+        samples = [ReplaySample(int(prompt_ids[i // group_size]), fresh.tokens[i],
+                                fresh.completion_mask[i], fresh.extras["rollout_log_probs"][i],
+                                float(reward), self.step)
+                   for i, reward in enumerate(rewards.flatten().tolist())]
+        self.replay.add(samples, priorities)
         drawn = self.replay.sample(step)
         per_rank = len(drawn) // self.ctx.dp_size
         mine = drawn[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
         self.paced_seconds += time.perf_counter() - start
         return acc_before, p_obs, mine
-
-    def row_tensors(self, problem, completion):
-        """(tokens, completion mask, rollout log-probs) of one sample, padded to seq_length."""
-        prompt = self.prompt_tokens(problem)
-        ids = prompt + completion.token_ids
-        tokens = torch.zeros(self.seq_length, dtype=torch.long)
-        mask = torch.zeros(self.seq_length)
-        old = torch.zeros(self.seq_length)
-        tokens[: len(ids)] = torch.tensor(ids)
-        mask[len(prompt): len(ids)] = 1.0
-        old[len(prompt): len(ids)] = torch.tensor(completion.log_probs)
-        return tokens, mask, old
 
     def micro_batch_size(self, batch) -> int:
         """--micro-batch-size, or the largest size below it that divides this step's batch
@@ -286,34 +272,39 @@ class Run:
         return size
 
     # ---- batch and old log-probs --------------------------------------------------------------
-    def make_batch(self, prompt_ids, completions, rewards, replayed):
+    def fresh_batch(self, problems, completions):
+        """This step's rollouts as padded rows (prompt, sample order)."""
+        from megatron_paced.rollout.engine import completions_to_batch
+
+        prompts = [self.prompt_tokens(p) for p in problems]
+        return completions_to_batch(prompts, completions, self.seq_length)
+
+    def make_batch(self, prompt_ids, fresh, rewards, replayed):
+        """Fresh rows + replayed rows, with rewards, advantages, pi_old (and pi_ref)."""
         from megatron_paced.forward_backward import SequenceBatch, compute_log_probs
         from megatron_paced.losses import group_normalized_advantages
 
-        rows, ids, rews, groups = [], [], [], []
-        for i, row in enumerate(completions):
-            for c, reward in zip(row, rewards[i].tolist()):
-                rows.append(self.row_tensors(self.problems[int(prompt_ids[i])], c))
-                ids.append(int(prompt_ids[i]))
-                rews.append(reward)
-                groups.append(i)
-        num_fresh = len(rows)
-        for sample in replayed:
-            rows.append((sample.tokens, sample.completion_mask, sample.old_log_probs))
-            ids.append(sample.prompt_id)
-            rews.append(sample.reward)
-            groups.append(-1 - len(groups))  # a group of its own
-        tokens, mask, rollout_lp = (torch.stack(t) for t in zip(*rows))
-        rewards_t = torch.tensor(rews, dtype=torch.float32)
-        extras = {"prompt_ids": torch.tensor(ids), "rewards": rewards_t,
-                  "advantages": group_normalized_advantages(rewards_t, torch.tensor(groups)),
+        group_size = rewards.shape[1]
+        num_fresh = fresh.num_sequences
+        tokens = torch.cat([fresh.tokens, *(s.tokens[None] for s in replayed)])
+        mask = torch.cat([fresh.completion_mask, *(s.completion_mask[None] for s in replayed)])
+        rollout_lp = torch.cat([fresh.extras["rollout_log_probs"],
+                                *(s.old_log_probs[None] for s in replayed)])
+        ids = torch.cat([prompt_ids.repeat_interleave(group_size),
+                         torch.tensor([s.prompt_id for s in replayed], dtype=torch.long)])
+        rewards_t = torch.cat([rewards.flatten().float(),
+                               torch.tensor([s.reward for s in replayed], dtype=torch.float32)])
+        groups = torch.cat([torch.arange(num_fresh) // group_size,  # a replayed row: own group
+                            -1 - torch.arange(len(replayed))])
+        extras = {"prompt_ids": ids, "rewards": rewards_t,
+                  "advantages": group_normalized_advantages(rewards_t, groups),
                   "old_log_probs": rollout_lp}
         batch = SequenceBatch(tokens, mask, extras)
         if not self.cfg.use_rollout_logprobs:  # pi_old recomputed by the trainer (default)
-            fresh = compute_log_probs(self.policy.model, batch, self.ctx,
-                                      vocab_size=self.model_cfg.vocab_size,
-                                      micro_batch_size=self.micro_batch_size(batch))
-            extras["old_log_probs"] = torch.cat([fresh.token_log_probs[:num_fresh].cpu(),
+            recomputed = compute_log_probs(self.policy.model, batch, self.ctx,
+                                           vocab_size=self.model_cfg.vocab_size,
+                                           micro_batch_size=self.micro_batch_size(batch))
+            extras["old_log_probs"] = torch.cat([recomputed.token_log_probs[:num_fresh].cpu(),
                                                  rollout_lp[num_fresh:]])
         if self.reference is not None:
             extras["ref_log_probs"] = compute_log_probs(
@@ -396,8 +387,9 @@ def train_step(run: Run) -> dict:
     problems = [run.problems[int(i)] for i in prompt_ids]
     completions = run.generate(problems, cfg.num_samples_per_prompt, seed=step)      # generate
     rewards = run.score(problems, completions)                                       # score
-    acc_before, p_obs, replayed = run.replay_step(prompt_ids, completions, rewards, step)  # replay
-    batch = run.make_batch(prompt_ids, completions, rewards, replayed)               # old log-probs
+    fresh = run.fresh_batch(problems, completions)
+    acc_before, p_obs, replayed = run.replay_step(prompt_ids, fresh, rewards, step)  # replay
+    batch = run.make_batch(prompt_ids, fresh, rewards, replayed)                     # old log-probs
     losses = run.optimize(batch)                                                     # loss, optimize
     run.step, run.num_samples = step, run.num_samples + cfg.num_prompts_per_step * cfg.num_samples_per_prompt
     run.sync()                                                                       # sync
@@ -469,17 +461,24 @@ def train(cfgs: dict) -> Run:
         run.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.save,
                                config={k: vars(v) for k, v in cfgs.items()},
                                mode=os.environ.get("WANDB_MODE", "offline"))
+    run.first_eval = None
     if cfg.eval_interval and run.step == 0:
-        run.log({"step": 0, "num_samples": 0, **evaluate(run)})
+        run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
+        run.log(run.first_eval)
+    history: list[dict] = []
+    start_step, started = run.step, time.perf_counter()
     while run.step < cfg.train_iters:
         record = train_step(run)
         if cfg.eval_interval and run.step % cfg.eval_interval == 0:
             record.update(evaluate(run))
         run.log(record)
+        history.append(record)
         if run.is_logger():
+            per_step = (time.perf_counter() - started) / (run.step - start_step)
+            eta = per_step * (cfg.train_iters - run.step)
             print(f"step {run.step:5d}/{cfg.train_iters}  reward {record['reward_mean']:.3f}  "
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
-                  f"{record['step_time_s']:.2f} s/step", flush=True)
+                  f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
         if cfg.save and cfg.save_interval and run.step % cfg.save_interval == 0:
             save_checkpoint(cfg.save, run.step, run.policy, run.paced_state,
                             {"step": run.step, "num_samples": run.num_samples})
@@ -489,7 +488,38 @@ def train(cfgs: dict) -> Run:
     if cfg.save and (not cfg.save_interval or run.step % cfg.save_interval):
         save_checkpoint(cfg.save, run.step, run.policy, run.paced_state,
                         {"step": run.step, "num_samples": run.num_samples})
+    if run.is_logger() and history:
+        print_summary(run, history)
     return run
+
+
+def print_summary(run: Run, history: list[dict]) -> None:
+    """What the run did: accuracy before and after, samples, calibration of beta * log_z."""
+    cfg = run.cfg
+    window = max(1, min(10, len(history) // 3))
+    first, last = history[:window], history[-window:]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    evals = [r for r in ([run.first_eval] if run.first_eval else []) + history
+             if "eval_pass@1" in r]
+    lines = [f"\n{cfg.algo} run: steps {history[0]['step']}-{history[-1]['step']}, "
+             f"{run.num_samples} completions generated"]
+    if len(evals) >= 2:
+        k = f"eval_pass@{cfg.eval_k}"
+        lines.append(f"  held-out pass@1 {evals[0]['eval_pass@1']:.3f} -> "
+                     f"{evals[-1]['eval_pass@1']:.3f}, pass@{cfg.eval_k} {evals[0][k]:.3f} -> "
+                     f"{evals[-1][k]:.3f}")
+    lines.append(f"  training reward (first/last {window} steps) {mean(first, 'reward_mean'):.3f}"
+                 f" -> {mean(last, 'reward_mean'):.3f}")
+    lines.append(f"  calibration |beta*log_z - observed group accuracy| (first/last {window} "
+                 f"steps) {mean(first, 'acc_est_mae'):.3f} -> {mean(last, 'acc_est_mae'):.3f}")
+    if cfg.save:
+        lines.append(f"  metrics {os.path.join(cfg.save, 'metrics.jsonl')}; checkpoints "
+                     f"{cfg.save}/iter_*")
+    print("\n".join(lines), flush=True)
 
 
 def _truncate_metrics(path: str | None, step: int) -> None:

@@ -68,6 +68,12 @@ def test_tp2_run_trains_and_logs(tmp_path):
     (["--micro-batch-size", "5"], {}, "--micro-batch-size 5: must divide the 128 sequences"),
     (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
     (["--vocab-size", "100"], {}, "--vocab-size 100 does not match the task's tokenizer"),
+    (["--tensor-model-parallel-size", "3"], {}, "world size 1 is not divisible by "
+     "--tensor-model-parallel-size 3"),
+    (["--tensor-model-parallel-size", "2", "--num-attention-heads", "5", "--num-query-groups",
+      "5", "--hidden-size", "80"], {"WORLD_SIZE": "2"},
+     "--tensor-model-parallel-size 2 does not divide --num-attention-heads 5"),
+    (["--architecture", "gpt2"], {}, "--architecture 'gpt2': unknown architecture"),
     (["--beta", "0"], {}, "--beta 0"),
     (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
     (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},

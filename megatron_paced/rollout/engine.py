@@ -202,3 +202,25 @@ class EmbeddedEngine:
             context.sequence_len_offset += 1
         return [Completion(-1, -1, generated[row], log_probs[row], finish[row] or "length")
                 for row in range(batch)]
+
+
+def completions_to_batch(prompts: list[list[int]], completions: list[list[Completion]],
+                         seq_length: int):
+    """Prompt + completion rows, right-padded to ``seq_length``: a SequenceBatch whose
+    completion mask covers the generated tokens and whose ``rollout_log_probs`` extra holds the
+    engine's log-probs at those positions; rows in (prompt, sample) order."""
+    from megatron_paced.forward_backward import SequenceBatch
+
+    rows = [(p, c) for p, per_prompt in enumerate(completions) for c in per_prompt]
+    tokens = torch.zeros(len(rows), seq_length, dtype=torch.long)
+    mask = torch.zeros(len(rows), seq_length)
+    rollout_log_probs = torch.zeros(len(rows), seq_length)
+    for i, (p, c) in enumerate(rows):
+        ids = prompts[p] + c.token_ids
+        if len(ids) > seq_length:
+            raise ValueError(f"prompt {p} with its completion has {len(ids)} tokens; "
+                             f"seq_length is {seq_length}")
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        mask[i, len(prompts[p]): len(ids)] = 1.0
+        rollout_log_probs[i, len(prompts[p]): len(ids)] = torch.tensor(c.log_probs)
+    return SequenceBatch(tokens, mask, {"rollout_log_probs": rollout_log_probs})

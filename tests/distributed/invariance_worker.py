@@ -124,7 +124,9 @@ def check_engine(checks, policy, model_cfg, ctx, layout) -> None:
     tokens (1e-5); greedy decoding picks argmax tokens; TP ranks agree on the samples."""
     if ctx.pp_size > 1:
         return
-    from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
+    from megatron_paced.rollout.engine import (
+        EmbeddedEngine, SamplingParams, completions_to_batch,
+    )
 
     with checks.check(f"engine_log_probs_equal_trainer[{layout}]"):
         engine = EmbeddedEngine(policy.model, ctx, vocab_size=model_cfg.vocab_size,
@@ -134,27 +136,21 @@ def check_engine(checks, policy, model_cfg, ctx, layout) -> None:
                          SamplingParams(temperature=0.0, max_new_tokens=6),
                          SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=5)):
             out = engine.generate(prompts, n=3, sampling=sampling, seed=5 + ctx.dp_rank)
-            rows = [(p, c) for p, completions in enumerate(out) for c in completions]
-            tokens = torch.zeros(len(rows), SEQ_LENGTH, dtype=torch.long)
-            mask = torch.zeros(len(rows), SEQ_LENGTH)
-            for i, (p, c) in enumerate(rows):
-                ids = prompts[p] + c.token_ids
-                tokens[i, : len(ids)] = torch.tensor(ids)
-                mask[i, len(prompts[p]): len(ids)] = 1
+            batch = completions_to_batch(prompts, out, SEQ_LENGTH)
+            for c in (c for row in out for c in row):
                 assert c.finish_reason in ("stop", "length") and len(c.token_ids) >= 1
                 assert len(c.log_probs) == len(c.token_ids)
-            trainer = compute_log_probs(policy.model, SequenceBatch(tokens, mask), ctx,
-                                        vocab_size=model_cfg.vocab_size,
-                                        micro_batch_size=len(rows))
-            for i, (p, c) in enumerate(rows):
-                start = len(prompts[p])
-                ours = trainer.token_log_probs[i, start: start + len(c.token_ids)]
-                torch.testing.assert_close(ours, torch.tensor(c.log_probs), rtol=1e-5, atol=1e-5)
-                if sampling.temperature == 0:
-                    assert trainer.is_argmax[i, start: start + len(c.token_ids)].all()
-            gathered = [torch.empty_like(tokens) for _ in range(ctx.tp_size)]
-            dist.all_gather(gathered, tokens, group=ctx.tp_group)
-            assert all(torch.equal(g, tokens) for g in gathered)
+            trainer = compute_log_probs(policy.model, batch, ctx, vocab_size=model_cfg.vocab_size,
+                                        micro_batch_size=batch.num_sequences)
+            mask = batch.completion_mask.bool()
+            torch.testing.assert_close(trainer.token_log_probs[mask],
+                                       batch.extras["rollout_log_probs"][mask],
+                                       rtol=1e-5, atol=1e-5)
+            if sampling.temperature == 0:
+                assert trainer.is_argmax[mask].all()
+            gathered = [torch.empty_like(batch.tokens) for _ in range(ctx.tp_size)]
+            dist.all_gather(gathered, batch.tokens, group=ctx.tp_group)
+            assert all(torch.equal(g, batch.tokens) for g in gathered)
             if sampling.temperature == 1.0:
                 assert len({tuple(c.token_ids) for c in out[0]}) > 1  # n samples differ
 

@@ -32,7 +32,7 @@ from megatron_paced.losses import nll_loss
 from megatron_paced.models.config import PRESETS
 from megatron_paced.models.policy import build_policy
 from megatron_paced.parallel import initialize_parallel
-from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
+from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
 from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess, serve_command
 from megatron_paced.rollout.weight_sync import DiskTransport, TensorTransport
 from megatron_paced.testing.distributed import CheckRecorder
@@ -50,19 +50,12 @@ def free_port() -> int:
 
 
 def check_log_probs(outputs, policy, cfg, ctx) -> None:
-    rows = [(p, c) for p, completions in enumerate(outputs) for c in completions]
-    tokens = torch.zeros(len(rows), SEQ, dtype=torch.long)
-    mask = torch.zeros(len(rows), SEQ)
-    for i, (p, c) in enumerate(rows):
-        ids = PROMPTS[p] + c.token_ids
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        mask[i, len(PROMPTS[p]): len(ids)] = 1
-    trainer = compute_log_probs(policy.model, SequenceBatch(tokens, mask), ctx,
-                                vocab_size=cfg.vocab_size, micro_batch_size=len(rows))
-    for i, (p, c) in enumerate(rows):
-        start = len(PROMPTS[p])
-        torch.testing.assert_close(trainer.token_log_probs[i, start:start + len(c.token_ids)],
-                                   torch.tensor(c.log_probs), rtol=1e-5, atol=1e-5)
+    batch = completions_to_batch(PROMPTS, outputs, SEQ)
+    trainer = compute_log_probs(policy.model, batch, ctx, vocab_size=cfg.vocab_size,
+                                micro_batch_size=batch.num_sequences)
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(trainer.token_log_probs[mask],
+                               batch.extras["rollout_log_probs"][mask], rtol=1e-5, atol=1e-5)
 
 
 def train_step(policy, cfg, ctx, seed: int) -> None:
