@@ -23,7 +23,8 @@ setup(
         "safetensors",  # HF checkpoints and disk weight sync
     ],
     extras_require={
-        "test": ["pytest>=8", "math-verify", "pyarrow", "transformers"],
+        "test": ["pytest>=8", "math-verify", "pyarrow", "transformers", "matplotlib"],
+        "plot": ["matplotlib"],
         "hf": ["transformers"],
         "wandb": ["wandb"],
         "math": ["math-verify"],

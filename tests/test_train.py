@@ -98,11 +98,17 @@ def test_load_of_another_model_shape(tmp_path):
 
 
 def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path):
-    good = tmp_path / "good.yaml"
-    good.write_text("num-prompts-per-step: 3\nmicro_batch_size: 8\n")
-    result = run_python("-m megatron_paced.train", "--config", str(good), timeout=60)
-    assert "--num-prompts-per-step 3: must divide" not in result.stderr  # world size 1 divides
-    assert "--micro-batch-size 8: must divide the 24 sequences" not in result.stderr
+    config = tmp_path / "run.yaml"
+    config.write_text("num-prompts-per-step: 3\nmicro_batch_size: 7\n")
+    # Both YAML values reach validation (3 prompts x 8 samples = 24 sequences) ...
+    result = run_python("-m megatron_paced.train", "--config", str(config), timeout=60)
+    assert result.returncode == 2
+    assert "--micro-batch-size 7: must divide the 24 sequences" in result.stderr
+    # ... and a flag on the command line overrides the file.
+    result = run_python("-m megatron_paced.train", "--config", str(config),
+                        "--micro-batch-size", "5", timeout=60)
+    assert result.returncode == 2
+    assert "--micro-batch-size 5: must divide the 24 sequences" in result.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_promts_per_step: 3\n")
     result = run_python("-m megatron_paced.train", "--config", str(bad), timeout=60)
