@@ -332,9 +332,14 @@ class Run:
         log_z = self.log_z.lookup(batch.extras["prompt_ids"]).requires_grad_(True)
         batch.extras["log_z"] = log_z
         self.policy.zero_grad()
-        logs = forward_backward(self.policy.model, batch, self.loss_fn(), self.ctx,
-                                vocab_size=self.model_cfg.vocab_size,
-                                micro_batch_size=self.micro_batch_size(batch))
+        try:
+            logs = forward_backward(self.policy.model, batch, self.loss_fn(), self.ctx,
+                                    vocab_size=self.model_cfg.vocab_size,
+                                    micro_batch_size=self.micro_batch_size(batch))
+        except FloatingPointError as err:  # raised by the loss before any update
+            bad = batch.extras["prompt_ids"].tolist()[:8]
+            raise FloatingPointError(f"step {self.step + 1}: {err}; prompt ids {bad}...; "
+                                     "stopping, the last checkpoint is intact") from None
         totals = torch.zeros(3, dtype=torch.float64)
         for log in logs:
             totals += torch.stack([log["loss_sum"].double().cpu(),
@@ -345,7 +350,7 @@ class Run:
         loss = float(totals[0] / totals[1].clamp(min=1))
         if not math.isfinite(loss):
             bad = batch.extras["prompt_ids"].tolist()[:8]
-            raise FloatingPointError(f"step {self.step}: non-finite loss {loss} (prompt ids "
+            raise FloatingPointError(f"step {self.step + 1}: non-finite loss {loss} (prompt ids "
                                      f"{bad}...); stopping, the last checkpoint is intact")
         result = self.policy.step()
         if self.cfg.algo != "grpo":
