@@ -35,9 +35,9 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from megatron_paced.logprobs import next_token_log_probs, sequence_log_probs
+from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
 LossFn = Callable[[torch.Tensor, "SequenceBatch"], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -99,12 +99,6 @@ class SequenceBatch:
                 for i in range(0, self.num_sequences, micro_batch_size)]
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 LastStageFn = Callable[[torch.Tensor, SequenceBatch], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -128,7 +122,7 @@ def _run_schedule(
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     micro_batches = batch.to(ctx.device).micro_batches(micro_batch_size)
-    config = _unwrap(model[0]).config
+    config = unwrap_model(model[0]).config
     extra = {}
     if ctx.pp_size > 1:
         extra["p2p_communicator"] = P2PCommunicator(pp_group=ctx.pp_group, config=config)

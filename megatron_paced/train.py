@@ -210,6 +210,7 @@ class Run:
         self.paced_seconds = 0.0
         self.metrics_path = os.path.join(cfg.save, "metrics.jsonl") if cfg.save else None
         self.wandb = None
+        self.first_eval: dict | None = None  # the step-0 evaluation, for the summary
 
     @property
     def paced_state(self):
@@ -300,11 +301,12 @@ class Run:
                   "advantages": group_normalized_advantages(rewards_t, groups),
                   "old_log_probs": rollout_lp}
         batch = SequenceBatch(tokens, mask, extras)
-        if not self.cfg.use_rollout_logprobs:  # pi_old recomputed by the trainer (default)
-            recomputed = compute_log_probs(self.policy.model, batch, self.ctx,
+        if not self.cfg.use_rollout_logprobs:  # pi_old recomputed by the trainer (default);
+            fresh_rows = batch.rows(0, num_fresh)  # replayed rows keep their generator's
+            recomputed = compute_log_probs(self.policy.model, fresh_rows, self.ctx,
                                            vocab_size=self.model_cfg.vocab_size,
-                                           micro_batch_size=self.micro_batch_size(batch))
-            extras["old_log_probs"] = torch.cat([recomputed.token_log_probs[:num_fresh].cpu(),
+                                           micro_batch_size=self.micro_batch_size(fresh_rows))
+            extras["old_log_probs"] = torch.cat([recomputed.token_log_probs.cpu(),
                                                  rollout_lp[num_fresh:]])
         if self.reference is not None:
             extras["ref_log_probs"] = compute_log_probs(
@@ -466,7 +468,6 @@ def train(cfgs: dict) -> Run:
         run.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.save,
                                config={k: vars(v) for k, v in cfgs.items()},
                                mode=os.environ.get("WANDB_MODE", "offline"))
-    run.first_eval = None
     if cfg.eval_interval and run.step == 0:
         run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
         run.log(run.first_eval)

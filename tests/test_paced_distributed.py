@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_paced.testing.distributed import launch_workers, read_checks
+from megatron_paced.testing.distributed import launch_and_read_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -32,10 +32,8 @@ EXPECTED = [
 
 @pytest.fixture(scope="module")
 def paced_checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("paced")
-    result = launch_workers("tests.distributed.paced_worker", nprocs=4, args=["--out", str(out)])
-    assert result.returncode == 0, result.output[-6000:]
-    return read_checks(out / "checks.json")
+    return launch_and_read_checks("tests.distributed.paced_worker", nprocs=4,
+                                  out=tmp_path_factory.mktemp("paced"))
 
 
 @pytest.mark.parametrize("name", EXPECTED)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_paced.testing.distributed import launch_workers, read_checks
+from megatron_paced.testing.distributed import launch_and_read_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -19,11 +19,8 @@ EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
 
 @pytest.fixture(scope="module")
 def rollout_checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rollout")
-    result = launch_workers("tests.distributed.rollout_worker", nprocs=1, args=["--out", str(out)],
-                            timeout_s=600)
-    assert result.returncode == 0, result.output[-6000:]
-    return read_checks(out / "checks.json")
+    return launch_and_read_checks("tests.distributed.rollout_worker", nprocs=1,
+                                  out=tmp_path_factory.mktemp("rollout"), timeout_s=600)
 
 
 @pytest.mark.parametrize("name", EXPECTED)

@@ -82,7 +82,7 @@ def full_of(shards: list[torch.Tensor], meta: ShardMeta) -> torch.Tensor:
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
     """Local parameter name -> global name (whole-stack layer index; tied weight renamed)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     offsets: dict[int, int] = {}
     decoder = getattr(inner, "decoder", None)
     if decoder is not None:
@@ -103,7 +103,8 @@ def global_param_names(model: torch.nn.Module) -> dict[str, str]:
     return names
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside wrappers such as Megatron's DDP (``.module`` chains)."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -116,17 +117,7 @@ def gather_full_state_dict(
 
     Meant for tests and small models: it materializes the whole model on every rank.
     """
-    tp_size = dist.get_world_size(tp_group)
-    names = global_param_names(model)
-    local_full: dict[str, torch.Tensor] = {}
-    for name, param in _unwrap(model).named_parameters():
-        meta = shard_meta(name, param)
-        data = param.detach().clone()
-        if meta.partition_dim is not None and tp_size > 1:
-            shards = [torch.empty_like(data) for _ in range(tp_size)]
-            dist.all_gather(shards, data.contiguous(), group=tp_group)
-            data = full_of(shards, meta)
-        local_full[names[name]] = data
+    local_full = {name: tensor.clone() for name, tensor in iter_full_params(model, tp_group)}
     stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(stages, local_full, group=pp_group)
     merged: dict[str, torch.Tensor] = {}
@@ -167,7 +158,7 @@ def init_layout_invariant_(
     materialized once, one at a time.
     """
     names = global_param_names(model)
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         global_name = names[name]
         meta = shard_meta(name, param)
         full_shape = list(param.shape)
@@ -194,7 +185,7 @@ def iter_full_params(model: torch.nn.Module, tp_group: dist.ProcessGroup | None)
     at most one full parameter is materialized (collective over the TP group)."""
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     names = global_param_names(model)
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         data = param.detach()
         meta = shard_meta(name, param)
         if meta.partition_dim is not None and tp_size > 1:
@@ -211,7 +202,7 @@ def load_full_params_(model: torch.nn.Module, full: dict[str, torch.Tensor], *, 
     parameter of the stage must be given; returns the names that were loaded."""
     names = global_param_names(model)
     loaded = []
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         global_name = names[name]
         if global_name not in full:
             if strict:

@@ -110,7 +110,9 @@ class EmbeddedEngine:
             raise ConfigError(
                 f"--pipeline-model-parallel-size {ctx.pp_size}: the embedded rollout engine "
                 "needs 1; use the SGLang backend for pipeline-parallel policies")
-        self.model = [m.module if hasattr(m, "module") else m for m in model]
+        from megatron_paced.models.sharding import unwrap_model
+
+        self.model = [unwrap_model(m) for m in model]
         self.ctx = ctx
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length

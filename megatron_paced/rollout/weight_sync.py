@@ -97,12 +97,10 @@ class DiskTransport(_Transport):
     def __init__(self, client, model_cfg, ctx, *, directory: str, **kwargs) -> None:
         super().__init__(client, model_cfg, ctx, **kwargs)
         self.directory = directory
-        self._last_model = None
 
     def _send(self, model, version: str) -> None:
         from safetensors.torch import save_file
 
-        self._last_model = model
         staging = f"{self.directory}.staging"
         if dist.get_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)

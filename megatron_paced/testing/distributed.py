@@ -118,6 +118,18 @@ class CheckRecorder:
         Path(path).write_text(json.dumps(merged, indent=1, sort_keys=True))
 
 
+def launch_and_read_checks(module: str, *, nprocs: int, out: str | os.PathLike,
+                           checks_file: str = "checks.json", timeout_s: float = 900,
+                           args: Sequence[str] = ()) -> dict[str, dict]:
+    """Launch a worker that takes ``--out DIR`` and return the checks it wrote there; a failed
+    launch raises with the end of its output."""
+    result = launch_workers(module, nprocs=nprocs, args=["--out", str(out), *args],
+                            timeout_s=timeout_s)
+    if result.returncode != 0:
+        raise AssertionError(f"{module} exited with {result.returncode}:\n{result.output[-6000:]}")
+    return read_checks(Path(out) / checks_file)
+
+
 def read_checks(path: str | os.PathLike) -> dict[str, dict]:
     """The merged check results a worker wrote."""
     return json.loads(Path(path).read_text())

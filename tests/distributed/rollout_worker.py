@@ -18,7 +18,6 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import urllib.error
 from pathlib import Path
