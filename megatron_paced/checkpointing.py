@@ -65,9 +65,16 @@ def _sharded_state(policy, paced, counters: dict, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
-    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay)."""
+    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay).
+    Parameters that hold NaN or inf raise FloatingPointError before anything is written."""
     from megatron.core import dist_checkpointing
 
+    finite = torch.tensor([float(all(bool(torch.isfinite(p).all())
+                                     for module in policy.modules() for p in module.parameters()))])
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise FloatingPointError(f"step {step}: the policy's parameters hold NaN or inf; not "
+                                 f"saving (the last checkpoint in {root} is intact)")
     final = _iteration_dir(root, step)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:

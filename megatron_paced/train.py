@@ -37,13 +37,20 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import (
-    ConfigError, OptimizerConfig, ParallelConfig, add_flags, from_args, require,
+    ConfigError,
+    OptimizerConfig,
+    ParallelConfig,
+    add_flags,
+    from_args,
+    require,
 )
+from megatron_paced.data import DataConfig
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.paced.log_z import LogZConfig
 from megatron_paced.paced.replay import ReplayConfig
 from megatron_paced.paced.selection import SelectionConfig
 from megatron_paced.rollout import RolloutConfig
+from megatron_paced.tasks import TaskConfig
 
 
 @dataclass
@@ -84,14 +91,6 @@ class TrainConfig:
     """Nucleus sampling of the rollouts."""
     max_new_tokens: int = 16
     """Longest completion."""
-    task: Literal["arithmetic"] = "arithmetic"
-    """Built-in task (prompt files come with the data flags)."""
-    task_num_prompts: int = 512
-    """Prompts of the built-in task (the log-Z table's size)."""
-    task_min_digits: int = 1
-    """Fewest digits of an addend."""
-    task_max_digits: int = 4
-    """Most digits of an addend."""
     sft_warmup_iters: int = 0
     """Supervised steps on the task's answers before RL (the base policy)."""
     sft_lr: float = 3e-3
@@ -106,6 +105,8 @@ class TrainConfig:
     """Also log to this wandb project (offline without network)."""
     exit_after_step: Optional[int] = None
     """Testing aid: exit with code 17 right after this step, as if killed."""
+    inject_nan_at_step: Optional[int] = None
+    """Fault injection: one reward in this step's loss becomes NaN (the run must stop)."""
 
     def validate(self, dp_size: int, replay: ReplayConfig) -> int:
         """Check the batch arithmetic; returns the global batch in sequences."""
@@ -136,30 +137,47 @@ class TrainConfig:
 
 TINY_MODEL = ModelConfig(architecture="llama", num_layers=4, hidden_size=128, ffn_hidden_size=384,
                          num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
-CONFIGS = {"train": TrainConfig, "parallel": ParallelConfig, "model": ModelConfig,
+CONFIGS = {"train": TrainConfig, "task": TaskConfig, "data": DataConfig,
+           "parallel": ParallelConfig, "model": ModelConfig,
            "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,
            "replay": ReplayConfig, "rollout": RolloutConfig}
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    """Flags, with ``--config FILE.yaml`` supplying defaults (unknown keys are an error)."""
+    """Flags. Defaults come, in rising order, from the tiny built-in model, ``--model PRESET``
+    or ``--hf-config config.json``, then ``--config FILE.yaml`` (unknown keys are an error),
+    then the command line."""
+    from megatron_paced.models.config import resolve_model_config
+    from megatron_paced.tasks.arithmetic import CharTokenizer
+
     parser = argparse.ArgumentParser(prog="paced-train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file of flag values (flag names, - or _)")
+    parser.add_argument("--model", help="model preset whose shape sets the model flags' "
+                        "defaults (see megatron_paced.models.config.PRESETS)")
+    parser.add_argument("--hf-config", help="Hugging Face config.json (or its folder) whose "
+                        "shape sets the model flags' defaults")
     for title, cls in CONFIGS.items():
         add_flags(parser, cls, title)
-    parser.set_defaults(**vars(TINY_MODEL), lr=1e-3, weight_decay=0.0, replay_per_step=0)
+    parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
+                        lr=1e-3, weight_decay=0.0, replay_per_step=0)
     pre, _ = parser.parse_known_args(argv)
+    values: dict = {}
     if pre.config:
         import yaml
 
         with open(pre.config) as f:
-            values = yaml.safe_load(f) or {}
+            values = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
         known = {action.dest for action in parser._actions}
-        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalized) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"--config {pre.config}: unknown keys {unknown}")
-        parser.set_defaults(**normalized)
+    model, hf_config = pre.model or values.get("model"), pre.hf_config or values.get("hf_config")
+    if model or hf_config:
+        try:
+            parser.set_defaults(**vars(resolve_model_config(model, hf_config)))
+        except (ConfigError, OSError, ValueError) as err:
+            parser.error(str(err))
+    parser.set_defaults(**values)
     args = parser.parse_args(argv)
     return {title: from_args(cls, args) for title, cls in CONFIGS.items()}
 
@@ -170,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 
 class Run:
-    def __init__(self, cfgs: dict) -> None:
+    def __init__(self, cfgs: dict, task=None) -> None:
         from megatron_paced.models.policy import build_policy, build_reference
         from megatron_paced.paced.log_z import build_log_z_table
         from megatron_paced.paced.replay import DistributedReplay
@@ -178,15 +196,14 @@ class Run:
         from megatron_paced.parallel import initialize_parallel
         from megatron_paced.rollout import build_rollout
         from megatron_paced.rollout.engine import SamplingParams
-        from megatron_paced.tasks.arithmetic import AdditionTask, CharTokenizer
+        from megatron_paced.tasks import build_task
 
         self.cfg: TrainConfig = cfgs["train"]
         cfg = self.cfg
         self.ctx = initialize_parallel(cfgs["parallel"], seed=cfg.seed)
-        self.tokenizer = CharTokenizer()
-        self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits)
-        self.problems = self.task.sample(cfg.task_num_prompts, seed=cfg.seed)
-        self.eval_problems = self.task.sample(cfg.eval_num_prompts, seed=cfg.seed + 1)
+        self.task = task or build_task(cfgs["task"], cfgs["data"], seed=cfg.seed,
+                                       eval_num_prompts=cfg.eval_num_prompts)
+        self.problems, self.eval_problems = self.task.problems, self.task.eval_problems
         self.model_cfg: ModelConfig = cfgs["model"]
         self.policy = build_policy(self.model_cfg, cfgs["optimizer"], self.ctx, seed=cfg.seed)
         self.reference = None
@@ -199,13 +216,13 @@ class Run:
         self.selector = PromptSelector(sel, seed=cfg.seed, dp_group=dp)
         self.replay = DistributedReplay(cfgs["replay"], num_prompts=len(self.problems),
                                         seed=cfg.seed, dp_group=dp)
-        self.seq_length = self.task.max_sequence_length + cfg.max_new_tokens
+        self.seq_length = self.task.max_prompt_tokens + cfg.max_new_tokens
         self.rollout, self.weight_sync = build_rollout(
             cfgs["rollout"], model=self.policy.modules(), model_cfg=self.model_cfg, ctx=self.ctx,
             max_sequence_length=self.model_cfg.max_position_embeddings, log_dir=cfg.save)
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                        max_new_tokens=cfg.max_new_tokens,
-                                       stop_token_ids=[self.tokenizer.eos_id])
+                                       stop_token_ids=self.task.stop_token_ids)
         self.step, self.num_samples = 0, 0
         self.paced_seconds = 0.0
         self.metrics_path = os.path.join(cfg.save, "metrics.jsonl") if cfg.save else None
@@ -229,18 +246,27 @@ class Run:
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
 
     # ---- generate and score -----------------------------------------------------------------
-    def prompt_tokens(self, problem) -> list[int]:
-        return [self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)]
-
     def generate(self, problems, n: int, seed: int):
-        prompts = [self.prompt_tokens(p) for p in problems]
-        return self.rollout.generate(prompts, n=n, sampling=self.sampling, seed=seed)
+        prompts = [self.task.prompt_tokens(p) for p in problems]
+        try:
+            return self.rollout.generate(prompts, n=n, sampling=self.sampling, seed=seed)
+        except FloatingPointError as err:
+            raise self.stopped(err, [getattr(p, "prompt_id", None) for p in problems]) from None
+
+    def stopped(self, err, prompt_ids: list) -> FloatingPointError:
+        """The error that stops the run at a non-finite value, naming the step and prompts."""
+        shown = ", ".join(str(i) for i in prompt_ids[:8]) + (", ..." if len(prompt_ids) > 8
+                                                             else "")
+        return FloatingPointError(f"step {self.step + 1}: {err}; prompt ids [{shown}]; stopping, "
+                                  "the last checkpoint is intact")
 
     def score(self, problems, completions) -> torch.Tensor:
-        """(P, G) rewards: exact answers, decoded up to the end token."""
-        return torch.tensor([[self.task.verify(p, self.tokenizer.decode(
-            [t for t in c.token_ids if t != self.tokenizer.eos_id])) for c in row]
-            for p, row in zip(problems, completions)])
+        """(P, G) rewards in [0, 1] from the task's verifier."""
+        rewards = self.task.score(problems, completions)
+        if not torch.isfinite(rewards).all():
+            raise self.stopped("non-finite rewards from the verifier",
+                               [getattr(p, "prompt_id", None) for p in problems])
+        return rewards
 
     # ---- replay -----------------------------------------------------------------------------
     def replay_step(self, prompt_ids, fresh, rewards, step: int):
@@ -277,7 +303,7 @@ class Run:
         """This step's rollouts as padded rows (prompt, sample order)."""
         from megatron_paced.rollout.engine import completions_to_batch
 
-        prompts = [self.prompt_tokens(p) for p in problems]
+        prompts = [self.task.prompt_tokens(p) for p in problems]
         return completions_to_batch(prompts, completions, self.seq_length)
 
     def make_batch(self, prompt_ids, fresh, rewards, replayed):
@@ -333,15 +359,15 @@ class Run:
 
         log_z = self.log_z.lookup(batch.extras["prompt_ids"]).requires_grad_(True)
         batch.extras["log_z"] = log_z
+        if self.cfg.inject_nan_at_step == self.step + 1:  # fault injection (tests)
+            batch.extras["rewards"][0] = float("nan")
         self.policy.zero_grad()
         try:
             logs = forward_backward(self.policy.model, batch, self.loss_fn(), self.ctx,
                                     vocab_size=self.model_cfg.vocab_size,
                                     micro_batch_size=self.micro_batch_size(batch))
         except FloatingPointError as err:  # raised by the loss before any update
-            bad = batch.extras["prompt_ids"].tolist()[:8]
-            raise FloatingPointError(f"step {self.step + 1}: {err}; prompt ids {bad}...; "
-                                     "stopping, the last checkpoint is intact") from None
+            raise self.stopped(err, self.prompt_ids_of(batch)) from None
         totals = torch.zeros(3, dtype=torch.float64)
         for log in logs:
             totals += torch.stack([log["loss_sum"].double().cpu(),
@@ -351,9 +377,7 @@ class Run:
         dist.all_reduce(totals, group=self.ctx.dp_group)
         loss = float(totals[0] / totals[1].clamp(min=1))
         if not math.isfinite(loss):
-            bad = batch.extras["prompt_ids"].tolist()[:8]
-            raise FloatingPointError(f"step {self.step + 1}: non-finite loss {loss} (prompt ids "
-                                     f"{bad}...); stopping, the last checkpoint is intact")
+            raise self.stopped(f"non-finite loss {loss}", self.prompt_ids_of(batch))
         result = self.policy.step()
         if self.cfg.algo != "grpo":
             grads = log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)
@@ -363,6 +387,11 @@ class Run:
             self.paced_seconds += time.perf_counter() - start
         return {"loss": loss, "grad_norm": result.grad_norm,
                 "kl_old_theta": float(totals[2] / totals[1].clamp(min=1))}
+
+    def prompt_ids_of(self, batch) -> list[int]:
+        """The dataset prompt ids of a batch's rows (log-Z rows mapped back), deduplicated."""
+        rows = dict.fromkeys(batch.extras["prompt_ids"].tolist())
+        return [getattr(self.problems[row], "prompt_id", row) for row in rows]
 
     # ---- sync and log -----------------------------------------------------------------------
     def sync(self) -> None:
@@ -436,9 +465,8 @@ def sft_warmup(run: Run) -> None:
     for group in run.policy.optimizer.param_groups:
         group["lr"] = cfg.sft_lr
     for step in range(cfg.sft_warmup_iters):
-        problems = run.task.sample(cfg.micro_batch_size * run.ctx.dp_size,
-                                   seed=cfg.seed * 7 + step)
-        batch = run.task.to_batch(problems, run.tokenizer, run.seq_length)
+        batch = run.task.supervised_batch(cfg.micro_batch_size * run.ctx.dp_size,
+                                          seed=cfg.seed * 7 + step, seq_length=run.seq_length)
         run.policy.zero_grad()
         forward_backward(run.policy.model, batch.shard_for_dp(run.ctx.dp_rank, run.ctx.dp_size),
                          nll_loss, run.ctx, vocab_size=run.model_cfg.vocab_size,
@@ -448,11 +476,11 @@ def sft_warmup(run: Run) -> None:
         group["lr"] = lr
 
 
-def train(cfgs: dict) -> Run:
+def train(cfgs: dict, task=None) -> Run:
     from megatron_paced.checkpointing import check_loadable, load_checkpoint, save_checkpoint
 
     cfg = cfgs["train"]
-    run = Run(cfgs)
+    run = Run(cfgs, task)
     counters = {}
     if cfg.load and check_loadable(cfg.load, run.model_cfg) is not None:
         counters = load_checkpoint(cfg.load, run.policy, run.paced_state)
@@ -538,43 +566,53 @@ def _truncate_metrics(path: str | None, step: int) -> None:
         f.writelines(kept)
 
 
-def validate_startup(cfgs: dict, world_size: int) -> None:
-    """Every check that needs no process group, so bad flags fail before any work."""
+def validate_startup(cfgs: dict, world_size: int):
+    """Every check that needs no process group, so bad flags fail before any work; returns
+    the task (its prompts are read and tokenized here)."""
     from megatron_paced.checkpointing import check_loadable
-    from megatron_paced.tasks.arithmetic import CharTokenizer
+    from megatron_paced.tasks import build_task, check_task_fits_model
 
     parallel, model_cfg, train_cfg = cfgs["parallel"], cfgs["model"], cfgs["train"]
-    if model_cfg.vocab_size != CharTokenizer().vocab_size:
-        raise ConfigError(f"--vocab-size {model_cfg.vocab_size} does not match the task's "
-                          f"tokenizer ({CharTokenizer().vocab_size} tokens)")
     parallel.validate(world_size=world_size)
     model_cfg.validate(parallel)
-    cfgs["optimizer"].validate()
-    cfgs["log_z"].validate()
-    cfgs["selection"].validate()
-    cfgs["replay"].validate()
-    cfgs["rollout"].validate()
+    for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout"):
+        cfgs[name].validate()
     train_cfg.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
-    require(train_cfg.num_prompts_per_step <= train_cfg.task_num_prompts, "num_prompts_per_step",
-            train_cfg.num_prompts_per_step,
-            f"must be <= --task-num-prompts {train_cfg.task_num_prompts}")
     if train_cfg.load:
         check_loadable(train_cfg.load, model_cfg)
+    task = build_task(cfgs["task"], cfgs["data"], seed=train_cfg.seed,
+                      eval_num_prompts=train_cfg.eval_num_prompts)
+    try:
+        flag = (f"--tokenizer {cfgs['task'].tokenizer}" if cfgs["task"].tokenizer
+                else "the arithmetic task's tokenizer")
+        check_task_fits_model(task, model_cfg, train_cfg.max_new_tokens, flag)
+        require(train_cfg.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
+                train_cfg.num_prompts_per_step,
+                f"must be <= the {len(task.problems)} training prompts of --task "
+                f"{cfgs['task'].task}")
+        if train_cfg.sft_warmup_iters and cfgs["task"].task != "arithmetic":
+            task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
+    except ConfigError:
+        task.close()
+        raise
+    return task
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_paced.tasks.arithmetic import CharTokenizer
-
     cfgs = parse_args(argv)
-    cfgs["model"] = cfgs["model"].replace(vocab_size=CharTokenizer().vocab_size) \
-        if cfgs["model"].vocab_size == ModelConfig().vocab_size else cfgs["model"]
     try:
-        validate_startup(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
+        task = validate_startup(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"paced-train: error: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    train(cfgs)
+    try:
+        train(cfgs, task)
+    except FloatingPointError as err:  # every rank stops at the same step
+        print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        task.close()
     dist.barrier()
     dist.destroy_process_group()
     return 0

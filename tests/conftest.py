@@ -28,3 +28,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_WORDS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant",
+              "system", "what", "is", "+", "?", "be", "brief", "\n", " ", *"0123456789"]
+
+
+def chat_tokenizer(folder) -> tuple[str, dict[str, int]]:
+    """A word-level Hugging Face tokenizer with a ChatML template, saved to ``folder`` offline;
+    returns the folder and the word ids."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    ids = {w: i for i, w in enumerate(CHAT_WORDS)}
+    core = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| "), behavior="isolated")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", eos_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return str(folder), ids

@@ -36,3 +36,33 @@ def test_batch_layout():
         task.to_batch(problems, tokenizer, seq_length=5)
     with pytest.raises(ValueError, match="not in the alphabet"):
         tokenizer.encode("1/2")
+
+
+def test_dataset_task_tokenizes_with_chat_template_and_scores(tmp_path):
+    import json
+
+    from megatron_paced.data import DataConfig
+    from megatron_paced.rollout.engine import Completion
+    from megatron_paced.tasks import TaskConfig, build_task
+    from tests.conftest import chat_tokenizer
+
+    tokenizer, ids = chat_tokenizer(tmp_path / "tok")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} + 0 ?", "answer": str(a)})
+                            + "\n" for a in range(10)))
+    task = build_task(TaskConfig(task="prompts", tokenizer=tokenizer, reward="exact"),
+                      DataConfig(prompt_data=str(data)), seed=0, eval_num_prompts=10)
+    try:
+        # Every fifth prompt (by prompt id order) is held out; the rest are rows 0..7.
+        assert len(task.problems) == 8 and len(task.eval_problems) == 2
+        assert [p.index for p in task.problems] == list(range(8))
+        assert not {p.prompt_id for p in task.problems} & {p.prompt_id for p in task.eval_problems}
+        problem = task.problems[0]
+        tokens = [t for t in task.prompt_tokens(problem) if t != ids[" "]]
+        assert tokens[:2] == [ids["<|im_start|>"], ids["user"]] and tokens[-1] == ids["\n"]
+        right = Completion(0, 0, [ids[problem.answer], ids["<|im_end|>"]], [0.0, 0.0], "stop")
+        wrong = Completion(0, 1, [ids["what"]], [0.0], "length")
+        assert task.score([problem], [[right, wrong, right]]).tolist() == [[1.0, 0.0, 1.0]]
+        assert task.stop_token_ids == sorted({ids["<|endoftext|>"], ids["<|im_end|>"]})
+    finally:
+        task.close()

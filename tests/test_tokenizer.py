@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from tests.conftest import chat_tokenizer
 
 
 @pytest.fixture
 def tokenizer_dir(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant",
-             "system", "what", "is", "2", "+", "3", "?", "be", "brief", "\n", " "]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n| "), behavior="isolated")
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", eos_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHATML
-    fast.save_pretrained(tmp_path)
-    return str(tmp_path), {w: i for i, w in enumerate(words)}
+    return chat_tokenizer(tmp_path)
 
 
 def test_chat_template_and_stop_ids(tokenizer_dir):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from megatron_paced.testing.distributed import launch_workers
-from tests.conftest import run_python
+from tests.conftest import chat_tokenizer, run_python
 
 COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
           "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
@@ -62,12 +62,86 @@ def test_tp2_run_trains_and_logs(tmp_path):
     assert (save / "iter_0000003").is_dir()
 
 
+@pytest.mark.distributed
+def test_nan_loss_stops_run_and_last_checkpoint_resumes(tmp_path):
+    save = tmp_path / "nan"
+    result = _train(COMMON + ["--train-iters", "4", "--save", str(save), "--inject-nan-at-step",
+                              "3"], expect=3)
+    assert "paced-train: error: step 3: non-finite PACED loss residual" in result.output, \
+        result.output[-3000:]
+    assert "prompt ids [" in result.output and "the last checkpoint is intact" in result.output
+    assert 'megatron_paced/train.py", line' not in result.output  # a message, not a traceback
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not (save / "iter_0000003").exists() and not list(save.glob("*.tmp"))
+    assert sorted(_metrics(save / "metrics.jsonl")) == [1, 2]
+    # The last checkpoint is intact: the run resumes from it and finishes.
+    _train(COMMON + ["--train-iters", "4", "--save", str(save), "--load", str(save)])
+    assert sorted(_metrics(save / "metrics.jsonl")) == [1, 2, 3, 4]
+    # A diverged update (lr 1e30: finite weights of 1e30) overflows the next rollout's logits.
+    diverged = tmp_path / "diverged"
+    result = _train(COMMON + ["--train-iters", "4", "--save", str(diverged), "--save-interval",
+                              "1", "--lr", "1e30", "--sft-warmup-iters", "0"], nprocs=1, expect=3)
+    assert "paced-train: error: step 2: non-finite logits while sampling" in result.output, \
+        result.output[-3000:]
+    assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def _prompt_file(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+SUMS = [{"prompt": f"what is {a} + {b} ?", "answer": str(a + b)}
+        for a in range(10) for b in range(10 - a)]
+PROMPT_TASK = ["--task", "prompts", "--reward", "exact", "--vocab-size", "32",
+               "--num-prompts-per-step", "4", "--num-samples-per-prompt", "4",
+               "--micro-batch-size", "8", "--max-new-tokens", "4"]
+
+
+@pytest.mark.distributed
+def test_prompt_file_task_with_hf_tokenizer_trains(tmp_path):
+    tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
+    data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
+    save = tmp_path / "run"
+    _train(PROMPT_TASK + ["--tokenizer", tokenizer, "--prompt-data", data, "--train-iters", "2",
+                          "--eval-interval", "2", "--eval-num-prompts", "4", "--save", str(save)])
+    rows = _metrics(save / "metrics.jsonl")
+    assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
+    assert 0 <= rows[2]["eval_pass@1"] <= 1 and rows[2]["loss"] == rows[2]["loss"]
+
+
+def test_dataset_that_does_not_match_model_or_tokenizer(tmp_path):
+    tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
+    data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
+    no_answer = _prompt_file(tmp_path / "no_answer.jsonl", SUMS[:2] + [{"prompt": "what is 1 ?"}])
+    cases = [
+        (["--prompt-data", data, "--vocab-size", "10"],
+         f"--tokenizer {tokenizer} has 25 tokens but --vocab-size is 10"),
+        (["--prompt-data", data, "--max-position-embeddings", "16"],
+         "the longest prompt (19 tokens) + --max-new-tokens 4 = 23 exceeds "
+         "--max-position-embeddings 16"),
+        (["--prompt-data", data, "--max-prompt-length", "10"],
+         f"{data}:1: prompt of 19 tokens exceeds --max-prompt-length 10"),
+        (["--prompt-data", no_answer], f"{no_answer}:3: row has no 'answer'"),
+        (["--prompt-data", data, "--sft-warmup-iters", "5"],
+         "--sft-warmup-iters: the supervised warm start is only built in for --task arithmetic"),
+    ]
+    for flags, expected in cases:
+        result = run_python("-m megatron_paced.train", *PROMPT_TASK, "--tokenizer", tokenizer,
+                            *flags, timeout=60)
+        assert result.returncode == 2 and expected in result.stderr, (flags, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    result = run_python("-m megatron_paced.train", "--task", "gsm8k", timeout=60)
+    assert result.returncode == 2 and "--task gsm8k needs --tokenizer DIR" in result.stderr
+
+
 @pytest.mark.parametrize("flags, env, expected", [
     (["--global-batch-size", "30"], {"WORLD_SIZE": "2"},
      "--global-batch-size 30 contradicts --num-prompts-per-step 16"),
     (["--micro-batch-size", "5"], {}, "--micro-batch-size 5: must divide the 128 sequences"),
     (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
-    (["--vocab-size", "100"], {}, "--vocab-size 100 does not match the task's tokenizer"),
+    (["--vocab-size", "10"], {}, "the arithmetic task's tokenizer has 17 tokens but "
+     "--vocab-size is 10"),
     (["--tensor-model-parallel-size", "3"], {}, "world size 1 is not divisible by "
      "--tensor-model-parallel-size 3"),
     (["--tensor-model-parallel-size", "2", "--num-attention-heads", "5", "--num-query-groups",
@@ -77,7 +151,7 @@ def test_tp2_run_trains_and_logs(tmp_path):
     (["--beta", "0"], {}, "--beta 0"),
     (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
     (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},
-     "--num-prompts-per-step 1000: must be <= --task-num-prompts 512"),
+     "--num-prompts-per-step 1000: must be <= the 512 training prompts of --task arithmetic"),
 ])
 def test_bad_flags_fail_before_work(flags, env, expected):
     result = run_python("-m megatron_paced.train", *flags, env=env, timeout=60)

@@ -93,7 +93,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
                   generator: torch.Generator) -> torch.Tensor:
-    """One token per row from (b, V) logits under the sampling settings."""
+    """One token per row from (b, V) logits under the sampling settings; NaN or +inf logits
+    (a diverged policy) raise FloatingPointError."""
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise FloatingPointError("non-finite logits while sampling (the policy's weights hold "
+                                 "NaN or inf)")
     if sampling.temperature == 0:
         return logits.argmax(-1)
     scaled = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
