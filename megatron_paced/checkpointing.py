@@ -14,10 +14,16 @@ size (the model weights reshard over TP/PP too; the distributed optimizer's stat
 megatron-core 0.16.1). Before loading, the saved model config is compared with this run's and
 any difference is reported by field.
 
+A *model-only* checkpoint (``contents.json`` says ``["model"]``; what
+``tools/convert_hf_to_megatron.py`` writes) holds just the weights: ``--load`` starts a new run
+from it at step 0. Its vocabulary rows are re-padded on load, so it loads on any TP size
+(Megatron pads the vocabulary to a multiple that depends on TP).
+
 Usage::
 
     save_checkpoint(save_dir, step, policy, paced_state, counters={"num_samples": n})
     counters = load_checkpoint(load_dir, policy, paced_state)     # {} when nothing to load
+    save_model_checkpoint(save_dir, model, model_cfg)             # weights only, step 0
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ from megatron_paced.config import ConfigError
 from megatron_paced.paced.state import load_paced_state, paced_sharded_state_dict
 
 LATEST = "latest_checkpointed_iteration.txt"
+CONTENTS = "contents.json"
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Model config fields that do not change the saved weights' shapes.
+_NOT_SHAPE = ("init_method_std", "max_position_embeddings", "make_vocab_size_divisible_by")
 # Megatron 0.16.1: "fully_reshardable" breaks with torch AdamW (per-parameter "step") and
 # "fully_sharded_model_space" needs flattened ShardedTensors, which it no longer supports;
 # "dp_reshardable" re-partitions over any DP size (TP/PP must stay the same).
 _OPTIMIZER_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _iteration_dir(root: str, step: int) -> str:
+def iteration_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
@@ -64,28 +74,34 @@ def _sharded_state(policy, paced, counters: dict, is_loading: bool) -> dict:
     }
 
 
-def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
-    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay).
-    Parameters that hold NaN or inf raise FloatingPointError before anything is written."""
-    from megatron.core import dist_checkpointing
-
+def _check_finite(modules, step: int, root: str) -> None:
     finite = torch.tensor([float(all(bool(torch.isfinite(p).all())
-                                     for module in policy.modules() for p in module.parameters()))])
+                                     for module in modules for p in module.parameters()))])
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise FloatingPointError(f"step {step}: the policy's parameters hold NaN or inf; not "
                                  f"saving (the last checkpoint in {root} is intact)")
-    final = _iteration_dir(root, step)
+
+
+def _write_iteration(root: str, step: int, model_cfg, sharded_state: dict,
+                     contents: list[str]) -> str:
+    """Write one iteration folder atomically (collective): ``.tmp``, then rename, then point
+    ``latest`` at it."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, step)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(policy.model_cfg), f, indent=1)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(policy, paced, counters, is_loading=False), tmp)
+    dist_checkpointing.save(sharded_state, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(model_cfg), f, indent=1)
+        with open(os.path.join(tmp, CONTENTS), "w") as f:
+            json.dump({"contents": contents}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = os.path.join(root, f".{LATEST}.tmp")
@@ -96,6 +112,64 @@ def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
     return final
 
 
+def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
+    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay).
+    Parameters that hold NaN or inf raise FloatingPointError before anything is written."""
+    _check_finite(policy.modules(), step, root)
+    return _write_iteration(root, step, policy.model_cfg,
+                            _sharded_state(policy, paced, counters, is_loading=False),
+                            ["model", "optimizer", "paced", "counters"])
+
+
+def save_model_checkpoint(root: str, model, model_cfg, step: int = 0) -> str:
+    """Write the weights of ``model`` (this rank's stage) as a model-only checkpoint."""
+    _check_finite([model], step, root)
+    return _write_iteration(root, step, model_cfg, {"model": model.sharded_state_dict()},
+                            ["model"])
+
+
+def checkpoint_contents(path: str) -> list[str]:
+    """What an iteration folder holds (older checkpoints without contents.json: everything)."""
+    contents_path = os.path.join(path, CONTENTS)
+    if not os.path.isfile(contents_path):
+        return ["model", "optimizer", "paced", "counters"]
+    with open(contents_path) as f:
+        return list(json.load(f)["contents"])
+
+
+def _vocab_rows(full: torch.Tensor, vocab_size: int, local_rows: int, tp_rank: int):
+    """Rows of a saved (padded) vocabulary tensor for this TP rank of another padding."""
+    start = tp_rank * local_rows
+    out = full.new_zeros(local_rows, *full.shape[1:])
+    stop = min(start + local_rows, vocab_size)
+    if stop > start:
+        out[: stop - start] = full[start:stop]
+    return out
+
+
+def load_model_weights(path: str, model, model_cfg, ctx) -> None:
+    """Load the model part of an iteration folder into ``model`` (this rank's stage), with
+    the vocabulary rows re-padded when the checkpoint was written on another TP size."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    template = model.sharded_state_dict()
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    repadded = {}
+    for name, sharded in template.items():
+        if (isinstance(sharded, ShardedTensor) and sharded.key in VOCAB_KEYS
+                and tuple(saved[sharded.key].global_shape) != tuple(sharded.global_shape)):
+            meta = saved[sharded.key]
+            repadded[name] = sharded.local_shape[0]
+            template[name] = ShardedTensor.from_rank_offsets(
+                sharded.key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
+                replica_id=sharded.replica_id)
+    loaded = dist_checkpointing.load({"model": template}, path)["model"]
+    for name, local_rows in repadded.items():
+        loaded[name] = _vocab_rows(loaded[name], model_cfg.vocab_size, local_rows, ctx.tp_rank)
+    model.load_state_dict(loaded)
+
+
 def check_loadable(root: str, model_cfg) -> int | None:
     """The step to resume from, or None; raises ConfigError (no collective) when ``--load``
     does not exist or holds another model's shape."""
@@ -104,7 +178,7 @@ def check_loadable(root: str, model_cfg) -> int | None:
     step = latest_step(root)
     if step is None:
         return None
-    path = _iteration_dir(root, step)
+    path = iteration_dir(root, step)
     config_path = os.path.join(path, "model_config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"--load {root!r}: {path} is not a megatron-paced checkpoint")
@@ -112,7 +186,7 @@ def check_loadable(root: str, model_cfg) -> int | None:
         saved = json.load(f)
     ours = dataclasses.asdict(model_cfg)
     different = {k: (saved.get(k), v) for k, v in ours.items()
-                 if k not in ("init_method_std",) and saved.get(k) != v}
+                 if k not in _NOT_SHAPE and saved.get(k) != v}
     if different:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}"
                             for k, (a, b) in different.items())
@@ -151,9 +225,13 @@ def load_checkpoint(root: str, policy, paced) -> dict:
     step = check_loadable(root, policy.model_cfg)
     if step is None:
         return {}
+    path = iteration_dir(root, step)
+    if checkpoint_contents(path) == ["model"]:
+        load_model_weights(path, policy.modules()[0], policy.model_cfg, policy.ctx)
+        return {"model_only": True}
     _materialize_optimizer_state(policy.optimizer)
     template = _sharded_state(policy, paced, {}, is_loading=True)
-    loaded = dist_checkpointing.load(template, _iteration_dir(root, step))
+    loaded = dist_checkpointing.load(template, iteration_dir(root, step))
     policy.modules()[0].load_state_dict(loaded["model"])
     with torch.no_grad():  # Megatron copies into parameter views in place
         policy.optimizer.load_state_dict(loaded["optimizer"])

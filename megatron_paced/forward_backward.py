@@ -35,6 +35,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_paced.logprobs import next_token_log_probs, sequence_log_probs
 from megatron_paced.models.sharding import unwrap_model
@@ -221,3 +222,36 @@ def compute_log_probs(
     token_log_probs, is_argmax = both[0], both[1]
     mask = batch.completion_mask.to(token_log_probs.device)
     return LogProbs(token_log_probs, sequence_log_probs(token_log_probs, mask), is_argmax > 0.5)
+
+
+def _keep_logits(logits: torch.Tensor, micro_batch: SequenceBatch, *, ctx: ParallelContext,
+                 vocab_size: int):
+    shards = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+    dist.all_gather(shards, logits.contiguous(), group=ctx.tp_group)
+    full = torch.cat(shards, dim=-1)[..., :vocab_size]
+    no_loss = logits.sum() * 0.0
+    return no_loss, torch.tensor(1, dtype=torch.int, device=logits.device), {
+        "logits": full.detach()}
+
+
+@torch.no_grad()
+def compute_logits(
+    model: list[torch.nn.Module], batch: SequenceBatch, ctx: ParallelContext, *,
+    vocab_size: int, micro_batch_size: int,
+) -> torch.Tensor:
+    """(B, T, vocab_size) float32 logits of ``batch`` (TP shards gathered, padding rows
+    dropped), on every rank. For evaluation and checks of converted weights: it materializes
+    the full vocabulary for every position."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        logs = _run_schedule(model, batch,
+                             partial(_keep_logits, ctx=ctx, vocab_size=vocab_size), ctx,
+                             micro_batch_size=micro_batch_size, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    shape = (*batch.tokens.shape, vocab_size)
+    logits = (torch.cat([log["logits"] for log in logs]).float() if ctx.is_last_stage
+              else torch.empty(shape, dtype=torch.float32, device=ctx.device))
+    return broadcast_from_last_stage(logits, ctx)

@@ -481,12 +481,13 @@ def train(cfgs: dict, task=None) -> Run:
 
     cfg = cfgs["train"]
     run = Run(cfgs, task)
-    counters = {}
     if cfg.load and check_loadable(cfg.load, run.model_cfg) is not None:
         counters = load_checkpoint(cfg.load, run.policy, run.paced_state)
-        run.step, run.num_samples = int(counters["step"]), int(counters["num_samples"])
-    elif cfg.sft_warmup_iters:
+        run.step, run.num_samples = int(counters.get("step", 0)), int(counters.get("num_samples", 0))
+    if run.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(run)
+    if run.reference is not None:
+        load_or_save_reference(run)
     if cfg.save and run.is_logger():
         os.makedirs(cfg.save, exist_ok=True)
         _truncate_metrics(run.metrics_path, run.step)
@@ -525,6 +526,30 @@ def train(cfgs: dict, task=None) -> Run:
     if run.is_logger() and history:
         print_summary(run, history)
     return run
+
+
+def load_or_save_reference(run: Run) -> None:
+    """The KL reference is the policy at RL step 0 (after --load and the SFT warm start); it is
+    saved once as ``<save>/reference`` (weights only) and reloaded from ``<load>/reference``
+    when a run resumes."""
+    from megatron_paced.checkpointing import (
+        check_loadable, iteration_dir, load_model_weights, save_model_checkpoint,
+    )
+
+    cfg = run.cfg
+    if run.step == 0:
+        run.reference.copy_from(run.policy)
+    else:
+        root = os.path.join(cfg.load, "reference")
+        step = check_loadable(root, run.model_cfg) if os.path.isdir(root) else None
+        if step is None:
+            raise ConfigError(f"--load {cfg.load!r}: resuming --algo {cfg.algo} needs the KL "
+                              f"reference saved at step 0 in {root}")
+        load_model_weights(iteration_dir(root, step), run.reference.model[0], run.model_cfg,
+                           run.ctx)
+    if cfg.save and (run.step == 0 or os.path.abspath(cfg.save) != os.path.abspath(cfg.load)):
+        save_model_checkpoint(os.path.join(cfg.save, "reference"), run.reference.model[0],
+                              run.model_cfg)
 
 
 def print_summary(run: Run, history: list[dict]) -> None:

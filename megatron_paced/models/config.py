@@ -157,7 +157,11 @@ class ModelConfig:
         if head_dim is not None and head_dim * num_heads == hf["hidden_size"]:
             head_dim = None
         rope_factor = None
-        scaling = hf.get("rope_scaling")
+        # transformers >= 5 writes rope_theta and the scaling inside "rope_parameters".
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default")
+                                             not in ("default", None) else None)
         if scaling:
             rope_type = scaling.get("rope_type", scaling.get("type"))
             expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -180,7 +184,7 @@ class ModelConfig:
             kv_channels=head_dim,
             vocab_size=hf["vocab_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rotary_base=float(hf.get("rope_theta", 10000.0)),
+            rotary_base=float(rope_theta),
             rope_scaling_factor=rope_factor,
             norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
             untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
@@ -192,6 +196,28 @@ class ModelConfig:
         if spec.family == "qwen2" and hf.get("use_sliding_window"):
             raise ConfigError(f"--hf-config {source}: use_sliding_window is not supported")
         return cfg
+
+    def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict for this shape (the inverse of from_hf_config)."""
+        hf: dict[str, Any] = {
+            "architectures": [FAMILIES[self.architecture]],
+            "model_type": self.architecture,
+            "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rotary_base, "rms_norm_eps": self.norm_epsilon,
+            "tie_word_embeddings": not self.untie_embeddings_and_output_weights,
+            "initializer_range": self.init_method_std, "hidden_act": "silu",
+            "attention_bias": self.spec.add_qkv_bias, "torch_dtype": dtype,
+        }
+        if self.rope_scaling_factor is not None:
+            hf["rope_scaling"] = {"rope_type": "llama3", "factor": self.rope_scaling_factor,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+        return hf
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

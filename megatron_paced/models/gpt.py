@@ -124,8 +124,10 @@ def build_gpt_model(
     *,
     seed: int,
     params_dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
 ):
-    """This rank's pipeline stage of the model, TP-split, initialized layout-invariantly."""
+    """This rank's pipeline stage of the model, TP-split, initialized layout-invariantly
+    (``initialize=False``: left uninitialized, for weights that are loaded next)."""
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(model_cfg, ctx, params_dtype=params_dtype)
@@ -145,6 +147,8 @@ def build_gpt_model(
         pg_collection=ctx.pg,
     )
     model.to(ctx.device)
+    if not initialize:
+        return model
     init_layout_invariant_(
         model,
         seed=seed,

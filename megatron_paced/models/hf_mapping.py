@@ -166,3 +166,37 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, *, padded_voca
     if complete and cfg.untie_embeddings_and_output_weights and "output_layer.weight" not in out:
         raise KeyError("missing Hugging Face tensor 'lm_head.weight' (untied embeddings)")
     return out
+
+
+def hf_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this shape holds, with its shape, in model
+    order (what a converter expects to find, and what it writes)."""
+    h, q_rows, kv_rows = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_query_groups * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q_rows, h),
+                 "self_attn.k_proj.weight": (kv_rows, h), "self_attn.v_proj.weight": (kv_rows, h)}
+        if cfg.spec.add_qkv_bias:
+            layer.update({"self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
+                          "self_attn.v_proj.bias": (kv_rows,)})
+        if cfg.spec.qk_layernorm:
+            layer.update({"self_attn.q_norm.weight": (cfg.head_dim,),
+                          "self_attn.k_norm.weight": (cfg.head_dim,)})
+        layer.update({"self_attn.o_proj.weight": (h, q_rows),
+                      "post_attention_layernorm.weight": (h,),
+                      "mlp.gate_proj.weight": (cfg.ffn_hidden_size, h),
+                      "mlp.up_proj.weight": (cfg.ffn_hidden_size, h),
+                      "mlp.down_proj.weight": (h, cfg.ffn_hidden_size)})
+        shapes.update({prefix + name: shape for name, shape in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if cfg.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def hf_layer_of(name: str) -> int | None:
+    """The layer index of an HF tensor name (None for embeddings, final norm and head)."""
+    match = _HF_LAYER.match(name)
+    return int(match.group(1)) if match else None

@@ -28,6 +28,7 @@ import torch
 from megatron_paced.config import OptimizerConfig
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.models.gpt import build_gpt_model
+from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext
 
 
@@ -137,6 +138,15 @@ class Reference:
         self.model = model
         self.ctx = ctx
         self.parked = False
+
+    @torch.no_grad()
+    def copy_from(self, policy: "Policy") -> None:
+        """Take the policy's current weights (same layout): the base of the KL terms."""
+        self.unpark()
+        for mine, theirs in zip(self.model, policy.modules()):
+            source = dict(unwrap_model(theirs).named_parameters())
+            for name, param in unwrap_model(mine).named_parameters():
+                param.copy_(source[name])
 
     def park(self) -> None:
         """Move the weights to host memory (no-op on a CPU run)."""

@@ -1,0 +1,513 @@
+"""Parallelism memory planner: bytes per GPU of a TP x PP x DP layout, before launching.
+
+For a model shape and a GPU count, every layout ``TP x PP x DP = num_gpus`` is checked: the
+divisibility rules Megatron enforces, then the peak memory of the worst GPU (the first
+pipeline stage, or the last one when the logits dominate), as the sum of these terms:
+
+    term          bytes per GPU (P = this rank's parameters: its TP shard of its PP stage)
+    ------------  -------------------------------------------------------------------------
+    weights       2 P                  bf16 model parameters
+    gradients     4 P                  fp32 grad buffer (Megatron DDP, grad_reduce_in_fp32)
+    optimizer     12 P / DP            fp32 main params + Adam m + v, sharded over DP by the
+                                       distributed optimizer (12 P without it)
+    activations   see below            saved for backward, times the microbatches in flight
+    reference     2 P                  frozen bf16 reference (0 when parked on the host)
+    sglang        f x GPU memory       a colocated SGLang's static pool (weights + KV cache)
+    reserved      a constant           CUDA context, NCCL buffers, allocator fragmentation
+
+weights + gradients + optimizer is Megatron's own figure of 6 + 12/d bytes per parameter
+(bf16 params, fp32 grads, distributed optimizer; 18 without it), from the Megatron-Core
+distributed optimizer guide,
+https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/dist_optimizer.html .
+The fp32 main copy of the weights is counted once, under ``optimizer``.
+
+Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models" (arXiv:2205.05198): with tensor and sequence parallelism a GPT layer saves
+``s b h (34 + 5 a s / h) / t`` bytes (bf16) without recomputation, ``34 s b h / t`` with
+selective recomputation (core attention recomputed) and ``2 s b h / t`` with full
+recomputation. The 34 is a sum of named tensors; :func:`activation_bytes_per_token` redoes that
+sum for a Llama/Qwen layer (bytes per token, per layer, before the division by TP):
+
+    RMSNorm inputs (2 norms)                 4 h
+    QKV projection input                     2 h
+    Q, K, V after RoPE (GQA: g KV heads)     2 a d + 4 g d
+    QK-norm inputs (Qwen3 only)              2 a d + 2 g d
+    core-attention output (proj input)       2 a d
+    fc1 input                                2 h
+    SwiGLU input (gate and up, fused)        4 F
+    fc2 input                                2 F
+    core attention (recompute none only)     5 a s          (softmax, its dropout mask and
+                                                             output: the paper's 5 a s^2 b)
+
+The paper's 34 h also holds two dropout masks (1 h each); our models train without dropout,
+which PyTorch then skips, so they are left out. For multi-head attention (g = a, a d = h) and
+F = 8h/3 this table is exactly the paper's 34 h minus those masks. Flash attention (Transformer
+Engine's default on H100) never stores the ``5 a s`` term, so ``none`` overestimates such a run
+and ``selective`` is its figure. Full recomputation keeps ``2 h`` per layer (its input) plus
+one layer's ``none`` activations while that layer is recomputed during the backward pass.
+
+With 1F1B the first stage holds PP microbatches in flight (enough microbatches per step are
+assumed), so it stores the activations of all ``L`` layers' worth; the last stage holds one
+microbatch, plus the logits: 16 bytes per local vocabulary entry per token (bf16 logits, the
+padding-masked copy, and the fp32 upcast, shifted and softmax tensors of
+:mod:`megatron_paced.logprobs`). With TP > 1 sequence parallelism is assumed (activations
+divided by TP; the sequence length must divide by TP).
+
+Host memory (not counted against the GPU): the parked reference, and the log-Z table, which
+:class:`~megatron_paced.paced.log_z.ShardedLogZ` keeps on the CPU in float64 with an int64
+visit count and float64 Adam moments: 32 bytes per prompt, ``ceil(num_prompts / DP)`` prompts
+per rank.
+
+Usage::
+
+    model = resolve_model("qwen2.5-7b")                  # or a config.json / its folder
+    settings = PlannerSettings(seq_length=4096, recompute="selective")
+    for plan in plan_layouts(model, num_gpus=8, settings=settings):
+        print(plan.layout, plan.fits, plan.reason or f"{gib(plan.memory.total):.1f} GiB")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_paced.config import ConfigError, require
+from megatron_paced.models.config import PRESETS, ModelConfig
+
+GIB = 1024**3
+
+BYTES_BF16 = 2
+BYTES_FP32 = 4
+WEIGHT_BYTES_PER_PARAM = BYTES_BF16
+"""bf16 model parameters."""
+GRAD_BYTES_PER_PARAM = BYTES_FP32
+"""fp32 main-grad buffer (Megatron DDP with grad_reduce_in_fp32; not sharded over DP)."""
+OPTIMIZER_BYTES_PER_PARAM = 3 * BYTES_FP32
+"""fp32 main params + Adam exp_avg + exp_avg_sq; divided by DP with the distributed optimizer."""
+LOGIT_BYTES_PER_ENTRY = 16
+"""Per token and local vocabulary entry on the last stage: bf16 logits (2), padding-masked
+copy (2), fp32 upcast (4), shifted (4), exp/softmax kept for backward (4)."""
+LOG_Z_BYTES_PER_PROMPT = 32
+"""ShardedLogZ: float64 value, int64 visits, float64 Adam exp_avg and exp_avg_sq (host)."""
+
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
+
+
+# Shapes beyond megatron_paced.models.config.PRESETS, from the models' Hugging Face config.json.
+EXTRA_MODELS: dict[str, ModelConfig] = {
+    # Qwen/Qwen2.5-32B: 32,763,876,352 parameters.
+    "qwen2.5-32b": ModelConfig(
+        architecture="qwen2", num_layers=64, hidden_size=5120, ffn_hidden_size=27648,
+        num_attention_heads=40, num_query_groups=8, vocab_size=152064,
+        max_position_embeddings=131072, rotary_base=1_000_000.0, norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=True,
+    ),
+    # meta-llama/Meta-Llama-3-70B: 70,553,706,496 parameters.
+    "llama3-70b": ModelConfig(
+        architecture="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+        num_attention_heads=64, num_query_groups=8, vocab_size=128256,
+        max_position_embeddings=8192, rotary_base=500_000.0, norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=True,
+    ),
+}
+KNOWN_MODELS: dict[str, ModelConfig] = {**PRESETS, **EXTRA_MODELS}
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """What a training step of the RL loop holds on each GPU, besides the model's shape."""
+
+    micro_batch_size: int = 1
+    """Sequences per microbatch."""
+    seq_length: int = 4096
+    """Tokens per sequence (prompt + response)."""
+    recompute: Recompute = "selective"
+    """Activation recomputation: none, selective (core attention) or full (every layer)."""
+    gpu_memory: float = 80.0
+    """Memory of one GPU, in GiB."""
+    gpus_per_node: int = 8
+    """GPUs per node: tensor parallelism stays inside a node."""
+    use_distributed_optimizer: bool = True
+    """Shard fp32 main params and Adam state over DP (Megatron's distributed optimizer)."""
+    park_reference: bool = False
+    """Keep the frozen reference in host memory between uses (not counted on the GPU)."""
+    colocate_sglang: bool = False
+    """An SGLang server shares each GPU and keeps its static pool during training."""
+    sglang_mem_fraction: float = 0.3
+    """SGLang's --mem-fraction-static: the share of GPU memory it holds (weights + KV cache)."""
+    num_prompts: int = 0
+    """Prompts in the log-Z table (host memory, sharded over DP)."""
+    reserved_gib: float = 4.0
+    """Set aside per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "seq_length", "gpus_per_node"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.recompute in RECOMPUTE_CHOICES, "recompute", self.recompute,
+                f"choose from {', '.join(RECOMPUTE_CHOICES)}")
+        require(self.gpu_memory > 0, "gpu_memory", self.gpu_memory, "must be > 0 (GiB)")
+        require(0 < self.sglang_mem_fraction < 1, "sglang_mem_fraction",
+                self.sglang_mem_fraction, "must be in (0, 1)")
+        require(self.num_prompts >= 0, "num_prompts", self.num_prompts, "must be >= 0")
+        require(self.reserved_gib >= 0, "reserved_gib", self.reserved_gib, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor x pipeline x data parallel sizes."""
+
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+    def __str__(self) -> str:
+        return f"TP{self.tp} PP{self.pp} DP{self.dp}"
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on one GPU (the worst pipeline stage), by what holds them."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    reference: int
+    sglang: int
+    reserved: int
+    host_reference: int
+    """The parked reference, in host memory (not part of ``total``)."""
+    host_log_z: int
+    """This rank's log-Z shard, in host memory (not part of ``total``)."""
+
+    DEVICE_TERMS = ("weights", "gradients", "optimizer", "activations", "reference", "sglang",
+                    "reserved")
+
+    @property
+    def total(self) -> int:
+        """GPU bytes: every term but the host ones."""
+        return sum(getattr(self, name) for name in self.DEVICE_TERMS)
+
+    @property
+    def host(self) -> int:
+        return self.host_reference + self.host_log_z
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Activation bytes of one pipeline stage on one GPU."""
+
+    per_layer_microbatch: int
+    """Saved by one layer for one microbatch (full recompute: the layer's input)."""
+    layers: int
+    """All layers of the stage times the microbatches in flight."""
+    recompute_working_set: int
+    """Full recompute only: one layer's activations while it is recomputed."""
+    output_layer: int
+    """Last stage: the final norm's input and the output layer's input."""
+    logits: int
+    """Last stage: logits and their log-softmax buffers."""
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.recompute_working_set + self.output_layer + self.logits
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Memory of one pipeline stage (per GPU)."""
+
+    name: str
+    """first, last, or only (PP 1)."""
+    num_params: int
+    """Parameters of this GPU: its TP shard of the stage (padded vocabulary)."""
+    activations: ActivationBytes
+    memory: MemoryBreakdown
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """The verdict on one layout."""
+
+    layout: Layout
+    problems: tuple[str, ...]
+    """Why the layout cannot be built (empty if it can)."""
+    stages: tuple[StagePlan, ...] = ()
+    """first and last stage (one entry with PP 1); empty when ``problems``."""
+    gpu_memory: int = 0
+    """Bytes of one GPU."""
+
+    @property
+    def worst(self) -> Optional[StagePlan]:
+        return max(self.stages, key=lambda s: s.memory.total) if self.stages else None
+
+    @property
+    def memory(self) -> Optional[MemoryBreakdown]:
+        return self.worst.memory if self.worst else None
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.memory.total <= self.gpu_memory
+
+    @property
+    def reason(self) -> str:
+        """Why it does not fit, in words; empty if it fits."""
+        if self.problems:
+            return "; ".join(self.problems)
+        if self.fits:
+            return ""
+        return memory_shortfall(self.worst, self.gpu_memory, multi_stage=len(self.stages) > 1)
+
+
+def gib(num_bytes: float) -> float:
+    return num_bytes / GIB
+
+
+# ---- model shapes ---------------------------------------------------------------------------
+def resolve_model(name_or_path: str) -> ModelConfig:
+    """A known name (``qwen2.5-7b``), a ``config.json`` or a folder holding one."""
+    if name_or_path in KNOWN_MODELS:
+        model = KNOWN_MODELS[name_or_path]
+    elif os.path.exists(name_or_path) or name_or_path.endswith(".json") or os.sep in name_or_path:
+        model = _read_hf_config(name_or_path)
+    else:
+        raise ConfigError(
+            f"--model {name_or_path!r}: unknown model name; known: "
+            f"{', '.join(sorted(KNOWN_MODELS))}; or pass a config.json or its folder")
+    try:
+        model.validate()
+    except ConfigError as err:
+        raise ConfigError(f"--model {name_or_path}: {err}") from None
+    return model
+
+
+def _read_hf_config(path: str) -> ModelConfig:
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"--model {path}: no config.json at {file}")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--model {file}: not a readable JSON file ({err})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"--model {file}: expected a JSON object")
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except ConfigError as err:
+        raise ConfigError(f"--model {file}: {str(err).replace('--hf-config config: ', '')}"
+                                ) from None
+    except KeyError as err:
+        raise ConfigError(f"--model {file}: config.json has no field {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--model {file}: unsupported config.json ({err})") from None
+
+
+def _layer_params(model: ModelConfig, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (norms replicated)."""
+    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
+    qkv_out = (model.num_attention_heads + 2 * model.num_query_groups) * d // tp
+    attention = h * qkv_out + (model.num_attention_heads * d // tp) * h
+    if model.spec.add_qkv_bias:
+        attention += qkv_out
+    if model.spec.qk_layernorm:
+        attention += 2 * d
+    mlp = h * (2 * f // tp) + (f // tp) * h
+    return attention + mlp + 2 * h
+
+
+def count_parameters(model: ModelConfig) -> int:
+    """Parameters of the model as published (unpadded vocabulary, tied embeddings once)."""
+    embeddings = model.vocab_size * model.hidden_size
+    num_embedding_matrices = 2 if model.untie_embeddings_and_output_weights else 1
+    return (model.num_layers * _layer_params(model, 1) + model.hidden_size
+            + num_embedding_matrices * embeddings)
+
+
+def count_rank_parameters(model: ModelConfig, tp: int, pp: int, pp_rank: int) -> int:
+    """Parameters one GPU holds in Megatron: its TP shard of pipeline stage ``pp_rank``.
+
+    The vocabulary is padded to a multiple of 128 x TP. With tied embeddings and PP > 1 the
+    last stage holds its own copy of the embedding as the output layer (Megatron keeps the two
+    in sync with an all-reduce); with PP 1 the output layer reuses the embedding.
+    """
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    vocab_shard = model.padded_vocab_size(tp) // tp * model.hidden_size
+    count = model.num_layers // pp * _layer_params(model, tp)
+    if first:
+        count += vocab_shard
+    if last:
+        count += model.hidden_size  # final norm
+        if model.untie_embeddings_and_output_weights or not first:
+            count += vocab_shard
+    return count
+
+
+# ---- activations ----------------------------------------------------------------------------
+def activation_bytes_per_token(model: ModelConfig, recompute: str, seq_length: int) -> int:
+    """Bytes one transformer layer saves for backward per token (bf16, before dividing by TP).
+
+    ``none``: every tensor of the table in the module docstring; ``selective``: without the
+    core-attention term; ``full``: the layer's input only.
+    """
+    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
+    a, g = model.num_attention_heads, model.num_query_groups
+    if recompute == "full":
+        return 2 * h
+    saved = (
+        4 * h                 # inputs of the two RMSNorms
+        + 2 * h               # QKV projection input
+        + 2 * a * d + 4 * g * d  # Q, K, V after RoPE (K and V at the KV-head count)
+        + 2 * a * d           # core-attention output = output-projection input
+        + 2 * h               # fc1 input
+        + 4 * f               # SwiGLU input (gate and up halves)
+        + 2 * f               # fc2 input
+    )
+    if model.spec.qk_layernorm:
+        saved += 2 * a * d + 2 * g * d  # inputs of the per-head Q and K RMSNorms
+    if recompute == "none":
+        saved += 5 * a * seq_length  # softmax output, dropout mask, dropout output (paper)
+    return saved
+
+
+def stage_activation_bytes(model: ModelConfig, layout: Layout, settings: PlannerSettings,
+                           pp_rank: int) -> ActivationBytes:
+    """Activations one GPU of pipeline stage ``pp_rank`` holds at its peak under 1F1B."""
+    tp, pp = layout.tp, layout.pp
+    tokens = settings.micro_batch_size * settings.seq_length
+    in_flight = pp - pp_rank  # 1F1B: warm-up microbatches + the one in its forward pass
+    per_layer = tokens * activation_bytes_per_token(model, settings.recompute,
+                                                     settings.seq_length) // tp
+    working_set = 0
+    if settings.recompute == "full":
+        working_set = tokens * activation_bytes_per_token(model, "none",
+                                                           settings.seq_length) // tp
+    output_layer = logits = 0
+    if pp_rank == pp - 1:
+        output_layer = tokens * 2 * BYTES_BF16 * model.hidden_size // tp
+        logits = tokens * LOGIT_BYTES_PER_ENTRY * (model.padded_vocab_size(tp) // tp)
+    return ActivationBytes(
+        per_layer_microbatch=per_layer,
+        layers=per_layer * (model.num_layers // pp) * in_flight,
+        recompute_working_set=working_set,
+        output_layer=output_layer,
+        logits=logits,
+    )
+
+
+# ---- layouts --------------------------------------------------------------------------------
+def enumerate_layouts(num_gpus: int) -> list[Layout]:
+    """Every TP x PP x DP with product ``num_gpus``."""
+    divisors = [n for n in range(1, num_gpus + 1) if num_gpus % n == 0]
+    return [Layout(tp, pp, num_gpus // (tp * pp))
+            for tp in divisors for pp in divisors if num_gpus % (tp * pp) == 0]
+
+
+def layout_problems(model: ModelConfig, layout: Layout, settings: PlannerSettings) -> list[str]:
+    """Why Megatron could not build this layout, in words (empty: it can)."""
+    tp, pp = layout.tp, layout.pp
+    problems = []
+    if tp > settings.gpus_per_node:
+        problems.append(f"TP {tp} spans more than one {settings.gpus_per_node}-GPU node")
+    for value, what in ((model.num_attention_heads, "heads"),
+                        (model.num_query_groups, "KV heads"),
+                        (model.ffn_hidden_size, "FFN width")):
+        if value % tp:
+            problems.append(f"TP {tp} does not divide {value} {what}")
+    if model.num_layers % pp:
+        problems.append(f"PP {pp} does not divide {model.num_layers} layers")
+    if tp > 1 and settings.seq_length % tp:
+        problems.append(f"TP {tp} does not divide sequence length {settings.seq_length} "
+                        "(sequence parallelism)")
+    return problems
+
+
+def plan_stage(model: ModelConfig, layout: Layout, settings: PlannerSettings,
+               pp_rank: int) -> StagePlan:
+    num_params = count_rank_parameters(model, layout.tp, layout.pp, pp_rank)
+    activations = stage_activation_bytes(model, layout, settings, pp_rank)
+    optimizer_shards = layout.dp if settings.use_distributed_optimizer else 1
+    reference = WEIGHT_BYTES_PER_PARAM * num_params
+    memory = MemoryBreakdown(
+        weights=WEIGHT_BYTES_PER_PARAM * num_params,
+        gradients=GRAD_BYTES_PER_PARAM * num_params,
+        optimizer=math.ceil(OPTIMIZER_BYTES_PER_PARAM * num_params / optimizer_shards),
+        activations=activations.total,
+        reference=0 if settings.park_reference else reference,
+        sglang=(int(settings.sglang_mem_fraction * settings.gpu_memory * GIB)
+                if settings.colocate_sglang else 0),
+        reserved=int(settings.reserved_gib * GIB),
+        host_reference=reference if settings.park_reference else 0,
+        host_log_z=LOG_Z_BYTES_PER_PROMPT * math.ceil(settings.num_prompts / layout.dp),
+    )
+    if layout.pp == 1:
+        name = "only"
+    else:
+        name = "first" if pp_rank == 0 else "last" if pp_rank == layout.pp - 1 else "middle"
+    return StagePlan(name=name, num_params=num_params, activations=activations, memory=memory)
+
+
+def plan_layout(model: ModelConfig, layout: Layout, settings: PlannerSettings) -> LayoutPlan:
+    """Memory of the first and last pipeline stage of ``layout``, or why it cannot be built.
+
+    Middle stages hold fewer microbatches than the first and no embedding or logits, so they
+    never need more than the larger of the two.
+    """
+    gpu_memory = int(settings.gpu_memory * GIB)
+    problems = layout_problems(model, layout, settings)
+    if problems:
+        return LayoutPlan(layout, tuple(problems), gpu_memory=gpu_memory)
+    ranks = [0] if layout.pp == 1 else [0, layout.pp - 1]
+    stages = tuple(plan_stage(model, layout, settings, r) for r in ranks)
+    return LayoutPlan(layout, (), stages, gpu_memory)
+
+
+def preference_key(plan: LayoutPlan) -> tuple:
+    """Fitting layouts first; then the fewest GPUs per model replica (most DP), then the
+    least pipelining (TP inside a node is cheaper than a pipeline bubble)."""
+    return (not plan.fits, bool(plan.problems), plan.layout.model_parallel_size, plan.layout.pp)
+
+
+def plan_layouts(model: ModelConfig, num_gpus: int, settings: PlannerSettings
+                 ) -> list[LayoutPlan]:
+    """Every layout of ``num_gpus``, best first (see :func:`preference_key`)."""
+    if num_gpus < 1:
+        raise ConfigError(f"--gpus {num_gpus}: must be >= 1")
+    settings.validate()
+    plans = [plan_layout(model, layout, settings) for layout in enumerate_layouts(num_gpus)]
+    return sorted(plans, key=preference_key)
+
+
+def check_layout(model: ModelConfig, num_gpus: int, tp: int, pp: int,
+                 settings: PlannerSettings) -> LayoutPlan:
+    """The plan of one layout given as TP and PP (DP = num_gpus / (TP x PP))."""
+    settings.validate()
+    for name, value in (("gpus", num_gpus), ("tp", tp), ("pp", pp)):
+        if value < 1:
+            raise ConfigError(f"--{name} {value}: must be >= 1")
+    if num_gpus % (tp * pp):
+        raise ConfigError(f"--gpus {num_gpus} is not divisible by --tp {tp} x --pp {pp}"
+                                f" = {tp * pp}")
+    return plan_layout(model, Layout(tp, pp, num_gpus // (tp * pp)), settings)
+
+
+def memory_shortfall(stage: StagePlan, gpu_memory: int, *, multi_stage: bool) -> str:
+    """``needs 91.2 GiB > 80 GiB: optimizer 40.1 GiB, ...`` (terms largest first)."""
+    memory = stage.memory
+    terms = sorted(((getattr(memory, n), n) for n in MemoryBreakdown.DEVICE_TERMS),
+                   key=lambda t: -t[0])
+    listed = ", ".join(f"{name} {gib(value):.1f} GiB" for value, name in terms if value)
+    where = f" on the {stage.name} stage" if multi_stage else ""
+    return f"needs {gib(memory.total):.1f} GiB > {gib(gpu_memory):g} GiB{where}: {listed}"

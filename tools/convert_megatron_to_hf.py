@@ -1,0 +1,45 @@
+"""Convert a megatron-paced checkpoint (the latest iteration of ``--load``; model-only or a
+training checkpoint, any TP/PP/DP it was written on) to a Hugging Face folder: safetensors
+shards, ``config.json`` and the tokenizer files, loadable by ``transformers`` and SGLang.
+
+One process; layers are streamed one at a time::
+
+    python tools/convert_megatron_to_hf.py --load runs/qwen7b --save hf/qwen7b-step200
+    python tools/convert_megatron_to_hf.py --load runs/demo --save hf/demo --tokenizer tok/
+
+The config and tokenizer come from ``<load>/hf/`` (kept there by convert_hf_to_megatron),
+else the config is generated from the checkpoint's model config and the tokenizer is taken
+from ``--tokenizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--load", required=True, help="megatron-paced checkpoint folder")
+    parser.add_argument("--save", required=True, help="output folder (must not exist)")
+    parser.add_argument("--tokenizer", help="tokenizer folder to copy (default <load>/hf)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    parser.add_argument("--quiet", action="store_true", help="no per-layer progress")
+    args = parser.parse_args(argv)
+    from megatron_paced.compat import enable_cpu_compat
+    from megatron_paced.config import ConfigError
+    from megatron_paced.convert import convert_megatron_to_hf
+
+    enable_cpu_compat()
+    try:
+        cfg = convert_megatron_to_hf(args.load, args.save, tokenizer=args.tokenizer,
+                                     max_shard_gb=args.max_shard_gb, progress=not args.quiet)
+    except ConfigError as err:
+        print(f"convert_megatron_to_hf: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.save} ({cfg.architecture}, {cfg.num_layers} layers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
