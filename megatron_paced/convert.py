@@ -182,8 +182,8 @@ def convert_hf_to_megatron(hf_dir: str, save: str, parallel: ParallelConfig, *,
     from megatron_paced.models.sharding import global_param_names, load_full_params_
     from megatron_paced.parallel import destroy_parallel, initialize_parallel
 
-    parallel.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     source = open_hf_checkpoint(hf_dir, parallel)
+    parallel.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     staging = _check_output(save)
     cfg = source.model_cfg
     ctx = initialize_parallel(parallel, seed=0)
@@ -358,15 +358,20 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
                 if not k.startswith(("optimizer", "paced"))}
     layer_keys = [k for k in metadata if k.startswith("decoder.layers.")]
     global_keys = [k for k in metadata if not k.startswith("decoder.layers.")]
-    dtype = metadata["embedding.word_embeddings.weight"].dtype
+    dtype = metadata["embedding.word_embeddings.weight"].dtype  # the model's weights' dtype
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     writer = _ShardWriter(staging, int(max_shard_gb * 2**30))
     started = time.perf_counter()
-    embeddings = megatron_to_hf(_load_layer(path, metadata, global_keys, None), cfg)
+    def to_hf(layer: int | None) -> dict[str, torch.Tensor]:  # norms may be kept in fp32
+        keys = global_keys if layer is None else layer_keys
+        return {k: v.to(dtype) for k, v in
+                megatron_to_hf(_load_layer(path, metadata, keys, layer), cfg).items()}
+
+    embeddings = to_hf(None)
     writer.add({"model.embed_tokens.weight": embeddings.pop("model.embed_tokens.weight")})
     for layer in range(cfg.num_layers):
-        writer.add(megatron_to_hf(_load_layer(path, metadata, layer_keys, layer), cfg))
+        writer.add(to_hf(layer))
         _progress(f"layer {layer + 1}/{cfg.num_layers} ({time.perf_counter() - started:.1f} s)",
                   progress)
     writer.add(embeddings)  # final norm (and lm_head when untied)

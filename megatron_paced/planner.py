@@ -6,18 +6,21 @@ pipeline stage, or the last one when the logits dominate), as the sum of these t
 
     term          bytes per GPU (P = this rank's parameters: its TP shard of its PP stage)
     ------------  -------------------------------------------------------------------------
-    weights       2 P                  bf16 model parameters
+    weights       2 P                  bf16 model parameters (4 P with --params-dtype fp32)
     gradients     4 P                  fp32 grad buffer (Megatron DDP, grad_reduce_in_fp32)
     optimizer     12 P / DP            fp32 main params + Adam m + v, sharded over DP by the
-                                       distributed optimizer (12 P without it)
+                                       distributed optimizer (12 P without it; fp32 params
+                                       are their own main copy: 8 P / DP)
     activations   see below            saved for backward, times the microbatches in flight
-    reference     2 P                  frozen bf16 reference (0 when parked on the host)
+    logits        see below            last stage: logits and log-softmax buffers
+    reference     2 P                  frozen reference, same dtype and layout (0 when it is
+                                       parked on the host or not built)
     sglang        f x GPU memory       a colocated SGLang's static pool (weights + KV cache)
     reserved      a constant           CUDA context, NCCL buffers, allocator fragmentation
 
 weights + gradients + optimizer is Megatron's own figure of 6 + 12/d bytes per parameter
-(bf16 params, fp32 grads, distributed optimizer; 18 without it), from the Megatron-Core
-distributed optimizer guide,
+(bf16 params, fp32 grads, distributed optimizer; 18 without it; 8 + 8/d and 16 for fp32
+params), from the Megatron-Core distributed optimizer guide,
 https://docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/dist_optimizer.html .
 The fp32 main copy of the weights is counted once, under ``optimizer``.
 
@@ -26,7 +29,8 @@ Transformer Models" (arXiv:2205.05198): with tensor and sequence parallelism a G
 ``s b h (34 + 5 a s / h) / t`` bytes (bf16) without recomputation, ``34 s b h / t`` with
 selective recomputation (core attention recomputed) and ``2 s b h / t`` with full
 recomputation. The 34 is a sum of named tensors; :func:`activation_bytes_per_token` redoes that
-sum for a Llama/Qwen layer (bytes per token, per layer, before the division by TP):
+sum for a Llama/Qwen layer (bf16 bytes per token, per layer, before the division by TP; fp32
+doubles them):
 
     RMSNorm inputs (2 norms)                 4 h
     QKV projection input                     2 h
@@ -72,21 +76,19 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from megatron_paced.config import ConfigError, require
 from megatron_paced.models.config import PRESETS, ModelConfig
 
 GIB = 1024**3
 
-BYTES_BF16 = 2
-BYTES_FP32 = 4
-WEIGHT_BYTES_PER_PARAM = BYTES_BF16
-"""bf16 model parameters."""
-GRAD_BYTES_PER_PARAM = BYTES_FP32
+BYTES_PER_VALUE = {"bf16": 2, "fp32": 4}
+GRAD_BYTES_PER_PARAM = 4
 """fp32 main-grad buffer (Megatron DDP with grad_reduce_in_fp32; not sharded over DP)."""
-OPTIMIZER_BYTES_PER_PARAM = 3 * BYTES_FP32
-"""fp32 main params + Adam exp_avg + exp_avg_sq; divided by DP with the distributed optimizer."""
+OPTIMIZER_BYTES_PER_PARAM = {"bf16": 12, "fp32": 8}
+"""Divided by DP with the distributed optimizer. bf16 params: fp32 main params + Adam exp_avg
++ exp_avg_sq; fp32 params are their own main copy: exp_avg + exp_avg_sq."""
 LOGIT_BYTES_PER_ENTRY = 16
 """Per token and local vocabulary entry on the last stage: bf16 logits (2), padding-masked
 copy (2), fp32 upcast (4), shifted (4), exp/softmax kept for backward (4)."""
@@ -95,6 +97,8 @@ LOG_Z_BYTES_PER_PROMPT = 32
 
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
+ParamsDtype = Literal["bf16", "fp32"]
+ReferencePlace = Literal["gpu", "host", "none"]
 
 
 # Shapes beyond megatron_paced.models.config.PRESETS, from the models' Hugging Face config.json.
@@ -127,14 +131,18 @@ class PlannerSettings:
     """Tokens per sequence (prompt + response)."""
     recompute: Recompute = "selective"
     """Activation recomputation: none, selective (core attention) or full (every layer)."""
+    params_dtype: ParamsDtype = "bf16"
+    """Dtype of the weights and activations: bf16 (mixed precision, fp32 main params and
+    grads) or fp32 (what build_policy builds unless told otherwise)."""
     gpu_memory: float = 80.0
     """Memory of one GPU, in GiB."""
     gpus_per_node: int = 8
     """GPUs per node: tensor parallelism stays inside a node."""
     use_distributed_optimizer: bool = True
     """Shard fp32 main params and Adam state over DP (Megatron's distributed optimizer)."""
-    park_reference: bool = False
-    """Keep the frozen reference in host memory between uses (not counted on the GPU)."""
+    reference: ReferencePlace = "gpu"
+    """The frozen reference model: on the gpu, parked on the host between uses, or none (PACED
+    builds none; FlowRL and GRPO with a KL term do)."""
     colocate_sglang: bool = False
     """An SGLang server shares each GPU and keeps its static pool during training."""
     sglang_mem_fraction: float = 0.3
@@ -149,6 +157,10 @@ class PlannerSettings:
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         require(self.recompute in RECOMPUTE_CHOICES, "recompute", self.recompute,
                 f"choose from {', '.join(RECOMPUTE_CHOICES)}")
+        require(self.params_dtype in BYTES_PER_VALUE, "params_dtype", self.params_dtype,
+                "choose from bf16, fp32")
+        require(self.reference in ("gpu", "host", "none"), "reference", self.reference,
+                "choose from gpu, host, none")
         require(self.gpu_memory > 0, "gpu_memory", self.gpu_memory, "must be > 0 (GiB)")
         require(0 < self.sglang_mem_fraction < 1, "sglang_mem_fraction",
                 self.sglang_mem_fraction, "must be in (0, 1)")
@@ -178,22 +190,31 @@ class Layout:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes on one GPU (the worst pipeline stage), by what holds them."""
+    """Bytes on one GPU of one pipeline stage, by what holds them (see the module docstring)."""
 
     weights: int
+    """The policy's parameters (bf16 or fp32)."""
     gradients: int
+    """fp32 grad buffer."""
     optimizer: int
+    """fp32 main params (bf16 runs) and Adam moments, this rank's DP shard."""
     activations: int
+    """Saved for backward by the stage's layers, all microbatches in flight."""
+    logits: int
+    """Last stage: one microbatch's logits and log-softmax buffers."""
     reference: int
+    """The frozen reference's parameters, when kept on the GPU."""
     sglang: int
+    """A colocated SGLang's static pool."""
     reserved: int
+    """CUDA context, NCCL buffers, fragmentation."""
     host_reference: int
     """The parked reference, in host memory (not part of ``total``)."""
     host_log_z: int
     """This rank's log-Z shard, in host memory (not part of ``total``)."""
 
-    DEVICE_TERMS = ("weights", "gradients", "optimizer", "activations", "reference", "sglang",
-                    "reserved")
+    DEVICE_TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "reference",
+                    "sglang", "reserved")
 
     @property
     def total(self) -> int:
@@ -217,12 +238,10 @@ class ActivationBytes:
     """Full recompute only: one layer's activations while it is recomputed."""
     output_layer: int
     """Last stage: the final norm's input and the output layer's input."""
-    logits: int
-    """Last stage: logits and their log-softmax buffers."""
 
     @property
     def total(self) -> int:
-        return self.layers + self.recompute_working_set + self.output_layer + self.logits
+        return self.layers + self.recompute_working_set + self.output_layer
 
 
 @dataclass(frozen=True)
@@ -250,11 +269,11 @@ class LayoutPlan:
     """Bytes of one GPU."""
 
     @property
-    def worst(self) -> Optional[StagePlan]:
+    def worst(self) -> StagePlan | None:
         return max(self.stages, key=lambda s: s.memory.total) if self.stages else None
 
     @property
-    def memory(self) -> Optional[MemoryBreakdown]:
+    def memory(self) -> MemoryBreakdown | None:
         return self.worst.memory if self.worst else None
 
     @property
@@ -290,6 +309,8 @@ def resolve_model(name_or_path: str) -> ModelConfig:
         model.validate()
     except ConfigError as err:
         raise ConfigError(f"--model {name_or_path}: {err}") from None
+    except TypeError as err:  # e.g. "hidden_size": "4096" in a config.json
+        raise ConfigError(f"--model {name_or_path}: a field has the wrong type ({err})") from None
     return model
 
 
@@ -356,29 +377,34 @@ def count_rank_parameters(model: ModelConfig, tp: int, pp: int, pp_rank: int) ->
 
 
 # ---- activations ----------------------------------------------------------------------------
-def activation_bytes_per_token(model: ModelConfig, recompute: str, seq_length: int) -> int:
-    """Bytes one transformer layer saves for backward per token (bf16, before dividing by TP).
+def activation_bytes_per_token(model: ModelConfig, recompute: str, seq_length: int,
+                               params_dtype: str = "bf16") -> int:
+    """Bytes one transformer layer saves for backward per token (before dividing by TP).
 
     ``none``: every tensor of the table in the module docstring; ``selective``: without the
-    core-attention term; ``full``: the layer's input only.
+    core-attention term; ``full``: the layer's input only. The table is in bf16 bytes; fp32
+    doubles every value (the dropout mask stays 1 byte).
     """
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     a, g = model.num_attention_heads, model.num_query_groups
+    bytes_per_value = BYTES_PER_VALUE[params_dtype]
     if recompute == "full":
-        return 2 * h
-    saved = (
-        4 * h                 # inputs of the two RMSNorms
-        + 2 * h               # QKV projection input
-        + 2 * a * d + 4 * g * d  # Q, K, V after RoPE (K and V at the KV-head count)
-        + 2 * a * d           # core-attention output = output-projection input
-        + 2 * h               # fc1 input
-        + 4 * f               # SwiGLU input (gate and up halves)
-        + 2 * f               # fc2 input
+        return bytes_per_value * h
+    values = (
+        2 * h                 # inputs of the two RMSNorms
+        + h                   # QKV projection input
+        + a * d + 2 * g * d   # Q, K, V after RoPE (K and V at the KV-head count)
+        + a * d               # core-attention output = output-projection input
+        + h                   # fc1 input
+        + 2 * f               # SwiGLU input (gate and up halves)
+        + f                   # fc2 input
     )
     if model.spec.qk_layernorm:
-        saved += 2 * a * d + 2 * g * d  # inputs of the per-head Q and K RMSNorms
+        values += a * d + g * d  # inputs of the per-head Q and K RMSNorms
+    saved = bytes_per_value * values
     if recompute == "none":
-        saved += 5 * a * seq_length  # softmax output, dropout mask, dropout output (paper)
+        # Softmax output, dropout mask (1 byte), dropout output: the paper's 5 a s^2 b in bf16.
+        saved += (2 * bytes_per_value + 1) * a * seq_length
     return saved
 
 
@@ -388,23 +414,31 @@ def stage_activation_bytes(model: ModelConfig, layout: Layout, settings: Planner
     tp, pp = layout.tp, layout.pp
     tokens = settings.micro_batch_size * settings.seq_length
     in_flight = pp - pp_rank  # 1F1B: warm-up microbatches + the one in its forward pass
+    dtype = settings.params_dtype
     per_layer = tokens * activation_bytes_per_token(model, settings.recompute,
-                                                     settings.seq_length) // tp
+                                                     settings.seq_length, dtype) // tp
     working_set = 0
     if settings.recompute == "full":
-        working_set = tokens * activation_bytes_per_token(model, "none",
-                                                           settings.seq_length) // tp
-    output_layer = logits = 0
-    if pp_rank == pp - 1:
-        output_layer = tokens * 2 * BYTES_BF16 * model.hidden_size // tp
-        logits = tokens * LOGIT_BYTES_PER_ENTRY * (model.padded_vocab_size(tp) // tp)
+        working_set = tokens * activation_bytes_per_token(model, "none", settings.seq_length,
+                                                           dtype) // tp
+    output_layer = 0
+    if pp_rank == pp - 1:  # inputs of the final norm and of the output layer
+        output_layer = tokens * 2 * BYTES_PER_VALUE[dtype] * model.hidden_size // tp
     return ActivationBytes(
         per_layer_microbatch=per_layer,
         layers=per_layer * (model.num_layers // pp) * in_flight,
         recompute_working_set=working_set,
         output_layer=output_layer,
-        logits=logits,
     )
+
+
+def stage_logit_bytes(model: ModelConfig, layout: Layout, settings: PlannerSettings,
+                      pp_rank: int) -> int:
+    """Last stage only: one microbatch's logits and log-softmax buffers on one GPU."""
+    if pp_rank != layout.pp - 1:
+        return 0
+    tokens = settings.micro_batch_size * settings.seq_length
+    return tokens * LOGIT_BYTES_PER_ENTRY * (model.padded_vocab_size(layout.tp) // layout.tp)
 
 
 # ---- layouts --------------------------------------------------------------------------------
@@ -436,20 +470,23 @@ def layout_problems(model: ModelConfig, layout: Layout, settings: PlannerSetting
 
 def plan_stage(model: ModelConfig, layout: Layout, settings: PlannerSettings,
                pp_rank: int) -> StagePlan:
+    """Parameters and memory of one GPU of pipeline stage ``pp_rank``."""
     num_params = count_rank_parameters(model, layout.tp, layout.pp, pp_rank)
     activations = stage_activation_bytes(model, layout, settings, pp_rank)
     optimizer_shards = layout.dp if settings.use_distributed_optimizer else 1
-    reference = WEIGHT_BYTES_PER_PARAM * num_params
+    weights = BYTES_PER_VALUE[settings.params_dtype] * num_params
     memory = MemoryBreakdown(
-        weights=WEIGHT_BYTES_PER_PARAM * num_params,
+        weights=weights,
         gradients=GRAD_BYTES_PER_PARAM * num_params,
-        optimizer=math.ceil(OPTIMIZER_BYTES_PER_PARAM * num_params / optimizer_shards),
+        optimizer=math.ceil(OPTIMIZER_BYTES_PER_PARAM[settings.params_dtype] * num_params
+                            / optimizer_shards),
         activations=activations.total,
-        reference=0 if settings.park_reference else reference,
+        logits=stage_logit_bytes(model, layout, settings, pp_rank),
+        reference=weights if settings.reference == "gpu" else 0,
         sglang=(int(settings.sglang_mem_fraction * settings.gpu_memory * GIB)
                 if settings.colocate_sglang else 0),
         reserved=int(settings.reserved_gib * GIB),
-        host_reference=reference if settings.park_reference else 0,
+        host_reference=weights if settings.reference == "host" else 0,
         host_log_z=LOG_Z_BYTES_PER_PROMPT * math.ceil(settings.num_prompts / layout.dp),
     )
     if layout.pp == 1:
@@ -498,8 +535,8 @@ def check_layout(model: ModelConfig, num_gpus: int, tp: int, pp: int,
         if value < 1:
             raise ConfigError(f"--{name} {value}: must be >= 1")
     if num_gpus % (tp * pp):
-        raise ConfigError(f"--gpus {num_gpus} is not divisible by --tp {tp} x --pp {pp}"
-                                f" = {tp * pp}")
+        raise ConfigError(f"--gpus {num_gpus} is not divisible by --tp {tp} x --pp {pp} "
+                          f"= {tp * pp}")
     return plan_layout(model, Layout(tp, pp, num_gpus // (tp * pp)), settings)
 
 

@@ -1,5 +1,11 @@
-"""A real Slurm job: ``tools/slurm_loopback.sh`` brings up a one-node cluster on 127.0.0.1, then
-``examples/tiny_cpu.sh`` goes through ``sbatch --wait`` as two Slurm tasks, and trains.
+"""The launch scripts of ``examples/``.
+
+* Every script's trainer flags are real and consistent: each script runs with stand-ins for
+  ``torchrun``, ``srun``, ``scontrol`` and ``curl`` on ``PATH``, and the flags it would launch
+  are parsed by paced-train's own parser and checked against the world size it would start
+  (TP x PP divides it, the batch divides over DP, the model's heads and layers over TP and PP).
+* A real Slurm job (slow): ``tools/slurm_loopback.sh`` brings up a one-node cluster on 127.0.0.1,
+  then ``examples/tiny_cpu.sh`` goes through ``sbatch --wait`` as two Slurm tasks, and trains.
 
 The two tasks are two torchrun agents on the one node, each with one process
 (``torchrun --nnodes 2 --nproc-per-node 1 --node-rank $SLURM_PROCID``): the arrangement of the
@@ -28,6 +34,114 @@ FLAGS = ["--train-iters", "2", "--num-prompts-per-step", "4", "--num-samples-per
          "--no-replay-successful-only", "--max-new-tokens", "6", "--eval-interval", "0",
          "--save-interval", "0"]
 JOB_TIMEOUT_S = 240
+
+# Stand-ins that record what the scripts would run. srun runs its command with
+# SLURM_PROCID=0 (the first task), except an SGLang server, which it only records.
+SHIMS = {
+    "torchrun": 'printf "%s\\n" "$@" >"$SHIM_LOG/torchrun"\n',
+    "srun": ('printf "%s\\n" "$*" >>"$SHIM_LOG/srun"\n'
+             'while [[ $# -gt 0 && $1 == --* ]]; do shift; done\n'
+             '[[ $1 == python ]] && exit 0\n'
+             'SLURM_PROCID=0 exec "$@"\n'),
+    "scontrol": 'printf "%s\\n" $SHIM_NODES\n',
+    "curl": "exit 0\n",
+}
+# Shapes of the Hugging Face configs of the sbatch targets (--hf-config).
+HF_CONFIGS = {
+    "qwen2.5_32b.sbatch": dict(
+        architectures=["Qwen2ForCausalLM"], num_hidden_layers=64, hidden_size=5120,
+        intermediate_size=27648, num_attention_heads=40, num_key_value_heads=8,
+        vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, hidden_act="silu"),
+    "llama3_70b.sbatch": dict(
+        architectures=["LlamaForCausalLM"], num_hidden_layers=80, hidden_size=8192,
+        intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=5e5, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, hidden_act="silu"),
+}
+# script, environment, nodes of the Slurm job, expected (world size, TP, PP, SGLang URLs)
+LAUNCHES = [
+    ("qwen2.5_1.5b_math.sh", {}, [], (8, 1, 1, [])),
+    ("qwen2.5_7b_math.sh", {"TASK": "math500", "ROLLOUT": "sglang",
+                            "SGLANG_URL": "http://a:30000 http://b:30000"}, [],
+     (8, 2, 1, ["http://a:30000", "http://b:30000"])),
+    ("qwen2.5_32b.sbatch", {}, ["n0", "n1", "n2"], (16, 8, 2, ["http://n2:30000"])),
+    ("llama3_70b.sbatch", {}, [f"n{i}" for i in range(5)], (32, 8, 4, ["http://n4:30000"])),
+    ("llama3_70b.sbatch", {"SGLANG_NODES": "2"}, [f"n{i}" for i in range(6)],
+     (32, 8, 4, ["http://n4:30000", "http://n5:30000"])),
+]
+
+
+def _run_script(tmp_path, script: str, env: dict, nodes: list[str]):
+    bin_dir, log_dir, hf_dir = tmp_path / "bin", tmp_path / "log", tmp_path / "hf"
+    for folder in (bin_dir, log_dir, hf_dir):
+        folder.mkdir(exist_ok=True)
+    for name, body in SHIMS.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    if script in HF_CONFIGS:
+        (hf_dir / "config.json").write_text(json.dumps(HF_CONFIGS[script]))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env.update(PATH=f"{bin_dir}{os.pathsep}{full_env.get('PATH', '')}",
+                    SHIM_LOG=str(log_dir), SHIM_NODES=" ".join(nodes), HF_DIR=str(hf_dir),
+                    SAVE=str(tmp_path / "save"), **env)
+    if nodes:
+        full_env.update(SLURM_JOB_ID="1", SLURM_JOB_NODELIST=",".join(nodes))
+    result = subprocess.run(["bash", str(REPO / "examples" / script)], env=full_env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    return result, log_dir
+
+
+@pytest.mark.parametrize("script,env,nodes,expected", LAUNCHES,
+                         ids=[f"{s}-{'-'.join(e) or 'default'}" for s, e, _, _ in LAUNCHES])
+def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env, nodes,
+                                                          expected):
+    from megatron_paced.train import parse_args
+
+    world_size, tp, pp, urls = expected
+    result, log_dir = _run_script(tmp_path, script, env, nodes)
+    assert result.returncode == 0, result.stderr
+    argv = (log_dir / "torchrun").read_text().splitlines()
+    split = argv.index("-m")
+    assert argv[split + 1] == "megatron_paced.train"
+    launcher = dict(zip(argv[:split:2], argv[1:split:2]))
+    assert int(launcher["--nnodes"]) * int(launcher["--nproc-per-node"]) == world_size
+    assert launcher["--node-rank"] == "0"
+    if nodes:  # the head node hosts the rendezvous; the SGLang nodes train nothing
+        assert launcher["--master-addr"] == nodes[0]
+        assert int(launcher["--nnodes"]) == len(nodes) - len(urls)
+    cfgs = parse_args(argv[split + 2:])
+    parallel, train = cfgs["parallel"], cfgs["train"]
+    assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) == (tp, pp)
+    parallel.validate(world_size=world_size)
+    cfgs["model"].validate(parallel)
+    cfgs["rollout"].validate()
+    train.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
+    # The paper's settings.
+    assert (train.algo, train.beta, train.num_samples_per_prompt) == ("paced", 0.05, 8)
+    assert (cfgs["optimizer"].lr, train.max_new_tokens) == (1e-6, 3072)
+    assert cfgs["data"].max_prompt_length == 1024
+    assert cfgs["task"].task == env.get("TASK", "gsm8k")
+    assert cfgs["task"].tokenizer == str(tmp_path / "hf")
+    assert cfgs["rollout"].rollout_backend == ("sglang" if urls else "embedded")
+    assert cfgs["rollout"].sglang_url == urls
+    if script.endswith(".sbatch"):
+        sruns = (log_dir / "srun").read_text().splitlines()
+        sglang = [line for line in sruns if "sglang.launch_server" in line]
+        assert len(sglang) == 1 and "--overlap" in sglang[0] and "--tp 8" in sglang[0]
+        assert f"--nodelist={','.join(nodes[-len(urls):])}" in sglang[0]
+
+
+@pytest.mark.parametrize("script,env,nodes,message", [
+    ("qwen2.5_7b_math.sh", {"ROLLOUT": "sglang"}, [], "ROLLOUT=sglang needs SGLANG_URL"),
+    ("qwen2.5_1.5b_math.sh", {"ROLLOUT": "vllm"}, [], "choose embedded or sglang"),
+    ("qwen2.5_32b.sbatch", {"SGLANG_NODES": "0"}, ["n0", "n1"], "needs PP=1"),
+    ("llama3_70b.sbatch", {}, ["n0", "n1", "n2"], "need a multiple of TP 8 x PP 4 GPUs"),
+])
+def test_example_refuses_a_layout_it_cannot_run(tmp_path, script, env, nodes, message):
+    result, log_dir = _run_script(tmp_path, script, env, nodes)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (log_dir / "torchrun").exists()
 
 
 def _start_cluster() -> None:

