@@ -425,9 +425,10 @@ def train_step(run: Run) -> dict:
     rewards = run.score(problems, completions)                                       # score
     fresh = run.fresh_batch(problems, completions)
     acc_before, p_obs, replayed = run.replay_step(prompt_ids, fresh, rewards, step)  # replay
-    batch = run.make_batch(prompt_ids, fresh, rewards, replayed)                     # old log-probs
-    losses = run.optimize(batch)                                                     # loss, optimize
-    run.step, run.num_samples = step, run.num_samples + cfg.num_prompts_per_step * cfg.num_samples_per_prompt
+    batch = run.make_batch(prompt_ids, fresh, rewards, replayed)                     # pi_old
+    losses = run.optimize(batch)                                                     # optimize
+    run.step = step
+    run.num_samples += cfg.num_prompts_per_step * cfg.num_samples_per_prompt
     run.sync()                                                                       # sync
     reward_mean, mae, selected = run.dp_mean([float(rewards.mean()),                 # log
                                               float((acc_before - p_obs).abs().mean()),
@@ -483,7 +484,8 @@ def train(cfgs: dict, task=None) -> Run:
     run = Run(cfgs, task)
     if cfg.load and check_loadable(cfg.load, run.model_cfg) is not None:
         counters = load_checkpoint(cfg.load, run.policy, run.paced_state)
-        run.step, run.num_samples = int(counters.get("step", 0)), int(counters.get("num_samples", 0))
+        run.step = int(counters.get("step", 0))
+        run.num_samples = int(counters.get("num_samples", 0))
     if run.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(run)
     if run.reference is not None:
