@@ -71,12 +71,19 @@ def test_tiny_models_convert_on_tp_pp_and_roundtrip(tiny_models, tmp_path):
     assert max(worst.values()) <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def smollm2_converted(tmp_path_factory):
+    """SmolLM2-135M-Instruct (9 heads in 3 KV groups: TP2 cannot split it, so TP3 and TP3xPP2
+    on 6 processes stand in for the tiny models' TP2 and TP2xPP2) converted and checked; the
+    worst logit error and the output folder (``SmolLM2-135M-Instruct-tp1pp1`` inside)."""
+    out = tmp_path_factory.mktemp("smollm2") / "out"
+    return _run_worker(out, 6, [smollm2_folder()], ["1x1", "3x1", "3x2"]), out
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_smollm2_real_weights_convert_and_roundtrip(tmp_path):
-    """SmolLM2-135M-Instruct has 9 heads in 3 KV groups: TP2 cannot split it, so TP3 and
-    TP3xPP2 (6 processes) stand in for the tiny models' TP2 and TP2xPP2."""
-    worst = _run_worker(tmp_path / "out", 6, [smollm2_folder()], ["1x1", "3x1", "3x2"])
+def test_smollm2_real_weights_convert_and_roundtrip(smollm2_converted):
+    worst, _ = smollm2_converted
     assert max(worst.values()) <= 1e-4
 
 
@@ -157,20 +164,18 @@ if __name__ == "__main__":  # Megatron's checkpoint writer re-imports the main m
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_paced_train_starts_from_converted_smollm2_on_gsm8k(tmp_path):
+def test_paced_train_starts_from_converted_smollm2_on_gsm8k(smollm2_converted, tmp_path):
     """Real weights and real data through the trainer: the converted SmolLM2 checkpoint is
     --load'ed by paced-train on GSM8K (chat template, math-verify reward) for one step."""
     from megatron_paced.testing.distributed import launch_workers
 
-    hf_dir, ckpt, save = smollm2_folder(), tmp_path / "ckpt", tmp_path / "run"
-    result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", hf_dir, "--save",
-                        str(ckpt), "--quiet", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    hf_dir, save = smollm2_folder(), tmp_path / "run"
+    ckpt = smollm2_converted[1] / "SmolLM2-135M-Instruct-tp1pp1"
     result = launch_workers("megatron_paced.train", nprocs=1, timeout_s=600, args=[
         "--hf-config", str(ckpt / "hf"), "--tokenizer", str(ckpt / "hf"), "--load", str(ckpt),
-        "--task", "gsm8k", "--max-prompt-length", "256", "--on-long-prompt", "skip",
+        "--task", "gsm8k", "--max-prompt-length", "160", "--on-long-prompt", "skip",
         "--num-prompts-per-step", "2", "--num-samples-per-prompt", "2",
-        "--micro-batch-size", "4", "--max-new-tokens", "24", "--train-iters", "1",
+        "--micro-batch-size", "4", "--max-new-tokens", "12", "--train-iters", "1",
         "--lr", "1e-6", "--save", str(save)])
     assert result.returncode == 0, result.output[-4000:]
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
