@@ -99,6 +99,12 @@ class TrainConfig:
     """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
     flowrl_clip: float = 0.2
     """FlowRL's importance-weight clip."""
+    dynamic_sampling: bool = False
+    """DAPO-style dynamic sampling (a GRPO baseline): draw more rounds of prompts until the step
+    has --num-prompts-per-step groups whose rewards differ; every completion generated counts
+    in num_samples. Needs --prompt-selection uniform."""
+    dynamic_sampling_max_rounds: int = 4
+    """Most rounds of dynamic sampling per step (then groups with equal rewards fill in)."""
     use_rollout_logprobs: bool = False
     """pi_old from the rollout engine instead of a trainer recompute."""
     wandb_project: Optional[str] = None
@@ -132,6 +138,8 @@ class TrainConfig:
                 f"must divide the {total // dp_size} sequences per data-parallel rank "
                 f"({total} per step over {dp_size} ranks)")
         require(self.eval_k >= 1, "eval_k", self.eval_k, "must be >= 1")
+        require(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
+                self.dynamic_sampling_max_rounds, "must be >= 1")
         return total
 
 
@@ -244,6 +252,38 @@ class Run:
         per_rank = len(chosen) // self.ctx.dp_size
         self.paced_seconds += time.perf_counter() - start
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+
+    def select_generate_score(self, step: int):
+        """select -> generate -> score: this rank's prompt ids, problems, completions and (P, G)
+        rewards, and the completions generated on all ranks. With --dynamic-sampling, rounds
+        of fresh prompts follow until every rank has its share of groups whose rewards differ
+        (the others carry no GRPO signal); round 0 is the plain step."""
+        cfg, per_rank = self.cfg, self.cfg.num_prompts_per_step // self.ctx.dp_size
+        rounds = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1
+        collected, num_informative, num_generated = [], 0, 0
+        for round_index in range(rounds):
+            key = step + round_index * 1_000_003  # round 0: the step's own selection and seed
+            prompt_ids = self.select(key)
+            problems = [self.problems[int(i)] for i in prompt_ids]
+            completions = self.generate(problems, cfg.num_samples_per_prompt, seed=key)
+            rewards = self.score(problems, completions)
+            num_generated += rewards.numel()
+            for i in range(len(problems)):
+                differs = bool(rewards[i].max() > rewards[i].min())
+                collected.append((not differs, prompt_ids[i], problems[i], completions[i],
+                                  rewards[i]))
+                num_informative += differs
+            enough = torch.tensor([float(num_informative >= per_rank)])
+            dist.all_reduce(enough, op=dist.ReduceOp.MIN)  # every rank runs the same rounds
+            if not cfg.dynamic_sampling or enough.item():
+                break
+        # Dynamic sampling keeps groups whose rewards differ first (a stable sort).
+        rows = sorted(collected, key=lambda r: r[0])[:per_rank] if cfg.dynamic_sampling \
+            else collected
+        total = torch.tensor([float(num_generated)])
+        dist.all_reduce(total, group=self.ctx.dp_group)
+        return (torch.stack([r[1] for r in rows]), [r[2] for r in rows], [r[3] for r in rows],
+                torch.stack([r[4] for r in rows]), int(total.item()))
 
     # ---- generate and score -----------------------------------------------------------------
     def generate(self, problems, n: int, seed: int):
@@ -418,17 +458,14 @@ class Run:
 def train_step(run: Run) -> dict:
     """One RL step; returns its metrics."""
     start, run.paced_seconds = time.perf_counter(), 0.0
-    step, cfg = run.step + 1, run.cfg
-    prompt_ids = run.select(step)                                                    # select
-    problems = [run.problems[int(i)] for i in prompt_ids]
-    completions = run.generate(problems, cfg.num_samples_per_prompt, seed=step)      # generate
-    rewards = run.score(problems, completions)                                       # score
+    step = run.step + 1
+    prompt_ids, problems, completions, rewards, num_generated = \
+        run.select_generate_score(step)                              # select, generate, score
     fresh = run.fresh_batch(problems, completions)
     acc_before, p_obs, replayed = run.replay_step(prompt_ids, fresh, rewards, step)  # replay
     batch = run.make_batch(prompt_ids, fresh, rewards, replayed)                     # pi_old
     losses = run.optimize(batch)                                                     # optimize
-    run.step = step
-    run.num_samples += cfg.num_prompts_per_step * cfg.num_samples_per_prompt
+    run.step, run.num_samples = step, run.num_samples + num_generated
     run.sync()                                                                       # sync
     reward_mean, mae, selected = run.dp_mean([float(rewards.mean()),                 # log
                                               float((acc_before - p_obs).abs().mean()),
@@ -617,6 +654,9 @@ def validate_startup(cfgs: dict, world_size: int):
                 train_cfg.num_prompts_per_step,
                 f"must be <= the {len(task.problems)} training prompts of --task "
                 f"{cfgs['task'].task}")
+        require(not train_cfg.dynamic_sampling
+                or cfgs["selection"].prompt_selection == "uniform", "dynamic_sampling", True,
+                "draws fresh prompts each round: it needs --prompt-selection uniform")
         if train_cfg.sft_warmup_iters and cfgs["task"].task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
     except ConfigError:

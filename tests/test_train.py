@@ -86,6 +86,27 @@ def test_nan_loss_stops_run_and_last_checkpoint_resumes(tmp_path):
     assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
+@pytest.mark.distributed
+def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
+    """DAPO-style dynamic sampling on DP2: rounds of fresh prompts until each rank has groups
+    whose rewards differ; num_samples counts all completions generated, so it grows faster
+    than prompts x samples per step."""
+    save = tmp_path / "dapo"
+    flags = list(COMMON)
+    flags[flags.index("--replay-per-step") + 1] = "0"
+    flags[flags.index("--micro-batch-size") + 1] = "4"
+    _train(flags + ["--train-iters", "3", "--save", str(save),
+                    "--algo", "grpo", "--prompt-selection", "uniform", "--dynamic-sampling",
+                    "--dynamic-sampling-max-rounds", "3", "--save-interval", "0"])
+    rows = _metrics(save / "metrics.jsonl")
+    samples = [rows[s]["num_samples"] for s in (1, 2, 3)]
+    per_step = [b - a for a, b in zip([0] + samples, samples)]
+    assert all(n % 16 == 0 and 16 <= n <= 48 for n in per_step), per_step
+    assert max(per_step) > 16, per_step  # some step needed another round
+    result = run_python("-m megatron_paced.train", "--dynamic-sampling", timeout=60)
+    assert result.returncode == 2 and "needs --prompt-selection uniform" in result.stderr
+
+
 def _prompt_file(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
