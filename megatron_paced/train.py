@@ -273,15 +273,17 @@ class Run:
                 collected.append((not differs, prompt_ids[i], problems[i], completions[i],
                                   rewards[i]))
                 num_informative += differs
+            if not cfg.dynamic_sampling:
+                break
             enough = torch.tensor([float(num_informative >= per_rank)])
             dist.all_reduce(enough, op=dist.ReduceOp.MIN)  # every rank runs the same rounds
-            if not cfg.dynamic_sampling or enough.item():
+            if enough.item():
                 break
-        # Dynamic sampling keeps groups whose rewards differ first (a stable sort).
-        rows = sorted(collected, key=lambda r: r[0])[:per_rank] if cfg.dynamic_sampling \
-            else collected
-        total = torch.tensor([float(num_generated)])
-        dist.all_reduce(total, group=self.ctx.dp_group)
+        rows, total = collected, torch.tensor([float(num_generated * self.ctx.dp_size)])
+        if cfg.dynamic_sampling:  # groups whose rewards differ first (a stable sort)
+            rows = sorted(collected, key=lambda r: r[0])[:per_rank]
+            total = torch.tensor([float(num_generated)])
+            dist.all_reduce(total, group=self.ctx.dp_group)
         return (torch.stack([r[1] for r in rows]), [r[2] for r in rows], [r[3] for r in rows],
                 torch.stack([r[4] for r in rows]), int(total.item()))
 
