@@ -42,7 +42,7 @@ import torch
 
 from megatron_paced.config import ConfigError, ParallelConfig
 from megatron_paced.models.config import ModelConfig
-from megatron_paced.models.hf_mapping import hf_layer_of, hf_param_shapes
+from megatron_paced.models.hf_mapping import HF_GLOBAL_TO_MEGATRON, hf_layer_of, hf_param_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -198,9 +198,7 @@ def convert_hf_to_megatron(hf_dir: str, save: str, parallel: ParallelConfig, *,
         by_layer: dict[int | None, list[str]] = {}
         for hf_name in hf_param_shapes(cfg):
             by_layer.setdefault(hf_layer_of(hf_name), []).append(hf_name)
-        wanted_globals = [n for n in by_layer[None] if _megatron_global(n) in names
-                          or (n == "model.embed_tokens.weight"
-                              and "embedding.word_embeddings.weight" in names)]
+        wanted_globals = [n for n in by_layer[None] if HF_GLOBAL_TO_MEGATRON[n] in names]
         loaded: set[str] = set()
         started = time.perf_counter()
         for position, layer in enumerate([None, *layers]):
@@ -226,12 +224,6 @@ def convert_hf_to_megatron(hf_dir: str, save: str, parallel: ParallelConfig, *,
     finally:
         destroy_parallel()
     return cfg
-
-
-def _megatron_global(hf_name: str) -> str:
-    return {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
-            "model.norm.weight": "decoder.final_layernorm.weight",
-            "lm_head.weight": "output_layer.weight"}[hf_name]
 
 
 def _read_slices(path: str, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:

@@ -196,21 +196,28 @@ class LogProbs:
         return (self.is_argmax | (completion_mask == 0)).all(dim=-1)
 
 
+def _forward_only(model: list[torch.nn.Module], batch: SequenceBatch,
+                  last_stage_fn: LastStageFn, ctx: ParallelContext, *,
+                  micro_batch_size: int) -> list[dict]:
+    """The schedule's forward pass in eval mode (the model is put back in train mode)."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        return _run_schedule(model, batch, last_stage_fn, ctx,
+                             micro_batch_size=micro_batch_size, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+
+
 @torch.no_grad()
 def compute_log_probs(
     model: list[torch.nn.Module], batch: SequenceBatch, ctx: ParallelContext, *,
     vocab_size: int, micro_batch_size: int,
 ) -> LogProbs:
     """Token and sequence log-probs of ``batch`` (no grad), available on all PP stages."""
-    for chunk in model:
-        chunk.eval()
-    try:
-        logs = _run_schedule(model, batch,
-                             partial(_keep_log_probs, ctx=ctx, vocab_size=vocab_size), ctx,
-                             micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model:
-            chunk.train()
+    logs = _forward_only(model, batch, partial(_keep_log_probs, ctx=ctx, vocab_size=vocab_size),
+                         ctx, micro_batch_size=micro_batch_size)
     if ctx.is_last_stage:
         token_log_probs = torch.cat([log["token_log_probs"] for log in logs]).float()
         is_argmax = torch.cat([log["is_argmax"] for log in logs]).float()
@@ -242,15 +249,8 @@ def compute_logits(
     """(B, T, vocab_size) float32 logits of ``batch`` (TP shards gathered, padding rows
     dropped), on every rank. For evaluation and checks of converted weights: it materializes
     the full vocabulary for every position."""
-    for chunk in model:
-        chunk.eval()
-    try:
-        logs = _run_schedule(model, batch,
-                             partial(_keep_logits, ctx=ctx, vocab_size=vocab_size), ctx,
-                             micro_batch_size=micro_batch_size, forward_only=True)
-    finally:
-        for chunk in model:
-            chunk.train()
+    logs = _forward_only(model, batch, partial(_keep_logits, ctx=ctx, vocab_size=vocab_size),
+                         ctx, micro_batch_size=micro_batch_size)
     shape = (*batch.tokens.shape, vocab_size)
     logits = (torch.cat([log["logits"] for log in logs]).float() if ctx.is_last_stage
               else torch.empty(shape, dtype=torch.float32, device=ctx.device))

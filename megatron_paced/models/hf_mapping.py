@@ -60,6 +60,8 @@ _GLOBAL = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     "output_layer.weight": "lm_head.weight",
 }
+# HF name -> Megatron name of the tensors outside the layers.
+HF_GLOBAL_TO_MEGATRON = {hf: megatron for megatron, hf in _GLOBAL.items()}
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Fused Megatron parameter -> the HF parts it is made of, in order.
 _FUSED_FROM = {
@@ -131,15 +133,14 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, *, padded_voca
     """HF tensors -> full Megatron tensors (local-spec names unless ``te_layernorm_names``).
     Unexpected HF names, and parts missing from a fused parameter, raise KeyError naming
     them; ``complete=False`` accepts a subset of the model (a weight-sync bucket)."""
-    inverse_global = {v: k for k, v in _GLOBAL.items()}
     layer_copies = {v: k for k, v in _LAYER_COPIES.items()
                     if ("layer_norm_weight" in k) == te_layernorm_names or "layernorm" not in v}
     out: dict[str, torch.Tensor] = {}
     # Split HF tensors, collected per (layer, fused Megatron parameter) before merging.
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in hf.items():
-        if name in inverse_global:
-            target = inverse_global[name]
+        if name in HF_GLOBAL_TO_MEGATRON:
+            target = HF_GLOBAL_TO_MEGATRON[name]
             if target in _VOCAB:
                 pad = padded_vocab_size - tensor.shape[0]
                 tensor = torch.cat([tensor, tensor.new_zeros(pad, *tensor.shape[1:])])
