@@ -245,6 +245,20 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=28, num_query_groups=4, vocab_size=152064,
         max_position_embeddings=4096, rotary_base=10000.0, norm_epsilon=1e-6,
     ),
+    # Qwen/Qwen2.5-32B: 32,763,876,352 parameters.
+    "qwen2.5-32b": ModelConfig(
+        architecture="qwen2", num_layers=64, hidden_size=5120, ffn_hidden_size=27648,
+        num_attention_heads=40, num_query_groups=8, vocab_size=152064,
+        max_position_embeddings=131072, rotary_base=1_000_000.0, norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=True,
+    ),
+    # meta-llama/Meta-Llama-3-70B: 70,553,706,496 parameters.
+    "llama3-70b": ModelConfig(
+        architecture="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+        num_attention_heads=64, num_query_groups=8, vocab_size=128256,
+        max_position_embeddings=8192, rotary_base=500_000.0, norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=True,
+    ),
 }
 
 
