@@ -70,7 +70,8 @@ class TrainConfig:
     global_batch_size: Optional[int] = None
     """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
     train_iters: int = 100
-    """RL steps."""
+    """RL steps (0: only the SFT warm start, written to --save as a model-only checkpoint that
+    --load starts RL runs from, the common base policy of a comparison)."""
     seed: int = 1234
     """Seed of weights, selection, sampling and data."""
     save: Optional[str] = None
@@ -107,6 +108,9 @@ class TrainConfig:
     """Most rounds of dynamic sampling per step (then groups with equal rewards fill in)."""
     use_rollout_logprobs: bool = False
     """pi_old from the rollout engine instead of a trainer recompute."""
+    log_prompt_accuracy: bool = False
+    """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
+    (for calibration plots)."""
     wandb_project: Optional[str] = None
     """Also log to this wandb project (offline without network)."""
     exit_after_step: Optional[int] = None
@@ -119,9 +123,12 @@ class TrainConfig:
         from megatron_paced.losses import check_beta
 
         check_beta(self.beta)
-        for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size",
-                     "train_iters"):
+        for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.train_iters >= 0, "train_iters", self.train_iters, "must be >= 0")
+        require(self.train_iters > 0 or (self.sft_warmup_iters > 0 and self.save), "train_iters",
+                0, "runs no RL step: it needs --sft-warmup-iters > 0 and --save (it writes the "
+                "warm-started policy as a base checkpoint)")
         require(self.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
                 self.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
         require(replay.replay_per_step % dp_size == 0, "replay_per_step",
@@ -447,6 +454,15 @@ class Run:
         dist.all_reduce(t, group=self.ctx.dp_group)
         return (t / self.ctx.dp_size).tolist()
 
+    def prompt_accuracy(self, acc_est: torch.Tensor, acc_obs: torch.Tensor) -> dict:
+        """This step's (acc_est, observed accuracy) of every selected prompt, all DP ranks."""
+        pairs = torch.stack([acc_est.double(), acc_obs.double()], dim=1)
+        gathered = [torch.empty_like(pairs) for _ in range(self.ctx.dp_size)]
+        dist.all_gather(gathered, pairs, group=self.ctx.dp_group)
+        every = torch.cat(gathered)
+        return {"prompt_acc_est": [round(v, 4) for v in every[:, 0].tolist()],
+                "prompt_acc_obs": [round(v, 4) for v in every[:, 1].tolist()]}
+
     def log(self, record: dict) -> None:
         if not self.is_logger():
             return
@@ -472,27 +488,41 @@ def train_step(run: Run) -> dict:
     reward_mean, mae, selected = run.dp_mean([float(rewards.mean()),                 # log
                                               float((acc_before - p_obs).abs().mean()),
                                               float(acc_before.clamp(0, 1).mean())])
-    return {"step": step, "num_samples": run.num_samples, "reward_mean": reward_mean,
-            "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
-            "num_replayed": len(replayed) * run.ctx.dp_size,
-            "step_time_s": time.perf_counter() - start, "paced_overhead_s": run.paced_seconds}
+    record = {"step": step, "num_samples": run.num_samples, "reward_mean": reward_mean,
+              "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
+              "num_replayed": len(replayed) * run.ctx.dp_size,
+              "step_time_s": time.perf_counter() - start, "paced_overhead_s": run.paced_seconds}
+    if run.cfg.log_prompt_accuracy:
+        record.update(run.prompt_accuracy(acc_before, p_obs))
+    return record
 
 
 def evaluate(run: Run) -> dict:
-    """pass@1 and unbiased pass@k (k = --eval-k samples) on held-out problems."""
+    """Unbiased pass@k on held-out problems from --eval-k samples each, for k = 1, 2, 4, ...
+    up to --eval-k."""
     cfg, ctx = run.cfg, run.ctx
     per_rank = math.ceil(len(run.eval_problems) / ctx.dp_size)
     mine = run.eval_problems[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]
-    correct = torch.zeros(2, dtype=torch.float64)  # [sum of pass@1, sum of pass@k]
+    ks = sorted({2 ** i for i in range(cfg.eval_k.bit_length()) if 2 ** i <= cfg.eval_k}
+                | {cfg.eval_k})
+    sums = torch.zeros(len(ks), dtype=torch.float64)  # sum over prompts of pass@k, each k
     if mine:
         completions = run.generate(mine, cfg.eval_k, seed=10**6 + run.step)
-        scores = run.score(mine, completions)
-        correct[0] = scores.mean(dim=1).sum()
-        correct[1] = (scores.max(dim=1).values).sum()  # c >= 1 of n = k samples
-    dist.all_reduce(correct, group=ctx.dp_group)
-    total = len(run.eval_problems)
-    return {"eval_pass@1": float(correct[0] / total), f"eval_pass@{cfg.eval_k}":
-            float(correct[1] / total)}
+        num_correct = run.score(mine, completions).gt(0).sum(dim=1)
+        sums = torch.stack([pass_at_k(num_correct, cfg.eval_k, k).sum() for k in ks])
+    dist.all_reduce(sums, group=ctx.dp_group)
+    return {f"eval_pass@{k}": float(total / len(run.eval_problems))
+            for k, total in zip(ks, sums)}
+
+
+def pass_at_k(num_correct: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Unbiased pass@k of each prompt from c correct of n samples: 1 - C(n-c, k) / C(n, k)
+    (Chen et al. 2021), float64 (P,)."""
+    c = num_correct.to(torch.float64)
+    fail = torch.ones_like(c)
+    for i in range(k):  # C(n-c, k) / C(n, k) = prod_{i<k} (n-c-i) / (n-i)
+        fail = fail * ((n - c - i).clamp(min=0) / (n - i))
+    return 1.0 - fail
 
 
 def sft_warmup(run: Run) -> None:
@@ -527,6 +557,8 @@ def train(cfgs: dict, task=None) -> Run:
         run.num_samples = int(counters.get("num_samples", 0))
     if run.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(run)
+    if cfg.train_iters == 0:  # the warm start alone: a base policy for RL runs to --load
+        return save_base_policy(run)
     if run.reference is not None:
         load_or_save_reference(run)
     if cfg.save and run.is_logger():
@@ -566,6 +598,26 @@ def train(cfgs: dict, task=None) -> Run:
                         {"step": run.step, "num_samples": run.num_samples})
     if run.is_logger() and history:
         print_summary(run, history)
+    return run
+
+
+def save_base_policy(run: Run) -> Run:
+    """Evaluate (with --eval-interval) and save the warm-started policy, weights only."""
+    from megatron_paced.checkpointing import save_model_checkpoint
+
+    cfg = run.cfg
+    if cfg.eval_interval:
+        run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
+        if run.is_logger():
+            os.makedirs(cfg.save, exist_ok=True)
+            _truncate_metrics(run.metrics_path, -1)
+        run.log(run.first_eval)
+    save_model_checkpoint(cfg.save, run.policy.modules()[0], run.model_cfg)
+    if run.is_logger():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in (run.first_eval or {}).items()
+                          if k.startswith("eval_"))
+        print(f"base policy after {cfg.sft_warmup_iters} warm-start steps saved in {cfg.save}"
+              + (f" ({shown})" if shown else ""), flush=True)
     return run
 
 

