@@ -171,6 +171,8 @@ def test_dataset_that_does_not_match_model_or_tokenizer(tmp_path):
     (["--architecture", "gpt2"], {}, "--architecture 'gpt2': unknown architecture"),
     (["--beta", "0"], {}, "--beta 0"),
     (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
+    (["--train-iters", "0"], {}, "--train-iters 0: runs no RL step: it needs "
+     "--sft-warmup-iters > 0 and --save"),
     (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},
      "--num-prompts-per-step 1000: must be <= the 512 training prompts of --task arithmetic"),
 ])

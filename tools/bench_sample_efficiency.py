@@ -15,13 +15,15 @@ started with ``--load`` from one base policy and differing only in the flags of
 The cost axis is samples = completions generated (replayed samples are not new samples).
 ``DIR/results.json`` holds, per method over seeds (mean, std, per seed): samples and steps to
 reach the target held-out accuracy, final pass@1 and pass@k, the calibration error of
-``beta * log_z`` (methods with a log-Z) and wall time; and the headline ratio
+``beta * log_z`` (methods with a log-Z), the share of trained groups whose rewards differ
+(the groups with a GRPO signal) and wall time; and the headline ratio
 
     samples_to_target(paced) / samples_to_target(grpo)       (the paper's claim: <= 0.5)
 
 The target is ``base + --target-fraction x (GRPO's final pass@1 - base)`` unless
 ``--target-accuracy`` fixes it; a run "reaches" it at the first evaluation where its held-out
-pass@1, smoothed by a centered 3-point moving average over evaluations, is at or above it.
+pass@1, smoothed by a centered 3-point moving average over evaluations (the step-0 one, the
+base policy's, unsmoothed), is at or above it.
 Plots: ``accuracy_vs_samples.png``, ``pass_at_k.png``, ``calibration.png``.
 
 Usage::
@@ -202,9 +204,10 @@ def run_all(args) -> None:
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """Centered 3-point moving average (2 points at the ends)."""
-    return [sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2])
-            for i in range(len(values))]
+    """Centered 3-point moving average (2 points at the end); the first value, the base
+    policy's evaluation, is kept as it is."""
+    return values[:1] + [sum(values[i - 1:i + 2]) / len(values[i - 1:i + 2])
+                         for i in range(1, len(values))]
 
 
 def first_reaching(curve: list[dict], target: float) -> dict | None:
@@ -246,6 +249,13 @@ def calibration_error(rows: list[dict], tail: float = 0.5) -> float:
     pairs = [(e, o) for r in steps[int(len(steps) * (1 - tail)):]
              for e, o in zip(r["prompt_acc_est"], r["prompt_acc_obs"])]
     return sum(abs(e - o) for e, o in pairs) / len(pairs)
+
+
+def informative_fraction(rows: list[dict]) -> float:
+    """Share of the trained groups whose rewards differ (0 < observed accuracy < 1): the
+    groups that carry a GRPO signal, which prompt selection and dynamic sampling aim for."""
+    observed = [o for r in rows if "prompt_acc_obs" in r for o in r["prompt_acc_obs"]]
+    return sum(0 < o < 1 for o in observed) / len(observed)
 
 
 def reach(runs: list[dict], target: float) -> dict:
@@ -305,7 +315,8 @@ def analyze(out: str, methods: list[str], target_accuracy: float | None,
         rule = "fixed by --target-accuracy"
     results = {"base": base, "target_accuracy": target_accuracy, "target_rule": rule,
                "reach_rule": "first evaluation whose held-out pass@1, smoothed by a centered "
-                             "3-point moving average over evaluations, is >= the target",
+                             "3-point moving average over evaluations (step 0 unsmoothed), is "
+                             ">= the target",
                "final_rule": "mean of the last 3 evaluations", "methods": {}}
     for method, method_runs in runs.items():
         summary = {"label": METHODS[method][0], "flags": METHODS[method][1],
@@ -318,6 +329,8 @@ def analyze(out: str, methods: list[str], target_accuracy: float | None,
                    "calibration_error": (stats([calibration_error(r["rows"])
                                                 for r in method_runs])
                                          if method in HAS_LOG_Z else None),
+                   "informative_group_fraction": stats([informative_fraction(r["rows"])
+                                                        for r in method_runs]),
                    "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
         results["methods"][method] = summary
     if "paced" in runs and "grpo" in runs:
@@ -351,15 +364,17 @@ def table(results: dict) -> str:
     lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
              f"(base {results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
              f"| method | samples to target | steps to target | reached | final pass@1 | "
-             f"final pass@{k_max} | calibration err | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"final pass@{k_max} | calibration err | informative groups | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for summary in methods.values():
         reached = summary["to_target"]
         lines.append(
             f"| {summary['label']} | {fmt(reached['samples'], 0)} | {fmt(reached['steps'], 1)} "
             f"| {reached['num_reached']}/{reached['num_seeds']} "
             f"| {fmt(summary['final']['pass@1'])} | {fmt(summary['final'][f'pass@{k_max}'])} "
-            f"| {fmt(summary['calibration_error'])} | {fmt(summary['wall_time_s'], 0)} |")
+            f"| {fmt(summary['calibration_error'])} "
+            f"| {fmt(summary['informative_group_fraction'], 2)} "
+            f"| {fmt(summary['wall_time_s'], 0)} |")
     if "paced_over_grpo_samples" in results:
         r = results["paced_over_grpo_samples"]
         per_seed = r["per_seed"]

@@ -1,0 +1,96 @@
+"""tools/bench_sample_efficiency.py: its analysis on known curves, pass@k, and (slow) the
+whole pipeline reduced to 1 seed and 2 steps: base policy, six methods, results, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_paced.train import pass_at_k
+from tests.conftest import run_python
+from tools import bench_sample_efficiency as bench
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    n = 8
+    num_correct = torch.arange(n + 1)
+    for k in (1, 2, 4, 8):
+        expected = [1 - math.comb(n - c, k) / math.comb(n, k) for c in range(n + 1)]
+        assert torch.allclose(pass_at_k(num_correct, n, k), torch.tensor(expected,
+                                                                         dtype=torch.float64))
+    assert pass_at_k(torch.tensor([3]), 8, 1).item() == pytest.approx(3 / 8)
+
+
+def _run(seed, accuracies, samples_per_step=100):
+    curve = [{"step": 5 * i, "num_samples": 5 * i * samples_per_step, "eval_pass@1": a,
+              "eval_pass@8": min(1.0, 2 * a)} for i, a in enumerate(accuracies)]
+    return {"seed": seed, "curve": curve, "rows": curve}
+
+
+def test_reaching_the_target_uses_the_smoothed_curve():
+    # A one-evaluation spike does not count; a sustained rise does (centered 3-point mean).
+    run = _run(1, [0.3, 0.3, 0.6, 0.3, 0.3, 0.5, 0.5, 0.5])
+    assert bench.smoothed([0.3, 0.6, 0.3]) == pytest.approx([0.3, 0.4, 0.45])
+    hit = bench.first_reaching(run["curve"], 0.45)
+    assert hit["step"] == 30 and hit["num_samples"] == 3000
+    assert bench.first_reaching(run["curve"], 0.3)["step"] == 0  # the base already
+    assert bench.first_reaching(run["curve"], 0.9) is None
+
+
+def test_ratio_pairs_seeds_and_flags_unreached_targets():
+    fast = [_run(s, [0.3, 0.5, 0.5, 0.5, 0.5]) for s in (1, 2)]
+    slow = [_run(1, [0.3, 0.3, 0.3, 0.5, 0.5]), _run(2, [0.3, 0.3, 0.3, 0.3, 0.3])]
+    a, b = bench.reach(fast, 0.4), bench.reach(slow, 0.4)
+    assert a["samples"]["per_seed"] == [500, 500] and a["num_reached"] == 2
+    assert b["samples"]["per_seed"] == [1500, None] and b["num_reached"] == 1
+    result = bench.ratio(a, b)
+    assert result["per_seed"]["per_seed"] == [pytest.approx(1 / 3)]
+    assert result["of_means"] == pytest.approx(500 / 1500)
+    assert not result["all_seeds_reached"]
+    stats = bench.stats([1.0, 3.0, None])
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(math.sqrt(2))
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--methods", "paced,ppo"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--task", "gsm8k"])  # a dataset needs --model
+
+
+@pytest.mark.slow
+def test_reduced_benchmark_runs_every_method_through_the_trainer(tmp_path):
+    out = tmp_path / "bench"
+    result = run_python("-m tools.bench_sample_efficiency", "--out", str(out), "--seeds", "1",
+                        "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
+                        "--eval-k", "4", "--sft-iters", "10", timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["methods"]) == sorted(bench.METHODS)
+    # Every run started from the one base policy: their step-0 evaluations are identical.
+    assert results["base"]["num_runs"] == 6 and results["base"]["spread_pass@1"] == 0
+    for method, summary in results["methods"].items():
+        total = summary["samples_total"]["per_seed"][0]
+        if method == "grpo-dapo":  # rounds of 16 x 8 more completions, all counted
+            assert total >= 2 * 128 and total % 128 == 0
+        else:
+            assert total == 2 * 16 * 8
+        assert set(summary["final"]) == {"pass@1", "pass@2", "pass@4"}
+        assert 0 <= summary["final"]["pass@1"]["mean"] <= summary["final"]["pass@4"]["mean"] <= 1
+        assert (summary["calibration_error"] is None) == (method.startswith("grpo"))
+        assert summary["wall_time_s"]["mean"] > 0
+    metrics = (out / "runs" / "paced" / "seed1" / "metrics.jsonl").read_text().splitlines()
+    step = json.loads(metrics[-1])
+    assert len(step["prompt_acc_est"]) == len(step["prompt_acc_obs"]) == 16
+    assert not list((out / "runs" / "paced" / "seed1").glob("iter_*"))  # weights not kept
+    for name in ("accuracy_vs_samples", "pass_at_k", "calibration"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| PACED-RL |" in result.stdout and "PACED-RL / GRPO" in result.stdout
+    # Finished runs are reused: a second call only analyzes.
+    again = run_python("-m tools.bench_sample_efficiency", "--out", str(out), "--seeds", "1",
+                       "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
+                       "--eval-k", "4", "--sft-iters", "10", timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done before, reused") == 6
