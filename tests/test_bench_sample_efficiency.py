@@ -94,3 +94,27 @@ def test_reduced_benchmark_runs_every_method_through_the_trainer(tmp_path):
                        "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
                        "--eval-k", "4", "--sft-iters", "10", timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, reused") == 6
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math500-l1-2"])
+def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
+    """The SmolLM2 runs are for a GPU machine; their flags are checked here against
+    paced-train's own parser, on SmolLM2's config.json."""
+    from megatron_paced.models.config import PRESETS
+    from megatron_paced.train import parse_args
+
+    args = bench.parse_args(["--out", str(tmp_path), "--model", "smollm2-135m", "--task", task])
+    hf = tmp_path / "base" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text(json.dumps(PRESETS["smollm2-135m"].to_hf_config()))
+    for method, (_, flags) in bench.METHODS.items():
+        cfgs = parse_args([*bench.task_flags(args), *flags, "--load", str(tmp_path / "base"),
+                           "--train-iters", "3"])
+        assert cfgs["model"].hidden_size == 576 and cfgs["model"].num_layers == 30
+        assert cfgs["task"].task == task.split("-")[0] and cfgs["task"].tokenizer == str(hf)
+        assert cfgs["train"].algo == method.split("-")[0]
+        assert cfgs["train"].dynamic_sampling == (method == "grpo-dapo")
+        assert cfgs["data"].max_prompt_length + cfgs["train"].max_new_tokens <= \
+            cfgs["model"].max_position_embeddings
+    if task == "math500-l1-2":
+        assert cfgs["task"].task_levels == [1, 2]

@@ -520,9 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     results = analyze(args.out, args.methods, args.target_accuracy, args.target_fraction)
     results["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else \
         shlex.join(["tools/bench_sample_efficiency.py", *argv])
+    previous = os.path.join(args.out, "results.json")
     if not args.analyze_only:
         results["bench_wall_time_s"] = time.perf_counter() - start
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    elif os.path.isfile(previous):  # keep the wall time of the run that made the runs
+        with open(previous) as f:
+            results["bench_wall_time_s"] = json.load(f).get("bench_wall_time_s")
+        if results["bench_wall_time_s"] is None:
+            del results["bench_wall_time_s"]
+    with open(previous, "w") as f:
         json.dump(results, f, indent=1)
     paths = plot(args.out, results)
     print(table(results))
