@@ -557,9 +557,7 @@ def train(cfgs: dict, task=None) -> Run:
         run.num_samples = int(counters.get("num_samples", 0))
     if run.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(run)
-    if cfg.train_iters == 0:  # the warm start alone: a base policy for RL runs to --load
-        return save_base_policy(run)
-    if run.reference is not None:
+    if run.reference is not None and cfg.train_iters:
         load_or_save_reference(run)
     if cfg.save and run.is_logger():
         os.makedirs(cfg.save, exist_ok=True)
@@ -573,6 +571,8 @@ def train(cfgs: dict, task=None) -> Run:
     if cfg.eval_interval and run.step == 0:
         run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
         run.log(run.first_eval)
+    if cfg.train_iters == 0:  # the warm start alone: a base policy for RL runs to --load
+        return save_base_policy(run)
     history: list[dict] = []
     start_step, started = run.step, time.perf_counter()
     while run.step < cfg.train_iters:
@@ -602,16 +602,10 @@ def train(cfgs: dict, task=None) -> Run:
 
 
 def save_base_policy(run: Run) -> Run:
-    """Evaluate (with --eval-interval) and save the warm-started policy, weights only."""
+    """Save the warm-started policy, weights only (--train-iters 0)."""
     from megatron_paced.checkpointing import save_model_checkpoint
 
     cfg = run.cfg
-    if cfg.eval_interval:
-        run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
-        if run.is_logger():
-            os.makedirs(cfg.save, exist_ok=True)
-            _truncate_metrics(run.metrics_path, -1)
-        run.log(run.first_eval)
     save_model_checkpoint(cfg.save, run.policy.modules()[0], run.model_cfg)
     if run.is_logger():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in (run.first_eval or {}).items()
