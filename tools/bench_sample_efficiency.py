@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -168,7 +169,7 @@ def train_one(args, method: str, seed: int) -> str:
     if is_done(path, args.steps):
         return f"{method} seed {seed}: done before, reused"
     if os.path.isdir(path):
-        subprocess.run(["rm", "-rf", path], check=True)
+        shutil.rmtree(path)
     os.makedirs(path)
     command = [*launcher(args.nproc), "-m", "megatron_paced.train", *task_flags(args),
                *METHODS[method][1], "--load", base_dir(args), "--seed", str(seed),
@@ -180,8 +181,11 @@ def train_one(args, method: str, seed: int) -> str:
         raise RuntimeError(f"{method} seed {seed} failed (exit {code}); see "
                            f"{os.path.join(path, 'train.log')}")
     for name in os.listdir(path):  # keep metrics and logs, not the weights
-        if name.startswith("iter_") or name in ("reference", "latest_checkpointed_iteration.txt"):
-            subprocess.run(["rm", "-rf", os.path.join(path, name)], check=True)
+        weights = os.path.join(path, name)
+        if name.startswith("iter_") or name == "reference":
+            shutil.rmtree(weights)
+        elif name == "latest_checkpointed_iteration.txt":
+            os.remove(weights)
     with open(os.path.join(path, "run.json"), "w") as f:
         json.dump({"method": method, "seed": seed, "steps": args.steps, "wall_time_s": seconds,
                    "command": shlex.join(command)}, f, indent=1)
@@ -291,14 +295,18 @@ def base_evaluation(runs: list[dict]) -> dict:
                                                  min(f["eval_pass@1"] for f in firsts)}
 
 
-def analyze(out: str, methods: list[str], target_accuracy: float | None,
-            target_fraction: float) -> dict:
-    """results.json's content from the finished runs under ``out``."""
+def load_runs(out: str, methods: list[str]) -> dict[str, list[dict]]:
+    """The finished runs under ``out``, per method (methods without any left out)."""
     runs = {m: [read_run(os.path.join(out, "runs", m, s)) for s in
                 sorted(os.listdir(os.path.join(out, "runs", m)))
                 if os.path.isfile(os.path.join(out, "runs", m, s, "run.json"))]
             for m in methods if os.path.isdir(os.path.join(out, "runs", m))}
-    runs = {m: r for m, r in runs.items() if r}
+    return {m: r for m, r in runs.items() if r}
+
+
+def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
+            target_fraction: float) -> dict:
+    """results.json's content from the finished runs (:func:`load_runs`)."""
     base = base_evaluation([run for method_runs in runs.values() for run in method_runs])
     ks = sorted(int(k.split("@")[1]) for k in runs[next(iter(runs))][0]["curve"][-1]
                 if k.startswith("eval_pass@"))
@@ -339,10 +347,10 @@ def analyze(out: str, methods: list[str], target_accuracy: float | None,
         sweep = {}
         for fraction in (0.25, 0.5, 0.75, 1.0):
             target = base["eval_pass@1"] + fraction * (reference_final - base["eval_pass@1"])
-            sweep[str(fraction)] = {
-                "target_accuracy": target,
-                **{m: ratio(reach(runs[m], target), reach(runs["grpo"], target))
-                   for m in runs if m != "grpo"}}
+            grpo = reach(runs["grpo"], target)
+            sweep[str(fraction)] = {"target_accuracy": target,
+                                    **{m: ratio(reach(runs[m], target), grpo)
+                                       for m in runs if m != "grpo"}}
         results["ratios_to_grpo_by_target_fraction"] = sweep
     return results
 
@@ -400,14 +408,12 @@ def mean_curve(runs: list[dict], grid: list[float]) -> tuple[list[float], list[f
     return curves.mean(0).tolist(), curves.std(0).tolist()
 
 
-def plot(out: str, results: dict) -> list[str]:
+def plot(out: str, results: dict, runs: dict[str, list[dict]]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {m: [read_run(os.path.join(out, "runs", m, f"seed{s}")) for s in summary["seeds"]]
-            for m, summary in results["methods"].items()}
     paths = []
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for method, method_runs in runs.items():
@@ -517,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.analyze_only:
         make_base(args)
         run_all(args)
-    results = analyze(args.out, args.methods, args.target_accuracy, args.target_fraction)
+    runs = load_runs(args.out, args.methods)
+    results = analyze(runs, args.target_accuracy, args.target_fraction)
     results["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else \
         shlex.join(["tools/bench_sample_efficiency.py", *argv])
     previous = os.path.join(args.out, "results.json")
@@ -530,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             del results["bench_wall_time_s"]
     with open(previous, "w") as f:
         json.dump(results, f, indent=1)
-    paths = plot(args.out, results)
+    paths = plot(args.out, results, runs)
     print(table(results))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(paths)
           + (f"; {results['bench_wall_time_s'] / 60:.1f} min" if "bench_wall_time_s" in results
