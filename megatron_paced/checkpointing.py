@@ -84,8 +84,12 @@ def _check_finite(modules, step: int, root: str) -> None:
                                  f"saving (the last checkpoint in {root} is intact)")
 
 
+def _params_dtype_name(modules) -> str:
+    return str(next(p for m in modules for p in m.parameters()).dtype).removeprefix("torch.")
+
+
 def _write_iteration(root: str, step: int, model_cfg, sharded_state: dict,
-                     contents: list[str]) -> str:
+                     contents: list[str], params_dtype: str) -> str:
     """Write one iteration folder atomically (collective): ``.tmp``, then rename, then point
     ``latest`` at it."""
     from megatron.core import dist_checkpointing
@@ -102,7 +106,7 @@ def _write_iteration(root: str, step: int, model_cfg, sharded_state: dict,
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
             json.dump(dataclasses.asdict(model_cfg), f, indent=1)
         with open(os.path.join(tmp, CONTENTS), "w") as f:
-            json.dump({"contents": contents}, f)
+            json.dump({"contents": contents, "params_dtype": params_dtype}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = os.path.join(root, f".{LATEST}.tmp")
@@ -119,23 +123,28 @@ def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
     _check_finite(policy.modules(), step, root)
     return _write_iteration(root, step, policy.model_cfg,
                             _sharded_state(policy, paced, counters, is_loading=False),
-                            ["model", "optimizer", "paced", "counters"])
+                            ["model", "optimizer", "paced", "counters"],
+                            _params_dtype_name(policy.modules()))
 
 
 def save_model_checkpoint(root: str, model, model_cfg, step: int = 0) -> str:
     """Write the weights of ``model`` (this rank's stage) as a model-only checkpoint."""
     _check_finite([model], step, root)
     return _write_iteration(root, step, model_cfg, {"model": model.sharded_state_dict()},
-                            ["model"])
+                            ["model"], _params_dtype_name([model]))
+
+
+def _read_contents(path: str) -> dict:
+    contents_path = os.path.join(path, CONTENTS)
+    if not os.path.isfile(contents_path):  # older checkpoints: everything, in fp32
+        return {"contents": ["model", "optimizer", "paced", "counters"]}
+    with open(contents_path) as f:
+        return json.load(f)
 
 
 def checkpoint_contents(path: str) -> list[str]:
     """What an iteration folder holds (older checkpoints without contents.json: everything)."""
-    contents_path = os.path.join(path, CONTENTS)
-    if not os.path.isfile(contents_path):
-        return ["model", "optimizer", "paced", "counters"]
-    with open(contents_path) as f:
-        return list(json.load(f)["contents"])
+    return list(_read_contents(path)["contents"])
 
 
 def _vocab_rows(full: torch.Tensor, vocab_size: int, local_rows: int, tp_rank: int):
@@ -180,9 +189,10 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_loadable(root: str, model_cfg) -> int | None:
+def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None) -> int | None:
     """The step to resume from, or None; raises ConfigError (no collective) when ``--load``
-    does not exist or holds another model's shape."""
+    does not exist, holds another model's shape, or (given ``params_dtype``) holds optimizer
+    state of another precision (its buffers differ; weights alone load in any precision)."""
     if not os.path.isdir(root):
         raise ConfigError(f"--load {root!r}: no such folder")
     step = latest_step(root)
@@ -201,6 +211,14 @@ def check_loadable(root: str, model_cfg) -> int | None:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}"
                             for k, (a, b) in different.items())
         raise ConfigError(f"--load {root!r} holds another model shape ({listing})")
+    saved_dtype = _read_contents(path).get("params_dtype", "float32")
+    ours = str(params_dtype).removeprefix("torch.")
+    if (params_dtype is not None and "optimizer" in checkpoint_contents(path)
+            and saved_dtype != ours):
+        raise ConfigError(
+            f"--load {root!r}: {path} was trained in {saved_dtype} and this run is {ours} "
+            f"({'--bf16' if ours == 'bfloat16' else '--no-bf16'}); its optimizer state does not "
+            "carry over: resume with the precision it was saved with")
     return step
 
 

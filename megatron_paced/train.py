@@ -74,6 +74,9 @@ class TrainConfig:
     --load starts RL runs from, the common base policy of a comparison)."""
     seed: int = 1234
     """Seed of weights, selection, sampling and data."""
+    bf16: bool = False
+    """bf16 mixed precision, as Megatron's --bf16: bf16 weights and activations, fp32 gradients
+    and fp32 main weights in the optimizer (what GPUs train with; fp32 without it)."""
     save: Optional[str] = None
     """Folder of checkpoints and metrics.jsonl."""
     load: Optional[str] = None
@@ -117,6 +120,10 @@ class TrainConfig:
     """Testing aid: exit with code 17 right after this step, as if killed."""
     inject_nan_at_step: Optional[int] = None
     """Fault injection: one reward in this step's loss becomes NaN (the run must stop)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def validate(self, dp_size: int, replay: ReplayConfig) -> int:
         """Check the batch arithmetic; returns the global batch in sequences."""
@@ -220,11 +227,13 @@ class Run:
                                        eval_num_prompts=cfg.eval_num_prompts)
         self.problems, self.eval_problems = self.task.problems, self.task.eval_problems
         self.model_cfg: ModelConfig = cfgs["model"]
-        self.policy = build_policy(self.model_cfg, cfgs["optimizer"], self.ctx, seed=cfg.seed)
+        self.policy = build_policy(self.model_cfg, cfgs["optimizer"], self.ctx, seed=cfg.seed,
+                                   params_dtype=cfg.params_dtype)
         self.reference = None
         if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.grpo_kl_coef > 0):
             self.reference = build_reference(self.model_cfg, self.ctx, seed=cfg.seed,
-                                             copy_from=self.policy)
+                                             copy_from=self.policy,
+                                             params_dtype=cfg.params_dtype)
         sel, dp = cfgs["selection"], self.ctx.dp_group
         self.log_z = build_log_z_table(len(self.problems), cfgs["log_z"], beta=cfg.beta,
                                        target_acc=sel.target_acc, dp_group=dp)
@@ -551,7 +560,7 @@ def train(cfgs: dict, task=None) -> Run:
 
     cfg = cfgs["train"]
     run = Run(cfgs, task)
-    if cfg.load and check_loadable(cfg.load, run.model_cfg) is not None:
+    if cfg.load and check_loadable(cfg.load, run.model_cfg, cfg.params_dtype) is not None:
         counters = load_checkpoint(cfg.load, run.policy, run.paced_state)
         run.step = int(counters.get("step", 0))
         run.num_samples = int(counters.get("num_samples", 0))
@@ -691,7 +700,7 @@ def validate_startup(cfgs: dict, world_size: int):
         cfgs[name].validate()
     train_cfg.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
     if train_cfg.load:
-        check_loadable(train_cfg.load, model_cfg)
+        check_loadable(train_cfg.load, model_cfg, train_cfg.params_dtype)
     task = build_task(cfgs["task"], cfgs["data"], seed=train_cfg.seed,
                       eval_num_prompts=train_cfg.eval_num_prompts)
     try:

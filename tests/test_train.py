@@ -51,15 +51,16 @@ def test_kill_and_resume_equals_uninterrupted_and_resumes_on_other_layout(tmp_pa
 
 
 @pytest.mark.distributed
-def test_tp2_run_trains_and_logs(tmp_path):
+def test_tp2_bf16_run_trains_and_logs(tmp_path):
     save = tmp_path / "tp2"
     _train(COMMON + ["--train-iters", "3", "--save", str(save), "--tensor-model-parallel-size",
-                     "2", "--eval-interval", "3", "--eval-num-prompts", "8"])
+                     "2", "--eval-interval", "3", "--eval-num-prompts", "8", "--bf16"])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2, 3] and "eval_pass@4" in rows[3] and "eval_pass@1" in rows[0]
     for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
         assert key in rows[3] and rows[3][key] == rows[3][key]  # present and not NaN
-    assert (save / "iter_0000003").is_dir()
+    assert json.loads((save / "iter_0000003" / "contents.json").read_text())[
+        "params_dtype"] == "bfloat16"
 
 
 @pytest.mark.distributed
@@ -192,6 +193,33 @@ def test_load_of_another_model_shape(tmp_path):
     result = run_python("-m megatron_paced.train", "--load", str(root), timeout=60)
     assert result.returncode == 2
     assert "holds another model shape (num_layers: checkpoint 2 vs this run 4" in result.stderr
+
+
+def test_resume_in_another_precision_is_refused_but_weights_load(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from megatron_paced.checkpointing import check_loadable
+    from megatron_paced.config import ConfigError
+    from megatron_paced.train import TINY_MODEL
+
+    iteration = tmp_path / "iter_0000005"
+    iteration.mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    (iteration / "model_config.json").write_text(json.dumps(dataclasses.asdict(TINY_MODEL)))
+    contents = iteration / "contents.json"
+    contents.write_text(json.dumps({"contents": ["model", "optimizer", "paced", "counters"],
+                                    "params_dtype": "bfloat16"}))
+    assert check_loadable(str(tmp_path), TINY_MODEL, torch.bfloat16) == 5
+    with pytest.raises(ConfigError, match=r"trained in bfloat16 and this run is float32 "
+                                          r"\(--no-bf16\)"):
+        check_loadable(str(tmp_path), TINY_MODEL, torch.float32)
+    contents.write_text(json.dumps({"contents": ["model"], "params_dtype": "bfloat16"}))
+    assert check_loadable(str(tmp_path), TINY_MODEL, torch.float32) == 5  # weights: any dtype
+    contents.unlink()  # a checkpoint from before the precision was recorded: fp32
+    with pytest.raises(ConfigError, match="trained in float32 and this run is bfloat16"):
+        check_loadable(str(tmp_path), TINY_MODEL, torch.bfloat16)
 
 
 def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path):

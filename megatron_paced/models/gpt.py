@@ -146,7 +146,9 @@ def build_gpt_model(
         rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,
         pg_collection=ctx.pg,
     )
-    model.to(ctx.device)
+    # Megatron's local-spec norms are torch modules made in fp32 whatever params_dtype says; as
+    # Megatron's Float16Module does, the whole stage takes the one dtype.
+    model.to(device=ctx.device, dtype=params_dtype)
     if not initialize:
         return model
     init_layout_invariant_(

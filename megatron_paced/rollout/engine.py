@@ -181,7 +181,7 @@ class EmbeddedEngine:
         generated: list[list[int]] = [[] for _ in prompts]
         log_probs: list[list[float]] = [[] for _ in prompts]
         finish = [""] * batch
-        stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=device)
+        stop_ids = set(sampling.stop_token_ids or [])
         for t in range(start, total):
             logits = logits.float()[:, : self.vocab_size]  # drop the vocabulary padding
             sampled = sample_tokens(logits, sampling, generator)
@@ -189,14 +189,15 @@ class EmbeddedEngine:
                 dist.broadcast(sampled, src=dist.get_global_rank(self.ctx.tp_group, 0),
                                group=self.ctx.tp_group)
             token_log_probs = torch.log_softmax(logits, -1).gather(-1, sampled[:, None])[:, 0]
-            in_prompt = t < prompt_len
-            next_tokens = torch.where(in_prompt, tokens[:, t], sampled)
-            for row in torch.nonzero(~in_prompt).flatten().tolist():
-                if finish[row]:
+            next_tokens = torch.where(t < prompt_len, tokens[:, t], sampled)
+            # One device-to-host copy per step (per-element reads would each wait on the GPU).
+            sampled_host, log_probs_host = sampled.tolist(), token_log_probs.tolist()
+            for row in range(batch):
+                if t < lengths[row] or finish[row]:
                     continue
-                generated[row].append(int(sampled[row]))
-                log_probs[row].append(float(token_log_probs[row]))
-                if bool((stop_ids == sampled[row]).any()):
+                generated[row].append(sampled_host[row])
+                log_probs[row].append(log_probs_host[row])
+                if sampled_host[row] in stop_ids:
                     finish[row] = "stop"
                 elif len(generated[row]) >= sampling.max_new_tokens or t == total - 1:
                     finish[row] = "length"

@@ -76,6 +76,8 @@ def main() -> None:
     torch.set_num_threads(1)
     checks = CheckRecorder()
     ctx = initialize_parallel(ParallelConfig(), seed=SEED)
+    # On a GPU the trainer's tensors are CUDA ones, so the tensor push goes as CUDA IPC handles.
+    (args.out / "device.txt").write_text(ctx.device.type)
     cfg = PRESETS["tiny-llama"]
     policy = build_policy(cfg, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0,
                                                use_distributed_optimizer=False), ctx, seed=SEED)
