@@ -50,13 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_PARAMS = {  # exact counts of the Hugging Face checkpoints
     "smollm2-135m": 134_515_008,
     "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688,
     "qwen2.5-7b": 7_615_616_512,
     "qwen2.5-32b": 32_763_876_352,
     "llama3-70b": 70_553_706_496,
 }
 ROUNDED_PARAMS = {  # as usually quoted: (figure, unit of its last digit)
     "smollm2-135m": (134.5e6, 0.1e6), "qwen2.5-1.5b": (1.54e9, 0.01e9),
-    "qwen2.5-7b": (7.62e9, 0.01e9), "qwen2.5-32b": (32.76e9, 0.01e9),
+    "qwen2.5-3b": (3.09e9, 0.01e9), "qwen2.5-7b": (7.62e9, 0.01e9), "qwen2.5-32b": (32.76e9, 0.01e9),
     "llama3-70b": (70.55e9, 0.01e9),
 }
 

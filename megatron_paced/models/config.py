@@ -234,16 +234,24 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=8192, rotary_base=100000.0,
         untie_embeddings_and_output_weights=False, norm_epsilon=1e-5,
     ),
+    # Qwen/Qwen2.5-1.5B, -3B and -7B (RoPE theta 1e6, as their config.json; a converted
+    # checkpoint of any other theta is refused by --load as another model).
     "qwen2.5-1.5b": ModelConfig(
         architecture="qwen2", num_layers=28, hidden_size=1536, ffn_hidden_size=8960,
         num_attention_heads=12, num_query_groups=2, vocab_size=151936,
-        max_position_embeddings=4096, rotary_base=10000.0, norm_epsilon=1e-6,
+        max_position_embeddings=32768, rotary_base=1_000_000.0, norm_epsilon=1e-6,
+        untie_embeddings_and_output_weights=False,
+    ),
+    "qwen2.5-3b": ModelConfig(
+        architecture="qwen2", num_layers=36, hidden_size=2048, ffn_hidden_size=11008,
+        num_attention_heads=16, num_query_groups=2, vocab_size=151936,
+        max_position_embeddings=32768, rotary_base=1_000_000.0, norm_epsilon=1e-6,
         untie_embeddings_and_output_weights=False,
     ),
     "qwen2.5-7b": ModelConfig(
         architecture="qwen2", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
         num_attention_heads=28, num_query_groups=4, vocab_size=152064,
-        max_position_embeddings=4096, rotary_base=10000.0, norm_epsilon=1e-6,
+        max_position_embeddings=32768, rotary_base=1_000_000.0, norm_epsilon=1e-6,
     ),
     # Qwen/Qwen2.5-32B: 32,763,876,352 parameters.
     "qwen2.5-32b": ModelConfig(

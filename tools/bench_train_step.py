@@ -1,0 +1,293 @@
+"""Benchmark: throughput of the parts of one RL step on one device, random weights.
+
+On a model of ``--model``'s shape (random weights; the trainer's own Megatron code path, world
+size 1) it times, median of ``--repeats`` after one warm-up:
+
+    tb step            forward + backward of the PACED TB loss, the Adam step, the log-Z step
+    grpo step          the same step with the GRPO loss (no log-Z): the baseline
+    logprob recompute  forward only (pi_old before the update)
+    generation         the embedded engine: --generate-prompts x --samples-per-prompt rows of
+                       --prompt-length tokens, --max-new-tokens each (no stop token)
+    paced bookkeeping  selection over a --num-prompts table, replay add/draw, log-Z lookup
+
+and prints tokens/s, model TFLOP/s, MFU and peak memory of each, and the PACED parts' share of
+one RL step: ``(tb step - grpo step) + bookkeeping`` over ``generation + recompute + tb step``.
+
+Model FLOPs are counted without recomputation (``6 N`` per trained token for the weights plus
+causal attention, ``2 N`` per forward token); MFU divides them by the device's dense peak for
+the precision (bf16 or fp32; ``--peak-tflops`` to override; none on a CPU).
+
+    python tools/bench_train_step.py                       # tiny model, CPU, seconds
+    python tools/bench_train_step.py --model qwen2.5-1.5b --bf16 --num-sequences 64 \\
+        --seq-length 1024 --micro-batch-size 4 --generate-prompts 16 --max-new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Dense (no sparsity) peak TFLOP/s by device name, first match wins: (bf16, fp32 without TF32).
+PEAK_TFLOPS = (("H100 PCIe", 756.0, 51.2), ("H100", 989.4, 66.9), ("H200", 989.4, 66.9),
+               ("H800", 989.4, 66.9), ("A100", 312.0, 19.5), ("B200", 2250.0, 80.0))
+
+
+@dataclass
+class Part:
+    name: str
+    seconds: float
+    tokens: int
+    flops: float
+    peak_gib: float | None
+
+    def row(self, peak_flops: float | None) -> str:
+        tflops = self.flops / self.seconds / 1e12
+        mfu = f"{100 * tflops * 1e12 / peak_flops:6.1f}%" if peak_flops else "     -"
+        peak = f"{self.peak_gib:8.1f}" if self.peak_gib is not None else "       -"
+        return (f"{self.name:<22} {self.seconds * 1e3:10.1f} {self.tokens / self.seconds:11.0f} "
+                f"{tflops:9.2f} {mfu} {peak}")
+
+
+def matmul_params(cfg) -> int:
+    """Weights that multiply every token: the layers' linear layers and the output layer."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + \
+        3 * cfg.hidden_size * cfg.ffn_hidden_size
+    return cfg.num_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+
+
+def forward_flops(cfg, num_tokens: int, mean_context: float) -> float:
+    """Model FLOPs of a forward pass over ``num_tokens`` tokens that each attend to
+    ``mean_context`` earlier tokens on average."""
+    q = cfg.num_attention_heads * cfg.head_dim
+    attention = cfg.num_layers * 4 * q * mean_context  # QK^T and AV
+    return num_tokens * (2 * matmul_params(cfg) + attention)
+
+
+def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", override
+    name = torch.cuda.get_device_name(device)
+    if override:
+        return name, override
+    for key, bf16_peak, fp32_peak in PEAK_TFLOPS:
+        if key in name:
+            return name, bf16_peak if bf16 else fp32_peak
+    return name, None
+
+
+class Timer:
+    def __init__(self, device: torch.device, repeats: int) -> None:
+        self.device, self.repeats = device, repeats
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> tuple[float, float | None]:
+        """Median seconds of ``fn`` over the repeats after one warm-up, and peak GiB."""
+        fn()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            samples.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.device.type == "cuda" else None)
+        return statistics.median(samples), peak
+
+
+def rl_batch(args, vocab_size: int):
+    """--num-sequences rows of --seq-length tokens: a --prompt-length prompt, then completion."""
+    from megatron_paced.forward_backward import SequenceBatch
+    from megatron_paced.losses import group_normalized_advantages
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (args.num_sequences, args.seq_length), generator=gen)
+    mask = torch.zeros(args.num_sequences, args.seq_length)
+    mask[:, args.prompt_length:] = 1.0
+    rewards = torch.randint(0, 2, (args.num_sequences,), generator=gen).float()
+    groups = torch.arange(args.num_sequences) // args.samples_per_prompt
+    extras = {"prompt_ids": groups % args.num_prompts, "rewards": rewards,
+              "advantages": group_normalized_advantages(rewards, groups),
+              "old_log_probs": torch.full((args.num_sequences, args.seq_length), -2.0) * mask}
+    return SequenceBatch(tokens, mask, extras)
+
+
+def bench(args) -> dict:
+    from megatron_paced.config import OptimizerConfig, ParallelConfig
+    from megatron_paced.forward_backward import compute_log_probs, forward_backward
+    from megatron_paced.losses import grpo_loss_fn, paced_loss_fn
+    from megatron_paced.models.config import resolve_model_config
+    from megatron_paced.models.policy import build_policy, build_reference
+    from megatron_paced.paced.log_z import LogZConfig, build_log_z_table
+    from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample
+    from megatron_paced.paced.selection import PromptSelector, SelectionConfig
+    from megatron_paced.parallel import initialize_parallel
+    from megatron_paced.planner import count_parameters
+    from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
+    from megatron_paced.train import TINY_MODEL
+
+    cfg = resolve_model_config(args.model, args.hf_config, TINY_MODEL)
+    ctx = initialize_parallel(ParallelConfig(), seed=1)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    policy = build_policy(cfg, OptimizerConfig(lr=1e-6), ctx, seed=1, params_dtype=dtype)
+    reference = (build_reference(cfg, ctx, seed=1, copy_from=policy, params_dtype=dtype)
+                 if args.reference else None)  # held in memory, as FlowRL/GRPO-KL runs do
+    log_z = build_log_z_table(args.num_prompts, LogZConfig(), beta=0.05, target_acc=0.5)
+    selector = PromptSelector(SelectionConfig(), seed=1)
+    replay = DistributedReplay(ReplayConfig(replay_size=128, replay_per_step=16,
+                                            replay_successful_only=False),
+                               num_prompts=args.num_prompts, seed=1)
+    batch = rl_batch(args, cfg.vocab_size)
+    timer = Timer(ctx.device, args.repeats)
+    step = [0]
+
+    def train_step(loss_fn, with_log_z: bool) -> None:
+        if with_log_z:
+            batch.extras["log_z"] = log_z.lookup(batch.extras["prompt_ids"]).requires_grad_(True)
+        policy.zero_grad()
+        forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=cfg.vocab_size,
+                         micro_batch_size=args.micro_batch_size)
+        policy.step()
+        if with_log_z:
+            log_z.apply_gradients(batch.extras["prompt_ids"], batch.extras["log_z"].grad)
+
+    def bookkeeping() -> None:
+        step[0] += 1
+        num = args.num_sequences // args.samples_per_prompt
+        ids = selector.select(log_z, num, step[0])
+        acc = log_z.lookup(ids).double() * 0.05
+        rows = range(min(num * args.samples_per_prompt, args.num_sequences))
+        samples = [ReplaySample(int(ids[i // args.samples_per_prompt]), batch.tokens[i],
+                                batch.completion_mask[i], batch.extras["old_log_probs"][i],
+                                float(batch.extras["rewards"][i]), step[0]) for i in rows]
+        replay.add(samples, (acc.repeat_interleave(args.samples_per_prompt) - 0.5).abs())
+        replay.sample(step[0])
+        log_z.apply_gradients(ids, torch.randn(len(ids)))
+
+    engine = EmbeddedEngine(policy.model, ctx, vocab_size=cfg.vocab_size,
+                            max_sequence_length=args.prompt_length + args.max_new_tokens,
+                            max_batch_size=args.generate_batch)
+    prompts = torch.randint(0, cfg.vocab_size, (args.generate_prompts, args.prompt_length),
+                            generator=torch.Generator().manual_seed(1)).tolist()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
+
+    def generate() -> None:
+        engine.generate(prompts, n=args.samples_per_prompt, sampling=sampling, seed=1)
+
+    trained_tokens = args.num_sequences * args.seq_length
+    train_flops = 3 * forward_flops(cfg, trained_tokens, args.seq_length / 2)
+    num_rows = args.generate_prompts * args.samples_per_prompt
+    gen_tokens = num_rows * args.max_new_tokens
+    gen_flops = (forward_flops(cfg, num_rows * args.prompt_length, args.prompt_length / 2)
+                 + forward_flops(cfg, gen_tokens, args.prompt_length + args.max_new_tokens / 2))
+    parts = []
+    seconds, peak = timer(lambda: train_step(functools.partial(paced_loss_fn, beta=0.05), True))
+    parts.append(Part("tb step (PACED)", seconds, trained_tokens, train_flops, peak))
+    seconds, peak = timer(lambda: train_step(grpo_loss_fn, False))
+    parts.append(Part("grpo step", seconds, trained_tokens, train_flops, peak))
+    seconds, peak = timer(lambda: compute_log_probs(
+        policy.model, batch, ctx, vocab_size=cfg.vocab_size,
+        micro_batch_size=args.micro_batch_size))
+    parts.append(Part("logprob recompute", seconds, trained_tokens,
+                      forward_flops(cfg, trained_tokens, args.seq_length / 2), peak))
+    seconds, peak = timer(generate)
+    parts.append(Part("generation", seconds, gen_tokens, gen_flops, peak))
+    seconds, _ = timer(bookkeeping)
+    parts.append(Part("paced bookkeeping", seconds, 0, 0.0, None))
+    device_name, peak_tf = peak_tflops(ctx.device, args.bf16, args.peak_tflops)
+    times = {p.name: p.seconds for p in parts}
+    rl_step = times["generation"] + times["logprob recompute"] + times["tb step (PACED)"]
+    paced_extra = times["tb step (PACED)"] - times["grpo step"] + times["paced bookkeeping"]
+    del reference
+    return {"device": device_name, "model": args.model or args.hf_config or "tiny",
+            "num_params": count_parameters(cfg), "dtype": str(dtype).removeprefix("torch."),
+            "peak_tflops": peak_tf, "args": vars(args), "parts": [asdict(p) for p in parts],
+            "rl_step_s": rl_step, "paced_extra_s": paced_extra,
+            "paced_share": paced_extra / rl_step,
+            "paced_share_of_train_step": paced_extra / times["grpo step"]}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def print_table(result: dict) -> None:
+    a = result["args"]
+    peak = result["peak_tflops"]
+    print(f"device {result['device']}"
+          + (f" (peak {peak:.0f} TFLOP/s {result['dtype']})" if peak else "")
+          + f"; model {result['model']} ({_count(result['num_params'])} parameters, random "
+          f"weights), {result['dtype']}; train batch {a['num_sequences']} x {a['seq_length']} "
+          f"tokens, micro batch {a['micro_batch_size']}; generation "
+          f"{a['generate_prompts']} x {a['samples_per_prompt']} rows, {a['prompt_length']} + "
+          f"{a['max_new_tokens']} tokens; reference model {'on' if a['reference'] else 'off'}; "
+          f"median of {a['repeats']}")
+    print(f"{'part':<22} {'time ms':>10} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} "
+          f"{'peak GiB':>8}")
+    for part in result["parts"]:
+        print(Part(**part).row(peak * 1e12 if peak else None))
+    print(f"PACED parts: (tb step - grpo step) + bookkeeping = {result['paced_extra_s'] * 1e3:.1f}"
+          f" ms = {100 * result['paced_share']:.2f}% of the RL step (generation + recompute + tb "
+          f"step = {result['rl_step_s'] * 1e3:.0f} ms), "
+          f"{100 * result['paced_share_of_train_step']:.2f}% of the GRPO training step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a preset (default: the trainer's tiny model)")
+    parser.add_argument("--hf-config", help="an HF config.json instead of a preset")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--num-sequences", type=int, default=16)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--samples-per-prompt", type=int, default=8)
+    parser.add_argument("--generate-prompts", type=int, default=2)
+    parser.add_argument("--generate-batch", type=int, default=64,
+                        help="rows per engine forward (the engine's --max-batch-size)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=7473,
+                        help="log-Z table size (GSM8K's training set by default)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also hold a reference model in memory")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    problems = [f"--{k.replace('_', '-')} {getattr(args, k)}: must be >= 1" for k in (
+        "num_sequences", "seq_length", "micro_batch_size", "samples_per_prompt",
+        "generate_prompts", "generate_batch", "max_new_tokens", "num_prompts", "repeats")
+        if getattr(args, k) < 1]
+    if args.prompt_length < 1 or args.prompt_length >= args.seq_length:
+        problems.append(f"--prompt-length {args.prompt_length}: must be in [1, --seq-length)")
+    if args.num_sequences % args.micro_batch_size:
+        problems.append(f"--micro-batch-size {args.micro_batch_size}: must divide "
+                        f"--num-sequences {args.num_sequences}")
+    if problems:
+        parser.error("; ".join(problems))
+    result = bench(args)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
