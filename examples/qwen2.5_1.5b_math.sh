@@ -60,7 +60,7 @@ exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "
     -m megatron_paced.train --model qwen2.5-1.5b --tokenizer "${HF_DIR}" \
     --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
     --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
-    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 \
+    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
     --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
     --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
     --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \

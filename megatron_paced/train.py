@@ -74,6 +74,10 @@ class TrainConfig:
     --load starts RL runs from, the common base policy of a comparison)."""
     seed: int = 1234
     """Seed of weights, selection, sampling and data."""
+    deterministic_mode: bool = False
+    """As Megatron's --deterministic-mode: torch's deterministic algorithms (with
+    CUBLAS_WORKSPACE_CONFIG and NCCL's ring algorithm), so that a GPU run and its resumption
+    repeat bit for bit; slower. CPU runs are deterministic without it."""
     bf16: bool = False
     """bf16 mixed precision, as Megatron's --bf16: bf16 weights and activations, fp32 gradients
     and fp32 main weights in the optimizer (what GPUs train with; fp32 without it)."""
@@ -222,6 +226,10 @@ class Run:
 
         self.cfg: TrainConfig = cfgs["train"]
         cfg = self.cfg
+        if cfg.deterministic_mode:  # before the first CUDA call reads the variables
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            os.environ.setdefault("NCCL_ALGO", "Ring")
+            torch.use_deterministic_algorithms(True)
         self.ctx = initialize_parallel(cfgs["parallel"], seed=cfg.seed)
         self.task = task or build_task(cfgs["task"], cfgs["data"], seed=cfg.seed,
                                        eval_num_prompts=cfg.eval_num_prompts)

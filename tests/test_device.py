@@ -4,8 +4,9 @@ the embedded engine's greedy generation (a different token is allowed only at a 
 
 * On every machine: bf16 mixed precision (``--bf16``) against fp32, on the CPU.
 * On a GPU (``gpu`` marker, skipped without CUDA): CUDA fp32 and CUDA bf16 against the CPU's
-  fp32, and the rollout server checks (SGLang client, disk and CUDA-IPC weight sync to a
-  server process) with the trainer and the server on the GPU.
+  fp32; the rollout server checks (SGLang client, disk and CUDA-IPC weight sync to a server
+  process) with the trainer and the server on the GPU; and paced-train itself on the GPU
+  (NCCL, --bf16), killed and resumed, against an uninterrupted run.
 
 Worker: ``tests/distributed/device_worker.py``.
 """
@@ -113,3 +114,21 @@ def test_rollout_server_and_cuda_ipc_weight_sync_on_gpu(tmp_path):
     failed = {name: c["error"] for name, c in checks.items() if not c["ok"]}
     assert not failed, failed
     assert (tmp_path / "device.txt").read_text() == "cuda"
+
+
+@pytest.mark.gpu
+def test_trainer_on_gpu_bf16_kill_and_resume_equals_uninterrupted(tmp_path):
+    from tests.test_train import COMMON, _metrics
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    flags = COMMON + ["--train-iters", "4", "--bf16", "--deterministic-mode",
+                      "--eval-interval", "4", "--eval-num-prompts", "8"]
+    for args, expect in ((flags + ["--save", str(full)], 0),
+                         (flags + ["--save", str(killed), "--exit-after-step", "3"], 17),
+                         (flags + ["--save", str(killed), "--load", str(killed)], 0)):
+        result = launch_workers("megatron_paced.train", nprocs=1, args=args, timeout_s=600)
+        assert result.returncode == expect or (expect and result.returncode), \
+            result.output[-5000:]
+    uninterrupted, resumed = _metrics(full / "metrics.jsonl"), _metrics(killed / "metrics.jsonl")
+    assert sorted(resumed) == [0, 1, 2, 3, 4] and "eval_pass@1" in resumed[4]
+    assert resumed == uninterrupted

@@ -54,7 +54,8 @@ def test_kill_and_resume_equals_uninterrupted_and_resumes_on_other_layout(tmp_pa
 def test_tp2_bf16_run_trains_and_logs(tmp_path):
     save = tmp_path / "tp2"
     _train(COMMON + ["--train-iters", "3", "--save", str(save), "--tensor-model-parallel-size",
-                     "2", "--eval-interval", "3", "--eval-num-prompts", "8", "--bf16"])
+                     "2", "--eval-interval", "3", "--eval-num-prompts", "8", "--bf16",
+                     "--deterministic-mode"])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2, 3] and "eval_pass@4" in rows[3] and "eval_pass@1" in rows[0]
     for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
