@@ -11,7 +11,9 @@ size 1) it times, median of ``--repeats`` after one warm-up:
     paced bookkeeping  selection over a --num-prompts table, replay add/draw, log-Z lookup
 
 and prints tokens/s, model TFLOP/s, MFU and peak memory of each, and the PACED parts' share of
-one RL step: ``(tb step - grpo step) + bookkeeping`` over ``generation + recompute + tb step``.
+one RL step: ``(tb step - grpo step) + bookkeeping`` over ``generation + recompute + tb step``
+(the TB and GRPO steps run alternately and their difference is the median over the pairs, with
+the pairs' spread: on a busy CPU that spread is larger than the difference).
 
 Model FLOPs are counted without recomputation (``6 N`` per trained token for the weights plus
 causal attention, ``2 N`` per forward token); MFU divides them by the device's dense peak for
@@ -110,6 +112,26 @@ class Timer:
                 if self.device.type == "cuda" else None)
         return statistics.median(samples), peak
 
+    def paired(self, fn_a, fn_b) -> tuple[list[float], list[float], float | None]:
+        """Seconds of ``fn_a`` and ``fn_b`` run alternately (a b, b a, a b, ...: drift, noise
+        and what one leaves to the next fall on both alike) after one warm-up each, and the
+        peak GiB."""
+        fn_a(), fn_b()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times: tuple[list[float], list[float]] = ([], [])
+        for repeat in range(self.repeats):
+            pairs = ((fn_a, times[0]), (fn_b, times[1]))
+            for fn, samples in pairs if repeat % 2 == 0 else pairs[::-1]:
+                start = time.perf_counter()
+                fn()
+                self.sync()
+                samples.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.device.type == "cuda" else None)
+        return times[0], times[1], peak
+
 
 def rl_batch(args, vocab_size: int):
     """--num-sequences rows of --seq-length tokens: a --prompt-length prompt, then completion."""
@@ -196,11 +218,13 @@ def bench(args) -> dict:
     gen_tokens = num_rows * args.max_new_tokens
     gen_flops = (forward_flops(cfg, num_rows * args.prompt_length, args.prompt_length / 2)
                  + forward_flops(cfg, gen_tokens, args.prompt_length + args.max_new_tokens / 2))
-    parts = []
-    seconds, peak = timer(lambda: train_step(functools.partial(paced_loss_fn, beta=0.05), True))
-    parts.append(Part("tb step (PACED)", seconds, trained_tokens, train_flops, peak))
-    seconds, peak = timer(lambda: train_step(grpo_loss_fn, False))
-    parts.append(Part("grpo step", seconds, trained_tokens, train_flops, peak))
+    tb_times, grpo_times, peak = timer.paired(
+        lambda: train_step(functools.partial(paced_loss_fn, beta=0.05), True),
+        lambda: train_step(grpo_loss_fn, False))
+    loss_extra = sorted(a - b for a, b in zip(tb_times, grpo_times))
+    parts = [Part("tb step (PACED)", statistics.median(tb_times), trained_tokens, train_flops,
+                  peak),
+             Part("grpo step", statistics.median(grpo_times), trained_tokens, train_flops, peak)]
     seconds, peak = timer(lambda: compute_log_probs(
         policy.model, batch, ctx, vocab_size=cfg.vocab_size,
         micro_batch_size=args.micro_batch_size))
@@ -213,12 +237,13 @@ def bench(args) -> dict:
     device_name, peak_tf = peak_tflops(ctx.device, args.bf16, args.peak_tflops)
     times = {p.name: p.seconds for p in parts}
     rl_step = times["generation"] + times["logprob recompute"] + times["tb step (PACED)"]
-    paced_extra = times["tb step (PACED)"] - times["grpo step"] + times["paced bookkeeping"]
+    paced_extra = statistics.median(loss_extra) + times["paced bookkeeping"]
     del reference
     return {"device": device_name, "model": args.model or args.hf_config or "tiny",
             "num_params": count_parameters(cfg), "dtype": str(dtype).removeprefix("torch."),
             "peak_tflops": peak_tf, "args": vars(args), "parts": [asdict(p) for p in parts],
             "rl_step_s": rl_step, "paced_extra_s": paced_extra,
+            "paced_extra_spread_s": (loss_extra[-1] - loss_extra[0]) / 2,
             "paced_share": paced_extra / rl_step,
             "paced_share_of_train_step": paced_extra / times["grpo step"]}
 
@@ -242,10 +267,11 @@ def print_table(result: dict) -> None:
           f"{'peak GiB':>8}")
     for part in result["parts"]:
         print(Part(**part).row(peak * 1e12 if peak else None))
-    print(f"PACED parts: (tb step - grpo step) + bookkeeping = {result['paced_extra_s'] * 1e3:.1f}"
-          f" ms = {100 * result['paced_share']:.2f}% of the RL step (generation + recompute + tb "
-          f"step = {result['rl_step_s'] * 1e3:.0f} ms), "
-          f"{100 * result['paced_share_of_train_step']:.2f}% of the GRPO training step")
+    print(f"PACED parts: (tb step - grpo step, median of paired runs) + bookkeeping = "
+          f"{result['paced_extra_s'] * 1e3:.1f} ms (pairs spread +-"
+          f"{result['paced_extra_spread_s'] * 1e3:.1f} ms) = {100 * result['paced_share']:.2f}% "
+          f"of the RL step (generation + recompute + tb step = {result['rl_step_s'] * 1e3:.0f} "
+          f"ms), {100 * result['paced_share_of_train_step']:.2f}% of the GRPO training step")
 
 
 def main(argv: list[str] | None = None) -> int:
