@@ -61,6 +61,7 @@ exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "
     --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
     --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
     --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
+    --recompute-granularity selective \
     --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
     --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
     --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \

@@ -132,6 +132,10 @@ class ParallelConfig:
     """Split activations along the sequence in the TP region (needs TP > 1 and TE norms)."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in backward (Megatron's): selective recomputes core attention,
+    full every layer (uniform, one layer per unit); the numbers stay the same, the memory drops
+    (tools/plan_parallelism.py --recompute estimates how much)."""
 
     def validate(self, world_size: int | None = None) -> None:
         require(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size",

@@ -2,7 +2,9 @@
 precision's tolerance: log-probs, PACED TB loss and gradients (log-Z's too), an Adam step, and
 the embedded engine's greedy generation (a different token is allowed only at a near-tie).
 
-* On every machine: bf16 mixed precision (``--bf16``) against fp32, on the CPU.
+* On every machine: bf16 mixed precision (``--bf16``) against fp32, on the CPU; and
+  activation recomputation (``--recompute-granularity selective|full``) gives the very same
+  numbers as none.
 * On a GPU (``gpu`` marker, skipped without CUDA): CUDA fp32 and CUDA bf16 against the CPU's
   fp32; the rollout server checks (SGLang client, disk and CUDA-IPC weight sync to a server
   process) with the trainer and the server on the GPU; and paced-train itself on the GPU
@@ -34,9 +36,9 @@ BF16 = Tolerance(log_probs=5e-2, grads=5e-2, params=2 ** -7, near_tie=5e-2)
 LR = 1e-3  # the worker's Adam learning rate
 
 
-def _run(out, dtypes, env=None) -> None:
+def _run(out, dtypes, *flags, env=None) -> None:
     result = launch_workers("tests.distributed.device_worker", nprocs=1, timeout_s=600,
-                            args=["--out", str(out), "--dtypes", *dtypes], env=env)
+                            args=["--out", str(out), "--dtypes", *dtypes, *flags], env=env)
     assert result.returncode == 0, result.output[-6000:]
 
 
@@ -82,9 +84,22 @@ def check_self_consistent(record: dict, device: str, dtype: str) -> None:
                                atol=FP32.log_probs if dtype == "float32" else BF16.log_probs)
 
 
+def check_recompute_changes_nothing(out, device: str, tolerance: float = 0.0) -> None:
+    """Recomputed activations are the same computation: the same numbers, bit for bit on the
+    CPU (``tolerance`` for GPU kernels that may sum in another order)."""
+    plain = torch.load(out / f"{device}-float32.pt")
+    for granularity in ("selective", "full"):
+        recomputed = torch.load(out / f"{device}-recompute-{granularity}.pt")
+        assert recomputed["num_recomputed"] > 0, f"{granularity}: nothing was recomputed"
+        for key in ("log_probs", "log_z_grad", "grads", "params", "loss", "grad_norm"):
+            torch.testing.assert_close(recomputed[key], plain[key], rtol=tolerance,
+                                       atol=tolerance)
+
+
 @pytest.mark.distributed
-def test_bf16_step_matches_fp32_on_cpu(tmp_path):
-    _run(tmp_path, ["float32", "bfloat16"], env={"CUDA_VISIBLE_DEVICES": ""})
+def test_bf16_step_matches_fp32_and_recompute_changes_nothing_on_cpu(tmp_path):
+    _run(tmp_path, ["float32", "bfloat16"], "--recompute", env={"CUDA_VISIBLE_DEVICES": ""})
+    check_recompute_changes_nothing(tmp_path, "cpu")
     fp32, bf16 = (torch.load(tmp_path / f"cpu-{d}.pt") for d in ("float32", "bfloat16"))
     check_self_consistent(fp32, "cpu", "float32")
     check_self_consistent(bf16, "cpu", "bfloat16")
@@ -96,12 +111,13 @@ def test_bf16_step_matches_fp32_on_cpu(tmp_path):
 @pytest.mark.gpu
 def test_cuda_step_and_generation_match_cpu(tmp_path):
     _run(tmp_path, ["float32"], env={"CUDA_VISIBLE_DEVICES": ""})
-    _run(tmp_path, ["float32", "bfloat16"])
+    _run(tmp_path, ["float32", "bfloat16"], "--recompute")
     cpu = torch.load(tmp_path / "cpu-float32.pt")
     for dtype, tol in (("float32", FP32), ("bfloat16", BF16)):
         cuda = torch.load(tmp_path / f"cuda-{dtype}.pt")
         check_self_consistent(cuda, "cuda", dtype)
         compare(cpu, cuda, tol)
+    check_recompute_changes_nothing(tmp_path, "cuda", tolerance=1e-5)
 
 
 @pytest.mark.gpu

@@ -121,6 +121,8 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
     assert (train.algo, train.beta, train.num_samples_per_prompt) == ("paced", 0.05, 8)
     assert (cfgs["optimizer"].lr, train.max_new_tokens) == (1e-6, 3072)
     assert cfgs["data"].max_prompt_length == 1024
+    # What the planner sized the example layouts with (README, docs/planner.md).
+    assert train.bf16 and parallel.recompute_granularity == "selective"
     assert cfgs["task"].task == env.get("TASK", "gsm8k")
     assert cfgs["task"].tokenizer == str(tmp_path / "hf")
     assert cfgs["rollout"].rollout_backend == ("sglang" if urls else "embedded")

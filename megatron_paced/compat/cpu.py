@@ -30,6 +30,9 @@ Contract
            and ``_set_cuda_rng_state`` mapped to the CPU generator, so that the
            ``CudaRNGStatesTracker`` forks and restores real generator states (without this
            a CPU build of torch silently queues the state change and never applies it).
+        4. Megatron's activation-recompute backward (``tensor_parallel.CheckpointFunction``,
+           used by ``--recompute-granularity``) re-runs the forward inside autograd's
+           backward, where the mode of item 1 is not in force: it runs under the mode again.
     * ``torch.cuda.is_available()`` keeps answering False, so code that branches on it stays
       honest.
     * Torch function modes are per thread: the thread that calls :func:`enable_cpu_compat`
@@ -206,6 +209,18 @@ def _install_megatron_rng_helpers() -> None:
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
 
 
+def _install_megatron_recompute_backward() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    recompute_backward = tp_random.CheckpointFunction.backward
+
+    def backward(ctx, *args):
+        with _CudaToCpuMode():
+            return recompute_backward(ctx, *args)
+
+    tp_random.CheckpointFunction.backward = staticmethod(backward)
+
+
 def enable_cpu_compat() -> bool:
     """Switch the CPU compatibility layer on if CUDA is absent.
 
@@ -219,6 +234,7 @@ def enable_cpu_compat() -> bool:
         return False
     _install_cuda_standins()
     _install_megatron_rng_helpers()
+    _install_megatron_recompute_backward()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # stays on for the life of the process (in this thread)
     _THREAD.active = True

@@ -78,6 +78,7 @@ def transformer_config(
         tensor_model_parallel_size=ctx.config.tensor_model_parallel_size,
         pipeline_model_parallel_size=ctx.config.pipeline_model_parallel_size,
         sequence_parallel=ctx.config.sequence_parallel,
+        **_recompute(ctx.config.recompute_granularity),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -103,6 +104,15 @@ def transformer_config(
         batch_p2p_comm=not on_cpu,
         deallocate_pipeline_outputs=False,
     )
+
+
+def _recompute(granularity: str) -> dict:
+    if granularity == "none":
+        return {}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": "uniform",
+            "recompute_num_layers": 1}
 
 
 def layer_spec(model_cfg: ModelConfig):

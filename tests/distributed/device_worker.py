@@ -13,6 +13,10 @@ For each ``--dtypes`` entry it builds the same seeded policy (Megatron DDP + Ada
   comparison can tell a near-tie from a wrong token;
 * ``device``, ``param_dtypes``, ``main_grad_dtypes``: what actually ran.
 
+With ``--recompute``, also ``OUT/<device>-recompute-<granularity>.pt`` for fp32 with
+``--recompute-granularity`` selective and full: the log-probs, loss and gradients of the same
+step, and ``num_recomputed`` (calls of Megatron's recompute backward).
+
 The test process compares the files (:func:`compare` in ``tests/test_device.py``); CUDA
 against the CPU is the GPU test, bf16 against fp32 on the CPU runs everywhere.
 
@@ -23,6 +27,7 @@ against the CPU is the GPU test, bf16 against fp32 on the CPU runs everywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -89,10 +94,35 @@ def greedy_generation(policy, ctx) -> dict:
             "greedy_recomputed": recomputed, "greedy_margins": margins}
 
 
+def recompute_runs(ctx, out: Path) -> None:
+    """The fp32 step again with each activation-recompute granularity, counting recomputes."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    calls = [0]
+    backward = tp_random.CheckpointFunction.backward
+
+    def counting_backward(fn_ctx, *args):
+        calls[0] += 1
+        return backward(fn_ctx, *args)
+
+    tp_random.CheckpointFunction.backward = staticmethod(counting_backward)
+    for granularity in ("selective", "full"):
+        calls[0] = 0
+        layout = dataclasses.replace(ctx, config=dataclasses.replace(
+            ctx.config, recompute_granularity=granularity))
+        policy = build_policy(MODEL, OptimizerConfig(lr=1e-3, clip_grad=0.0), layout, seed=SEED)
+        record = {key: value for key, value in train_step(policy, layout).items()
+                  if key in ("log_probs", "loss", "grads", "log_z_grad", "grad_norm", "params")}
+        record["num_recomputed"] = calls[0]
+        torch.save(record, out / f"{ctx.device.type}-recompute-{granularity}.pt")
+    tp_random.CheckpointFunction.backward = backward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--recompute", action="store_true")
     args = parser.parse_args()
     ctx = initialize_parallel(ParallelConfig(), seed=SEED)
     for name in args.dtypes:
@@ -103,6 +133,8 @@ def main() -> None:
         record.update(greedy_generation(policy, ctx))  # before the step: the seeded weights
         record.update(train_step(policy, ctx))
         torch.save(record, Path(args.out) / f"{ctx.device.type}-{name}.pt")
+    if args.recompute:
+        recompute_runs(ctx, Path(args.out))
 
 
 if __name__ == "__main__":
