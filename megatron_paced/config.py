@@ -131,7 +131,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split activations along the sequence in the TP region (needs TP > 1 and TE norms)."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    """torch.distributed backend: auto (and nccl) use NCCL for CUDA tensors and gloo for the
+    host-side ones with CUDA, gloo without."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
     """Activation recomputation in backward (Megatron's): selective recomputes core attention,
     full every layer (uniform, one layer per unit); the numbers stay the same, the memory drops

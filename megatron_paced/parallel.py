@@ -118,10 +118,14 @@ def broadcast_from_last_stage(tensor: torch.Tensor, ctx: ParallelContext) -> tor
     return tensor
 
 
-def _backend(config: ParallelConfig) -> str:
-    if config.distributed_backend != "auto":
-        return config.distributed_backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def _backend(config: ParallelConfig, cuda: bool | None = None) -> str:
+    """The process groups' backend. With NCCL, CPU tensors go over gloo in the same groups
+    (``cpu:gloo,cuda:nccl``): the PACED bookkeeping (log-Z table, selection, replay, metrics)
+    lives on the host, and NCCL has no CPU path."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.distributed_backend == "gloo" or not cuda:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
 
 
 def initialize_parallel(

@@ -143,3 +143,15 @@ def test_rollout_flags_and_validation():
         RolloutConfig(rollout_backend="sglang", weight_sync="nccl").validate()
     with pytest.raises(ConfigError, match="--rollout-concurrency 0"):
         RolloutConfig(rollout_concurrency=0).validate()
+
+
+def test_gpu_runs_send_host_tensors_over_gloo():
+    """The log-Z table, selection, replay and metrics reduce CPU tensors; NCCL has no CPU
+    path, so a CUDA run's groups carry both backends (checked for real by the gpu tests)."""
+    from megatron_paced.parallel import _backend
+
+    assert _backend(ParallelConfig(), cuda=True) == "cpu:gloo,cuda:nccl"
+    assert _backend(ParallelConfig(distributed_backend="nccl"), cuda=True) == \
+        "cpu:gloo,cuda:nccl"
+    assert _backend(ParallelConfig(distributed_backend="gloo"), cuda=True) == "gloo"
+    assert _backend(ParallelConfig(), cuda=False) == "gloo"
