@@ -139,8 +139,10 @@ def test_rollout_flags_and_validation():
     cfg = from_args(RolloutConfig, args)
     assert cfg.sglang_url == ["http://a:1", "http://b:2"] and cfg.weight_sync == "disk"
     cfg.validate()
-    with pytest.raises(ConfigError, match="--weight-sync 'nccl'"):
-        RolloutConfig(rollout_backend="sglang", weight_sync="nccl").validate()
+    RolloutConfig(rollout_backend="sglang", weight_sync="nccl").validate()
+    with pytest.raises(ConfigError, match="--weight-sync-master-port 70000"):
+        RolloutConfig(rollout_backend="sglang", weight_sync="nccl",
+                      weight_sync_master_port=70000).validate()
     with pytest.raises(ConfigError, match="--rollout-concurrency 0"):
         RolloutConfig(rollout_concurrency=0).validate()
 

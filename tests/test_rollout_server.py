@@ -1,8 +1,8 @@
 """The SGLang client against the rollout server in a subprocess (see
-distributed/rollout_worker.py): log-probs equal the trainer's, weight pushes by disk and by
-tensor change the server's outputs to the new weights' outputs, a server killed mid-batch is
-restarted and the batch completes with no prompt lost or duplicated, and weight updates need
-the API key."""
+distributed/rollout_worker.py): log-probs equal the trainer's; weight pushes by disk, by tensor
+and over a weight-update group change the server's outputs to the new weights' outputs; a
+server killed mid-batch is restarted, rejoins the group and the batch completes with no prompt
+lost or duplicated; weight updates need the API key."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from megatron_paced.testing.distributed import launch_and_read_checks
 pytestmark = pytest.mark.distributed
 
 EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
-            "tensor_push_changes_outputs", "killed_server_restarts_and_batch_completes",
-            "weight_updates_need_the_api_key", "release_and_resume_memory"]
+            "tensor_push_changes_outputs", "nccl_push_changes_outputs",
+            "killed_server_restarts_and_batch_completes", "weight_updates_need_the_api_key",
+            "distributed_updates_refuse_unknown_groups", "release_and_resume_memory"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megatron_paced.config import ConfigError, require
+from megatron_paced.config import require
 
 
 @dataclass
@@ -49,17 +49,22 @@ class RolloutConfig:
     """Retries of a failed request (restarting a dead launched server first)."""
     weight_sync: Literal["tensor", "disk", "nccl"] = "tensor"
     """How weights reach SGLang: tensor (colocated, /update_weights_from_tensor), disk
-    (/update_weights_from_disk), nccl (disaggregated; not implemented yet)."""
+    (/update_weights_from_disk), nccl (disaggregated: a broadcast over a weight-update group,
+    /update_weights_from_distributed; gloo on a CPU run)."""
     weight_sync_bucket_mb: int = 256
     """Size bound of one weight-sync bucket."""
+    weight_sync_master_address: Optional[str] = None
+    """Address the servers reach this trainer at for --weight-sync nccl (default: 127.0.0.1
+    when every server is local, else this node's host name)."""
+    weight_sync_master_port: int = 0
+    """Port of the weight-update group's store, + the pipeline stage (0: a free port)."""
 
     def validate(self) -> None:
         if self.rollout_backend == "sglang":
             require(self.sglang_num_servers >= 1 or bool(self.sglang_url), "sglang_num_servers",
                     self.sglang_num_servers, "must be >= 1 (or pass --sglang-url)")
-            if self.weight_sync == "nccl":
-                raise ConfigError("--weight-sync 'nccl': the NCCL transport is not implemented "
-                                  "yet; use tensor (colocated) or disk")
+        require(0 <= self.weight_sync_master_port < 65536, "weight_sync_master_port",
+                self.weight_sync_master_port, "must be a port number (0: a free one)")
         require(self.rollout_concurrency >= 1, "rollout_concurrency", self.rollout_concurrency,
                 "must be >= 1")
         require(self.rollout_prompts_per_request >= 1, "rollout_prompts_per_request",
@@ -78,7 +83,9 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
         return EmbeddedEngine(model, ctx, vocab_size=model_cfg.vocab_size,
                               max_sequence_length=max_sequence_length), None
     from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess
-    from megatron_paced.rollout.weight_sync import DiskTransport, TensorTransport, staging_directory
+    from megatron_paced.rollout.weight_sync import (
+        DiskTransport, DistributedTransport, TensorTransport, staging_directory,
+    )
 
     servers: list = list(cfg.sglang_url)
     if not servers:
@@ -94,9 +101,15 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
                           api_key=cfg.sglang_api_key)
     bucket = cfg.weight_sync_bucket_mb << 20
-    transport = (TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)
-                 if cfg.weight_sync == "tensor" else
-                 DiskTransport(client, model_cfg, ctx, directory=staging_directory(),
-                               bucket_bytes=bucket))
-    client.on_restart = lambda server: transport.push(model[0], version=transport.version)
+    if cfg.weight_sync == "tensor":
+        transport = TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)
+    elif cfg.weight_sync == "disk":
+        transport = DiskTransport(client, model_cfg, ctx, directory=staging_directory(),
+                                  bucket_bytes=bucket)
+    else:
+        transport = DistributedTransport(
+            client, model_cfg, ctx, backend="nccl" if ctx.device.type == "cuda" else "gloo",
+            master_address=cfg.weight_sync_master_address,
+            master_port=cfg.weight_sync_master_port, bucket_bytes=bucket)
+    client.on_restart = lambda server: transport.on_server_restart(model[0])
     return client, transport

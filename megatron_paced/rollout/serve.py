@@ -11,6 +11,12 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
     POST /update_weights_from_disk     {"model_path": HF safetensors folder, "weight_version"}
     POST /update_weights_from_tensor   {"serialized_named_tensors": [base64 of a pickled
                                        [(hf_name, tensor), ...] in shared memory], ...}
+    POST /init_weights_update_group    join a weight-update group (gloo on the CPU, nccl on a
+                                       GPU) as rank ``rank_offset``
+    POST /update_weights_from_distributed  {"names", "dtypes", "shapes", "group_name", ...}:
+                                       receive each tensor by broadcast from rank 0, then load
+    POST /destroy_weights_update_group
+    GET  /get_server_info              {"tp_size": 1, ...}
     POST /update_weight_version, /flush_cache, /release_memory_occupation,
          /resume_memory_occupation
 
@@ -43,7 +49,7 @@ from megatron_paced.config import ConfigError
 WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/update_weight_version", "/release_memory_occupation",
                     "/resume_memory_occupation", "/init_weights_update_group",
-                    "/update_weights_from_distributed"}
+                    "/update_weights_from_distributed", "/destroy_weights_update_group"}
 
 
 class RequestError(Exception):
@@ -87,6 +93,7 @@ class RolloutService:
         self.released = False
         self.lock = threading.Lock()
         self.num_requests = 0
+        self.update_groups: dict[str, tuple[object, str]] = {}  # name -> (group, backend)
         if hf_dir:
             self.load_hf_dir(hf_dir)
 
@@ -193,6 +200,61 @@ class RolloutService:
             self._set_version(body)
         return {"success": True, "message": f"loaded {count} parameters"}
 
+    def init_weights_update_group(self, body: dict):
+        from megatron_paced.rollout.weight_sync import open_update_group
+
+        missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size")
+                   if k not in body]
+        if missing:
+            raise RequestError(400, f"init_weights_update_group needs {', '.join(missing)}")
+        backend = body.get("backend", "nccl")
+        if backend not in ("nccl", "gloo"):
+            raise RequestError(400, f"backend {backend!r}: choose nccl or gloo")
+        if backend == "nccl" and self.ctx.device.type != "cuda":
+            raise RequestError(400, "backend 'nccl' needs a GPU; this server runs on the CPU "
+                                    "(use gloo)")
+        name = body.get("group_name", "weight_update_group")
+        group = open_update_group(backend, body["master_address"], int(body["master_port"]),
+                                  int(body["rank_offset"]), int(body["world_size"]), name)
+        self.update_groups[name] = (group, backend)
+        return {"success": True, "message": f"joined {name} as rank {body['rank_offset']} of "
+                                            f"{body['world_size']}"}
+
+    def update_weights_from_distributed(self, body: dict):
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.update_groups:
+            raise RequestError(400, f"no weight-update group {name!r}: call "
+                                    "/init_weights_update_group first")
+        group, backend = self.update_groups[name]
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
+                and len(names) == len(dtypes) == len(shapes) and names):
+            raise RequestError(400, "names, dtypes and shapes must be non-empty lists of one "
+                                    "length")
+        kinds = [getattr(torch, str(d).removeprefix("torch."), None) for d in dtypes]
+        if not all(isinstance(k, torch.dtype) for k in kinds):
+            raise RequestError(400, f"dtypes {dtypes!r}: not all are torch dtypes")
+        device = torch.device("cpu") if backend == "gloo" else self.ctx.device
+        received = {}
+        for tensor_name, kind, shape in zip(names, kinds, shapes):
+            tensor = torch.empty(shape, dtype=kind, device=device)
+            group.broadcast(tensor, 0).wait()
+            received[tensor_name] = tensor
+        with self.lock:
+            count = self.load_hf_tensors(received, complete=False)
+            self._set_version(body)
+        return {"success": True, "message": f"loaded {count} parameters"}
+
+    def destroy_weights_update_group(self, body: dict):
+        name = body.get("group_name", "weight_update_group")
+        if self.update_groups.pop(name, None) is None:
+            return {"success": False, "message": f"no weight-update group {name!r}"}
+        return {"success": True, "message": f"left {name}"}
+
+    def server_info(self):
+        return {"tp_size": 1, "dp_size": 1, "model_path": self.model_path,
+                "weight_version": self.weight_version}
+
     def _set_version(self, body: dict) -> None:
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
@@ -267,11 +329,16 @@ def make_handler(service: RolloutService, api_key: str | None):
                     "/update_weights_from_disk": service.update_weights_from_disk,
                     "/update_weights_from_tensor": service.update_weights_from_tensor,
                     "/update_weight_version": service.update_weight_version,
+                    "/init_weights_update_group": service.init_weights_update_group,
+                    "/update_weights_from_distributed": service.update_weights_from_distributed,
+                    "/destroy_weights_update_group": service.destroy_weights_update_group,
                 }
                 if path in routes:
                     return self._reply(200, routes[path](body))
                 if path in ("/get_model_info", "/model_info"):
                     return self._reply(200, service.model_info())
+                if path == "/get_server_info":
+                    return self._reply(200, service.server_info())
                 if path == "/flush_cache":  # the embedded engine keeps no prefix cache
                     return self._reply(200, {"success": True})
                 if path == "/release_memory_occupation":
@@ -280,8 +347,6 @@ def make_handler(service: RolloutService, api_key: str | None):
                 if path == "/resume_memory_occupation":
                     service.released = False
                     return self._reply(200, {})
-                if path in ("/init_weights_update_group", "/update_weights_from_distributed"):
-                    raise RequestError(501, f"{path}: NCCL weight updates need SGLang on GPUs")
                 raise RequestError(404, f"no endpoint {path}")
             except RequestError as err:
                 self._reply(err.status, {"error": {"message": str(err), "code": err.status}})

@@ -157,11 +157,11 @@ class SGLangClient:
         self.on_restart = on_restart
         self.num_retries = 0
 
-    def _url(self, server) -> str:
+    def url_of(self, server) -> str:
         return server.url if isinstance(server, ServerProcess) else server.rstrip("/")
 
     def post(self, server, path: str, body: dict | None = None, *, timeout_s: float | None = None):
-        return http_json(self._url(server) + path, body, timeout_s=timeout_s or self.timeout_s,
+        return http_json(self.url_of(server) + path, body, timeout_s=timeout_s or self.timeout_s,
                          api_key=self.api_key)
 
     def post_all(self, path: str, body: dict | None = None) -> list:
@@ -228,7 +228,7 @@ class SGLangClient:
                 return self._parse(outputs, chunk, n)
             except urllib.error.HTTPError as err:
                 if err.code < 500:
-                    raise RolloutError(f"server {self._url(server)} rejected a request: "
+                    raise RolloutError(f"server {self.url_of(server)} rejected a request: "
                                        f"{err.reason}") from None
                 last_error = err
             except (OSError, urllib.error.URLError, ConnectionError) as err:
@@ -240,7 +240,7 @@ class SGLangClient:
             else:
                 time.sleep(min(2.0 ** attempt * 0.5, 10.0))
         raise RolloutError(f"prompts {chunk[0]}..{chunk[-1]} failed after {self.max_retries} "
-                           f"retries on {self._url(server)}: {last_error}")
+                           f"retries on {self.url_of(server)}: {last_error}")
 
     @staticmethod
     def _parse(outputs, chunk: list[int], n: int) -> list[Completion]:

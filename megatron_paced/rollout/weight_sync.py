@@ -21,22 +21,30 @@ Transports:
 * :class:`TensorTransport`: ``/update_weights_from_tensor`` with each bucket pickled by
   torch's multiprocessing pickler (shared memory on the CPU, CUDA IPC handles on GPUs) --
   the colocated path.
-* NCCL broadcast (``/init_weights_update_group`` + ``/update_weights_from_distributed``) is
-  not implemented yet; it needs SGLang on GPUs to be tested.
+* :class:`DistributedTransport` (``--weight-sync nccl``): ``/init_weights_update_group`` once,
+  forming a process group outside the trainer's world (rank 0: the stage's sender; then every
+  server's TP ranks), then per bucket ``/update_weights_from_distributed`` while the sender
+  broadcasts each tensor -- NCCL between GPUs (disaggregated servers), gloo on a CPU run. One
+  group per pipeline stage (``paced-pp<N>`` on ``master_port + N``).
 
 Usage::
 
     sync = TensorTransport(client, model_cfg, ctx, bucket_bytes=64 << 20)
     sync.push(policy.modules()[0], version=f"step-{step}")
+    sync = DistributedTransport(client, model_cfg, ctx, backend="nccl")  # servers elsewhere
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import os
 import shutil
+import socket
 import tempfile
-from typing import Iterator
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -90,6 +98,10 @@ class _Transport:
     def _send(self, model, version: str) -> None:
         raise NotImplementedError
 
+    def on_server_restart(self, model) -> None:
+        """A server came back empty: give it the current weights."""
+        self.push(model, version=self.version)
+
 
 class DiskTransport(_Transport):
     """HF safetensors in a folder, then ``/update_weights_from_disk``."""
@@ -142,6 +154,138 @@ class TensorTransport(_Transport):
                 "serialized_named_tensors": [payload], "flush_cache": last,
                 "weight_version": version if last else None})
             del shared  # the server copied the tensors before answering
+
+
+def open_update_group(backend: str, address: str, port: int, rank: int, world_size: int,
+                      group_name: str, timeout_s: float = 600.0):
+    """A process group outside the trainer's world, as SGLang's ``init_custom_process_group``
+    makes for weight updates: a TCP store hosted by rank 0 and the backend's own process
+    group. Collective over its members (the trainer's sender and the servers' ranks)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(group_name, dist.TCPStore(
+        address, port, world_size, is_master=rank == 0, wait_for_workers=False,
+        timeout=timeout))
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    raise ValueError(f"weight-update group backend {backend!r}: choose nccl or gloo")
+
+
+def _while_posting(posts: list[Callable[[], dict]], work: Callable[[], object]):
+    """Run ``work`` (this side of a collective) while the HTTP calls that make the servers
+    join it are in flight; a server's refusal raises at once instead of leaving ``work``
+    waiting for a peer that never comes. Returns (work's result, the answers)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    with ThreadPoolExecutor(max(1, len(posts))) as pool:
+        futures = [pool.submit(post) for post in posts]
+        worker.start()
+        answers = [future.result() for future in futures]  # raises a server's error
+    failed = [a for a in answers if isinstance(a, dict) and a.get("success") is False]
+    if failed:
+        raise RuntimeError(f"a rollout server refused the weight update: {failed[0]}")
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value"), answers
+
+
+class DistributedTransport(_Transport):
+    """Broadcast over a weight-update group (NCCL on GPUs, gloo on CPUs)."""
+
+    def __init__(self, client, model_cfg, ctx, *, backend: str, master_address: str | None = None,
+                 master_port: int = 0, timeout_s: float = 600.0, **kwargs) -> None:
+        super().__init__(client, model_cfg, ctx, **kwargs)
+        self.backend = backend
+        self.master_address = master_address or _reachable_address(client)
+        self.master_port = master_port
+        self.timeout_s = timeout_s
+        self.group = None
+        self.group_name = f"paced-pp{ctx.pp_rank}"
+
+    def connect(self) -> None:
+        """Form the group with every server's ranks (this stage's sender only)."""
+        servers = self.client.servers
+        tp_sizes = [int(self.client.post(s, "/get_server_info").get("tp_size", 1))
+                    for s in servers]
+        world_size = 1 + sum(tp_sizes)
+        port = (self.master_port + self.ctx.pp_rank) if self.master_port else _free_port()
+
+        def init(server, rank_offset: int) -> Callable[[], dict]:
+            return lambda: self.client.post(server, "/init_weights_update_group", {
+                "master_address": self.master_address, "master_port": port,
+                "rank_offset": rank_offset, "world_size": world_size,
+                "group_name": self.group_name, "backend": self.backend},
+                timeout_s=self.timeout_s)
+
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(servers))]
+        self.group, _ = _while_posting(
+            [init(server, offset) for server, offset in zip(servers, offsets)],
+            lambda: open_update_group(self.backend, self.master_address, port, 0, world_size,
+                                      self.group_name, self.timeout_s))
+
+    def _send(self, model, version: str) -> None:
+        if self.is_sender and self.group is None:
+            self.connect()
+        pending = None  # one bucket behind, to mark the last one
+        for bucket in iter_hf_buckets(model, self.model_cfg, self.ctx, self.bucket_bytes):
+            if pending is not None and self.is_sender:
+                self._send_bucket(pending, None)
+            pending = bucket
+        if pending is not None and self.is_sender:
+            self._send_bucket(pending, version)
+
+    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+        device = torch.device("cpu") if self.backend == "gloo" else self.ctx.device
+        tensors = [tensor.to(device) for _, tensor in bucket]
+        body = {"names": [name for name, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+                "shapes": [list(t.shape) for t in tensors], "group_name": self.group_name,
+                "flush_cache": version is not None, "weight_version": version}
+
+        def broadcast() -> None:
+            for tensor in tensors:
+                self.group.broadcast(tensor, 0).wait()
+
+        _while_posting([lambda s=s: self.client.post(s, "/update_weights_from_distributed", body,
+                                                     timeout_s=self.timeout_s)
+                        for s in self.client.servers], broadcast)
+
+    def on_server_restart(self, model) -> None:
+        """The restarted server lost the group: every server forms a new one."""
+        if self.is_sender:
+            for server in self.client.servers:
+                try:
+                    self.client.post(server, "/destroy_weights_update_group",
+                                     {"group_name": self.group_name})
+                except Exception:  # noqa: BLE001 - the restarted one has no group to destroy
+                    pass
+            self.group = None
+        super().on_server_restart(model)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _reachable_address(client) -> str:
+    """127.0.0.1 when every server is on this machine, else this node's host name."""
+    from urllib.parse import urlparse
+
+    hosts = {urlparse(client.url_of(s)).hostname for s in client.servers}
+    if hosts <= {"127.0.0.1", "localhost", "::1"}:
+        return "127.0.0.1"
+    return socket.getfqdn()
 
 
 def staging_directory(prefix: str = "paced-weights-") -> str:

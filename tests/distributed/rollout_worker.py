@@ -4,13 +4,15 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
 
 1. generation with n > 1: the server's log-probs equal this process's trainer log-probs of
    the same tokens (1e-5);
-2. a weight push (disk, then tensor) after an optimizer step: the server reports the new
-   weight_version, its greedy outputs equal the local engine's with the new weights, and its
-   log-probs equal the new trainer log-probs;
+2. a weight push (disk, tensor, then nccl: a broadcast over a weight-update group, here on
+   gloo) after an optimizer step: the server reports the new weight_version, its greedy
+   outputs equal the local engine's with the new weights, and its log-probs equal the new
+   trainer log-probs;
 3. the server is killed after the first response of a batch: the client restarts it, the
-   restart hook re-pushes the current weights, and the batch completes with every (prompt,
-   sample) exactly once and the right log-probs;
-4. the API key: weight updates without it are refused (401).
+   restart hook forms a new weight-update group and re-pushes the current weights, and the
+   batch completes with every (prompt, sample) exactly once and the right log-probs;
+4. the API key: weight updates without it are refused (401); a weight-update group that was
+   never formed, or NCCL on a CPU server, is refused (400).
 
     torchrun --nproc-per-node 1 -m tests.distributed.rollout_worker --out DIR
 """
@@ -33,7 +35,9 @@ from megatron_paced.models.policy import build_policy
 from megatron_paced.parallel import initialize_parallel
 from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
 from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess, serve_command
-from megatron_paced.rollout.weight_sync import DiskTransport, TensorTransport
+from megatron_paced.rollout.weight_sync import (
+    DiskTransport, DistributedTransport, TensorTransport,
+)
 from megatron_paced.testing.distributed import CheckRecorder
 
 SEED = 1234
@@ -102,6 +106,10 @@ def main() -> None:
             "disk": DiskTransport(client, cfg, ctx, directory=str(args.out / "weights"),
                                   bucket_bytes=64 << 10),
             "tensor": TensorTransport(client, cfg, ctx, bucket_bytes=64 << 10),
+            # A broadcast over a weight-update group, on gloo: NCCL refuses two ranks on one
+            # GPU, and this test's trainer and server share the machine's only device.
+            "nccl": DistributedTransport(client, cfg, ctx, bucket_bytes=64 << 10,
+                                         backend="gloo"),
         }
         for step, (name, transport) in enumerate(transports.items(), start=1):
             with checks.check(f"{name}_push_changes_outputs"):
@@ -117,8 +125,8 @@ def main() -> None:
                 check_log_probs(client.generate(PROMPTS, n=2, sampling=sample, seed=3),
                                 policy, cfg, ctx)
         with checks.check("killed_server_restarts_and_batch_completes"):
-            sync = transports["tensor"]
-            client.on_restart = lambda s: sync.push(policy.modules()[0], version=sync.version)
+            sync = transports["nccl"]
+            client.on_restart = lambda s: sync.on_server_restart(policy.modules()[0])
             post = client.post
             killed = []
 
@@ -137,6 +145,7 @@ def main() -> None:
             slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
             assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
             check_log_probs(outputs, policy, cfg, ctx)  # the restarted server got the weights
+            assert client.post(server, "/get_model_info")["weight_version"] == "v3"
         with checks.check("weight_updates_need_the_api_key"):
             unauthenticated = SGLangClient([server], api_key=None, timeout_s=30)
             try:
@@ -144,7 +153,21 @@ def main() -> None:
                 raise AssertionError("accepted a weight update without the API key")
             except urllib.error.HTTPError as err:
                 assert err.code == 401
-            assert client.post(server, "/get_model_info")["weight_version"] == "v2"
+            assert client.post(server, "/get_model_info")["weight_version"] == "v3"
+        with checks.check("distributed_updates_refuse_unknown_groups"):
+            for path, body, message in (
+                    ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"],
+                     "shapes": [[1]], "group_name": "never-formed"}, "no weight-update group"),
+                    ("/init_weights_update_group", {"master_address": "127.0.0.1",
+                     "master_port": 1, "rank_offset": 1, "world_size": 2, "backend": "nccl"},
+                     "needs a GPU")):
+                if "GPU" in message and ctx.device.type == "cuda":
+                    continue
+                try:
+                    client.post(server, path, body)
+                    raise AssertionError(f"{path} accepted {body}")
+                except urllib.error.HTTPError as err:
+                    assert err.code == 400 and message in str(err), err
         with checks.check("release_and_resume_memory"):
             client.release_memory()
             try:
