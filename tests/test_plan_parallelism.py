@@ -57,8 +57,8 @@ PUBLISHED_PARAMS = {  # exact counts of the Hugging Face checkpoints
 }
 ROUNDED_PARAMS = {  # as usually quoted: (figure, unit of its last digit)
     "smollm2-135m": (134.5e6, 0.1e6), "qwen2.5-1.5b": (1.54e9, 0.01e9),
-    "qwen2.5-3b": (3.09e9, 0.01e9), "qwen2.5-7b": (7.62e9, 0.01e9), "qwen2.5-32b": (32.76e9, 0.01e9),
-    "llama3-70b": (70.55e9, 0.01e9),
+    "qwen2.5-3b": (3.09e9, 0.01e9), "qwen2.5-7b": (7.62e9, 0.01e9),
+    "qwen2.5-32b": (32.76e9, 0.01e9), "llama3-70b": (70.55e9, 0.01e9),
 }
 
 

@@ -76,7 +76,8 @@ def forward_flops(cfg, num_tokens: int, mean_context: float) -> float:
     return num_tokens * (2 * matmul_params(cfg) + attention)
 
 
-def peak_tflops(device: torch.device, bf16: bool, override: float | None) -> tuple[str, float | None]:
+def peak_tflops(device: torch.device, bf16: bool,
+                override: float | None) -> tuple[str, float | None]:
     if device.type != "cuda":
         return "cpu", override
     name = torch.cuda.get_device_name(device)

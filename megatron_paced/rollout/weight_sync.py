@@ -53,7 +53,8 @@ from megatron_paced.models.hf_mapping import megatron_to_hf
 from megatron_paced.models.sharding import iter_full_params
 
 
-def iter_hf_buckets(model, model_cfg, ctx, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_hf_buckets(model, model_cfg, ctx,
+                    bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """This stage's parameters as HF (name, tensor) buckets of at most ``bucket_bytes`` (a
     single larger parameter forms its own bucket). Collective over TP."""
     bucket: list[tuple[str, torch.Tensor]] = []
