@@ -76,7 +76,7 @@ class TrainConfig:
     """Seed of weights, selection, sampling and data."""
     deterministic_mode: bool = False
     """As Megatron's --deterministic-mode: torch's deterministic algorithms (with
-    CUBLAS_WORKSPACE_CONFIG and NCCL's ring algorithm), so that a GPU run and its resumption
+    CUBLAS_WORKSPACE_CONFIG, NCCL's ring algorithm and TE's deterministic attention), so that a GPU run and its resumption
     repeat bit for bit; slower. CPU runs are deterministic without it."""
     bf16: bool = False
     """bf16 mixed precision, as Megatron's --bf16: bf16 weights and activations, fp32 gradients
@@ -229,6 +229,7 @@ class Run:
         if cfg.deterministic_mode:  # before the first CUDA call reads the variables
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             os.environ.setdefault("NCCL_ALGO", "Ring")
+            os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")  # TE attention
             torch.use_deterministic_algorithms(True)
         self.ctx = initialize_parallel(cfgs["parallel"], seed=cfg.seed)
         self.task = task or build_task(cfgs["task"], cfgs["data"], seed=cfg.seed,

@@ -34,3 +34,9 @@ def test_init_rule_by_name():
     assert init_std_for("decoder.layers.1.self_attention.linear_proj.weight", 0.02, 8) == \
         pytest.approx(0.005)
     assert init_std_for("embedding.word_embeddings.weight", 0.02, 8) == 0.02
+    # Transformer Engine's spec fuses the norms into the next linear layer: still ones.
+    for fused in ("self_attention.linear_qkv.layer_norm_weight",
+                  "mlp.linear_fc1.layer_norm_weight"):
+        assert init_std_for(f"decoder.layers.0.{fused}", 0.02, 4) is None
+    assert init_std_for("decoder.layers.0.self_attention.linear_qkv.weight", 0.02, 4) == 0.02
+    assert init_std_for("decoder.layers.0.mlp.linear_fc1.weight", 0.02, 4) == 0.02

@@ -117,7 +117,9 @@ def gather_full_state_dict(
 
     Meant for tests and small models: it materializes the whole model on every rank.
     """
-    local_full = {name: tensor.clone() for name, tensor in iter_full_params(model, tp_group)}
+    # On the host: pickled CUDA tensors would be rebuilt on the sender's device.
+    local_full = {name: tensor.clone().cpu() for name, tensor in iter_full_params(model,
+                                                                                  tp_group)}
     stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(stages, local_full, group=pp_group)
     merged: dict[str, torch.Tensor] = {}
@@ -137,7 +139,10 @@ def _seed_for(seed: int, global_name: str) -> int:
 def init_std_for(global_name: str, init_std: float, num_layers: int) -> float | None:
     """Megatron's init rule by name: None for norms and biases (ones/zeros), scaled std for
     the output projections of attention and MLP, ``init_std`` for the other weights."""
-    if "norm" in global_name.split(".")[-2] or global_name.endswith("bias"):
+    # Local spec: "...input_layernorm.weight"; Transformer Engine's fused norm+linear:
+    # "...linear_qkv.layer_norm_weight".
+    if any("norm" in part for part in global_name.split(".")[-2:]) or global_name.endswith(
+            "bias"):
         return None
     if global_name.endswith("linear_proj.weight") or global_name.endswith("linear_fc2.weight"):
         return init_std / math.sqrt(2.0 * num_layers)

@@ -100,9 +100,12 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
                                  "NaN or inf)")
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    scaled = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    probs = torch.softmax(scaled.float(), dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    # On the host, with its generator: the same draws on every device, and the cumsum of top-p
+    # has no deterministic CUDA kernel (--deterministic-mode would refuse it).
+    scaled = filter_logits(logits.float().cpu() / sampling.temperature, sampling.top_k,
+                           sampling.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 class EmbeddedEngine:

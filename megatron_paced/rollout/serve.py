@@ -43,6 +43,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
 
@@ -201,7 +202,7 @@ class RolloutService:
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def init_weights_update_group(self, body: dict):
-        from megatron_paced.rollout.weight_sync import open_update_group
+        from megatron_paced.rollout.weight_sync import close_update_group, open_update_group
 
         missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size")
                    if k not in body]
@@ -214,6 +215,8 @@ class RolloutService:
             raise RequestError(400, "backend 'nccl' needs a GPU; this server runs on the CPU "
                                     "(use gloo)")
         name = body.get("group_name", "weight_update_group")
+        if name in self.update_groups:  # formed again (a trainer or server restarted)
+            close_update_group(self.update_groups.pop(name)[0])
         group = open_update_group(backend, body["master_address"], int(body["master_port"]),
                                   int(body["rank_offset"]), int(body["world_size"]), name)
         self.update_groups[name] = (group, backend)
@@ -238,7 +241,7 @@ class RolloutService:
         received = {}
         for tensor_name, kind, shape in zip(names, kinds, shapes):
             tensor = torch.empty(shape, dtype=kind, device=device)
-            group.broadcast(tensor, 0).wait()
+            dist.broadcast(tensor, group=group, group_src=0)
             received[tensor_name] = tensor
         with self.lock:
             count = self.load_hf_tensors(received, complete=False)
@@ -246,9 +249,13 @@ class RolloutService:
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def destroy_weights_update_group(self, body: dict):
+        from megatron_paced.rollout.weight_sync import close_update_group
+
         name = body.get("group_name", "weight_update_group")
-        if self.update_groups.pop(name, None) is None:
+        entry = self.update_groups.pop(name, None)
+        if entry is None:
             return {"success": False, "message": f"no weight-update group {name!r}"}
+        close_update_group(entry[0])
         return {"success": True, "message": f"left {name}"}
 
     def server_info(self):

@@ -99,6 +99,12 @@ class _Transport:
     def _send(self, model, version: str) -> None:
         raise NotImplementedError
 
+    def server_tp_sizes(self) -> list[int]:
+        """Each server's tensor-parallel size (SGLang's /get_server_info), asked every time: a
+        restarted server may come back with other arguments."""
+        return [int(self.client.post(s, "/get_server_info").get("tp_size", 1))
+                for s in self.client.servers]
+
     def on_server_restart(self, model) -> None:
         """A server came back empty: give it the current weights."""
         self.push(model, version=self.version)
@@ -147,30 +153,51 @@ class TensorTransport(_Transport):
         buckets = list(iter_hf_buckets(model, self.model_cfg, self.ctx, self.bucket_bytes))
         if not self.is_sender:
             return
+        tp_sizes = self.server_tp_sizes()
         for index, bucket in enumerate(buckets):
             shared = [(name, tensor.clone().share_memory_()) for name, tensor in bucket]
             payload = base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode()
             last = index == len(buckets) - 1
-            self.client.post_all("/update_weights_from_tensor", {
-                "serialized_named_tensors": [payload], "flush_cache": last,
-                "weight_version": version if last else None})
+            for server, tp_size in zip(self.client.servers, tp_sizes):
+                # SGLang's TP rank r reads entry r: one copy of the handles per rank.
+                self.client.post(server, "/update_weights_from_tensor", {
+                    "serialized_named_tensors": [payload] * tp_size, "flush_cache": last,
+                    "weight_version": version if last else None})
             del shared  # the server copied the tensors before answering
 
 
 def open_update_group(backend: str, address: str, port: int, rank: int, world_size: int,
                       group_name: str, timeout_s: float = 600.0):
-    """A process group outside the trainer's world, as SGLang's ``init_custom_process_group``
-    makes for weight updates: a TCP store hosted by rank 0 and the backend's own process
-    group. Collective over its members (the trainer's sender and the servers' ranks)."""
+    """A process group outside the trainer's world for weight updates, collective over its
+    members (the trainer's sender, rank 0, and the servers' ranks).
+
+    It is built the way SGLang's ``init_custom_process_group`` builds its side -- a TCP
+    store at ``address:port`` hosted by rank 0, prefixed by the group name, and torch's
+    process-group helper (private API, as SGLang uses) -- so that both sides meet on the same
+    store keys. The store is made directly rather than by ``rendezvous("tcp://...")``: under
+    torchrun that would wait for the elastic agent's store instead of hosting one. Broadcast
+    with ``dist.broadcast(t, group=g, group_src=0)``.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"weight-update group backend {backend!r}: choose nccl or gloo")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.PrefixStore(group_name, dist.TCPStore(
-        address, port, world_size, is_master=rank == 0, wait_for_workers=False,
-        timeout=timeout))
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    raise ValueError(f"weight-update group backend {backend!r}: choose nccl or gloo")
+    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], backend, dist.PrefixStore(group_name, store),
+        group_name=group_name, timeout=timeout)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def close_update_group(group) -> None:
+    """Leave a group made by :func:`open_update_group` (local; peers may be gone)."""
+    try:
+        dist.destroy_process_group(group)
+    except Exception:  # noqa: BLE001 - a group whose peers died may not tear down cleanly
+        pass
 
 
 def _while_posting(posts: list[Callable[[], dict]], work: Callable[[], object]):
@@ -215,8 +242,7 @@ class DistributedTransport(_Transport):
     def connect(self) -> None:
         """Form the group with every server's ranks (this stage's sender only)."""
         servers = self.client.servers
-        tp_sizes = [int(self.client.post(s, "/get_server_info").get("tp_size", 1))
-                    for s in servers]
+        tp_sizes = self.server_tp_sizes()
         world_size = 1 + sum(tp_sizes)
         port = (self.master_port + self.ctx.pp_rank) if self.master_port else _free_port()
 
@@ -254,7 +280,7 @@ class DistributedTransport(_Transport):
 
         def broadcast() -> None:
             for tensor in tensors:
-                self.group.broadcast(tensor, 0).wait()
+                dist.broadcast(tensor, group=self.group, group_src=0)
 
         _while_posting([lambda s=s: self.client.post(s, "/update_weights_from_distributed", body,
                                                      timeout_s=self.timeout_s)
@@ -269,6 +295,8 @@ class DistributedTransport(_Transport):
                                      {"group_name": self.group_name})
                 except Exception:  # noqa: BLE001 - the restarted one has no group to destroy
                     pass
+            if self.group is not None:
+                close_update_group(self.group)
             self.group = None
         super().on_server_restart(model)
 

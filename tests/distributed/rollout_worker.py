@@ -57,7 +57,7 @@ def check_log_probs(outputs, policy, cfg, ctx) -> None:
     trainer = compute_log_probs(policy.model, batch, ctx, vocab_size=cfg.vocab_size,
                                 micro_batch_size=batch.num_sequences)
     mask = batch.completion_mask.bool()
-    torch.testing.assert_close(trainer.token_log_probs[mask],
+    torch.testing.assert_close(trainer.token_log_probs.cpu()[mask],
                                batch.extras["rollout_log_probs"][mask], rtol=1e-5, atol=1e-5)
 
 
