@@ -118,6 +118,19 @@ def broadcast_from_last_stage(tensor: torch.Tensor, ctx: ParallelContext) -> tor
     return tensor
 
 
+def broadcast_objects_in_replica(obj, ctx: ParallelContext):
+    """The first rank's (TP 0, PP 0) picklable ``obj`` on every rank of its model replica:
+    over TP among the first stage, then over PP."""
+    box = [obj]
+    if ctx.tp_size > 1 and ctx.pp_rank == 0:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.tp_group, 0),
+                                   group=ctx.tp_group)
+    if ctx.pp_size > 1:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.pp_group, 0),
+                                   group=ctx.pp_group)
+    return box[0]
+
+
 def _backend(config: ParallelConfig, cuda: bool | None = None) -> str:
     """The process groups' backend. With NCCL, CPU tensors go over gloo in the same groups
     (``cpu:gloo,cuda:nccl``): the PACED bookkeeping (log-Z table, selection, replay, metrics)

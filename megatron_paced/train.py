@@ -314,11 +314,27 @@ class Run:
 
     # ---- generate and score -----------------------------------------------------------------
     def generate(self, problems, n: int, seed: int):
+        """Completions for this rank's problems. The embedded engine runs on every rank of the
+        replica (TP ranks cooperate); SGLang is asked once per replica, by its first rank, and
+        the answer is broadcast over TP, then PP."""
+        from megatron_paced.parallel import broadcast_objects_in_replica
+        from megatron_paced.rollout.engine import EmbeddedEngine
+
         prompts = [self.task.prompt_tokens(p) for p in problems]
-        try:
-            return self.rollout.generate(prompts, n=n, sampling=self.sampling, seed=seed)
-        except FloatingPointError as err:
-            raise self.stopped(err, [getattr(p, "prompt_id", None) for p in problems]) from None
+        ask_here = isinstance(self.rollout, EmbeddedEngine) or (
+            self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0)
+        answer: tuple = ("ok", None)
+        if ask_here:
+            try:
+                answer = ("ok", self.rollout.generate(prompts, n=n, sampling=self.sampling,
+                                                      seed=seed))
+            except FloatingPointError as err:
+                answer = ("nan", str(err))
+        if not isinstance(self.rollout, EmbeddedEngine):
+            answer = broadcast_objects_in_replica(answer, self.ctx)
+        if answer[0] == "nan":
+            raise self.stopped(answer[1], [getattr(p, "prompt_id", None) for p in problems])
+        return answer[1]
 
     def stopped(self, err, prompt_ids: list) -> FloatingPointError:
         """The error that stops the run at a non-finite value, naming the step and prompts."""
@@ -586,6 +602,8 @@ def train(cfgs: dict, task=None) -> Run:
         run.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.save,
                                config={k: vars(v) for k, v in cfgs.items()},
                                mode=os.environ.get("WANDB_MODE", "offline"))
+    if run.weight_sync is not None:  # servers start from a checkpoint, not from this policy
+        run.weight_sync.push(run.policy.modules()[0], version=str(run.step))
     if cfg.eval_interval and run.step == 0:
         run.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
         run.log(run.first_eval)

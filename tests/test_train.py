@@ -65,6 +65,33 @@ def test_tp2_bf16_run_trains_and_logs(tmp_path):
 
 
 @pytest.mark.distributed
+def test_tp2_run_with_a_launched_rollout_server_and_group_weight_sync(tmp_path):
+    """--rollout-backend sglang against the project's server (SGLang's API): one server for
+    the node, asked once per replica; --weight-sync nccl (gloo here) pushes the policy before
+    the first step, so the server's log-probs are the trainer's (kl_old_theta ~ 0 with
+    --use-rollout-logprobs)."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shape = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
+             "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17")
+    save = tmp_path / "sglang"
+    _train(COMMON + ["--train-iters", "2", "--save", str(save), "--tensor-model-parallel-size",
+                     "2", "--rollout-backend", "sglang", "--sglang-launch-command",
+                     f"{sys.executable} -m megatron_paced.rollout.serve",
+                     "--sglang-server-args", f"{shape} --max-sequence-length 64",
+                     "--sglang-base-port", str(port), "--weight-sync", "nccl",
+                     "--use-rollout-logprobs"])
+    rows = _metrics(save / "metrics.jsonl")
+    assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
+    assert abs(rows[1]["kl_old_theta"]) < 1e-4, rows[1]
+    assert [p.name for p in save.glob("sglang-*.log")] == ["sglang-0.log"]
+
+
+@pytest.mark.distributed
 def test_nan_loss_stops_run_and_last_checkpoint_resumes(tmp_path):
     save = tmp_path / "nan"
     result = _train(COMMON + ["--train-iters", "4", "--save", str(save), "--inject-nan-at-step",

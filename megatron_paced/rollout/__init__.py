@@ -17,6 +17,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch.distributed as dist
+
 from megatron_paced.config import require
 
 
@@ -88,14 +90,21 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     )
 
     servers: list = list(cfg.sglang_url)
-    if not servers:
+    if not servers:  # launched by the first process of each node; the others attach to them
         command = shlex.split(cfg.sglang_launch_command) + shlex.split(cfg.sglang_server_args)
-        for index in range(cfg.sglang_num_servers):
+        ports = [cfg.sglang_base_port + index for index in range(cfg.sglang_num_servers)]
+        launcher = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if launcher and log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+        for index, port in enumerate(ports if launcher else []):
             log = os.path.join(log_dir, f"sglang-{index}.log") if log_dir else None
-            server = ServerProcess(command, port=cfg.sglang_base_port + index, log_path=log,
-                                   api_key=cfg.sglang_api_key)
-            server.start()
+            server = ServerProcess(command, port=port, log_path=log, api_key=cfg.sglang_api_key)
+            server.start()  # returns once /health answers
             servers.append(server)
+        if dist.is_initialized():
+            dist.barrier()
+        if not launcher:
+            servers = [f"http://127.0.0.1:{port}" for port in ports]
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
                           prompts_per_request=cfg.rollout_prompts_per_request,
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
