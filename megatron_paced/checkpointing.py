@@ -211,14 +211,15 @@ def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None
         listing = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}"
                             for k, (a, b) in different.items())
         raise ConfigError(f"--load {root!r} holds another model shape ({listing})")
-    saved_dtype = _read_contents(path).get("params_dtype", "float32")
-    ours = str(params_dtype).removeprefix("torch.")
-    if (params_dtype is not None and "optimizer" in checkpoint_contents(path)
-            and saved_dtype != ours):
-        raise ConfigError(
-            f"--load {root!r}: {path} was trained in {saved_dtype} and this run is {ours} "
-            f"({'--bf16' if ours == 'bfloat16' else '--no-bf16'}); its optimizer state does not "
-            "carry over: resume with the precision it was saved with")
+    if params_dtype is not None:
+        saved = _read_contents(path)
+        saved_dtype = saved.get("params_dtype", "float32")
+        ours = str(params_dtype).removeprefix("torch.")
+        if "optimizer" in saved["contents"] and saved_dtype != ours:
+            raise ConfigError(
+                f"--load {root!r}: {path} was trained in {saved_dtype} and this run is {ours} "
+                f"({'--bf16' if ours == 'bfloat16' else '--no-bf16'}); its optimizer state does "
+                "not carry over: resume with the precision it was saved with")
     return step
 
 
