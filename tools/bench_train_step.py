@@ -99,39 +99,29 @@ class Timer:
 
     def __call__(self, fn) -> tuple[float, float | None]:
         """Median seconds of ``fn`` over the repeats after one warm-up, and peak GiB."""
-        fn()
-        self.sync()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        samples = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            samples.append(time.perf_counter() - start)
-        peak = (torch.cuda.max_memory_allocated(self.device) / 2**30
-                if self.device.type == "cuda" else None)
+        (samples,), peak = self.times(fn)
         return statistics.median(samples), peak
 
-    def paired(self, fn_a, fn_b) -> tuple[list[float], list[float], float | None]:
-        """Seconds of ``fn_a`` and ``fn_b`` run alternately (a b, b a, a b, ...: drift, noise
-        and what one leaves to the next fall on both alike) after one warm-up each, and the
-        peak GiB."""
-        fn_a(), fn_b()
+    def times(self, *fns) -> tuple[list[list[float]], float | None]:
+        """Seconds of each of ``fns`` over the repeats, after one warm-up each, and the peak
+        GiB. Several run in turn, the order reversed every other repeat (a b, b a, ...), so
+        that drift, noise and what one leaves to the next fall on all alike."""
+        for fn in fns:
+            fn()
         self.sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        times: tuple[list[float], list[float]] = ([], [])
+        samples: list[list[float]] = [[] for _ in fns]
         for repeat in range(self.repeats):
-            pairs = ((fn_a, times[0]), (fn_b, times[1]))
-            for fn, samples in pairs if repeat % 2 == 0 else pairs[::-1]:
+            order = list(zip(fns, samples))
+            for fn, out in order if repeat % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
                 fn()
                 self.sync()
-                samples.append(time.perf_counter() - start)
+                out.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.device.type == "cuda" else None)
-        return times[0], times[1], peak
+        return samples, peak
 
 
 def rl_batch(args, vocab_size: int):
@@ -219,7 +209,7 @@ def bench(args) -> dict:
     gen_tokens = num_rows * args.max_new_tokens
     gen_flops = (forward_flops(cfg, num_rows * args.prompt_length, args.prompt_length / 2)
                  + forward_flops(cfg, gen_tokens, args.prompt_length + args.max_new_tokens / 2))
-    tb_times, grpo_times, peak = timer.paired(
+    (tb_times, grpo_times), peak = timer.times(
         lambda: train_step(functools.partial(paced_loss_fn, beta=0.05), True),
         lambda: train_step(grpo_loss_fn, False))
     loss_extra = sorted(a - b for a, b in zip(tb_times, grpo_times))
