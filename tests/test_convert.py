@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_paced.testing.cli import CliCase, run_cli_cases
 from megatron_paced.testing.distributed import launch_and_read_checks
 from megatron_paced.testing.hf_models import make_tiny_hf_checkpoint
 from tests.conftest import run_python
@@ -117,19 +118,21 @@ def test_bad_input_fails_before_writing(tiny_models, tmp_path):
     shard = mixed / "model-00003-of-00011.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}, shard)
     cases["mixed"] = (mixed, [], "dtype mismatch between tensors")
-    for name, (folder, flags, expected) in cases.items():
-        save = tmp_path / f"save-{name}"
-        result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", str(folder),
-                            "--save", str(save), *flags, timeout=120)
-        assert result.returncode == 2 and expected in result.stderr, (name, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr
-        assert not save.exists() and not Path(f"{save}.incomplete").exists(), name
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
-    result = run_python("-m tools.convert_hf_to_megatron", "--hf-dir", str(source), "--save",
-                        str(existing), timeout=120)
-    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+    cases["existing"] = (source, [], "already exists and is not empty")
+    saves = {name: existing if name == "existing" else tmp_path / f"save-{name}"
+             for name in cases}
+    results = run_cli_cases([CliCase("tools.convert_hf_to_megatron",
+                                     ["--hf-dir", str(folder), "--save", str(saves[name]), *flags])
+                             for name, (folder, flags, _) in cases.items()])
+    for (name, (_, _, expected)), result in zip(cases.items(), results):
+        assert result.returncode == 2 and expected in result.stderr, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        if name != "existing":
+            assert not saves[name].exists(), name
+        assert not Path(f"{saves[name]}.incomplete").exists(), name
     assert (existing / "keep.txt").read_text() == "x"
 
 

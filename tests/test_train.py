@@ -8,7 +8,7 @@ import json
 import pytest
 
 from megatron_paced.testing.distributed import launch_workers
-from tests.conftest import chat_tokenizer, run_python
+from tests.conftest import chat_tokenizer
 
 COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
           "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
@@ -132,8 +132,6 @@ def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
     per_step = [b - a for a, b in zip([0] + samples, samples)]
     assert all(n % 16 == 0 and 16 <= n <= 48 for n in per_step), per_step
     assert max(per_step) > 16, per_step  # some step needed another round
-    result = run_python("-m megatron_paced.train", "--dynamic-sampling", timeout=60)
-    assert result.returncode == 2 and "needs --prompt-selection uniform" in result.stderr
 
 
 def _prompt_file(path, rows):
@@ -160,67 +158,108 @@ def test_prompt_file_task_with_hf_tokenizer_trains(tmp_path):
     assert 0 <= rows[2]["eval_pass@1"] <= 1 and rows[2]["loss"] == rows[2]["loss"]
 
 
-def test_dataset_that_does_not_match_model_or_tokenizer(tmp_path):
-    tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
-    data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
-    no_answer = _prompt_file(tmp_path / "no_answer.jsonl", SUMS[:2] + [{"prompt": "what is 1 ?"}])
-    cases = [
-        (["--prompt-data", data, "--vocab-size", "10"],
-         f"--tokenizer {tokenizer} has 25 tokens but --vocab-size is 10"),
-        (["--prompt-data", data, "--max-position-embeddings", "16"],
-         "the longest prompt (19 tokens) + --max-new-tokens 4 = 23 exceeds "
-         "--max-position-embeddings 16"),
-        (["--prompt-data", data, "--max-prompt-length", "10"],
-         f"{data}:1: prompt of 19 tokens exceeds --max-prompt-length 10"),
-        (["--prompt-data", no_answer], f"{no_answer}:3: row has no 'answer'"),
-        (["--prompt-data", data, "--sft-warmup-iters", "5"],
-         "--sft-warmup-iters: the supervised warm start is only built in for --task arithmetic"),
-    ]
-    for flags, expected in cases:
-        result = run_python("-m megatron_paced.train", *PROMPT_TASK, "--tokenizer", tokenizer,
-                            *flags, timeout=60)
-        assert result.returncode == 2 and expected in result.stderr, (flags, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr
-    result = run_python("-m megatron_paced.train", "--task", "gsm8k", timeout=60)
-    assert result.returncode == 2 and "--task gsm8k needs --tokenizer DIR" in result.stderr
+# Start-up errors: every case runs through paced-train's main() in ONE child process
+# (megatron_paced.testing.cli), not a Python start per case.
+BAD_FLAGS = {
+    "global_batch": (["--global-batch-size", "30"], {"WORLD_SIZE": "2"},
+                     "--global-batch-size 30 contradicts --num-prompts-per-step 16"),
+    "micro_batch": (["--micro-batch-size", "5"], {},
+                    "--micro-batch-size 5: must divide the 128 sequences"),
+    "missing_load": (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
+    "vocab": (["--vocab-size", "10"], {},
+              "the arithmetic task's tokenizer has 17 tokens but --vocab-size is 10"),
+    "world_tp": (["--tensor-model-parallel-size", "3"], {},
+                 "world size 1 is not divisible by --tensor-model-parallel-size 3"),
+    "tp_heads": (["--tensor-model-parallel-size", "2", "--num-attention-heads", "5",
+                  "--num-query-groups", "5", "--hidden-size", "80"], {"WORLD_SIZE": "2"},
+                 "--tensor-model-parallel-size 2 does not divide --num-attention-heads 5"),
+    "architecture": (["--architecture", "gpt2"], {}, "--architecture 'gpt2': unknown architecture"),
+    "beta": (["--beta", "0"], {}, "--beta 0"),
+    "tau": (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
+    "no_steps": (["--train-iters", "0"], {}, "--train-iters 0: runs no RL step: it needs "
+                 "--sft-warmup-iters > 0 and --save"),
+    "too_many_prompts": (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},
+                         "--num-prompts-per-step 1000: must be <= the 512 training prompts of "
+                         "--task arithmetic"),
+    "dynamic_sampling": (["--dynamic-sampling"], {}, "needs --prompt-selection uniform"),
+    "gsm8k_tokenizer": (["--task", "gsm8k"], {}, "--task gsm8k needs --tokenizer DIR"),
+}
 
 
-@pytest.mark.parametrize("flags, env, expected", [
-    (["--global-batch-size", "30"], {"WORLD_SIZE": "2"},
-     "--global-batch-size 30 contradicts --num-prompts-per-step 16"),
-    (["--micro-batch-size", "5"], {}, "--micro-batch-size 5: must divide the 128 sequences"),
-    (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
-    (["--vocab-size", "10"], {}, "the arithmetic task's tokenizer has 17 tokens but "
-     "--vocab-size is 10"),
-    (["--tensor-model-parallel-size", "3"], {}, "world size 1 is not divisible by "
-     "--tensor-model-parallel-size 3"),
-    (["--tensor-model-parallel-size", "2", "--num-attention-heads", "5", "--num-query-groups",
-      "5", "--hidden-size", "80"], {"WORLD_SIZE": "2"},
-     "--tensor-model-parallel-size 2 does not divide --num-attention-heads 5"),
-    (["--architecture", "gpt2"], {}, "--architecture 'gpt2': unknown architecture"),
-    (["--beta", "0"], {}, "--beta 0"),
-    (["--target-acc", "1.0"], {}, "--target-acc 1.0: tau must be in (0, 1)"),
-    (["--train-iters", "0"], {}, "--train-iters 0: runs no RL step: it needs "
-     "--sft-warmup-iters > 0 and --save"),
-    (["--config", "/dev/null", "--num-prompts-per-step", "1000"], {},
-     "--num-prompts-per-step 1000: must be <= the 512 training prompts of --task arithmetic"),
-])
-def test_bad_flags_fail_before_work(flags, env, expected):
-    result = run_python("-m megatron_paced.train", *flags, env=env, timeout=60)
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Every start-up error case of this module, run in one child: name -> CliResult. The
+    cases that need files (checkpoints, YAML, tokenizer, prompt files) are made here."""
+    from megatron_paced.testing.cli import CliCase, run_cli_cases
+
+    root = tmp_path_factory.mktemp("cli")
+    cases = {name: (flags, env) for name, (flags, env, _) in BAD_FLAGS.items()}
+    ckpt = root / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    (ckpt / "iter_0000003" / "model_config.json").write_text(json.dumps(
+        {"architecture": "llama", "num_layers": 2, "hidden_size": 64}))
+    cases["load_shape"] = (["--load", str(ckpt)], {})
+    config, bad = root / "run.yaml", root / "bad.yaml"
+    config.write_text("num-prompts-per-step: 3\nmicro_batch_size: 7\n")
+    bad.write_text("num_promts_per_step: 3\n")
+    cases["yaml"] = (["--config", str(config)], {})
+    cases["yaml_overridden"] = (["--config", str(config), "--micro-batch-size", "5"], {})
+    cases["yaml_unknown"] = (["--config", str(bad)], {})
+    tokenizer, _ = chat_tokenizer(root / "tokenizer")
+    data = _prompt_file(root / "sums.jsonl", SUMS)
+    no_answer = _prompt_file(root / "no_answer.jsonl", SUMS[:2] + [{"prompt": "what is 1 ?"}])
+    dataset = {"data_vocab": ["--prompt-data", data, "--vocab-size", "10"],
+               "data_positions": ["--prompt-data", data, "--max-position-embeddings", "16"],
+               "data_prompt_length": ["--prompt-data", data, "--max-prompt-length", "10"],
+               "data_no_answer": ["--prompt-data", no_answer],
+               "data_sft": ["--prompt-data", data, "--sft-warmup-iters", "5"]}
+    for name, flags in dataset.items():
+        cases[name] = (PROMPT_TASK + ["--tokenizer", tokenizer] + flags, {})
+    results = run_cli_cases([CliCase("megatron_paced.train", flags, env)
+                             for flags, env in cases.values()])
+    return dict(zip(cases, results)) | {"paths": {"tokenizer": tokenizer, "data": data,
+                                                  "no_answer": no_answer}}
+
+
+def _refused(result, expected: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
-def test_load_of_another_model_shape(tmp_path):
-    root = tmp_path / "ckpt"
-    (root / "iter_0000003").mkdir(parents=True)
-    (root / "latest_checkpointed_iteration.txt").write_text("3")
-    (root / "iter_0000003" / "model_config.json").write_text(json.dumps(
-        {"architecture": "llama", "num_layers": 2, "hidden_size": 64}))
-    result = run_python("-m megatron_paced.train", "--load", str(root), timeout=60)
-    assert result.returncode == 2
-    assert "holds another model shape (num_layers: checkpoint 2 vs this run 4" in result.stderr
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flags_fail_before_work(cli, name):
+    _refused(cli[name], BAD_FLAGS[name][2])
+
+
+def test_dataset_that_does_not_match_model_or_tokenizer(cli):
+    paths = cli["paths"]
+    expected = {
+        "data_vocab": f"--tokenizer {paths['tokenizer']} has 25 tokens but --vocab-size is 10",
+        "data_positions": "the longest prompt (19 tokens) + --max-new-tokens 4 = 23 exceeds "
+                          "--max-position-embeddings 16",
+        "data_prompt_length": f"{paths['data']}:1: prompt of 19 tokens exceeds "
+                              "--max-prompt-length 10",
+        "data_no_answer": f"{paths['no_answer']}:3: row has no 'answer'",
+        "data_sft": "--sft-warmup-iters: the supervised warm start is only built in for "
+                    "--task arithmetic",
+    }
+    for name, message in expected.items():
+        _refused(cli[name], message)
+
+
+def test_load_of_another_model_shape(cli):
+    _refused(cli["load_shape"], "holds another model shape (num_layers: checkpoint 2 vs this "
+                                "run 4")
+
+
+def test_yaml_config_sets_flags_and_rejects_unknown_keys(cli):
+    # Both YAML values reach validation (3 prompts x 8 samples = 24 sequences) ...
+    _refused(cli["yaml"], "--micro-batch-size 7: must divide the 24 sequences")
+    # ... and a flag on the command line overrides the file.
+    _refused(cli["yaml_overridden"], "--micro-batch-size 5: must divide the 24 sequences")
+    _refused(cli["yaml_unknown"], "unknown keys ['num_promts_per_step']")
 
 
 def test_resume_in_another_precision_is_refused_but_weights_load(tmp_path):
@@ -248,21 +287,3 @@ def test_resume_in_another_precision_is_refused_but_weights_load(tmp_path):
     contents.unlink()  # a checkpoint from before the precision was recorded: fp32
     with pytest.raises(ConfigError, match="trained in float32 and this run is bfloat16"):
         check_loadable(str(tmp_path), TINY_MODEL, torch.bfloat16)
-
-
-def test_yaml_config_sets_flags_and_rejects_unknown_keys(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("num-prompts-per-step: 3\nmicro_batch_size: 7\n")
-    # Both YAML values reach validation (3 prompts x 8 samples = 24 sequences) ...
-    result = run_python("-m megatron_paced.train", "--config", str(config), timeout=60)
-    assert result.returncode == 2
-    assert "--micro-batch-size 7: must divide the 24 sequences" in result.stderr
-    # ... and a flag on the command line overrides the file.
-    result = run_python("-m megatron_paced.train", "--config", str(config),
-                        "--micro-batch-size", "5", timeout=60)
-    assert result.returncode == 2
-    assert "--micro-batch-size 5: must divide the 24 sequences" in result.stderr
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("num_promts_per_step: 3\n")
-    result = run_python("-m megatron_paced.train", "--config", str(bad), timeout=60)
-    assert result.returncode == 2 and "unknown keys ['num_promts_per_step']" in result.stderr

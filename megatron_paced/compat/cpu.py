@@ -33,6 +33,13 @@ Contract
         4. Megatron's activation-recompute backward (``tensor_parallel.CheckpointFunction``,
            used by ``--recompute-granularity``) re-runs the forward inside autograd's
            backward, where the mode of item 1 is not in force: it runs under the mode again.
+        5. While Megatron-Core is first imported (by this call), ``torch.compile`` returns
+           the function it is given: Megatron decorates its fused kernels (bias-GeLU,
+           SwiGLU, RoPE, ...) with ``torch.compile`` at import, and the first such call
+           imports TorchDynamo and Inductor, 2.4 s of every process's start on this CPU.
+           Those kernels are off here (fusions are disabled on the CPU), and a function
+           that is called anyway runs eagerly, with the same math. ``torch.compile`` is
+           itself again as soon as the import returns.
     * ``torch.cuda.is_available()`` keeps answering False, so code that branches on it stays
       honest.
     * Torch function modes are per thread: the thread that calls :func:`enable_cpu_compat`
@@ -53,6 +60,7 @@ Checked against megatron-core 0.16.1 (Python 3.11) with torch 2.13 (CPU build).
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -202,6 +210,29 @@ def _install_cuda_standins() -> None:
     cuda.nvtx.range = lambda msg, *args, **kwargs: contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _torch_compile_returns_its_argument() -> Iterator[None]:
+    """Item 5 of the contract: ``torch.compile(fn)`` and ``@torch.compile(...)`` give back
+    the function unchanged for the duration of the body."""
+    real = torch.compile
+
+    def eager(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+def _import_megatron_core() -> None:
+    if "megatron.core" in sys.modules:
+        return
+    with _torch_compile_returns_its_argument():
+        import megatron.core  # noqa: F401  (the decorators run here)
+
+
 def _install_megatron_rng_helpers() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -233,6 +264,7 @@ def enable_cpu_compat() -> bool:
     if torch.cuda.is_available():
         return False
     _install_cuda_standins()
+    _import_megatron_core()
     _install_megatron_rng_helpers()
     _install_megatron_recompute_backward()
     _MODE = _CudaToCpuMode()
