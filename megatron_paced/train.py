@@ -16,9 +16,14 @@ first teaches it the easy levels.
 
 Usage::
 
-    torchrun --nproc-per-node 2 -m megatron_paced.train --tensor-model-parallel-size 2 \\
-        --train-iters 20 --save runs/tp2
-    paced-train --config examples/tiny.yaml --load runs/tp2
+    torchrun --nproc-per-node 2 -m megatron_paced.train --config examples/demo.yaml \\
+        --tensor-model-parallel-size 2 --save runs/tp2
+    # 100 more steps from its last checkpoint:
+    torchrun --nproc-per-node 2 -m megatron_paced.train --config examples/demo.yaml \\
+        --tensor-model-parallel-size 2 --save runs/tp2 --load runs/tp2 --train-iters 200
+
+Bare ``paced-train`` (no --load, no --sft-warmup-iters) is refused with a message naming the
+flags that make a meaningful run: RL on a random policy earns no reward.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ class TrainConfig:
     """Supervised steps on the task's answers before RL (the base policy)."""
     sft_lr: float = 3e-3
     """Learning rate of the supervised warm start."""
+    allow_random_init: bool = False
+    """Run RL on a randomly initialized policy (no --load, no --sft-warmup-iters). Such a policy
+    almost never earns a reward, so RL learns nothing; without this flag the run is refused."""
     grpo_kl_coef: float = 0.0
     """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
     flowrl_clip: float = 0.2
@@ -743,6 +751,13 @@ def validate_startup(cfgs: dict, world_size: int):
                 "draws fresh prompts each round: it needs --prompt-selection uniform")
         if train_cfg.sft_warmup_iters and cfgs["task"].task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
+        if not (train_cfg.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
+            raise ConfigError(
+                "the policy would start from random weights (no --load, --sft-warmup-iters 0), "
+                "and RL from random weights learns nothing: start from a checkpoint (--load "
+                "DIR, e.g. tools/convert_hf_to_megatron.py output), warm-start the built-in "
+                "task (--sft-warmup-iters 1000), or run the demo (--config examples/demo.yaml); "
+                "--allow-random-init runs it anyway")
     except ConfigError:
         task.close()
         raise

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 10 per DP rank, micro-batches of 5; no SFT warm start, no evaluation, one checkpoint at the end.
 FLAGS = ["--train-iters", "2", "--num-prompts-per-step", "4", "--num-samples-per-prompt", "4",
          "--micro-batch-size", "5", "--task-num-prompts", "64", "--task-max-digits", "2",
-         "--sft-warmup-iters", "0", "--replay-size", "16", "--replay-per-step", "4",
+         "--sft-warmup-iters", "0", "--allow-random-init", "--replay-size", "16", "--replay-per-step", "4",
          "--no-replay-successful-only", "--max-new-tokens", "6", "--eval-interval", "0",
          "--save-interval", "0"]
 JOB_TIMEOUT_S = 240

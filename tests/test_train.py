@@ -109,7 +109,8 @@ def test_nan_loss_stops_run_and_last_checkpoint_resumes(tmp_path):
     # A diverged update (lr 1e30: finite weights of 1e30) overflows the next rollout's logits.
     diverged = tmp_path / "diverged"
     result = _train(COMMON + ["--train-iters", "4", "--save", str(diverged), "--save-interval",
-                              "1", "--lr", "1e30", "--sft-warmup-iters", "0"], nprocs=1, expect=3)
+                              "1", "--lr", "1e30", "--sft-warmup-iters", "0",
+                              "--allow-random-init"], nprocs=1, expect=3)
     assert "paced-train: error: step 2: non-finite logits while sampling" in result.output, \
         result.output[-3000:]
     assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
@@ -151,7 +152,8 @@ def test_prompt_file_task_with_hf_tokenizer_trains(tmp_path):
     tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
     data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
     save = tmp_path / "run"
-    _train(PROMPT_TASK + ["--tokenizer", tokenizer, "--prompt-data", data, "--train-iters", "2",
+    _train(PROMPT_TASK + ["--allow-random-init", "--tokenizer", tokenizer, "--prompt-data", data,
+                          "--train-iters", "2",
                           "--eval-interval", "2", "--eval-num-prompts", "4", "--save", str(save)])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
@@ -183,6 +185,10 @@ BAD_FLAGS = {
                          "--task arithmetic"),
     "dynamic_sampling": (["--dynamic-sampling"], {}, "needs --prompt-selection uniform"),
     "gsm8k_tokenizer": (["--task", "gsm8k"], {}, "--task gsm8k needs --tokenizer DIR"),
+    # Bare paced-train: a random policy earns no reward; the message names what to pass.
+    "bare": ([], {}, "the policy would start from random weights (no --load, --sft-warmup-iters "
+             "0), and RL from random weights learns nothing: start from a checkpoint (--load "
+             "DIR"),
 }
 
 
