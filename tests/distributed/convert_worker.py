@@ -1,12 +1,17 @@
-"""Worker of tests/test_convert.py (one launch for all models and layouts of a world size).
+"""Worker of tests/test_convert.py: one launch converts every model on its layouts.
 
-For each HF folder given: the ``transformers`` forward is the reference; the folder is
-converted HF -> Megatron on each ``--layouts`` (default TP1, TP2, TP2xPP2), and each checkpoint
-is loaded on another layout (vocabulary re-padded, layers resharded); the
-Megatron logits must equal the reference to 1e-4 relative (``logits[...]`` checks; the
-errors go to ``errors.json``). Then, in one process, each last-layout checkpoint is converted
-back to HF and must equal the original tensors bitwise and load in ``transformers``
-(``roundtrip[...]`` checks, in ``roundtrip.json``).
+For each ``--model DIR LAYOUTS`` (``LAYOUTS`` like ``1x1,2x1,2x2``: TPxPP, DP fills the world):
+the ``transformers`` forward is the reference (computed on rank 0, broadcast); the folder is
+converted HF -> Megatron on each layout, and each checkpoint is loaded on another layout (the
+previous one, cyclically: vocabulary re-padded, layers resharded); the Megatron logits must
+equal the reference to 1e-4 relative (``logits[...]`` checks; the errors go to
+``errors.json``). Then, in one process, the last-layout checkpoint of each ``--roundtrip``
+model is converted back to HF and must equal the original tensors bitwise and load in
+``transformers`` (``roundtrip[...]`` checks, in ``roundtrip.json``); ``--roundtrip-only``
+folders are converted on the last layout of the first model for the round trip only.
+
+    torchrun --nproc-per-node 4 -m tests.distributed.convert_worker --out DIR \
+        --model tiny/llama 1x1,2x1,2x2 --model SmolLM2 1x2,1x1 --roundtrip tiny/llama
 """
 
 from __future__ import annotations
@@ -26,11 +31,22 @@ TOLERANCE = 1e-4
 
 
 def hf_reference(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+    """The transformers logits, computed on rank 0 and broadcast (one model load, not one
+    per rank)."""
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    with torch.no_grad():
-        return model(input_ids).logits.float()
+    vocab_size = AutoConfig.from_pretrained(hf_dir).vocab_size if dist.get_rank() == 0 else 0
+    size = torch.tensor([vocab_size])
+    dist.broadcast(size, 0)
+    logits = torch.empty(*input_ids.shape, int(size))
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(input_ids).logits.float().contiguous()
+    dist.broadcast(logits, 0)
+    return logits
 
 
 def megatron_logits(ckpt: str, cfg, layout, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,14 +74,18 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--hf-dirs", nargs="+", required=True)
-    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "2x2"],
-                        help="TPxPP layouts to convert on; each checkpoint is loaded on the "
-                        "previous one (cyclically), the last is converted back to HF")
+    parser.add_argument("--model", nargs=2, action="append", required=True,
+                        metavar=("HF_DIR", "LAYOUTS"),
+                        help="a folder and the TPxPP layouts to convert it on, comma-separated; "
+                        "each checkpoint is loaded on the previous layout (cyclically)")
+    parser.add_argument("--roundtrip", nargs="*", default=[],
+                        help="folders of --model whose last-layout checkpoint goes back to HF")
     parser.add_argument("--roundtrip-only", nargs="*", default=[],
-                        help="folders converted on TP2xPP2 for the round trip only")
+                        help="folders converted on the first model's last layout for the round "
+                        "trip only")
     args = parser.parse_args()
-    layouts = [tuple(int(x) for x in text.split("x")) for text in args.layouts]
+    models = [(hf_dir, [tuple(int(x) for x in text.split("x")) for text in layouts.split(",")])
+              for hf_dir, layouts in args.model]
     from megatron_paced.compat import enable_cpu_compat
     from megatron_paced.convert import convert_hf_to_megatron
 
@@ -73,8 +93,8 @@ def main() -> None:
     out = Path(args.out)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    checks, errors = CheckRecorder(), {}
-    for hf_dir in args.hf_dirs:
+    checks, errors, last_layout = CheckRecorder(), {}, {}
+    for hf_dir, layouts in models:
         name = Path(hf_dir).name
         generator = torch.Generator().manual_seed(0)
         with open(os.path.join(hf_dir, "config.json")) as f:
@@ -95,32 +115,34 @@ def main() -> None:
                                        reference)
                 errors[label] = error
                 assert error <= TOLERANCE, f"relative error {error:.2e} > {TOLERANCE}"
-    last = layouts[-1]
+        last_layout[hf_dir] = layouts[-1]
+    last = models[0][1][-1]
     for hf_dir in args.roundtrip_only:
         convert_hf_to_megatron(hf_dir, str(out / f"{Path(hf_dir).name}-tp{last[0]}pp{last[1]}"),
                                ParallelConfig(tensor_model_parallel_size=last[0],
                                               pipeline_model_parallel_size=last[1]),
                                progress=False)
+        last_layout[hf_dir] = last
     checks.write(out / "checks.json")
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        roundtrip(args.hf_dirs + args.roundtrip_only, out, f"tp{last[0]}pp{last[1]}")
+        roundtrip({d: last_layout[d] for d in args.roundtrip + args.roundtrip_only}, out)
         (out / "errors.json").write_text(json.dumps(errors, indent=1))
 
 
-def roundtrip(hf_dirs: list[str], out: Path, layout: str) -> None:
+def roundtrip(layouts: dict[str, tuple[int, int]], out: Path) -> None:
     from transformers import AutoConfig
 
     from megatron_paced.convert import convert_megatron_to_hf
     from megatron_paced.testing.hf_models import read_hf_tensors
 
     checks = CheckRecorder()
-    for hf_dir in hf_dirs:
+    for hf_dir, (tp, pp) in layouts.items():
         name = Path(hf_dir).name
         with checks.check(f"roundtrip[{name}]"):
             back = str(out / f"{name}-back")
-            convert_megatron_to_hf(str(out / f"{name}-{layout}"), back, progress=False)
+            convert_megatron_to_hf(str(out / f"{name}-tp{tp}pp{pp}"), back, progress=False)
             original, converted = read_hf_tensors(hf_dir), read_hf_tensors(back)
             assert sorted(converted) == sorted(original), \
                 sorted(set(converted) ^ set(original))
