@@ -61,17 +61,23 @@ def test_bad_arguments():
         bench.parse_args(["--out", "x", "--task", "gsm8k"])  # a dataset needs --model
 
 
+# Four methods run end to end (two rounds of two parallel runs): PACED-RL with selection and
+# replay, FlowRL, GRPO and GRPO + DAPO (its sample accounting); the two PACED ablations are
+# flag variants of PACED-RL, checked against the trainer's start-up validation below.
+REDUCED = ["--seeds", "1", "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
+           "--eval-k", "4", "--sft-iters", "10", "--methods", "paced,flowrl,grpo,grpo-dapo"]
+
+
 @pytest.mark.slow
-def test_reduced_benchmark_runs_every_method_through_the_trainer(tmp_path):
+def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
     out = tmp_path / "bench"
-    result = run_python("-m tools.bench_sample_efficiency", "--out", str(out), "--seeds", "1",
-                        "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
-                        "--eval-k", "4", "--sft-iters", "10", timeout=900)
+    result = run_python("-m tools.bench_sample_efficiency", "--out", str(out), *REDUCED,
+                        timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["methods"]) == sorted(bench.METHODS)
+    assert sorted(results["methods"]) == ["flowrl", "grpo", "grpo-dapo", "paced"]
     # Every run started from the one base policy: their step-0 evaluations are identical.
-    assert results["base"]["num_runs"] == 6 and results["base"]["spread_pass@1"] == 0
+    assert results["base"]["num_runs"] == 4 and results["base"]["spread_pass@1"] == 0
     for method, summary in results["methods"].items():
         total = summary["samples_total"]["per_seed"][0]
         if method == "grpo-dapo":  # rounds of 16 x 8 more completions, all counted
@@ -90,10 +96,22 @@ def test_reduced_benchmark_runs_every_method_through_the_trainer(tmp_path):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| PACED-RL |" in result.stdout and "PACED-RL / GRPO" in result.stdout
     # Finished runs are reused: a second call only analyzes.
-    again = run_python("-m tools.bench_sample_efficiency", "--out", str(out), "--seeds", "1",
-                       "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
-                       "--eval-k", "4", "--sft-iters", "10", timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done before, reused") == 6
+    again = run_python("-m tools.bench_sample_efficiency", "--out", str(out), *REDUCED,
+                       timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done before, reused") == 4
+
+
+def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
+    """Each method's flags on the CPU task, as the benchmark passes them, through paced-train's
+    parser and start-up validation (batch arithmetic, selection and replay settings)."""
+    from megatron_paced.train import parse_args, validate_startup
+
+    args = bench.parse_args(["--out", str(tmp_path)])
+    for method, (_, flags) in bench.METHODS.items():
+        cfgs = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
+                           "--allow-random-init"])
+        validate_startup(cfgs, world_size=args.nproc).close()
+        assert cfgs["train"].algo == method.split("-")[0]
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "math500-l1-2"])
