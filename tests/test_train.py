@@ -1,4 +1,4 @@
-"""paced-train end to end on gloo processes: kill-and-resume on DP2 gives the same metrics as an
+"""paced-train end to end on gloo processes: a run stopped by a NaN and by a kill resumes to the
 uninterrupted run, resume on another DP size, a TP2 run, and start-up errors."""
 
 from __future__ import annotations
@@ -31,18 +31,35 @@ def _train(args, nprocs=2, expect=0):
 
 
 @pytest.mark.distributed
-def test_kill_and_resume_equals_uninterrupted_and_resumes_on_other_layout(tmp_path):
-    full, killed, moved = tmp_path / "full", tmp_path / "killed", tmp_path / "moved"
+def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout(tmp_path):
+    """One interrupted run, stopped twice: a NaN loss at step 3 stops it with a message (the
+    step-2 checkpoint intact); resumed, it is killed after step 3 (before its next save);
+    resumed again, its metrics equal an uninterrupted run's. The uninterrupted DP2 checkpoint
+    then resumes on DP1."""
+    full, run, moved = tmp_path / "full", tmp_path / "run", tmp_path / "moved"
     _train(COMMON + ["--train-iters", "4", "--save", str(full)])
-    _train(COMMON + ["--train-iters", "4", "--save", str(killed), "--exit-after-step", "3"],
-           expect=17)
-    assert (killed / "iter_0000002").is_dir() and not (killed / "iter_0000004").exists()
-    assert (killed / "latest_checkpointed_iteration.txt").read_text() == "2"
-    _train(COMMON + ["--train-iters", "4", "--save", str(killed), "--load", str(killed)])
-    uninterrupted, resumed = _metrics(full / "metrics.jsonl"), _metrics(killed / "metrics.jsonl")
+    uninterrupted = _metrics(full / "metrics.jsonl")
+    assert uninterrupted[4]["num_samples"] == 64 and uninterrupted[4]["num_replayed"] == 4
+
+    result = _train(COMMON + ["--train-iters", "4", "--save", str(run), "--inject-nan-at-step",
+                              "3"], expect=3)
+    assert "paced-train: error: step 3: non-finite PACED loss residual" in result.output, \
+        result.output[-3000:]
+    assert "prompt ids [" in result.output and "the last checkpoint is intact" in result.output
+    assert 'megatron_paced/train.py", line' not in result.output  # a message, not a traceback
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not (run / "iter_0000003").exists() and not list(run.glob("*.tmp"))
+    assert sorted(_metrics(run / "metrics.jsonl")) == [1, 2]
+
+    _train(COMMON + ["--train-iters", "4", "--save", str(run), "--load", str(run),
+                     "--exit-after-step", "3"], expect=17)
+    assert (run / "iter_0000002").is_dir() and not (run / "iter_0000004").exists()
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+    _train(COMMON + ["--train-iters", "4", "--save", str(run), "--load", str(run)])
+    resumed = _metrics(run / "metrics.jsonl")
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == uninterrupted
-    assert uninterrupted[4]["num_samples"] == 64 and uninterrupted[4]["num_replayed"] == 4
     # Resume DP2's checkpoint on DP1 (one process) and go on.
     _train(COMMON + ["--train-iters", "6", "--save", str(moved), "--load", str(full)], nprocs=1)
     after = _metrics(moved / "metrics.jsonl")
@@ -51,17 +68,16 @@ def test_kill_and_resume_equals_uninterrupted_and_resumes_on_other_layout(tmp_pa
 
 
 @pytest.mark.distributed
-def test_tp2_bf16_run_trains_and_logs(tmp_path):
-    save = tmp_path / "tp2"
-    _train(COMMON + ["--train-iters", "3", "--save", str(save), "--tensor-model-parallel-size",
-                     "2", "--eval-interval", "3", "--eval-num-prompts", "8", "--bf16",
-                     "--deterministic-mode"])
-    rows = _metrics(save / "metrics.jsonl")
-    assert sorted(rows) == [0, 1, 2, 3] and "eval_pass@4" in rows[3] and "eval_pass@1" in rows[0]
-    for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
-        assert key in rows[3] and rows[3][key] == rows[3][key]  # present and not NaN
-    assert json.loads((save / "iter_0000003" / "contents.json").read_text())[
-        "params_dtype"] == "bfloat16"
+def test_diverged_update_stops_at_the_next_rollout(tmp_path):
+    """lr 1e30 gives finite weights of 1e30, which overflow the next rollout's logits: the run
+    stops naming the step, and the last checkpoint is the step before."""
+    diverged = tmp_path / "diverged"
+    result = _train(COMMON + ["--train-iters", "4", "--save", str(diverged), "--save-interval",
+                              "1", "--lr", "1e30", "--sft-warmup-iters", "0",
+                              "--allow-random-init"], nprocs=1, expect=3)
+    assert "paced-train: error: step 2: non-finite logits while sampling" in result.output, \
+        result.output[-3000:]
+    assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
 @pytest.mark.distributed
@@ -89,31 +105,6 @@ def test_tp2_run_with_a_launched_rollout_server_and_group_weight_sync(tmp_path):
     assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
     assert abs(rows[1]["kl_old_theta"]) < 1e-4, rows[1]
     assert [p.name for p in save.glob("sglang-*.log")] == ["sglang-0.log"]
-
-
-@pytest.mark.distributed
-def test_nan_loss_stops_run_and_last_checkpoint_resumes(tmp_path):
-    save = tmp_path / "nan"
-    result = _train(COMMON + ["--train-iters", "4", "--save", str(save), "--inject-nan-at-step",
-                              "3"], expect=3)
-    assert "paced-train: error: step 3: non-finite PACED loss residual" in result.output, \
-        result.output[-3000:]
-    assert "prompt ids [" in result.output and "the last checkpoint is intact" in result.output
-    assert 'megatron_paced/train.py", line' not in result.output  # a message, not a traceback
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert not (save / "iter_0000003").exists() and not list(save.glob("*.tmp"))
-    assert sorted(_metrics(save / "metrics.jsonl")) == [1, 2]
-    # The last checkpoint is intact: the run resumes from it and finishes.
-    _train(COMMON + ["--train-iters", "4", "--save", str(save), "--load", str(save)])
-    assert sorted(_metrics(save / "metrics.jsonl")) == [1, 2, 3, 4]
-    # A diverged update (lr 1e30: finite weights of 1e30) overflows the next rollout's logits.
-    diverged = tmp_path / "diverged"
-    result = _train(COMMON + ["--train-iters", "4", "--save", str(diverged), "--save-interval",
-                              "1", "--lr", "1e30", "--sft-warmup-iters", "0",
-                              "--allow-random-init"], nprocs=1, expect=3)
-    assert "paced-train: error: step 2: non-finite logits while sampling" in result.output, \
-        result.output[-3000:]
-    assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
 @pytest.mark.distributed
@@ -148,16 +139,24 @@ PROMPT_TASK = ["--task", "prompts", "--reward", "exact", "--vocab-size", "32",
 
 
 @pytest.mark.distributed
-def test_prompt_file_task_with_hf_tokenizer_trains(tmp_path):
+def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_path):
+    """--task prompts (a JSONL file, an HF tokenizer with a chat template, exact-match reward)
+    on TP2 in bf16 with --deterministic-mode and evaluation."""
     tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
     data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
     save = tmp_path / "run"
     _train(PROMPT_TASK + ["--allow-random-init", "--tokenizer", tokenizer, "--prompt-data", data,
-                          "--train-iters", "2",
-                          "--eval-interval", "2", "--eval-num-prompts", "4", "--save", str(save)])
+                          "--train-iters", "2", "--save", str(save),
+                          "--tensor-model-parallel-size", "2", "--eval-interval", "2",
+                          "--eval-num-prompts", "4", "--bf16", "--deterministic-mode"])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
-    assert 0 <= rows[2]["eval_pass@1"] <= 1 and rows[2]["loss"] == rows[2]["loss"]
+    assert "eval_pass@4" in rows[2] and 0 <= rows[2]["eval_pass@1"] <= 1
+    assert "eval_pass@1" in rows[0]
+    for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
+        assert key in rows[2] and rows[2][key] == rows[2][key]  # present and not NaN
+    assert json.loads((save / "iter_0000002" / "contents.json").read_text())[
+        "params_dtype"] == "bfloat16"
 
 
 # Start-up errors: every case runs through paced-train's main() in ONE child process
