@@ -1,68 +1,17 @@
 #!/usr/bin/env bash
 # PACED-RL on Qwen2.5-7B for math (GSM8K or MATH-500) with the paper's settings: beta 0.05,
 # 8 samples per prompt, lr 1e-6, prompts up to 1024 tokens, completions up to 3072 tokens.
-# Layout: TP2 PP1 on one node of 8 GPUs (DP4). Run from the repository root.
-#
-# The policy starts from a Megatron checkpoint converted from the Hugging Face one, with the
-# tensor-parallel size it trains with (to resume a run instead, MEGATRON_CKPT=$SAVE):
-#   python tools/convert_hf_to_megatron.py --hf-dir "$HF_DIR" --save "$MEGATRON_CKPT" \
-#       --tensor-model-parallel-size "$TP"
+# Layout: TP2 PP1 on one node of 8 GPUs (DP4). Run from the repository root; the
+# knobs (TASK, ROLLOUT, SGLANG_URL, NNODES, ...) and the conversion step are in
+# examples/launch/math_torchrun.sh.
 #
 #   HF_DIR=ckpt/Qwen2.5-7B MEGATRON_CKPT=ckpt/qwen2.5-7b-tp2 \
 #       examples/qwen2.5_7b_math.sh --train-iters 200
-#
-# Rollouts: ROLLOUT=embedded (default) samples on the trainer's own model; ROLLOUT=sglang
-# attaches to running SGLang servers, SGLANG_URL="http://host:30000 ...", started with
-#   python -m sglang.launch_server --model-path "$HF_DIR" --host 0.0.0.0 --port 30000 --tp 2
-# and updated after every step through WEIGHT_SYNC=disk (files under TMPDIR, which the servers
-# must be able to read) or tensor (servers on this node).
-#
-# Several nodes: run this script on each with NNODES, NODE_RANK and MASTER_ADDR set, or once per
-# node with `srun --ntasks-per-node=1` (NNODES, NODE_RANK and MASTER_ADDR then come from Slurm).
-# Extra flags pass through to paced-train.
 set -euo pipefail
-NNODES=${NNODES:-${SLURM_NTASKS:-1}}
-NODE_RANK=${NODE_RANK:-${SLURM_PROCID:-0}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)}
-fi
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
 TP=${TP:-2}
-PP=${PP:-1}
 HF_DIR=${HF_DIR:-ckpt/Qwen2.5-7B}
 MEGATRON_CKPT=${MEGATRON_CKPT:-ckpt/qwen2.5-7b-tp${TP}}
-TASK=${TASK:-gsm8k}                    # gsm8k or math500
-SAVE=${SAVE:-runs/qwen2.5_7b_${TASK}}
-TRAIN_ITERS=${TRAIN_ITERS:-500}
-PROMPTS_PER_STEP=${PROMPTS_PER_STEP:-32}
-REPLAY_PER_STEP=${REPLAY_PER_STEP:-32}
-MICRO_BATCH=${MICRO_BATCH:-1}  # micro batch 4 does not fit 7B TP2 or 70B TP8xPP4 (docs/planner.md)
-ROLLOUT=${ROLLOUT:-embedded}           # embedded or sglang
-SGLANG_URL=${SGLANG_URL:-}
-WEIGHT_SYNC=${WEIGHT_SYNC:-disk}
-
-case "${ROLLOUT}" in
-    embedded) ROLLOUT_ARGS=(--rollout-backend embedded) ;;
-    sglang)
-        read -r -a urls <<<"${SGLANG_URL}"
-        if [[ ${#urls[@]} -eq 0 ]]; then
-            echo "ROLLOUT=sglang needs SGLANG_URL (URLs of running servers)" >&2; exit 2
-        fi
-        ROLLOUT_ARGS=(--rollout-backend sglang --sglang-url "${urls[@]}"
-                      --weight-sync "${WEIGHT_SYNC}") ;;
-    *) echo "ROLLOUT=${ROLLOUT}: choose embedded or sglang" >&2; exit 2 ;;
-esac
-
-exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}" \
-    --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
-    -m megatron_paced.train --model qwen2.5-7b --tokenizer "${HF_DIR}" \
-    --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
-    --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
-    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
-    --recompute-granularity selective \
-    --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
-    --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
-    --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \
-    "${ROLLOUT_ARGS[@]}" "$@"
+RUN_NAME=qwen2.5_7b
+MODEL_FLAGS=(--model qwen2.5-7b)
+# shellcheck source=launch/math_torchrun.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch/math_torchrun.sh"

@@ -19,10 +19,15 @@ A *model-only* checkpoint (``contents.json`` says ``["model"]``; what
 from it at step 0. Its vocabulary rows are re-padded on load, so it loads on any TP size
 (Megatron pads the vocabulary to a multiple that depends on TP).
 
+:class:`CheckpointManager` is what the trainer holds: it owns ``--save``, ``--save-interval``
+and the final save, over the policy and a :class:`~megatron_paced.paced.state.PacedState`.
+
 Usage::
 
-    save_checkpoint(save_dir, step, policy, paced_state, counters={"num_samples": n})
-    counters = load_checkpoint(load_dir, policy, paced_state)     # {} when nothing to load
+    checkpoints = CheckpointManager(save_dir, save_interval, policy, PacedState(t, s, r))
+    counters = checkpoints.load(load_dir)          # {} when nothing to load
+    checkpoints.save_if_due(step, {"step": step, "num_samples": n})   # every interval
+    checkpoints.save_final(step, {"step": step, "num_samples": n})    # unless just saved
     save_model_checkpoint(save_dir, model, model_cfg)             # weights only, step 0
 """
 
@@ -33,12 +38,13 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
-from megatron_paced.paced.state import load_paced_state, paced_sharded_state_dict
+from megatron_paced.paced.state import PacedState
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONTENTS = "contents.json"
@@ -63,14 +69,14 @@ def latest_step(root: str) -> int | None:
         return int(f.read().strip())
 
 
-def _sharded_state(policy, paced, counters: dict, is_loading: bool) -> dict:
+def _sharded_state(policy, paced: PacedState, counters: dict, is_loading: bool) -> dict:
     ctx = policy.ctx
     model_sd = policy.modules()[0].sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                          metadata=_OPTIMIZER_META),
-        "paced": paced_sharded_state_dict(*paced, replica_id=(ctx.tp_rank, ctx.pp_rank)),
+        "paced": paced.sharded_state_dict(replica_id=(ctx.tp_rank, ctx.pp_rank)),
         "counters": dict(counters),
     }
 
@@ -117,8 +123,8 @@ def _write_iteration(root: str, step: int, model_cfg, sharded_state: dict,
     return final
 
 
-def save_checkpoint(root: str, step: int, policy, paced, counters: dict) -> str:
-    """Write iteration ``step`` (collective). ``paced`` = (log_z table, selector, replay).
+def save_checkpoint(root: str, step: int, policy, paced: PacedState, counters: dict) -> str:
+    """Write iteration ``step`` (collective): policy, optimizer, PACED state, counters.
     Parameters that hold NaN or inf raise FloatingPointError before anything is written."""
     _check_finite(policy.modules(), step, root)
     return _write_iteration(root, step, policy.model_cfg,
@@ -247,8 +253,9 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
-def load_checkpoint(root: str, policy, paced) -> dict:
-    """Load the latest iteration into policy, optimizer and PACED state; returns counters."""
+def load_checkpoint(root: str, policy, paced: PacedState) -> dict:
+    """Load the latest iteration into policy, optimizer and PACED state; returns counters.
+    Selection settings that differ from the checkpoint's are reported (rank 0, stderr)."""
     from megatron.core import dist_checkpointing
 
     step = check_loadable(root, policy.model_cfg)
@@ -265,5 +272,39 @@ def load_checkpoint(root: str, policy, paced) -> dict:
     with torch.no_grad():  # Megatron copies into parameter views in place
         policy.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(policy.optimizer)
-    load_paced_state(loaded["paced"], *paced)
+    changed = paced.load_state_dict(loaded["paced"])
+    if changed and dist.get_rank() == 0:
+        print(f"paced-train: warning: --load {root}: this run selects prompts with other "
+              f"settings than the checkpoint's: {'; '.join(changed)}", file=sys.stderr,
+              flush=True)
     return dict(loaded["counters"])
+
+
+class CheckpointManager:
+    """A run's checkpoints: the policy (weights and optimizer), the PACED state and the
+    counters, written to ``save_dir`` every ``save_interval`` steps and at the end of the run
+    (nothing without ``save_dir``), read back by :meth:`load`."""
+
+    def __init__(self, save_dir: str | None, save_interval: int, policy,
+                 paced: PacedState) -> None:
+        self.save_dir, self.save_interval = save_dir, save_interval
+        self.policy, self.paced = policy, paced
+
+    def load(self, root: str) -> dict:
+        """The latest iteration of ``root`` into the policy and PACED state; its counters."""
+        return load_checkpoint(root, self.policy, self.paced)
+
+    def save(self, step: int, counters: dict) -> str:
+        return save_checkpoint(self.save_dir, step, self.policy, self.paced, counters)
+
+    def save_if_due(self, step: int, counters: dict) -> bool:
+        """Save at every ``save_interval``-th step; True if it saved."""
+        due = bool(self.save_dir and self.save_interval and step % self.save_interval == 0)
+        if due:
+            self.save(step, counters)
+        return due
+
+    def save_final(self, step: int, counters: dict) -> None:
+        """The end of the run: save, unless the interval just did."""
+        if self.save_dir and (not self.save_interval or step % self.save_interval):
+            self.save(step, counters)

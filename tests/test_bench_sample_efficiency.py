@@ -1,5 +1,6 @@
 """tools/bench_sample_efficiency.py: its analysis on known curves, pass@k, and (slow) the
-whole pipeline reduced to 1 seed and 2 steps: base policy, six methods, results, plots."""
+whole pipeline reduced to 1 seed and 2 steps: base policy, four methods, results, plots; every
+method's flags through the trainer's start-up checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from megatron_paced.train import pass_at_k
+from megatron_paced.rl.evaluate import pass_at_k
 from tests.conftest import run_python
 from tools import bench_sample_efficiency as bench
 
@@ -104,7 +105,7 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
 def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
     """Each method's flags on the CPU task, as the benchmark passes them, through paced-train's
     parser and start-up validation (batch arithmetic, selection and replay settings)."""
-    from megatron_paced.train import parse_args, validate_startup
+    from megatron_paced.job import parse_args, validate_startup
 
     args = bench.parse_args(["--out", str(tmp_path)])
     for method, (_, flags) in bench.METHODS.items():
@@ -119,7 +120,7 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
     """The SmolLM2 runs are for a GPU machine; their flags are checked here against
     paced-train's own parser, on SmolLM2's config.json."""
     from megatron_paced.models.config import PRESETS
-    from megatron_paced.train import parse_args
+    from megatron_paced.job import parse_args
 
     args = bench.parse_args(["--out", str(tmp_path), "--model", "smollm2-135m", "--task", task])
     hf = tmp_path / "base" / "hf"

@@ -87,3 +87,13 @@ def test_more_prompts_than_the_table():
     with pytest.raises(ConfigError, match="--num-prompts-per-step 11"):
         PromptSelector(SelectionConfig(selection_gather_max=0), seed=0).select(table, 11, 0)
     assert not math.isnan(float(table.values.sum()))
+
+
+def test_resume_reports_changed_selection_settings():
+    saved = PromptSelector(SelectionConfig(prompt_selection="paced-greedy"), seed=3).state_dict()
+    same = PromptSelector(SelectionConfig(prompt_selection="paced-greedy"), seed=3)
+    assert same.load_state_dict(saved) == []
+    other = PromptSelector(SelectionConfig(prompt_selection="uniform", target_acc=0.4), seed=4)
+    assert other.load_state_dict(saved) == [
+        "--prompt-selection uniform (checkpoint: paced-greedy)", "--seed 4 (checkpoint: 3)",
+        "--target-acc 0.4 (checkpoint: 0.5)"]

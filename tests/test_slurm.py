@@ -18,19 +18,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_paced.utils import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 # Two RL steps of the demo's tiny model: 4 prompts x 4 samples + 4 replayed = 20 sequences,
 # 10 per DP rank, micro-batches of 5; no SFT warm start, no evaluation, one checkpoint at the end.
 FLAGS = ["--train-iters", "2", "--num-prompts-per-step", "4", "--num-samples-per-prompt", "4",
          "--micro-batch-size", "5", "--task-num-prompts", "64", "--task-max-digits", "2",
-         "--sft-warmup-iters", "0", "--allow-random-init", "--replay-size", "16", "--replay-per-step", "4",
+         "--sft-warmup-iters", "0", "--allow-random-init", "--replay-size", "16",
+         "--replay-per-step", "4",
          "--no-replay-successful-only", "--max-new-tokens", "6", "--eval-interval", "0",
          "--save-interval", "0"]
 JOB_TIMEOUT_S = 240
@@ -96,7 +98,7 @@ def _run_script(tmp_path, script: str, env: dict, nodes: list[str]):
                          ids=[f"{s}-{'-'.join(e) or 'default'}" for s, e, _, _ in LAUNCHES])
 def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env, nodes,
                                                           expected):
-    from megatron_paced.train import parse_args
+    from megatron_paced.job import parse_args
 
     world_size, tp, pp, urls = expected
     result, log_dir = _run_script(tmp_path, script, env, nodes)
@@ -157,12 +159,6 @@ def _start_cluster() -> None:
         pytest.skip(f"no Slurm cluster here: {lines[-1]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sbatch_two_tasks_train_tiny_cpu(tmp_path):
     _start_cluster()
@@ -173,7 +169,7 @@ def test_sbatch_two_tasks_train_tiny_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                SAVE=str(save), NPROC="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     command = ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--ntasks=2",
                "--ntasks-per-node=2", "--cpus-per-task=1", "--time=5", f"--chdir={REPO}",
                f"--output={log}", "examples/tiny_cpu.sh", *FLAGS]

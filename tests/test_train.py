@@ -166,7 +166,8 @@ BAD_FLAGS = {
                      "--global-batch-size 30 contradicts --num-prompts-per-step 16"),
     "micro_batch": (["--micro-batch-size", "5"], {},
                     "--micro-batch-size 5: must divide the 128 sequences"),
-    "missing_load": (["--load", "/nonexistent/run"], {}, "--load '/nonexistent/run': no such folder"),
+    "missing_load": (["--load", "/nonexistent/run"], {},
+                     "--load '/nonexistent/run': no such folder"),
     "vocab": (["--vocab-size", "10"], {},
               "the arithmetic task's tokenizer has 17 tokens but --vocab-size is 10"),
     "world_tp": (["--tensor-model-parallel-size", "3"], {},
@@ -274,7 +275,7 @@ def test_resume_in_another_precision_is_refused_but_weights_load(tmp_path):
 
     from megatron_paced.checkpointing import check_loadable
     from megatron_paced.config import ConfigError
-    from megatron_paced.train import TINY_MODEL
+    from megatron_paced.job import TINY_MODEL
 
     iteration = tmp_path / "iter_0000005"
     iteration.mkdir()

@@ -153,7 +153,7 @@ def bench(args) -> dict:
     from megatron_paced.parallel import initialize_parallel
     from megatron_paced.planner import count_parameters
     from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
-    from megatron_paced.train import TINY_MODEL
+    from megatron_paced.job import TINY_MODEL
 
     cfg = resolve_model_config(args.model, args.hf_config, TINY_MODEL)
     ctx = initialize_parallel(ParallelConfig(), seed=1)

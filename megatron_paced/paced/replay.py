@@ -30,6 +30,8 @@ Usage::
                                num_prompts=7473, seed=1, dp_group=ctx.dp_group)
     replay.add(samples, priorities)          # this rank's scored samples
     drawn = replay.sample(step)              # the same list of samples on every rank
+    mine = offer_and_draw(replay, prompt_rows, acc_est_before, fresh, rewards, step=step,
+                          version=step - 1, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ import torch.distributed as dist
 
 from megatron_paced.config import require
 from megatron_paced.paced.partition import PromptPartition
-from megatron_paced.paced.selection import _mix
+from megatron_paced.utils import derive_seed
+
+REPLAY_STREAM = 77  # derive_seed(seed, step, REPLAY_STREAM) seeds a step's draw
 
 
 @dataclass
@@ -212,7 +216,7 @@ class DistributedReplay:
         total = float(ends[-1])
         if total <= 0:
             return []
-        gen = torch.Generator().manual_seed(_mix(self.seed, step, 77))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step, REPLAY_STREAM))
         draws = torch.rand(num, generator=gen, dtype=torch.float64) * total
         owners = torch.searchsorted(ends, draws, right=True).clamp(max=self.dp_size - 1)
         mine = owners == self.dp_rank
@@ -251,3 +255,28 @@ class DistributedReplay:
                                  f"table of {self.num_prompts} prompts")
         mine = (s for s in items if self.partition.owner_of(s.prompt_id) == self.dp_rank)
         self.items = sorted(mine, key=ReplaySample.order_key)
+
+
+def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
+                   acc_est_before: torch.Tensor, fresh, rewards: torch.Tensor, *, step: int,
+                   version: int, dp_rank: int = 0, dp_size: int = 1) -> list[ReplaySample]:
+    """Replay's part of a step (collective over the replay's DP group): offer this rank's
+    fresh samples, each with its group's priority |acc_est - acc_obs|, then draw the step's
+    replayed samples and return this rank's share of them.
+
+    ``prompt_rows`` (P,) log-Z rows, ``acc_est_before`` (P,) their beta * log_z before this
+    step's update, ``fresh`` the (P * G)-row :class:`SequenceBatch` with
+    ``extras["rollout_log_probs"]``, ``rewards`` (P, G); ``version`` is the policy that
+    generated them."""
+    num_groups, group_size = rewards.shape
+    priorities = priorities_from_groups(
+        acc_est_before.repeat_interleave(group_size), rewards.flatten(),
+        torch.arange(num_groups).repeat_interleave(group_size))
+    samples = [ReplaySample(int(prompt_rows[i // group_size]), fresh.tokens[i],
+                            fresh.completion_mask[i], fresh.extras["rollout_log_probs"][i],
+                            float(reward), version)
+               for i, reward in enumerate(rewards.flatten().tolist())]
+    replay.add(samples, priorities)
+    drawn = replay.sample(step)
+    per_rank = len(drawn) // dp_size
+    return drawn[dp_rank * per_rank:(dp_rank + 1) * per_rank]

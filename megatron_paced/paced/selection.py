@@ -46,21 +46,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
+from megatron_paced.utils import derive_seed
 
 BLOCK = 1 << 12
 TIE_STREAM, SOFT_STREAM, UNIFORM_STREAM = 0, 1, 2
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """splitmix64 over a tuple of ints: a 63-bit generator seed."""
-    x = 0
-    for value in values:
-        x = (x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x >> 1
 
 
 def block_uniforms(start: int, end: int, *, seed: int, step: int, stream: int) -> torch.Tensor:
@@ -69,7 +58,7 @@ def block_uniforms(start: int, end: int, *, seed: int, step: int, stream: int) -
         return torch.zeros(0, dtype=torch.float64)
     parts = []
     for block in range(start // BLOCK, (end - 1) // BLOCK + 1):
-        gen = torch.Generator().manual_seed(_mix(seed, step, stream, block))
+        gen = torch.Generator().manual_seed(derive_seed(seed, step, stream, block))
         values = torch.rand(BLOCK, generator=gen, dtype=torch.float64)
         lo, hi = max(start, block * BLOCK) - block * BLOCK, min(end, (block + 1) * BLOCK) - block * BLOCK
         parts.append(values[lo:hi])
@@ -110,7 +99,7 @@ def num_uniform_slots(num: int, cfg: SelectionConfig, *, seed: int, step: int) -
         return num
     if cfg.selection_epsilon <= 0:
         return 0
-    gen = torch.Generator().manual_seed(_mix(seed, step, UNIFORM_STREAM, 1))
+    gen = torch.Generator().manual_seed(derive_seed(seed, step, UNIFORM_STREAM, 1))
     return int((torch.rand(num, generator=gen) < cfg.selection_epsilon).sum())
 
 
@@ -118,7 +107,7 @@ def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int) -> tor
     """``num`` distinct ids drawn uniformly from [0, num_prompts), in O(num) when num is small."""
     if num == 0:
         return torch.zeros(0, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(_mix(seed, step, UNIFORM_STREAM, 0))
+    gen = torch.Generator().manual_seed(derive_seed(seed, step, UNIFORM_STREAM, 0))
     if 2 * num > num_prompts:
         return torch.randperm(num_prompts, generator=gen)[:num]
     chosen: dict[int, None] = {}
@@ -283,3 +272,11 @@ class PromptSelector:
         """The selector is stateless across steps (its randomness is keyed by the step); the
         config and seed are saved so that a resume can check they did not change."""
         return {"seed": self.seed, "cfg": dict(vars(self.cfg))}
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Compare a checkpoint's settings with this selector's (nothing else to restore);
+        returns each difference as ``--flag now (checkpoint: then)``."""
+        saved = {"seed": state.get("seed"), **state.get("cfg", {})}
+        now = {"seed": self.seed, **vars(self.cfg)}
+        return [f"--{name.replace('_', '-')} {now.get(name)} (checkpoint: {value})"
+                for name, value in sorted(saved.items()) if now.get(name) != value]

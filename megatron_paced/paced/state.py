@@ -5,18 +5,23 @@ The log-Z table and its optimizer state are ``ShardedTensor`` blocks of global
 load when the DP size changes. The replay buffer (small by design) and the selector's
 settings are common state, written once and re-split by prompt_id on load.
 
+The selector keeps no state across steps (its draws are keyed by the step); what it saves is
+its settings and seed, and a resume reports every one that changed (the resumed run then
+selects differently from the run it continues).
+
 Usage::
 
     from megatron.core import dist_checkpointing
-    state = paced_sharded_state_dict(table, selector, replay, replica_id=(tp_rank, pp_rank))
-    dist_checkpointing.save(state, ckpt_dir)
+    paced = PacedState(table, selector, replay)
+    dist_checkpointing.save(paced.sharded_state_dict(replica_id=(tp_rank, pp_rank)), ckpt_dir)
     ...
-    loaded = dist_checkpointing.load(paced_sharded_state_dict(table, selector, replay,
-                                                              replica_id=...), ckpt_dir)
-    load_paced_state(loaded, table, selector, replay)
+    loaded = dist_checkpointing.load(paced.sharded_state_dict(replica_id=...), ckpt_dir)
+    changed = paced.load_state_dict(loaded)     # the selector settings that differ
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
@@ -32,8 +37,9 @@ def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
     }
 
 
-def load_paced_state(loaded: dict, table, selector, replay) -> None:
-    """Apply a loaded state; refuses a checkpoint of another table size or beta."""
+def load_paced_state(loaded: dict, table, selector, replay) -> list[str]:
+    """Apply a loaded state; refuses a checkpoint of another table size or beta. Returns the
+    selection settings that differ from the checkpoint's, each naming its flag."""
     meta = loaded["log_z_meta"]
     if meta["num_prompts"] != table.num_prompts:
         raise ValueError(f"checkpoint's log-Z table has {meta['num_prompts']} prompts; this run "
@@ -43,3 +49,20 @@ def load_paced_state(loaded: dict, table, selector, replay) -> None:
                          f"--beta {table.beta} (log_z lives on a 1/beta scale)")
     table.load_state_dict(loaded["log_z"])
     replay.load_state_dict(loaded["replay"])
+    return selector.load_state_dict(loaded["selector"])
+
+
+@dataclass
+class PacedState:
+    """The PACED components a checkpoint holds, saved and loaded as one."""
+
+    log_z: object
+    selector: object
+    replay: object
+
+    def sharded_state_dict(self, replica_id=(0,)) -> dict:
+        return paced_sharded_state_dict(self.log_z, self.selector, self.replay,
+                                        replica_id=replica_id)
+
+    def load_state_dict(self, loaded: dict) -> list[str]:
+        return load_paced_state(loaded, self.log_z, self.selector, self.replay)

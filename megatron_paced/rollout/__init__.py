@@ -1,13 +1,15 @@
 """Rollout: generation backends (embedded engine, SGLang servers), the rollout server, and
-weight sync. :func:`build_rollout` turns a :class:`RolloutConfig` (flags) into a backend.
+weight sync. :func:`build_rollout` turns a :class:`RolloutConfig` (flags) into a
+:class:`RolloutBackend`, the one interface the trainer uses: it never checks which backend
+it holds.
 
 Usage::
 
-    rollout, weight_sync = build_rollout(cfg, model=policy.modules(), model_cfg=model_cfg,
-                                         ctx=ctx, max_sequence_length=4096, log_dir=save_dir)
-    completions = rollout.generate(prompt_ids, n=8, sampling=sampling, seed=step)
-    if weight_sync is not None:
-        weight_sync.push(policy.modules()[0], version=str(step))
+    rollout = build_rollout(cfg, model=policy.modules(), model_cfg=model_cfg, ctx=ctx,
+                            max_sequence_length=4096, log_dir=save_dir)
+    if not rollout.asked_once_per_replica or (ctx.tp_rank == 0 and ctx.pp_rank == 0):
+        completions = rollout.generate(prompt_ids, n=8, sampling=sampling, seed=step)
+    rollout.sync_weights(policy.modules(), version=step)   # after each optimizer step
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol
 
+import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
@@ -75,15 +78,51 @@ class RolloutConfig:
                 "must be >= 0")
 
 
+class RolloutBackend(Protocol):
+    """What the trainer asks of a generation backend."""
+
+    asked_once_per_replica: bool
+    """True: only the first rank of a model replica (TP rank 0, PP rank 0) calls
+    :meth:`generate` and the trainer broadcasts the answer over the replica (SGLang servers);
+    False: every rank of the replica calls it (the embedded engine's TP ranks cooperate)."""
+
+    def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
+        """``n`` completions (:class:`~megatron_paced.rollout.engine.Completion`) of each
+        prompt, sampled with ``sampling``; the same seed gives the same samples."""
+
+    def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
+        """Make the backend generate from ``model`` (this rank's policy stages) from now on,
+        tagged ``version`` (the trainer's step)."""
+
+
+class SGLangBackend:
+    """SGLang servers (or the project's rollout server) behind :class:`RolloutBackend`: the
+    /generate client, and the weight transport that pushes the policy into the servers."""
+
+    asked_once_per_replica = True
+
+    def __init__(self, client, transport) -> None:
+        self.client, self.transport = client, transport
+
+    def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
+        return self.client.generate(prompts, n=n, sampling=sampling, seed=seed)
+
+    def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
+        self.transport.push(model[0], version=str(version))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_length: int,
-                  log_dir: str | None = None):
-    """(backend, weight transport or None) for this configuration."""
+                  log_dir: str | None = None) -> RolloutBackend:
+    """The backend of this configuration."""
     from megatron_paced.rollout.engine import EmbeddedEngine
 
     cfg.validate()
     if cfg.rollout_backend == "embedded":
         return EmbeddedEngine(model, ctx, vocab_size=model_cfg.vocab_size,
-                              max_sequence_length=max_sequence_length), None
+                              max_sequence_length=max_sequence_length)
     from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess
     from megatron_paced.rollout.weight_sync import (
         DiskTransport, DistributedTransport, TensorTransport, staging_directory,
@@ -121,4 +160,4 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
             master_address=cfg.weight_sync_master_address,
             master_port=cfg.weight_sync_master_port, bucket_bytes=bucket)
     client.on_restart = lambda server: transport.on_server_restart(model[0])
-    return client, transport
+    return SGLangBackend(client, transport)

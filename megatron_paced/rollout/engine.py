@@ -109,7 +109,10 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
 
 
 class EmbeddedEngine:
-    """In-process generation on this rank's model stage (TP-aware, PP = 1)."""
+    """In-process generation on this rank's model stage (TP-aware, PP = 1); a
+    :class:`~megatron_paced.rollout.RolloutBackend` whose TP ranks all take part."""
+
+    asked_once_per_replica = False
 
     def __init__(self, model: list[torch.nn.Module], ctx, *, vocab_size: int,
                  max_sequence_length: int, max_batch_size: int = 64) -> None:
@@ -133,6 +136,10 @@ class EmbeddedEngine:
         """The engine reads the trainer's weights in place: a push only bumps the version."""
         self.weight_version = self.weight_version + 1 if version is None else version
         return self.weight_version
+
+    def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
+        """Nothing to copy: the engine generates from the trainer's own modules."""
+        self.update_weights(version)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,

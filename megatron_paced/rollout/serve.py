@@ -37,7 +37,6 @@ import base64
 import ipaddress
 import json
 import os
-import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
+from megatron_paced.utils import free_port
 
 WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/update_weight_version", "/release_memory_occupation",
@@ -57,12 +57,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RolloutService:
@@ -82,7 +76,7 @@ class RolloutService:
                     "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
                 del os.environ[name]
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
         self.ctx = initialize_parallel(ParallelConfig(), seed=seed)
         self.model_cfg = model_cfg
         self.model = build_gpt_model(model_cfg, self.ctx, seed=seed)

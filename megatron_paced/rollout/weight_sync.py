@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from megatron_paced.models.hf_mapping import megatron_to_hf
 from megatron_paced.models.sharding import iter_full_params
+from megatron_paced.utils import free_port
 
 
 def iter_hf_buckets(model, model_cfg, ctx,
@@ -244,7 +245,7 @@ class DistributedTransport(_Transport):
         servers = self.client.servers
         tp_sizes = self.server_tp_sizes()
         world_size = 1 + sum(tp_sizes)
-        port = (self.master_port + self.ctx.pp_rank) if self.master_port else _free_port()
+        port = (self.master_port + self.ctx.pp_rank) if self.master_port else free_port("")
 
         def init(server, rank_offset: int) -> Callable[[], dict]:
             return lambda: self.client.post(server, "/init_weights_update_group", {
@@ -299,12 +300,6 @@ class DistributedTransport(_Transport):
                 close_update_group(self.group)
             self.group = None
         super().on_server_restart(model)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _reachable_address(client) -> str:

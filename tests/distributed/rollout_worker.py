@@ -20,7 +20,6 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
 from __future__ import annotations
 
 import argparse
-import socket
 import urllib.error
 from pathlib import Path
 
@@ -39,17 +38,12 @@ from megatron_paced.rollout.weight_sync import (
     DiskTransport, DistributedTransport, TensorTransport,
 )
 from megatron_paced.testing.distributed import CheckRecorder
+from megatron_paced.utils import free_port
 
 SEED = 1234
 SEQ = 48
 API_KEY = "test-key"
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15], [16, 17, 18, 19], [20, 21, 22]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_log_probs(outputs, policy, cfg, ctx) -> None:

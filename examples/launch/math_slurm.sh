@@ -1,0 +1,81 @@
+# The shared body of the Slurm math examples (examples/*.sbatch): PACED-RL for math with the
+# paper's settings (beta 0.05, 8 samples per prompt, lr 1e-6, 1024 prompt + 3072 new tokens,
+# bf16, selective recomputation) on the job's first nodes, plus SGLANG_NODES nodes of SGLang
+# rollout servers. Sourced by a per-model batch script that sets TP, PP, HF_DIR,
+# MEGATRON_CKPT and RUN_NAME (and its #SBATCH lines); everything else is a knob here.
+#
+# SGLANG_NODES>0: the last SGLANG_NODES nodes of the job each run one SGLang server
+# (--tp SGLANG_TP) and the trainer attaches to them; new weights reach them through files under
+# WEIGHT_STAGING_DIR, which must be on a file system every node shares. SGLANG_NODES=0: rollouts
+# on the trainer's own model (embedded), which needs PP=1. Submit from the repository root
+# (on the shared file system); the job's nodes then run from it too.
+: "${TP:?} ${PP:?} ${HF_DIR:?} ${MEGATRON_CKPT:?} ${RUN_NAME:?}"
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_PORT=${MASTER_PORT:-29500}
+TASK=${TASK:-gsm8k}                    # gsm8k or math500
+SAVE=${SAVE:-runs/${RUN_NAME}_${TASK}}
+TRAIN_ITERS=${TRAIN_ITERS:-500}
+PROMPTS_PER_STEP=${PROMPTS_PER_STEP:-32}
+REPLAY_PER_STEP=${REPLAY_PER_STEP:-32}
+MICRO_BATCH=${MICRO_BATCH:-1}  # micro batch 4 does not fit 7B TP2 or 70B TP8xPP4 (docs/planner.md)
+SGLANG_NODES=${SGLANG_NODES:-1}
+SGLANG_TP=${SGLANG_TP:-8}
+SGLANG_PORT=${SGLANG_PORT:-30000}
+SGLANG_STARTUP_S=${SGLANG_STARTUP_S:-1800}
+WEIGHT_STAGING_DIR=${WEIGHT_STAGING_DIR:-${SAVE}/weight-staging}
+
+mapfile -t NODES < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
+NUM_TRAIN_NODES=$(( ${#NODES[@]} - SGLANG_NODES ))
+if (( NUM_TRAIN_NODES < 1 || NUM_TRAIN_NODES * GPUS_PER_NODE % (TP * PP) != 0 )); then
+    echo "${#NODES[@]} nodes - SGLANG_NODES ${SGLANG_NODES} = ${NUM_TRAIN_NODES} training nodes" \
+        "of ${GPUS_PER_NODE} GPUs: need a multiple of TP ${TP} x PP ${PP} GPUs" >&2; exit 2
+fi
+if (( SGLANG_NODES == 0 && PP > 1 )); then
+    echo "SGLANG_NODES=0 (embedded rollouts) needs PP=1, not ${PP}" >&2; exit 2
+fi
+TRAIN_NODES=$(IFS=,; echo "${NODES[*]:0:NUM_TRAIN_NODES}")
+MASTER_ADDR=${MASTER_ADDR:-${NODES[0]}}
+mkdir -p "${SAVE}"
+
+ROLLOUT_ARGS=(--rollout-backend embedded)
+if (( SGLANG_NODES > 0 )); then
+    SGLANG_HOSTS=("${NODES[@]:NUM_TRAIN_NODES}")
+    srun --nodes="${SGLANG_NODES}" --ntasks-per-node=1 --overlap \
+        --nodelist="$(IFS=,; echo "${SGLANG_HOSTS[*]}")" --output="${SAVE}/sglang-%N.log" \
+        python -m sglang.launch_server --model-path "${HF_DIR}" --tp "${SGLANG_TP}" \
+        --host 0.0.0.0 --port "${SGLANG_PORT}" &
+    SGLANG_PID=$!
+    trap 'kill "${SGLANG_PID}" 2>/dev/null || true' EXIT
+    URLS=()
+    for host in "${SGLANG_HOSTS[@]}"; do
+        URLS+=("http://${host}:${SGLANG_PORT}")
+        deadline=$(( SECONDS + SGLANG_STARTUP_S ))
+        until curl -sf -o /dev/null "http://${host}:${SGLANG_PORT}/health"; do
+            if ! kill -0 "${SGLANG_PID}" 2>/dev/null || (( SECONDS > deadline )); then
+                echo "SGLang server on ${host} did not come up; see ${SAVE}/sglang-${host}.log" >&2
+                exit 1
+            fi
+            sleep 10
+        done
+    done
+    # DiskTransport stages the pushed weights under TMPDIR: shared with the SGLang nodes.
+    mkdir -p "${WEIGHT_STAGING_DIR}"
+    export TMPDIR=${WEIGHT_STAGING_DIR}
+    ROLLOUT_ARGS=(--rollout-backend sglang --sglang-url "${URLS[@]}" --weight-sync disk)
+fi
+
+# One torchrun per training node; its node rank is its task rank in this step.
+# shellcheck disable=SC2016  # $SLURM_PROCID expands in each task, not here
+srun --nodes="${NUM_TRAIN_NODES}" --ntasks-per-node=1 --nodelist="${TRAIN_NODES}" \
+    --kill-on-bad-exit=1 bash -c 'exec torchrun --node-rank "${SLURM_PROCID}" "$@"' torchrun \
+    --nnodes "${NUM_TRAIN_NODES}" --nproc-per-node "${GPUS_PER_NODE}" \
+    --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
+    -m megatron_paced.train --hf-config "${HF_DIR}/config.json" --tokenizer "${HF_DIR}" \
+    --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
+    --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
+    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
+    --recompute-granularity selective \
+    --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
+    --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
+    --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \
+    "${ROLLOUT_ARGS[@]}" "$@"

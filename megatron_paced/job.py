@@ -1,0 +1,243 @@
+"""A paced-train job's configuration: the flags, their sources, and the start-up checks.
+
+Every component has its own typed config dataclass (``TrainConfig`` here; ``TaskConfig``,
+``ModelConfig``, ``ParallelConfig``, ``OptimizerConfig``, ``LogZConfig``, ``SelectionConfig``,
+``ReplayConfig``, ``RolloutConfig`` beside their components); each becomes a group of
+Megatron-style flags. :func:`parse_args` reads them, in rising order of precedence, from the
+tiny built-in model, ``--model PRESET`` or ``--hf-config``, ``--config FILE.yaml`` and the
+command line. :func:`validate_startup` runs every check that needs no process group, so that
+bad input fails before any work, naming the flag, file or line.
+
+Usage::
+
+    cfgs = parse_args(["--config", "examples/demo.yaml", "--train-iters", "20"])
+    task = validate_startup(cfgs, world_size=2)      # raises ConfigError
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+from megatron_paced.config import (
+    ConfigError,
+    OptimizerConfig,
+    ParallelConfig,
+    add_flags,
+    from_args,
+    require,
+)
+from megatron_paced.data import DataConfig
+from megatron_paced.models.config import ModelConfig
+from megatron_paced.paced.log_z import LogZConfig
+from megatron_paced.paced.replay import ReplayConfig
+from megatron_paced.paced.selection import SelectionConfig
+from megatron_paced.rollout import RolloutConfig
+from megatron_paced.tasks import TaskConfig
+
+PROGRAM = ("paced-train: RL post-training with PACED-RL (or GRPO / FlowRL) on "
+           "Megatron-Core.")
+
+
+@dataclass
+class TrainConfig:
+    """The RL job."""
+
+    algo: Literal["paced", "grpo", "flowrl"] = "paced"
+    """Loss: paced (TB against pi_old + log-Z), grpo, or flowrl (TB against pi_ref)."""
+    beta: float = 0.05
+    """KL coefficient; rewards enter the TB losses as r / beta."""
+    num_samples_per_prompt: int = 8
+    """G: completions per selected prompt."""
+    num_prompts_per_step: int = 16
+    """Prompts selected per step (over all DP ranks)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on one rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
+    train_iters: int = 100
+    """RL steps (0: only the SFT warm start, written to --save as a model-only checkpoint that
+    --load starts RL runs from, the common base policy of a comparison)."""
+    seed: int = 1234
+    """Seed of weights, selection, sampling and data."""
+    deterministic_mode: bool = False
+    """As Megatron's --deterministic-mode: torch's deterministic algorithms (with
+    CUBLAS_WORKSPACE_CONFIG, NCCL's ring algorithm and TE's deterministic attention), so that
+    a GPU run and its resumption repeat bit for bit; slower. CPU runs are deterministic
+    without it."""
+    bf16: bool = False
+    """bf16 mixed precision, as Megatron's --bf16: bf16 weights and activations, fp32 gradients
+    and fp32 main weights in the optimizer (what GPUs train with; fp32 without it)."""
+    save: Optional[str] = None
+    """Folder of checkpoints and metrics.jsonl."""
+    load: Optional[str] = None
+    """Checkpoint folder to resume from (the latest iteration in it)."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end, if --save)."""
+    eval_interval: int = 0
+    """Evaluate pass@1 / pass@k every this many steps (0: never)."""
+    eval_num_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    eval_k: int = 4
+    """Samples per held-out prompt (pass@k)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    max_new_tokens: int = 16
+    """Longest completion."""
+    sft_warmup_iters: int = 0
+    """Supervised steps on the task's answers before RL (the base policy)."""
+    sft_lr: float = 3e-3
+    """Learning rate of the supervised warm start."""
+    allow_random_init: bool = False
+    """Run RL on a randomly initialized policy (no --load, no --sft-warmup-iters). Such a policy
+    almost never earns a reward, so RL learns nothing; without this flag the run is refused."""
+    grpo_kl_coef: float = 0.0
+    """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
+    flowrl_clip: float = 0.2
+    """FlowRL's importance-weight clip."""
+    dynamic_sampling: bool = False
+    """DAPO-style dynamic sampling (a GRPO baseline): draw more rounds of prompts until the step
+    has --num-prompts-per-step groups whose rewards differ; every completion generated counts
+    in num_samples. Needs --prompt-selection uniform."""
+    dynamic_sampling_max_rounds: int = 4
+    """Most rounds of dynamic sampling per step (then groups with equal rewards fill in)."""
+    use_rollout_logprobs: bool = False
+    """pi_old from the rollout engine instead of a trainer recompute."""
+    log_prompt_accuracy: bool = False
+    """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
+    (for calibration plots)."""
+    wandb_project: Optional[str] = None
+    """Also log to this wandb project (offline without network)."""
+    exit_after_step: Optional[int] = None
+    """Testing aid: exit with code 17 right after this step, as if killed."""
+    inject_nan_at_step: Optional[int] = None
+    """Fault injection: one reward in this step's loss becomes NaN (the run must stop)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def validate(self, dp_size: int, replay: ReplayConfig) -> int:
+        """Check the batch arithmetic; returns the global batch in sequences."""
+        from megatron_paced.losses import check_beta
+
+        check_beta(self.beta)
+        for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.train_iters >= 0, "train_iters", self.train_iters, "must be >= 0")
+        require(self.train_iters > 0 or (self.sft_warmup_iters > 0 and self.save), "train_iters",
+                0, "runs no RL step: it needs --sft-warmup-iters > 0 and --save (it writes the "
+                "warm-started policy as a base checkpoint)")
+        require(self.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
+                self.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
+        require(replay.replay_per_step % dp_size == 0, "replay_per_step",
+                replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
+        total = self.num_prompts_per_step * self.num_samples_per_prompt + replay.replay_per_step
+        if self.global_batch_size is not None and self.global_batch_size != total:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} contradicts --num-prompts-per-step "
+                f"{self.num_prompts_per_step} x --num-samples-per-prompt "
+                f"{self.num_samples_per_prompt} + --replay-per-step {replay.replay_per_step} "
+                f"= {total}")
+        require((total // dp_size) % self.micro_batch_size == 0, "micro_batch_size",
+                self.micro_batch_size,
+                f"must divide the {total // dp_size} sequences per data-parallel rank "
+                f"({total} per step over {dp_size} ranks)")
+        require(self.eval_k >= 1, "eval_k", self.eval_k, "must be >= 1")
+        require(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
+                self.dynamic_sampling_max_rounds, "must be >= 1")
+        return total
+
+
+TINY_MODEL = ModelConfig(architecture="llama", num_layers=4, hidden_size=128, ffn_hidden_size=384,
+                         num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
+CONFIGS = {"train": TrainConfig, "task": TaskConfig, "data": DataConfig,
+           "parallel": ParallelConfig, "model": ModelConfig,
+           "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,
+           "replay": ReplayConfig, "rollout": RolloutConfig}
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """Flags. Defaults come, in rising order, from the tiny built-in model, ``--model PRESET``
+    or ``--hf-config config.json``, then ``--config FILE.yaml`` (unknown keys are an error),
+    then the command line."""
+    from megatron_paced.models.config import resolve_model_config
+    from megatron_paced.tasks.arithmetic import CharTokenizer
+
+    parser = argparse.ArgumentParser(prog="paced-train", description=PROGRAM)
+    parser.add_argument("--config", help="YAML file of flag values (flag names, - or _)")
+    parser.add_argument("--model", help="model preset whose shape sets the model flags' "
+                        "defaults (see megatron_paced.models.config.PRESETS)")
+    parser.add_argument("--hf-config", help="Hugging Face config.json (or its folder) whose "
+                        "shape sets the model flags' defaults")
+    for title, cls in CONFIGS.items():
+        add_flags(parser, cls, title)
+    parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
+                        lr=1e-3, weight_decay=0.0, replay_per_step=0)
+    pre, _ = parser.parse_known_args(argv)
+    values: dict = {}
+    if pre.config:
+        import yaml
+
+        with open(pre.config) as f:
+            values = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {pre.config}: unknown keys {unknown}")
+    model, hf_config = pre.model or values.get("model"), pre.hf_config or values.get("hf_config")
+    if model or hf_config:
+        try:
+            parser.set_defaults(**vars(resolve_model_config(model, hf_config)))
+        except (ConfigError, OSError, ValueError) as err:
+            parser.error(str(err))
+    parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    return {title: from_args(cls, args) for title, cls in CONFIGS.items()}
+
+
+def validate_startup(cfgs: dict, world_size: int):
+    """Every check that needs no process group, so bad flags fail before any work; returns
+    the task (its prompts are read and tokenized here)."""
+    from megatron_paced.checkpointing import check_loadable
+    from megatron_paced.tasks import build_task, check_task_fits_model
+
+    parallel, model_cfg, train_cfg = cfgs["parallel"], cfgs["model"], cfgs["train"]
+    parallel.validate(world_size=world_size)
+    model_cfg.validate(parallel)
+    for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout"):
+        cfgs[name].validate()
+    train_cfg.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
+    if train_cfg.load:
+        check_loadable(train_cfg.load, model_cfg, train_cfg.params_dtype)
+    task = build_task(cfgs["task"], cfgs["data"], seed=train_cfg.seed,
+                      eval_num_prompts=train_cfg.eval_num_prompts)
+    try:
+        flag = (f"--tokenizer {cfgs['task'].tokenizer}" if cfgs["task"].tokenizer
+                else "the arithmetic task's tokenizer")
+        check_task_fits_model(task, model_cfg, train_cfg.max_new_tokens, flag)
+        require(train_cfg.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
+                train_cfg.num_prompts_per_step,
+                f"must be <= the {len(task.problems)} training prompts of --task "
+                f"{cfgs['task'].task}")
+        require(not train_cfg.dynamic_sampling
+                or cfgs["selection"].prompt_selection == "uniform", "dynamic_sampling", True,
+                "draws fresh prompts each round: it needs --prompt-selection uniform")
+        if train_cfg.sft_warmup_iters and cfgs["task"].task != "arithmetic":
+            task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
+        if not (train_cfg.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
+            raise ConfigError(
+                "the policy would start from random weights (no --load, --sft-warmup-iters 0), "
+                "and RL from random weights learns nothing: start from a checkpoint (--load "
+                "DIR, e.g. tools/convert_hf_to_megatron.py output), warm-start the built-in "
+                "task (--sft-warmup-iters 1000), or run the demo (--config examples/demo.yaml); "
+                "--allow-random-init runs it anyway")
+    except ConfigError:
+        task.close()
+        raise
+    return task

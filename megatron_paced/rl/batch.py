@@ -1,0 +1,50 @@
+"""The train batch of one RL step on one DP rank: fresh groups plus replayed samples.
+
+A pure function of tensors (no model, no process group): the fresh rows come in (prompt,
+sample) order, ``G`` samples per prompt, followed by the replayed rows. Each row carries the
+log-Z row of its prompt, its reward, its GRPO advantage (reward minus its group's mean over
+the group's std; a replayed row is a group of its own, advantage 0) and, as
+``old_log_probs``, the log-probs of the policy that generated it (the trainer replaces the
+fresh rows' with a recompute unless ``--use-rollout-logprobs``).
+
+    extras = {"prompt_ids": (B,) log-Z rows, "rewards": (B,), "advantages": (B,),
+              "old_log_probs": (B, T)}                      B = P * G + num_replayed
+
+Usage::
+
+    batch = build_train_batch(prompt_rows, fresh, rewards, replayed)
+    batch.rows(0, prompt_rows.numel() * rewards.shape[1])        # the fresh rows
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.losses import group_normalized_advantages
+from megatron_paced.paced.replay import ReplaySample
+
+
+def build_train_batch(prompt_rows: torch.Tensor, fresh: SequenceBatch, rewards: torch.Tensor,
+                      replayed: list[ReplaySample]) -> SequenceBatch:
+    """Fresh rows ((P,) log-Z rows, their (P*G)-row batch with ``rollout_log_probs`` and (P, G)
+    rewards) + the replayed samples, as one batch with the extras above."""
+    num_groups, group_size = rewards.shape
+    num_fresh = fresh.num_sequences
+    if num_fresh != num_groups * group_size or prompt_rows.numel() != num_groups:
+        raise ValueError(f"{num_fresh} fresh rows for {prompt_rows.numel()} prompts and "
+                         f"{tuple(rewards.shape)} rewards")
+    tokens = torch.cat([fresh.tokens, *(s.tokens[None] for s in replayed)])
+    mask = torch.cat([fresh.completion_mask, *(s.completion_mask[None] for s in replayed)])
+    old_log_probs = torch.cat([fresh.extras["rollout_log_probs"],
+                               *(s.old_log_probs[None] for s in replayed)])
+    rows = torch.cat([prompt_rows.repeat_interleave(group_size),
+                      torch.tensor([s.prompt_id for s in replayed], dtype=torch.long)])
+    all_rewards = torch.cat([rewards.flatten().float(),
+                             torch.tensor([s.reward for s in replayed], dtype=torch.float32)])
+    groups = torch.cat([torch.arange(num_fresh) // group_size,  # a replayed row: own group
+                        -1 - torch.arange(len(replayed))])
+    return SequenceBatch(tokens, mask, {
+        "prompt_ids": rows, "rewards": all_rewards,
+        "advantages": group_normalized_advantages(all_rewards, groups),
+        "old_log_probs": old_log_probs})

@@ -1,0 +1,103 @@
+"""A run's metrics: one JSON row per step in ``<save>/metrics.jsonl`` (and wandb), the DP
+reductions behind them, and the summary printed at the end.
+
+Only global rank 0 writes. On resume, rows after the checkpoint's step are dropped (the
+resumed run writes them again), so a resumed run's file equals an uninterrupted run's.
+
+Usage::
+
+    metrics = MetricsLog(save_dir, is_logger=dist.get_rank() == 0)
+    metrics.resume_at(step)                   # before the first row
+    metrics.start_wandb("project", config)    # optional
+    metrics.log({"step": 1, "reward_mean": dp_mean([r], ctx)[0], ...})
+    print_summary(cfg, metrics.first_eval, history, num_samples)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class MetricsLog:
+    """metrics.jsonl (and wandb) on the logging rank; nothing elsewhere."""
+
+    def __init__(self, save_dir: str | None, *, is_logger: bool) -> None:
+        self.save_dir, self.is_logger = save_dir, is_logger
+        self.path = os.path.join(save_dir, "metrics.jsonl") if save_dir else None
+        self.wandb = None
+        self.first_eval: dict | None = None  # the step-0 evaluation, for the summary
+
+    def resume_at(self, step: int) -> None:
+        """Make the folder; drop rows after ``step`` (they will be written again)."""
+        if not (self.path and self.is_logger):
+            return
+        os.makedirs(self.save_dir, exist_ok=True)
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def start_wandb(self, project: str, config: dict) -> None:
+        if self.is_logger:
+            import wandb
+
+            self.wandb = wandb.init(project=project, dir=self.save_dir, config=config,
+                                    mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log(self, record: dict) -> None:
+        if not self.is_logger:
+            return
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+
+def dp_mean(values: list[float], ctx) -> list[float]:
+    """The mean of each value over the DP ranks (collective)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=ctx.dp_group)
+    return (t / ctx.dp_size).tolist()
+
+
+def gather_prompt_accuracy(acc_est: torch.Tensor, acc_obs: torch.Tensor, ctx) -> dict:
+    """This step's (acc_est, observed accuracy) of every selected prompt, all DP ranks."""
+    pairs = torch.stack([acc_est.double(), acc_obs.double()], dim=1)
+    gathered = [torch.empty_like(pairs) for _ in range(ctx.dp_size)]
+    dist.all_gather(gathered, pairs, group=ctx.dp_group)
+    every = torch.cat(gathered)
+    return {"prompt_acc_est": [round(v, 4) for v in every[:, 0].tolist()],
+            "prompt_acc_obs": [round(v, 4) for v in every[:, 1].tolist()]}
+
+
+def print_summary(cfg, first_eval: dict | None, history: list[dict], num_samples: int) -> None:
+    """What the run did: accuracy before and after, samples, calibration of beta * log_z."""
+    window = max(1, min(10, len(history) // 3))
+    first, last = history[:window], history[-window:]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    evals = [r for r in ([first_eval] if first_eval else []) + history if "eval_pass@1" in r]
+    lines = [f"\n{cfg.algo} run: steps {history[0]['step']}-{history[-1]['step']}, "
+             f"{num_samples} completions generated"]
+    if len(evals) >= 2:
+        k = f"eval_pass@{cfg.eval_k}"
+        lines.append(f"  held-out pass@1 {evals[0]['eval_pass@1']:.3f} -> "
+                     f"{evals[-1]['eval_pass@1']:.3f}, pass@{cfg.eval_k} {evals[0][k]:.3f} -> "
+                     f"{evals[-1][k]:.3f}")
+    lines.append(f"  training reward (first/last {window} steps) {mean(first, 'reward_mean'):.3f}"
+                 f" -> {mean(last, 'reward_mean'):.3f}")
+    lines.append(f"  calibration |beta*log_z - observed group accuracy| (first/last {window} "
+                 f"steps) {mean(first, 'acc_est_mae'):.3f} -> {mean(last, 'acc_est_mae'):.3f}")
+    if cfg.save:
+        lines.append(f"  metrics {os.path.join(cfg.save, 'metrics.jsonl')}; checkpoints "
+                     f"{cfg.save}/iter_*")
+    print("\n".join(lines), flush=True)

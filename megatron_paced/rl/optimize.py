@@ -1,0 +1,92 @@
+"""The optimization stage of one RL step: the loss through Megatron's schedule, the policy's
+optimizer step and the log-Z table's step.
+
+The batch's rows read their log-Z (on the 1/beta scale) from the sharded table with gradients
+on; ``forward_backward`` runs the loss on every micro-batch (PP: 1F1B) and Megatron's DDP
+reduces the policy's gradients; the loss and its item count are summed over micro-batches,
+broadcast from the last pipeline stage and all-reduced over DP, so every rank reports the same
+loss; the policy steps, then the table applies the gradient its rows received (an all-to-all
+to their owners). A loss that raises (a NaN reward) or is not finite stops the run before any
+update, naming the step and the prompts.
+
+Usage::
+
+    result = optimize_step(policy, log_z, batch, loss_fn, ctx, vocab_size=V,
+                           micro_batch_size=4, train_log_z=True, step=12,
+                           prompt_ids=lambda rows: rows)
+    result.loss, result.grad_norm, result.kl_old_theta, result.log_z_seconds
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_paced.rl.collect import stop_error
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """The loss per item (sequence or token, as the loss counts them), over all DP ranks."""
+    grad_norm: float
+    kl_old_theta: float
+    """Mean KL(pi_old || pi_theta) estimate the loss reported (0 if it reports none)."""
+    log_z_seconds: float
+    """Time spent applying the log-Z gradient (PACED's bookkeeping)."""
+
+    def metrics(self) -> dict:
+        return {"loss": self.loss, "grad_norm": self.grad_norm,
+                "kl_old_theta": self.kl_old_theta}
+
+
+def micro_batch_size_for(num_sequences: int, largest: int) -> int:
+    """``largest`` (--micro-batch-size), or the largest size below it that divides the batch
+    (smaller while the replay buffer fills); the loss is normalized per item, so the gradient
+    does not depend on the split."""
+    size = largest
+    while num_sequences % size:
+        size -= 1
+    return size
+
+
+def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
+                  micro_batch_size: int, train_log_z: bool, step: int,
+                  prompt_ids: Callable[[list[int]], list] = list) -> StepResult:
+    """One optimizer step of the policy (and of the log-Z table if ``train_log_z``) on
+    ``batch`` (collective); ``prompt_ids`` maps log-Z rows to the ids an error names."""
+    from megatron_paced.forward_backward import forward_backward
+    from megatron_paced.parallel import broadcast_from_last_stage
+
+    rows = batch.extras["prompt_ids"]
+    batch.extras["log_z"] = log_z_rows = log_z.lookup(rows).requires_grad_(True)
+    policy.zero_grad()
+    try:
+        logs = forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=vocab_size,
+                                micro_batch_size=micro_batch_size)
+    except FloatingPointError as err:  # raised by the loss before any update
+        raise stop_error(step, err, prompt_ids(list(dict.fromkeys(rows.tolist())))) from None
+    totals = torch.zeros(3, dtype=torch.float64)
+    for log in logs:
+        totals += torch.stack([log["loss_sum"].double().cpu(),
+                               log.get("num_sequences", log.get("num_tokens")).double().cpu(),
+                               log.get("kl_old_theta_sum", torch.zeros(())).double().cpu()])
+    totals = broadcast_from_last_stage(totals, ctx)
+    dist.all_reduce(totals, group=ctx.dp_group)
+    loss = float(totals[0] / totals[1].clamp(min=1))
+    if not math.isfinite(loss):
+        raise stop_error(step, f"non-finite loss {loss}",
+                         prompt_ids(list(dict.fromkeys(rows.tolist()))))
+    result = policy.step()
+    seconds = 0.0
+    if train_log_z:
+        grads = log_z_rows.grad if log_z_rows.grad is not None else torch.zeros_like(log_z_rows)
+        start = time.perf_counter()
+        log_z.apply_gradients(rows, broadcast_from_last_stage(grads.detach().clone(), ctx))
+        seconds = time.perf_counter() - start
+    return StepResult(loss, result.grad_norm, float(totals[2] / totals[1].clamp(min=1)), seconds)

@@ -1,0 +1,74 @@
+"""The RL step's pure stages on one process, no launch: the train batch from fresh groups and
+replayed samples, and replay's offer/draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample, \
+    offer_and_draw
+from megatron_paced.rl.batch import build_train_batch
+
+T = 5
+
+
+def _fresh(num_rows: int) -> SequenceBatch:
+    """Rows whose tokens and log-probs say which row they are."""
+    tokens = torch.arange(num_rows)[:, None].repeat(1, T)
+    mask = torch.tensor([0, 0, 1, 1, 0.0]).repeat(num_rows, 1)
+    log_probs = -torch.arange(num_rows, dtype=torch.float32)[:, None].repeat(1, T)
+    return SequenceBatch(tokens, mask, {"rollout_log_probs": log_probs})
+
+
+def _replayed(prompt_id: int, reward: float, marker: int) -> ReplaySample:
+    return ReplaySample(prompt_id, torch.full((T,), marker), torch.ones(T),
+                        torch.full((T,), -100.0 - marker), reward, policy_version=3)
+
+
+def test_train_batch_is_fresh_groups_then_replayed_rows():
+    prompt_rows = torch.tensor([7, 2])
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    replayed = [_replayed(5, 1.0, 50), _replayed(7, 0.5, 51)]
+    batch = build_train_batch(prompt_rows, _fresh(6), rewards, replayed)
+    assert batch.num_sequences == 8
+    assert batch.tokens[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 50, 51]  # (prompt, sample) order
+    assert batch.extras["prompt_ids"].tolist() == [7, 7, 7, 2, 2, 2, 5, 7]
+    assert batch.extras["rewards"].tolist() == [1, 0, 0, 1, 1, 1, 1.0, 0.5]
+    # Generator's log-probs as pi_old: the fresh rows' rollout ones, the replayed rows' stored.
+    assert batch.extras["old_log_probs"][:, 0].tolist() == [0, -1, -2, -3, -4, -5, -150, -151]
+    assert torch.equal(batch.completion_mask[6], torch.ones(T))
+    advantages = batch.extras["advantages"]
+    # Group 0: rewards (1, 0, 0), mean 1/3, std sqrt(1/3); group 1 all equal; replayed alone.
+    std = (1 / 3) ** 0.5
+    torch.testing.assert_close(advantages[:3], torch.tensor([2 / 3, -1 / 3, -1 / 3]) / std,
+                               atol=1e-4, rtol=1e-4)
+    assert advantages[3:].abs().max() < 1e-6
+
+
+def test_train_batch_without_replay_and_shape_errors():
+    batch = build_train_batch(torch.tensor([4]), _fresh(2), torch.tensor([[0.0, 1.0]]), [])
+    assert batch.num_sequences == 2 and batch.extras["prompt_ids"].tolist() == [4, 4]
+    with pytest.raises(ValueError, match="3 fresh rows for 1 prompts and \\(1, 2\\) rewards"):
+        build_train_batch(torch.tensor([4]), _fresh(3), torch.tensor([[0.0, 1.0]]), [])
+
+
+def test_offer_and_draw_keeps_the_largest_estimate_errors_and_shares_the_draw():
+    replay = DistributedReplay(ReplayConfig(replay_size=3, replay_per_step=4), num_prompts=10,
+                               seed=0)
+    prompt_rows = torch.tensor([1, 2, 3])
+    acc_est = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    # Observed accuracies 0.5, 0.5, 1.0: errors 0.4, 0.0, 0.8; only successes are offered.
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    mine = offer_and_draw(replay, prompt_rows, acc_est, _fresh(6), rewards, step=4, version=3,
+                          dp_rank=1, dp_size=2)
+    kept = sorted((s.prompt_id, round(s.priority, 6)) for s in replay.items)
+    assert kept == [(1, 0.4), (3, 0.8), (3, 0.8)]  # prompt 2's success (error 0) lost
+    assert all(s.policy_version == 3 and s.reward == 1.0 for s in replay.items)
+    drawn = replay.sample(4)  # the same draw again: this rank's share is its second half
+    assert len(mine) == 2 and [s.insertion for s in mine] == [s.insertion for s in drawn[2:]]
+    for sample in mine:  # a stored row is the fresh row it came from, with its log-probs
+        row = int(sample.tokens[0])
+        assert sample.prompt_id == int(prompt_rows[row // 2])
+        assert sample.old_log_probs.tolist() == [-float(row)] * T
