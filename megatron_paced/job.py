@@ -31,7 +31,7 @@ from megatron_paced.config import (
     require,
 )
 from megatron_paced.data import DataConfig
-from megatron_paced.models.config import ModelConfig
+from megatron_paced.models.config import PRESETS, ModelConfig
 from megatron_paced.paced.log_z import LogZConfig
 from megatron_paced.paced.replay import ReplayConfig
 from megatron_paced.paced.selection import SelectionConfig
@@ -154,8 +154,7 @@ class TrainConfig:
         return total
 
 
-TINY_MODEL = ModelConfig(architecture="llama", num_layers=4, hidden_size=128, ffn_hidden_size=384,
-                         num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
+TINY_MODEL = PRESETS["tiny"]  # the flags' defaults (the vocabulary: the arithmetic task's)
 CONFIGS = {"train": TrainConfig, "task": TaskConfig, "data": DataConfig,
            "parallel": ParallelConfig, "model": ModelConfig,
            "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,

@@ -1,7 +1,9 @@
 """Benchmark: throughput of the parts of one RL step on one device, random weights.
 
-On a model of ``--model``'s shape (random weights; the trainer's own Megatron code path, world
-size 1) it times, median of ``--repeats`` after one warm-up:
+On a model of ``--model``'s shape (random weights, world size 1) it times the trainer's own
+stage functions (``rl.batch.build_train_batch`` makes the batch, ``rl.optimize.optimize_step``
+is the step, ``paced.replay.offer_and_draw`` the replay), median of ``--repeats`` after one
+warm-up:
 
     tb step            forward + backward of the PACED TB loss, the Adam step, the log-Z step
     grpo step          the same step with the GRPO loss (no log-Z): the baseline
@@ -125,37 +127,41 @@ class Timer:
 
 
 def rl_batch(args, vocab_size: int):
-    """--num-sequences rows of --seq-length tokens: a --prompt-length prompt, then completion."""
+    """--num-sequences rows of --seq-length tokens (a --prompt-length prompt, then the
+    completion) in groups of --samples-per-prompt, built by the trainer's own
+    :func:`~megatron_paced.rl.batch.build_train_batch`; returns (prompt rows, fresh rows,
+    rewards, train batch)."""
     from megatron_paced.forward_backward import SequenceBatch
-    from megatron_paced.losses import group_normalized_advantages
+    from megatron_paced.rl.batch import build_train_batch
 
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (args.num_sequences, args.seq_length), generator=gen)
-    mask = torch.zeros(args.num_sequences, args.seq_length)
+    num_groups = args.num_sequences // args.samples_per_prompt
+    num_rows = num_groups * args.samples_per_prompt
+    tokens = torch.randint(0, vocab_size, (num_rows, args.seq_length), generator=gen)
+    mask = torch.zeros(num_rows, args.seq_length)
     mask[:, args.prompt_length:] = 1.0
-    rewards = torch.randint(0, 2, (args.num_sequences,), generator=gen).float()
-    groups = torch.arange(args.num_sequences) // args.samples_per_prompt
-    extras = {"prompt_ids": groups % args.num_prompts, "rewards": rewards,
-              "advantages": group_normalized_advantages(rewards, groups),
-              "old_log_probs": torch.full((args.num_sequences, args.seq_length), -2.0) * mask}
-    return SequenceBatch(tokens, mask, extras)
+    fresh = SequenceBatch(tokens, mask, {"rollout_log_probs": torch.full_like(mask, -2.0) * mask})
+    rewards = torch.randint(0, 2, (num_groups, args.samples_per_prompt), generator=gen).float()
+    prompt_rows = torch.arange(num_groups) % args.num_prompts
+    return prompt_rows, fresh, rewards, build_train_batch(prompt_rows, fresh, rewards, [])
 
 
 def bench(args) -> dict:
     from megatron_paced.config import OptimizerConfig, ParallelConfig
-    from megatron_paced.forward_backward import compute_log_probs, forward_backward
+    from megatron_paced.forward_backward import compute_log_probs
     from megatron_paced.losses import grpo_loss_fn, paced_loss_fn
     from megatron_paced.models.config import resolve_model_config
     from megatron_paced.models.policy import build_policy, build_reference
     from megatron_paced.paced.log_z import LogZConfig, build_log_z_table
-    from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample
+    from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, offer_and_draw
     from megatron_paced.paced.selection import PromptSelector, SelectionConfig
     from megatron_paced.parallel import initialize_parallel
     from megatron_paced.planner import count_parameters
+    from megatron_paced.rl.optimize import optimize_step
     from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
-    from megatron_paced.job import TINY_MODEL
+    from megatron_paced.models.config import PRESETS
 
-    cfg = resolve_model_config(args.model, args.hf_config, TINY_MODEL)
+    cfg = resolve_model_config(args.model, args.hf_config, PRESETS["tiny"])
     ctx = initialize_parallel(ParallelConfig(), seed=1)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy = build_policy(cfg, OptimizerConfig(lr=1e-6), ctx, seed=1, params_dtype=dtype)
@@ -166,32 +172,24 @@ def bench(args) -> dict:
     replay = DistributedReplay(ReplayConfig(replay_size=128, replay_per_step=16,
                                             replay_successful_only=False),
                                num_prompts=args.num_prompts, seed=1)
-    batch = rl_batch(args, cfg.vocab_size)
+    _, fresh, rewards, batch = rl_batch(args, cfg.vocab_size)
     timer = Timer(ctx.device, args.repeats)
     step = [0]
 
     def train_step(loss_fn, with_log_z: bool) -> None:
-        if with_log_z:
-            batch.extras["log_z"] = log_z.lookup(batch.extras["prompt_ids"]).requires_grad_(True)
-        policy.zero_grad()
-        forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=cfg.vocab_size,
-                         micro_batch_size=args.micro_batch_size)
-        policy.step()
-        if with_log_z:
-            log_z.apply_gradients(batch.extras["prompt_ids"], batch.extras["log_z"].grad)
+        # The trainer's optimization stage; the GRPO step reads log-Z rows but trains none.
+        optimize_step(policy, log_z, batch, loss_fn, ctx, vocab_size=cfg.vocab_size,
+                      micro_batch_size=args.micro_batch_size, train_log_z=with_log_z,
+                      step=step[0])
 
     def bookkeeping() -> None:
+        # The trainer's PACED parts outside the loss: global selection, the replay offer and
+        # draw (rl stages), and a log-Z update of the selected rows.
         step[0] += 1
-        num = args.num_sequences // args.samples_per_prompt
-        ids = selector.select(log_z, num, step[0])
-        acc = log_z.lookup(ids).double() * 0.05
-        rows = range(min(num * args.samples_per_prompt, args.num_sequences))
-        samples = [ReplaySample(int(ids[i // args.samples_per_prompt]), batch.tokens[i],
-                                batch.completion_mask[i], batch.extras["old_log_probs"][i],
-                                float(batch.extras["rewards"][i]), step[0]) for i in rows]
-        replay.add(samples, (acc.repeat_interleave(args.samples_per_prompt) - 0.5).abs())
-        replay.sample(step[0])
-        log_z.apply_gradients(ids, torch.randn(len(ids)))
+        rows = selector.select(log_z, rewards.shape[0], step[0])
+        acc_est = log_z.lookup(rows).double() * 0.05
+        offer_and_draw(replay, rows, acc_est, fresh, rewards, step=step[0], version=step[0])
+        log_z.apply_gradients(rows, torch.randn(len(rows)))
 
     engine = EmbeddedEngine(policy.model, ctx, vocab_size=cfg.vocab_size,
                             max_sequence_length=args.prompt_length + args.max_new_tokens,
@@ -203,7 +201,7 @@ def bench(args) -> dict:
     def generate() -> None:
         engine.generate(prompts, n=args.samples_per_prompt, sampling=sampling, seed=1)
 
-    trained_tokens = args.num_sequences * args.seq_length
+    trained_tokens = batch.num_sequences * args.seq_length
     train_flops = 3 * forward_flops(cfg, trained_tokens, args.seq_length / 2)
     num_rows = args.generate_prompts * args.samples_per_prompt
     gen_tokens = num_rows * args.max_new_tokens

@@ -10,14 +10,8 @@
 # on the trainer's own model (embedded), which needs PP=1. Submit from the repository root
 # (on the shared file system); the job's nodes then run from it too.
 : "${TP:?} ${PP:?} ${HF_DIR:?} ${MEGATRON_CKPT:?} ${RUN_NAME:?}"
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_PORT=${MASTER_PORT:-29500}
-TASK=${TASK:-gsm8k}                    # gsm8k or math500
-SAVE=${SAVE:-runs/${RUN_NAME}_${TASK}}
-TRAIN_ITERS=${TRAIN_ITERS:-500}
-PROMPTS_PER_STEP=${PROMPTS_PER_STEP:-32}
-REPLAY_PER_STEP=${REPLAY_PER_STEP:-32}
-MICRO_BATCH=${MICRO_BATCH:-1}  # micro batch 4 does not fit 7B TP2 or 70B TP8xPP4 (docs/planner.md)
+# shellcheck source=math_common.sh
+source "${SLURM_SUBMIT_DIR:-.}/examples/launch/math_common.sh"
 SGLANG_NODES=${SGLANG_NODES:-1}
 SGLANG_TP=${SGLANG_TP:-8}
 SGLANG_PORT=${SGLANG_PORT:-30000}
@@ -70,12 +64,5 @@ srun --nodes="${NUM_TRAIN_NODES}" --ntasks-per-node=1 --nodelist="${TRAIN_NODES}
     --kill-on-bad-exit=1 bash -c 'exec torchrun --node-rank "${SLURM_PROCID}" "$@"' torchrun \
     --nnodes "${NUM_TRAIN_NODES}" --nproc-per-node "${GPUS_PER_NODE}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
-    -m megatron_paced.train --hf-config "${HF_DIR}/config.json" --tokenizer "${HF_DIR}" \
-    --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
-    --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
-    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
-    --recompute-granularity selective \
-    --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
-    --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
-    --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \
+    -m megatron_paced.train --hf-config "${HF_DIR}/config.json" "${PACED_ARGS[@]}" \
     "${ROLLOUT_ARGS[@]}" "$@"

@@ -21,19 +21,13 @@
 : "${TP:?} ${HF_DIR:?} ${MEGATRON_CKPT:?} ${RUN_NAME:?}"
 NNODES=${NNODES:-${SLURM_NTASKS:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_PROCID:-0}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
     MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)}
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
 PP=${PP:-1}
-TASK=${TASK:-gsm8k}                    # gsm8k or math500
-SAVE=${SAVE:-runs/${RUN_NAME}_${TASK}}
-TRAIN_ITERS=${TRAIN_ITERS:-500}
-PROMPTS_PER_STEP=${PROMPTS_PER_STEP:-32}
-REPLAY_PER_STEP=${REPLAY_PER_STEP:-32}
-MICRO_BATCH=${MICRO_BATCH:-1}  # micro batch 4 does not fit 7B TP2 or 70B TP8xPP4 (docs/planner.md)
+# shellcheck source=math_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/math_common.sh"
 ROLLOUT=${ROLLOUT:-embedded}           # embedded or sglang
 SGLANG_URL=${SGLANG_URL:-}
 WEIGHT_SYNC=${WEIGHT_SYNC:-disk}
@@ -52,12 +46,4 @@ esac
 
 exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
-    -m megatron_paced.train "${MODEL_FLAGS[@]}" --tokenizer "${HF_DIR}" \
-    --load "${MEGATRON_CKPT}" --save "${SAVE}" --save-interval 50 \
-    --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \
-    --task "${TASK}" --algo paced --beta 0.05 --num-samples-per-prompt 8 --lr 1e-6 --bf16 \
-    --recompute-granularity selective \
-    --max-prompt-length 1024 --max-new-tokens 3072 --train-iters "${TRAIN_ITERS}" \
-    --num-prompts-per-step "${PROMPTS_PER_STEP}" --replay-per-step "${REPLAY_PER_STEP}" \
-    --micro-batch-size "${MICRO_BATCH}" --eval-interval 50 \
-    "${ROLLOUT_ARGS[@]}" "$@"
+    -m megatron_paced.train "${MODEL_FLAGS[@]}" "${PACED_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "$@"

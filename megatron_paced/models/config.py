@@ -225,6 +225,9 @@ class ModelConfig:
 
 # Named presets for tests, the demo and benchmarks (tiny) and for the large examples.
 PRESETS: dict[str, ModelConfig] = {
+    # paced-train's default model (the demo's): the flags' defaults when no --model is given.
+    "tiny": ModelConfig(architecture="llama", num_layers=4, hidden_size=128, ffn_hidden_size=384,
+                        num_attention_heads=4, num_query_groups=2, max_position_embeddings=64),
     "tiny-llama": ModelConfig(architecture="llama"),
     "tiny-qwen2": ModelConfig(architecture="qwen2", untie_embeddings_and_output_weights=False),
     "tiny-qwen3": ModelConfig(architecture="qwen3", kv_channels=32, rotary_base=1e6),
