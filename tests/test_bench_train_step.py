@@ -8,7 +8,7 @@ import json
 import pytest
 
 from megatron_paced.models.config import PRESETS
-from megatron_paced.planner import count_parameters
+from megatron_paced.models.counting import count_parameters
 from tests.conftest import run_python
 from tools.bench_train_step import forward_flops, matmul_params
 

@@ -27,17 +27,15 @@ import pytest
 
 from megatron_paced.config import ConfigError
 from megatron_paced.models.config import PRESETS, ModelConfig
+from megatron_paced.models.counting import count_parameters, count_rank_parameters, resolve_model
 from megatron_paced.planner import (
     GIB,
     Layout,
     PlannerSettings,
     activation_bytes_per_token,
     check_layout,
-    count_parameters,
-    count_rank_parameters,
     plan_layout,
     plan_layouts,
-    resolve_model,
     stage_activation_bytes,
 )
 from tests.conftest import run_python

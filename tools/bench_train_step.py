@@ -156,7 +156,7 @@ def bench(args) -> dict:
     from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, offer_and_draw
     from megatron_paced.paced.selection import PromptSelector, SelectionConfig
     from megatron_paced.parallel import initialize_parallel
-    from megatron_paced.planner import count_parameters
+    from megatron_paced.models.counting import count_parameters
     from megatron_paced.rl.optimize import optimize_step
     from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
     from megatron_paced.models.config import PRESETS

@@ -23,17 +23,15 @@ from dataclasses import dataclass
 
 from megatron_paced.config import ConfigError, add_flags, from_args
 from megatron_paced.models.config import ModelConfig
+from megatron_paced.models.counting import KNOWN_MODELS, count_parameters, resolve_model
 from megatron_paced.planner import (
-    KNOWN_MODELS,
     LayoutPlan,
     MemoryBreakdown,
     PlannerSettings,
     StagePlan,
     check_layout,
-    count_parameters,
     gib,
     plan_layouts,
-    resolve_model,
 )
 
 PROG = "plan_parallelism"
