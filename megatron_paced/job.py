@@ -10,8 +10,9 @@ bad input fails before any work, naming the flag, file or line.
 
 Usage::
 
-    cfgs = parse_args(["--config", "examples/demo.yaml", "--train-iters", "20"])
-    task = validate_startup(cfgs, world_size=2)      # raises ConfigError
+    job = parse_args(["--config", "examples/demo.yaml", "--train-iters", "20"])
+    job.train.train_iters, job.model.hidden_size      # typed: a JobConfig of dataclasses
+    task = validate_startup(job, world_size=2)       # raises ConfigError
 """
 
 from __future__ import annotations
@@ -155,13 +156,30 @@ class TrainConfig:
 
 
 TINY_MODEL = PRESETS["tiny"]  # the flags' defaults (the vocabulary: the arithmetic task's)
+@dataclass
+class JobConfig:
+    """Every component's config of one paced-train job; each is a group of flags."""
+
+    train: TrainConfig
+    task: TaskConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    log_z: LogZConfig
+    selection: SelectionConfig
+    replay: ReplayConfig
+    rollout: RolloutConfig
+
+
+# Flag groups, in --help's order: the JobConfig field each fills and its dataclass.
 CONFIGS = {"train": TrainConfig, "task": TaskConfig, "data": DataConfig,
            "parallel": ParallelConfig, "model": ModelConfig,
            "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,
            "replay": ReplayConfig, "rollout": RolloutConfig}
 
 
-def parse_args(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> JobConfig:
     """Flags. Defaults come, in rising order, from the tiny built-in model, ``--model PRESET``
     or ``--hf-config config.json``, then ``--config FILE.yaml`` (unknown keys are an error),
     then the command line."""
@@ -197,37 +215,37 @@ def parse_args(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
-    return {title: from_args(cls, args) for title, cls in CONFIGS.items()}
+    return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
 
 
-def validate_startup(cfgs: dict, world_size: int):
+def validate_startup(job: JobConfig, world_size: int):
     """Every check that needs no process group, so bad flags fail before any work; returns
     the task (its prompts are read and tokenized here)."""
     from megatron_paced.checkpointing import check_loadable
     from megatron_paced.tasks import build_task, check_task_fits_model
 
-    parallel, model_cfg, train_cfg = cfgs["parallel"], cfgs["model"], cfgs["train"]
+    parallel, model_cfg, train_cfg = job.parallel, job.model, job.train
     parallel.validate(world_size=world_size)
     model_cfg.validate(parallel)
     for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout"):
-        cfgs[name].validate()
-    train_cfg.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
+        getattr(job, name).validate()
+    train_cfg.validate(parallel.data_parallel_size(world_size), job.replay)
     if train_cfg.load:
         check_loadable(train_cfg.load, model_cfg, train_cfg.params_dtype)
-    task = build_task(cfgs["task"], cfgs["data"], seed=train_cfg.seed,
+    task = build_task(job.task, job.data, seed=train_cfg.seed,
                       eval_num_prompts=train_cfg.eval_num_prompts)
     try:
-        flag = (f"--tokenizer {cfgs['task'].tokenizer}" if cfgs["task"].tokenizer
+        flag = (f"--tokenizer {job.task.tokenizer}" if job.task.tokenizer
                 else "the arithmetic task's tokenizer")
         check_task_fits_model(task, model_cfg, train_cfg.max_new_tokens, flag)
         require(train_cfg.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
                 train_cfg.num_prompts_per_step,
                 f"must be <= the {len(task.problems)} training prompts of --task "
-                f"{cfgs['task'].task}")
+                f"{job.task.task}")
         require(not train_cfg.dynamic_sampling
-                or cfgs["selection"].prompt_selection == "uniform", "dynamic_sampling", True,
+                or job.selection.prompt_selection == "uniform", "dynamic_sampling", True,
                 "draws fresh prompts each round: it needs --prompt-selection uniform")
-        if train_cfg.sft_warmup_iters and cfgs["task"].task != "arithmetic":
+        if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
         if not (train_cfg.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
             raise ConfigError(

@@ -28,6 +28,7 @@ flags that make a meaningful run: RL on a random policy earns no reward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
-from megatron_paced.job import TrainConfig, parse_args, validate_startup
+from megatron_paced.job import JobConfig, TrainConfig, parse_args, validate_startup
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.rl.collect import Collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
@@ -58,7 +59,7 @@ SFT_SEED_STRIDE = 7
 
 
 class Run:
-    def __init__(self, cfgs: dict, task=None) -> None:
+    def __init__(self, job: JobConfig, task=None) -> None:
         from megatron_paced.checkpointing import CheckpointManager
         from megatron_paced.models.policy import build_policy, build_reference
         from megatron_paced.paced.state import PacedState
@@ -70,36 +71,36 @@ class Run:
         from megatron_paced.rollout.engine import SamplingParams
         from megatron_paced.tasks import build_task
 
-        self.cfg: TrainConfig = cfgs["train"]
+        self.cfg: TrainConfig = job.train
         cfg = self.cfg
         if cfg.deterministic_mode:  # before the first CUDA call reads the variables
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             os.environ.setdefault("NCCL_ALGO", "Ring")
             os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")  # TE attention
             torch.use_deterministic_algorithms(True)
-        self.ctx = initialize_parallel(cfgs["parallel"], seed=cfg.seed)
-        self.task = task or build_task(cfgs["task"], cfgs["data"], seed=cfg.seed,
+        self.ctx = initialize_parallel(job.parallel, seed=cfg.seed)
+        self.task = task or build_task(job.task, job.data, seed=cfg.seed,
                                        eval_num_prompts=cfg.eval_num_prompts)
         self.problems, self.eval_problems = self.task.problems, self.task.eval_problems
-        self.model_cfg: ModelConfig = cfgs["model"]
-        self.policy = build_policy(self.model_cfg, cfgs["optimizer"], self.ctx, seed=cfg.seed,
+        self.model_cfg: ModelConfig = job.model
+        self.policy = build_policy(self.model_cfg, job.optimizer, self.ctx, seed=cfg.seed,
                                    params_dtype=cfg.params_dtype)
         self.reference = None
         if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.grpo_kl_coef > 0):
             self.reference = build_reference(self.model_cfg, self.ctx, seed=cfg.seed,
                                              copy_from=self.policy,
                                              params_dtype=cfg.params_dtype)
-        sel, dp = cfgs["selection"], self.ctx.dp_group
-        self.log_z = build_log_z_table(len(self.problems), cfgs["log_z"], beta=cfg.beta,
+        sel, dp = job.selection, self.ctx.dp_group
+        self.log_z = build_log_z_table(len(self.problems), job.log_z, beta=cfg.beta,
                                        target_acc=sel.target_acc, dp_group=dp)
         self.selector = PromptSelector(sel, seed=cfg.seed, dp_group=dp)
-        self.replay = DistributedReplay(cfgs["replay"], num_prompts=len(self.problems),
+        self.replay = DistributedReplay(job.replay, num_prompts=len(self.problems),
                                         seed=cfg.seed, dp_group=dp)
         self.checkpoints = CheckpointManager(cfg.save, cfg.save_interval, self.policy,
                                              PacedState(self.log_z, self.selector, self.replay))
         self.seq_length = self.task.max_prompt_tokens + cfg.max_new_tokens
         self.rollout = build_rollout(
-            cfgs["rollout"], model=self.policy.modules(), model_cfg=self.model_cfg, ctx=self.ctx,
+            job.rollout, model=self.policy.modules(), model_cfg=self.model_cfg, ctx=self.ctx,
             max_sequence_length=self.model_cfg.max_position_embeddings, log_dir=cfg.save)
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                        max_new_tokens=cfg.max_new_tokens,
@@ -254,11 +255,11 @@ def sft_warmup(run: Run) -> None:
         group["lr"] = lr
 
 
-def train(cfgs: dict, task=None) -> Run:
+def train(job: JobConfig, task=None) -> Run:
     from megatron_paced.checkpointing import check_loadable
 
-    cfg = cfgs["train"]
-    run = Run(cfgs, task)
+    cfg = job.train
+    run = Run(job, task)
     if cfg.load and check_loadable(cfg.load, run.model_cfg, cfg.params_dtype) is not None:
         counters = run.checkpoints.load(cfg.load)
         run.step = int(counters.get("step", 0))
@@ -269,7 +270,7 @@ def train(cfgs: dict, task=None) -> Run:
         load_or_save_reference(run)
     run.metrics.resume_at(run.step)
     if cfg.wandb_project:
-        run.metrics.start_wandb(cfg.wandb_project, {k: vars(v) for k, v in cfgs.items()})
+        run.metrics.start_wandb(cfg.wandb_project, dataclasses.asdict(job))
     run.sync()  # SGLang servers start from a checkpoint, not from this policy
     if cfg.eval_interval and run.step == 0:
         run.metrics.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
@@ -339,15 +340,15 @@ def load_or_save_reference(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfgs = parse_args(argv)
+    job = parse_args(argv)
     try:
-        task = validate_startup(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
+        task = validate_startup(job, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"paced-train: error: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     try:
-        train(cfgs, task)
+        train(job, task)
     except FloatingPointError as err:  # every rank stops at the same step
         print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
         return 3

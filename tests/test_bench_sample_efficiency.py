@@ -109,10 +109,10 @@ def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
 
     args = bench.parse_args(["--out", str(tmp_path)])
     for method, (_, flags) in bench.METHODS.items():
-        cfgs = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
+        job = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
                            "--allow-random-init"])
-        validate_startup(cfgs, world_size=args.nproc).close()
-        assert cfgs["train"].algo == method.split("-")[0]
+        validate_startup(job, world_size=args.nproc).close()
+        assert job.train.algo == method.split("-")[0]
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "math500-l1-2"])
@@ -127,13 +127,13 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
     hf.mkdir(parents=True)
     (hf / "config.json").write_text(json.dumps(PRESETS["smollm2-135m"].to_hf_config()))
     for method, (_, flags) in bench.METHODS.items():
-        cfgs = parse_args([*bench.task_flags(args), *flags, "--load", str(tmp_path / "base"),
+        job = parse_args([*bench.task_flags(args), *flags, "--load", str(tmp_path / "base"),
                            "--train-iters", "3"])
-        assert cfgs["model"].hidden_size == 576 and cfgs["model"].num_layers == 30
-        assert cfgs["task"].task == task.split("-")[0] and cfgs["task"].tokenizer == str(hf)
-        assert cfgs["train"].algo == method.split("-")[0]
-        assert cfgs["train"].dynamic_sampling == (method == "grpo-dapo")
-        assert cfgs["data"].max_prompt_length + cfgs["train"].max_new_tokens <= \
-            cfgs["model"].max_position_embeddings
+        assert job.model.hidden_size == 576 and job.model.num_layers == 30
+        assert job.task.task == task.split("-")[0] and job.task.tokenizer == str(hf)
+        assert job.train.algo == method.split("-")[0]
+        assert job.train.dynamic_sampling == (method == "grpo-dapo")
+        assert job.data.max_prompt_length + job.train.max_new_tokens <= \
+            job.model.max_position_embeddings
     if task == "math500-l1-2":
-        assert cfgs["task"].task_levels == [1, 2]
+        assert job.task.task_levels == [1, 2]

@@ -112,23 +112,23 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
     if nodes:  # the head node hosts the rendezvous; the SGLang nodes train nothing
         assert launcher["--master-addr"] == nodes[0]
         assert int(launcher["--nnodes"]) == len(nodes) - len(urls)
-    cfgs = parse_args(argv[split + 2:])
-    parallel, train = cfgs["parallel"], cfgs["train"]
+    job = parse_args(argv[split + 2:])
+    parallel, train = job.parallel, job.train
     assert (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size) == (tp, pp)
     parallel.validate(world_size=world_size)
-    cfgs["model"].validate(parallel)
-    cfgs["rollout"].validate()
-    train.validate(parallel.data_parallel_size(world_size), cfgs["replay"])
+    job.model.validate(parallel)
+    job.rollout.validate()
+    train.validate(parallel.data_parallel_size(world_size), job.replay)
     # The paper's settings.
     assert (train.algo, train.beta, train.num_samples_per_prompt) == ("paced", 0.05, 8)
-    assert (cfgs["optimizer"].lr, train.max_new_tokens) == (1e-6, 3072)
-    assert cfgs["data"].max_prompt_length == 1024
+    assert (job.optimizer.lr, train.max_new_tokens) == (1e-6, 3072)
+    assert job.data.max_prompt_length == 1024
     # What the planner sized the example layouts with (README, docs/planner.md).
     assert train.bf16 and parallel.recompute_granularity == "selective"
-    assert cfgs["task"].task == env.get("TASK", "gsm8k")
-    assert cfgs["task"].tokenizer == str(tmp_path / "hf")
-    assert cfgs["rollout"].rollout_backend == ("sglang" if urls else "embedded")
-    assert cfgs["rollout"].sglang_url == urls
+    assert job.task.task == env.get("TASK", "gsm8k")
+    assert job.task.tokenizer == str(tmp_path / "hf")
+    assert job.rollout.rollout_backend == ("sglang" if urls else "embedded")
+    assert job.rollout.sglang_url == urls
     if script.endswith(".sbatch"):
         sruns = (log_dir / "srun").read_text().splitlines()
         sglang = [line for line in sruns if "sglang.launch_server" in line]
