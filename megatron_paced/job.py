@@ -1,6 +1,12 @@
 """A paced-train job's configuration: the flags, their sources, and the start-up checks.
 
-Every component has its own typed config dataclass (``TrainConfig`` here; ``TaskConfig``,
+The trainer's own settings are split by concern, each its own flag group: ``TrainConfig``
+(steps, seed, precision, warm start), ``AlgorithmConfig``, ``BatchConfig``,
+``SamplingConfig``, ``EvalConfig``, ``CheckpointConfig``, ``LoggingConfig``, ``DebugConfig``;
+:class:`JobConfig` holds them with every other component's config. The flags keep their
+Megatron-style names whatever group they sit in.
+
+Every component has its own typed config dataclass (those above; ``TaskConfig``,
 ``ModelConfig``, ``ParallelConfig``, ``OptimizerConfig``, ``LogZConfig``, ``SelectionConfig``,
 ``ReplayConfig``, ``RolloutConfig`` beside their components); each becomes a group of
 Megatron-style flags. :func:`parse_args` reads them, in rising order of precedence, from the
@@ -47,18 +53,6 @@ PROGRAM = ("paced-train: RL post-training with PACED-RL (or GRPO / FlowRL) on "
 class TrainConfig:
     """The RL job."""
 
-    algo: Literal["paced", "grpo", "flowrl"] = "paced"
-    """Loss: paced (TB against pi_old + log-Z), grpo, or flowrl (TB against pi_ref)."""
-    beta: float = 0.05
-    """KL coefficient; rewards enter the TB losses as r / beta."""
-    num_samples_per_prompt: int = 8
-    """G: completions per selected prompt."""
-    num_prompts_per_step: int = 16
-    """Prompts selected per step (over all DP ranks)."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward pass on one rank."""
-    global_batch_size: Optional[int] = None
-    """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
     train_iters: int = 100
     """RL steps (0: only the SFT warm start, written to --save as a model-only checkpoint that
     --load starts RL runs from, the common base policy of a comparison)."""
@@ -72,24 +66,6 @@ class TrainConfig:
     bf16: bool = False
     """bf16 mixed precision, as Megatron's --bf16: bf16 weights and activations, fp32 gradients
     and fp32 main weights in the optimizer (what GPUs train with; fp32 without it)."""
-    save: Optional[str] = None
-    """Folder of checkpoints and metrics.jsonl."""
-    load: Optional[str] = None
-    """Checkpoint folder to resume from (the latest iteration in it)."""
-    save_interval: int = 0
-    """Save every this many steps (0: only at the end, if --save)."""
-    eval_interval: int = 0
-    """Evaluate pass@1 / pass@k every this many steps (0: never)."""
-    eval_num_prompts: int = 64
-    """Held-out prompts per evaluation."""
-    eval_k: int = 4
-    """Samples per held-out prompt (pass@k)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
-    top_p: float = 1.0
-    """Nucleus sampling of the rollouts."""
-    max_new_tokens: int = 16
-    """Longest completion."""
     sft_warmup_iters: int = 0
     """Supervised steps on the task's answers before RL (the base policy)."""
     sft_lr: float = 3e-3
@@ -97,70 +73,120 @@ class TrainConfig:
     allow_random_init: bool = False
     """Run RL on a randomly initialized policy (no --load, no --sft-warmup-iters). Such a policy
     almost never earns a reward, so RL learns nothing; without this flag the run is refused."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+@dataclass
+class AlgorithmConfig:
+    """The loss and its coefficients."""
+
+    algo: Literal["paced", "grpo", "flowrl"] = "paced"
+    """Loss: paced (TB against pi_old + log-Z), grpo, or flowrl (TB against pi_ref)."""
+    beta: float = 0.05
+    """KL coefficient; rewards enter the TB losses as r / beta."""
     grpo_kl_coef: float = 0.0
     """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
     flowrl_clip: float = 0.2
     """FlowRL's importance-weight clip."""
+    use_rollout_logprobs: bool = False
+    """pi_old from the rollout engine instead of a trainer recompute."""
+
+
+@dataclass
+class BatchConfig:
+    """What one step trains on."""
+
+    num_samples_per_prompt: int = 8
+    """G: completions per selected prompt."""
+    num_prompts_per_step: int = 16
+    """Prompts selected per step (over all DP ranks)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on one rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
     dynamic_sampling: bool = False
     """DAPO-style dynamic sampling (a GRPO baseline): draw more rounds of prompts until the step
     has --num-prompts-per-step groups whose rewards differ; every completion generated counts
     in num_samples. Needs --prompt-selection uniform."""
     dynamic_sampling_max_rounds: int = 4
     """Most rounds of dynamic sampling per step (then groups with equal rewards fill in)."""
-    use_rollout_logprobs: bool = False
-    """pi_old from the rollout engine instead of a trainer recompute."""
+
+
+@dataclass
+class SamplingConfig:
+    """How rollouts are sampled."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    max_new_tokens: int = 16
+    """Longest completion."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    eval_interval: int = 0
+    """Evaluate pass@1 / pass@k every this many steps (0: never)."""
+    eval_num_prompts: int = 64
+    """Held-out prompts per evaluation."""
+    eval_k: int = 4
+    """Samples per held-out prompt (pass@k)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints and metrics go, and where a run resumes from."""
+
+    save: Optional[str] = None
+    """Folder of checkpoints and metrics.jsonl."""
+    load: Optional[str] = None
+    """Checkpoint folder to resume from (the latest iteration in it)."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end, if --save)."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is logged beyond metrics.jsonl."""
+
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""
     wandb_project: Optional[str] = None
     """Also log to this wandb project (offline without network)."""
+
+
+@dataclass
+class DebugConfig:
+    """Testing aids and fault injection."""
+
     exit_after_step: Optional[int] = None
     """Testing aid: exit with code 17 right after this step, as if killed."""
     inject_nan_at_step: Optional[int] = None
     """Fault injection: one reward in this step's loss becomes NaN (the run must stop)."""
 
-    @property
-    def params_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
-
-    def validate(self, dp_size: int, replay: ReplayConfig) -> int:
-        """Check the batch arithmetic; returns the global batch in sequences."""
-        from megatron_paced.losses import check_beta
-
-        check_beta(self.beta)
-        for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(self.train_iters >= 0, "train_iters", self.train_iters, "must be >= 0")
-        require(self.train_iters > 0 or (self.sft_warmup_iters > 0 and self.save), "train_iters",
-                0, "runs no RL step: it needs --sft-warmup-iters > 0 and --save (it writes the "
-                "warm-started policy as a base checkpoint)")
-        require(self.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
-                self.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
-        require(replay.replay_per_step % dp_size == 0, "replay_per_step",
-                replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
-        total = self.num_prompts_per_step * self.num_samples_per_prompt + replay.replay_per_step
-        if self.global_batch_size is not None and self.global_batch_size != total:
-            raise ConfigError(
-                f"--global-batch-size {self.global_batch_size} contradicts --num-prompts-per-step "
-                f"{self.num_prompts_per_step} x --num-samples-per-prompt "
-                f"{self.num_samples_per_prompt} + --replay-per-step {replay.replay_per_step} "
-                f"= {total}")
-        require((total // dp_size) % self.micro_batch_size == 0, "micro_batch_size",
-                self.micro_batch_size,
-                f"must divide the {total // dp_size} sequences per data-parallel rank "
-                f"({total} per step over {dp_size} ranks)")
-        require(self.eval_k >= 1, "eval_k", self.eval_k, "must be >= 1")
-        require(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
-                self.dynamic_sampling_max_rounds, "must be >= 1")
-        return total
-
 
 TINY_MODEL = PRESETS["tiny"]  # the flags' defaults (the vocabulary: the arithmetic task's)
+
+
 @dataclass
 class JobConfig:
     """Every component's config of one paced-train job; each is a group of flags."""
 
     train: TrainConfig
+    algorithm: AlgorithmConfig
+    batch: BatchConfig
+    sampling: SamplingConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    debug: DebugConfig
     task: TaskConfig
     data: DataConfig
     parallel: ParallelConfig
@@ -173,7 +199,9 @@ class JobConfig:
 
 
 # Flag groups, in --help's order: the JobConfig field each fills and its dataclass.
-CONFIGS = {"train": TrainConfig, "task": TaskConfig, "data": DataConfig,
+CONFIGS = {"train": TrainConfig, "algorithm": AlgorithmConfig, "batch": BatchConfig,
+           "sampling": SamplingConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
+           "logging": LoggingConfig, "debug": DebugConfig, "task": TaskConfig, "data": DataConfig,
            "parallel": ParallelConfig, "model": ModelConfig,
            "optimizer": OptimizerConfig, "log_z": LogZConfig, "selection": SelectionConfig,
            "replay": ReplayConfig, "rollout": RolloutConfig}
@@ -218,6 +246,39 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
 
 
+def validate_batch(job: "JobConfig", dp_size: int) -> int:
+    """Check the batch arithmetic and the step counts; returns the global batch in sequences."""
+    from megatron_paced.losses import check_beta
+
+    batch, replay, train = job.batch, job.replay, job.train
+    check_beta(job.algorithm.beta)
+    for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
+        require(getattr(batch, name) >= 1, name, getattr(batch, name), "must be >= 1")
+    require(train.train_iters >= 0, "train_iters", train.train_iters, "must be >= 0")
+    require(train.train_iters > 0 or (train.sft_warmup_iters > 0 and job.checkpoint.save),
+            "train_iters", 0, "runs no RL step: it needs --sft-warmup-iters > 0 and --save (it "
+            "writes the warm-started policy as a base checkpoint)")
+    require(batch.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
+            batch.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
+    require(replay.replay_per_step % dp_size == 0, "replay_per_step",
+            replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
+    total = batch.num_prompts_per_step * batch.num_samples_per_prompt + replay.replay_per_step
+    if batch.global_batch_size is not None and batch.global_batch_size != total:
+        raise ConfigError(
+            f"--global-batch-size {batch.global_batch_size} contradicts --num-prompts-per-step "
+            f"{batch.num_prompts_per_step} x --num-samples-per-prompt "
+            f"{batch.num_samples_per_prompt} + --replay-per-step {replay.replay_per_step} "
+            f"= {total}")
+    require((total // dp_size) % batch.micro_batch_size == 0, "micro_batch_size",
+            batch.micro_batch_size,
+            f"must divide the {total // dp_size} sequences per data-parallel rank "
+            f"({total} per step over {dp_size} ranks)")
+    require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
+    require(batch.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
+            batch.dynamic_sampling_max_rounds, "must be >= 1")
+    return total
+
+
 def validate_startup(job: JobConfig, world_size: int):
     """Every check that needs no process group, so bad flags fail before any work; returns
     the task (its prompts are read and tokenized here)."""
@@ -229,25 +290,25 @@ def validate_startup(job: JobConfig, world_size: int):
     model_cfg.validate(parallel)
     for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout"):
         getattr(job, name).validate()
-    train_cfg.validate(parallel.data_parallel_size(world_size), job.replay)
-    if train_cfg.load:
-        check_loadable(train_cfg.load, model_cfg, train_cfg.params_dtype)
+    validate_batch(job, parallel.data_parallel_size(world_size))
+    if job.checkpoint.load:
+        check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype)
     task = build_task(job.task, job.data, seed=train_cfg.seed,
-                      eval_num_prompts=train_cfg.eval_num_prompts)
+                      eval_num_prompts=job.eval.eval_num_prompts)
     try:
         flag = (f"--tokenizer {job.task.tokenizer}" if job.task.tokenizer
                 else "the arithmetic task's tokenizer")
-        check_task_fits_model(task, model_cfg, train_cfg.max_new_tokens, flag)
-        require(train_cfg.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
-                train_cfg.num_prompts_per_step,
+        check_task_fits_model(task, model_cfg, job.sampling.max_new_tokens, flag)
+        require(job.batch.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
+                job.batch.num_prompts_per_step,
                 f"must be <= the {len(task.problems)} training prompts of --task "
                 f"{job.task.task}")
-        require(not train_cfg.dynamic_sampling
+        require(not job.batch.dynamic_sampling
                 or job.selection.prompt_selection == "uniform", "dynamic_sampling", True,
                 "draws fresh prompts each round: it needs --prompt-selection uniform")
         if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
-        if not (train_cfg.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
+        if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
             raise ConfigError(
                 "the policy would start from random weights (no --load, --sft-warmup-iters 0), "
                 "and RL from random weights learns nothing: start from a checkpoint (--load "

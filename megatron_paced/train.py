@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
-from megatron_paced.job import JobConfig, TrainConfig, parse_args, validate_startup
+from megatron_paced.job import JobConfig, parse_args, validate_startup
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.rl.collect import Collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
@@ -71,7 +71,7 @@ class Run:
         from megatron_paced.rollout.engine import SamplingParams
         from megatron_paced.tasks import build_task
 
-        self.cfg: TrainConfig = job.train
+        self.job, self.cfg = job, job.train
         cfg = self.cfg
         if cfg.deterministic_mode:  # before the first CUDA call reads the variables
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -80,40 +80,43 @@ class Run:
             torch.use_deterministic_algorithms(True)
         self.ctx = initialize_parallel(job.parallel, seed=cfg.seed)
         self.task = task or build_task(job.task, job.data, seed=cfg.seed,
-                                       eval_num_prompts=cfg.eval_num_prompts)
+                                       eval_num_prompts=job.eval.eval_num_prompts)
         self.problems, self.eval_problems = self.task.problems, self.task.eval_problems
         self.model_cfg: ModelConfig = job.model
         self.policy = build_policy(self.model_cfg, job.optimizer, self.ctx, seed=cfg.seed,
                                    params_dtype=cfg.params_dtype)
         self.reference = None
-        if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.grpo_kl_coef > 0):
+        algo = job.algorithm
+        if algo.algo == "flowrl" or (algo.algo == "grpo" and algo.grpo_kl_coef > 0):
             self.reference = build_reference(self.model_cfg, self.ctx, seed=cfg.seed,
                                              copy_from=self.policy,
                                              params_dtype=cfg.params_dtype)
         sel, dp = job.selection, self.ctx.dp_group
-        self.log_z = build_log_z_table(len(self.problems), job.log_z, beta=cfg.beta,
+        self.log_z = build_log_z_table(len(self.problems), job.log_z, beta=job.algorithm.beta,
                                        target_acc=sel.target_acc, dp_group=dp)
         self.selector = PromptSelector(sel, seed=cfg.seed, dp_group=dp)
         self.replay = DistributedReplay(job.replay, num_prompts=len(self.problems),
                                         seed=cfg.seed, dp_group=dp)
-        self.checkpoints = CheckpointManager(cfg.save, cfg.save_interval, self.policy,
+        self.checkpoints = CheckpointManager(job.checkpoint.save, job.checkpoint.save_interval,
+                                             self.policy,
                                              PacedState(self.log_z, self.selector, self.replay))
-        self.seq_length = self.task.max_prompt_tokens + cfg.max_new_tokens
+        self.seq_length = self.task.max_prompt_tokens + job.sampling.max_new_tokens
         self.rollout = build_rollout(
             job.rollout, model=self.policy.modules(), model_cfg=self.model_cfg, ctx=self.ctx,
-            max_sequence_length=self.model_cfg.max_position_embeddings, log_dir=cfg.save)
-        self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                       max_new_tokens=cfg.max_new_tokens,
+            max_sequence_length=self.model_cfg.max_position_embeddings, log_dir=job.checkpoint.save)
+        self.sampling = SamplingParams(temperature=job.sampling.temperature,
+                                       top_p=job.sampling.top_p,
+                                       max_new_tokens=job.sampling.max_new_tokens,
                                        stop_token_ids=self.task.stop_token_ids)
         self.collector = Collector(
             self.task, self.rollout, self.selector, self.log_z, self.sampling, self.ctx,
-            num_prompts_per_step=cfg.num_prompts_per_step,
-            num_samples_per_prompt=cfg.num_samples_per_prompt,
-            dynamic_sampling=cfg.dynamic_sampling,
-            dynamic_sampling_max_rounds=cfg.dynamic_sampling_max_rounds)
+            num_prompts_per_step=job.batch.num_prompts_per_step,
+            num_samples_per_prompt=job.batch.num_samples_per_prompt,
+            dynamic_sampling=job.batch.dynamic_sampling,
+            dynamic_sampling_max_rounds=job.batch.dynamic_sampling_max_rounds)
         self.step, self.num_samples = 0, 0
         self.paced_seconds = 0.0
-        self.metrics = MetricsLog(cfg.save, is_logger=dist.get_rank() == 0)
+        self.metrics = MetricsLog(job.checkpoint.save, is_logger=dist.get_rank() == 0)
 
     def counters(self) -> dict:
         """What a checkpoint stores beside the weights, optimizer and PACED state."""
@@ -125,7 +128,7 @@ class Run:
         from megatron_paced.paced.replay import offer_and_draw
 
         start = time.perf_counter()
-        acc_before = self.log_z.lookup(prompt_ids).double() * self.cfg.beta
+        acc_before = self.log_z.lookup(prompt_ids).double() * self.job.algorithm.beta
         mine = offer_and_draw(self.replay, prompt_ids, acc_before, fresh, rewards, step=step,
                               version=self.step, dp_rank=self.ctx.dp_rank,
                               dp_size=self.ctx.dp_size)
@@ -133,7 +136,7 @@ class Run:
         return acc_before, rewards.double().mean(dim=1), mine
 
     def micro_batch_size_for(self, batch) -> int:
-        return micro_batch_size_for(batch.num_sequences, self.cfg.micro_batch_size)
+        return micro_batch_size_for(batch.num_sequences, self.job.batch.micro_batch_size)
 
     # ---- batch and old log-probs --------------------------------------------------------------
     def fresh_batch(self, problems, completions):
@@ -151,7 +154,7 @@ class Run:
         batch = build_train_batch(prompt_ids, fresh, rewards, replayed)
         extras, num_fresh = batch.extras, fresh.num_sequences
         rollout_lp = extras["old_log_probs"]
-        if not self.cfg.use_rollout_logprobs:  # pi_old recomputed by the trainer (default);
+        if not self.job.algorithm.use_rollout_logprobs:  # pi_old recomputed by the trainer;
             fresh_rows = batch.rows(0, num_fresh)  # replayed rows keep their generator's
             recomputed = compute_log_probs(self.policy.model, fresh_rows, self.ctx,
                                            vocab_size=self.model_cfg.vocab_size,
@@ -168,22 +171,22 @@ class Run:
     def loss_fn(self):
         from megatron_paced import losses
 
-        cfg = self.cfg
-        if cfg.algo == "paced":
-            return functools.partial(losses.paced_loss_fn, beta=cfg.beta)
-        if cfg.algo == "flowrl":
-            return functools.partial(losses.flowrl_loss_fn, beta=cfg.beta,
-                                     clip_eps=cfg.flowrl_clip)
-        return functools.partial(losses.grpo_loss_fn, kl_coef=cfg.grpo_kl_coef)
+        job = self.job
+        if job.algorithm.algo == "paced":
+            return functools.partial(losses.paced_loss_fn, beta=job.algorithm.beta)
+        if job.algorithm.algo == "flowrl":
+            return functools.partial(losses.flowrl_loss_fn, beta=job.algorithm.beta,
+                                     clip_eps=job.algorithm.flowrl_clip)
+        return functools.partial(losses.grpo_loss_fn, kl_coef=job.algorithm.grpo_kl_coef)
 
     def optimize(self, batch) -> dict:
         """The optimization stage (:func:`megatron_paced.rl.optimize.optimize_step`)."""
-        if self.cfg.inject_nan_at_step == self.step + 1:  # fault injection (tests)
+        if self.job.debug.inject_nan_at_step == self.step + 1:  # fault injection (tests)
             batch.extras["rewards"][0] = float("nan")
         result = optimize_step(self.policy, self.log_z, batch, self.loss_fn(), self.ctx,
                                vocab_size=self.model_cfg.vocab_size,
                                micro_batch_size=self.micro_batch_size_for(batch),
-                               train_log_z=self.cfg.algo != "grpo", step=self.step + 1,
+                               train_log_z=self.job.algorithm.algo != "grpo", step=self.step + 1,
                                prompt_ids=self.prompt_ids_of)
         self.paced_seconds += result.log_z_seconds
         return result.metrics()
@@ -217,7 +220,7 @@ def train_step(run: Run) -> dict:
               "num_replayed": len(replayed) * run.ctx.dp_size,
               "step_time_s": time.perf_counter() - start,
               "paced_overhead_s": run.paced_seconds + run.collector.paced_seconds}
-    if run.cfg.log_prompt_accuracy:
+    if run.job.logging.log_prompt_accuracy:
         record.update(gather_prompt_accuracy(acc_before, acc_obs, run.ctx))
     return record
 
@@ -229,7 +232,7 @@ def evaluate(run: Run) -> dict:
     def sample_rewards(problems, n, seed):
         return collector.score(problems, collector.generate(problems, n, seed, step), step)
 
-    return rl_evaluate(run.eval_problems, sample_rewards, eval_k=run.cfg.eval_k,
+    return rl_evaluate(run.eval_problems, sample_rewards, eval_k=run.job.eval.eval_k,
                        seed=EVAL_SEED_OFFSET + run.step, ctx=run.ctx)
 
 
@@ -238,18 +241,18 @@ def sft_warmup(run: Run) -> None:
     from megatron_paced.forward_backward import forward_backward
     from megatron_paced.losses import nll_loss
 
-    cfg = run.cfg
+    cfg, job = run.cfg, run.job
     saved_lrs = [group["lr"] for group in run.policy.optimizer.param_groups]
     for group in run.policy.optimizer.param_groups:
         group["lr"] = cfg.sft_lr
     for step in range(cfg.sft_warmup_iters):
-        batch = run.task.supervised_batch(cfg.micro_batch_size * run.ctx.dp_size,
+        batch = run.task.supervised_batch(job.batch.micro_batch_size * run.ctx.dp_size,
                                           seed=cfg.seed * SFT_SEED_STRIDE + step,
                                           seq_length=run.seq_length)
         run.policy.zero_grad()
         forward_backward(run.policy.model, batch.shard_for_dp(run.ctx.dp_rank, run.ctx.dp_size),
                          nll_loss, run.ctx, vocab_size=run.model_cfg.vocab_size,
-                         micro_batch_size=cfg.micro_batch_size)
+                         micro_batch_size=job.batch.micro_batch_size)
         run.policy.step()
     for group, lr in zip(run.policy.optimizer.param_groups, saved_lrs):
         group["lr"] = lr
@@ -260,8 +263,9 @@ def train(job: JobConfig, task=None) -> Run:
 
     cfg = job.train
     run = Run(job, task)
-    if cfg.load and check_loadable(cfg.load, run.model_cfg, cfg.params_dtype) is not None:
-        counters = run.checkpoints.load(cfg.load)
+    load = job.checkpoint.load
+    if load and check_loadable(load, run.model_cfg, cfg.params_dtype) is not None:
+        counters = run.checkpoints.load(job.checkpoint.load)
         run.step = int(counters.get("step", 0))
         run.num_samples = int(counters.get("num_samples", 0))
     if run.step == 0 and cfg.sft_warmup_iters:
@@ -269,10 +273,10 @@ def train(job: JobConfig, task=None) -> Run:
     if run.reference is not None and cfg.train_iters:
         load_or_save_reference(run)
     run.metrics.resume_at(run.step)
-    if cfg.wandb_project:
-        run.metrics.start_wandb(cfg.wandb_project, dataclasses.asdict(job))
+    if job.logging.wandb_project:
+        run.metrics.start_wandb(job.logging.wandb_project, dataclasses.asdict(job))
     run.sync()  # SGLang servers start from a checkpoint, not from this policy
-    if cfg.eval_interval and run.step == 0:
+    if job.eval.eval_interval and run.step == 0:
         run.metrics.first_eval = {"step": 0, "num_samples": 0, **evaluate(run)}
         run.metrics.log(run.metrics.first_eval)
     if cfg.train_iters == 0:  # the warm start alone: a base policy for RL runs to --load
@@ -281,7 +285,7 @@ def train(job: JobConfig, task=None) -> Run:
     start_step, started = run.step, time.perf_counter()
     while run.step < cfg.train_iters:
         record = train_step(run)
-        if cfg.eval_interval and run.step % cfg.eval_interval == 0:
+        if job.eval.eval_interval and run.step % job.eval.eval_interval == 0:
             record.update(evaluate(run))
         run.metrics.log(record)
         history.append(record)
@@ -292,12 +296,12 @@ def train(job: JobConfig, task=None) -> Run:
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
                   f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
         run.checkpoints.save_if_due(run.step, run.counters())
-        if cfg.exit_after_step is not None and run.step == cfg.exit_after_step:
+        if job.debug.exit_after_step is not None and run.step == job.debug.exit_after_step:
             dist.barrier()
             os._exit(17)
     run.checkpoints.save_final(run.step, run.counters())
     if run.metrics.is_logger and history:
-        print_summary(cfg, run.metrics.first_eval, history, run.num_samples)
+        print_summary(job, run.metrics.first_eval, history, run.num_samples)
     return run
 
 
@@ -305,12 +309,13 @@ def save_base_policy(run: Run) -> Run:
     """Save the warm-started policy, weights only (--train-iters 0)."""
     from megatron_paced.checkpointing import save_model_checkpoint
 
-    cfg = run.cfg
-    save_model_checkpoint(cfg.save, run.policy.modules()[0], run.model_cfg)
+    cfg, job = run.cfg, run.job
+    save_model_checkpoint(job.checkpoint.save, run.policy.modules()[0], run.model_cfg)
     if run.metrics.is_logger:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in (run.metrics.first_eval or {}).items()
                           if k.startswith("eval_"))
-        print(f"base policy after {cfg.sft_warmup_iters} warm-start steps saved in {cfg.save}"
+        print(f"base policy after {cfg.sft_warmup_iters} warm-start steps saved in "
+              f"{job.checkpoint.save}"
               + (f" ({shown})" if shown else ""), flush=True)
     return run
 
@@ -323,19 +328,21 @@ def load_or_save_reference(run: Run) -> None:
         check_loadable, iteration_dir, load_model_weights, save_model_checkpoint,
     )
 
-    cfg = run.cfg
+    job = run.job
     if run.step == 0:
         run.reference.copy_from(run.policy)
     else:
-        root = os.path.join(cfg.load, "reference")
+        root = os.path.join(job.checkpoint.load, "reference")
         step = check_loadable(root, run.model_cfg) if os.path.isdir(root) else None
         if step is None:
-            raise ConfigError(f"--load {cfg.load!r}: resuming --algo {cfg.algo} needs the KL "
+            raise ConfigError(f"--load {job.checkpoint.load!r}: resuming --algo "
+                              f"{job.algorithm.algo} needs the KL "
                               f"reference saved at step 0 in {root}")
         load_model_weights(iteration_dir(root, step), run.reference.model[0], run.model_cfg,
                            run.ctx)
-    if cfg.save and (run.step == 0 or os.path.abspath(cfg.save) != os.path.abspath(cfg.load)):
-        save_model_checkpoint(os.path.join(cfg.save, "reference"), run.reference.model[0],
+    save, load = job.checkpoint.save, job.checkpoint.load
+    if save and (run.step == 0 or os.path.abspath(save) != os.path.abspath(load)):
+        save_model_checkpoint(os.path.join(save, "reference"), run.reference.model[0],
                               run.model_cfg)
 
 

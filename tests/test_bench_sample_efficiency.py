@@ -112,7 +112,7 @@ def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
         job = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
                            "--allow-random-init"])
         validate_startup(job, world_size=args.nproc).close()
-        assert job.train.algo == method.split("-")[0]
+        assert job.algorithm.algo == method.split("-")[0]
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "math500-l1-2"])
@@ -131,9 +131,9 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
                            "--train-iters", "3"])
         assert job.model.hidden_size == 576 and job.model.num_layers == 30
         assert job.task.task == task.split("-")[0] and job.task.tokenizer == str(hf)
-        assert job.train.algo == method.split("-")[0]
-        assert job.train.dynamic_sampling == (method == "grpo-dapo")
-        assert job.data.max_prompt_length + job.train.max_new_tokens <= \
+        assert job.algorithm.algo == method.split("-")[0]
+        assert job.batch.dynamic_sampling == (method == "grpo-dapo")
+        assert job.data.max_prompt_length + job.sampling.max_new_tokens <= \
             job.model.max_position_embeddings
     if task == "math500-l1-2":
         assert job.task.task_levels == [1, 2]

@@ -98,7 +98,7 @@ def _run_script(tmp_path, script: str, env: dict, nodes: list[str]):
                          ids=[f"{s}-{'-'.join(e) or 'default'}" for s, e, _, _ in LAUNCHES])
 def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env, nodes,
                                                           expected):
-    from megatron_paced.job import parse_args
+    from megatron_paced.job import parse_args, validate_batch
 
     world_size, tp, pp, urls = expected
     result, log_dir = _run_script(tmp_path, script, env, nodes)
@@ -118,10 +118,11 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
     parallel.validate(world_size=world_size)
     job.model.validate(parallel)
     job.rollout.validate()
-    train.validate(parallel.data_parallel_size(world_size), job.replay)
+    validate_batch(job, parallel.data_parallel_size(world_size))
     # The paper's settings.
-    assert (train.algo, train.beta, train.num_samples_per_prompt) == ("paced", 0.05, 8)
-    assert (job.optimizer.lr, train.max_new_tokens) == (1e-6, 3072)
+    assert (job.algorithm.algo, job.algorithm.beta, job.batch.num_samples_per_prompt) == \
+        ("paced", 0.05, 8)
+    assert (job.optimizer.lr, job.sampling.max_new_tokens) == (1e-6, 3072)
     assert job.data.max_prompt_length == 1024
     # What the planner sized the example layouts with (README, docs/planner.md).
     assert train.bf16 and parallel.recompute_granularity == "selective"

@@ -10,7 +10,7 @@ Usage::
     metrics.resume_at(step)                   # before the first row
     metrics.start_wandb("project", config)    # optional
     metrics.log({"step": 1, "reward_mean": dp_mean([r], ctx)[0], ...})
-    print_summary(cfg, metrics.first_eval, history, num_samples)
+    print_summary(job, metrics.first_eval, history, num_samples)
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def gather_prompt_accuracy(acc_est: torch.Tensor, acc_obs: torch.Tensor, ctx) ->
             "prompt_acc_obs": [round(v, 4) for v in every[:, 1].tolist()]}
 
 
-def print_summary(cfg, first_eval: dict | None, history: list[dict], num_samples: int) -> None:
+def print_summary(job, first_eval: dict | None, history: list[dict], num_samples: int) -> None:
     """What the run did: accuracy before and after, samples, calibration of beta * log_z."""
     window = max(1, min(10, len(history) // 3))
     first, last = history[:window], history[-window:]
@@ -86,18 +86,20 @@ def print_summary(cfg, first_eval: dict | None, history: list[dict], num_samples
         return sum(values) / len(values) if values else float("nan")
 
     evals = [r for r in ([first_eval] if first_eval else []) + history if "eval_pass@1" in r]
-    lines = [f"\n{cfg.algo} run: steps {history[0]['step']}-{history[-1]['step']}, "
+    lines = [f"\n{job.algorithm.algo} run: steps {history[0]['step']}-{history[-1]['step']}, "
              f"{num_samples} completions generated"]
     if len(evals) >= 2:
-        k = f"eval_pass@{cfg.eval_k}"
+        eval_k = job.eval.eval_k
+        k = f"eval_pass@{eval_k}"
         lines.append(f"  held-out pass@1 {evals[0]['eval_pass@1']:.3f} -> "
-                     f"{evals[-1]['eval_pass@1']:.3f}, pass@{cfg.eval_k} {evals[0][k]:.3f} -> "
+                     f"{evals[-1]['eval_pass@1']:.3f}, pass@{eval_k} {evals[0][k]:.3f} -> "
                      f"{evals[-1][k]:.3f}")
     lines.append(f"  training reward (first/last {window} steps) {mean(first, 'reward_mean'):.3f}"
                  f" -> {mean(last, 'reward_mean'):.3f}")
     lines.append(f"  calibration |beta*log_z - observed group accuracy| (first/last {window} "
                  f"steps) {mean(first, 'acc_est_mae'):.3f} -> {mean(last, 'acc_est_mae'):.3f}")
-    if cfg.save:
-        lines.append(f"  metrics {os.path.join(cfg.save, 'metrics.jsonl')}; checkpoints "
-                     f"{cfg.save}/iter_*")
+    save = job.checkpoint.save
+    if save:
+        lines.append(f"  metrics {os.path.join(save, 'metrics.jsonl')}; checkpoints "
+                     f"{save}/iter_*")
     print("\n".join(lines), flush=True)
