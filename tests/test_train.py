@@ -151,6 +151,12 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
                           "--eval-num-prompts", "4", "--bf16", "--deterministic-mode"])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
+    # metrics.jsonl's keys are an interface (plots, the benchmark, users' dashboards).
+    step_keys = {"step", "num_samples", "reward_mean", "acc_est_mae", "selected_acc_est_mean",
+                 "loss", "grad_norm", "kl_old_theta", "num_replayed"}  # + TIMINGS, dropped
+    eval_keys = {"eval_pass@1", "eval_pass@2", "eval_pass@4"}
+    assert set(rows[0]) == {"step", "num_samples"} | eval_keys
+    assert set(rows[1]) == step_keys and set(rows[2]) == step_keys | eval_keys
     assert "eval_pass@4" in rows[2] and 0 <= rows[2]["eval_pass@1"] <= 1
     assert "eval_pass@1" in rows[0]
     for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):
