@@ -202,9 +202,9 @@ class Run:
 
 def train_step(run: Run) -> dict:
     """One RL step; returns its metrics."""
-    start, run.paced_seconds, run.collector.paced_seconds = time.perf_counter(), 0.0, 0.0
-    step = run.step + 1
+    start, step = time.perf_counter(), run.step + 1
     groups = run.collector.collect(step)                             # select, generate, score
+    run.paced_seconds = groups.selection_seconds  # replay and the log-Z step add theirs
     fresh = run.fresh_batch(groups.problems, groups.completions)
     rows, rewards = groups.prompt_rows, groups.rewards
     acc_before, acc_obs, replayed = run.replay_step(rows, fresh, rewards, step)      # replay
@@ -219,7 +219,7 @@ def train_step(run: Run) -> dict:
               "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
               "num_replayed": len(replayed) * run.ctx.dp_size,
               "step_time_s": time.perf_counter() - start,
-              "paced_overhead_s": run.paced_seconds + run.collector.paced_seconds}
+              "paced_overhead_s": run.paced_seconds}
     if run.job.logging.log_prompt_accuracy:
         record.update(gather_prompt_accuracy(acc_before, acc_obs, run.ctx))
     return record

@@ -45,6 +45,8 @@ class ScoredGroups:
     """(P, G) rewards in [0, 1]."""
     num_generated: int
     """Completions generated this step on all DP ranks (every dynamic-sampling round)."""
+    selection_seconds: float
+    """Time spent selecting prompts (PACED's bookkeeping), every round."""
 
 
 def stop_error(step: int, err, problems) -> FloatingPointError:
@@ -64,8 +66,7 @@ class _Answer:
 
 
 class Collector:
-    """select -> generate -> score over the run's components; :attr:`paced_seconds` adds up
-    the time spent in prompt selection (PACED's bookkeeping)."""
+    """select -> generate -> score over the run's components."""
 
     def __init__(self, task, rollout, selector, log_z, sampling, ctx, *,
                  num_prompts_per_step: int, num_samples_per_prompt: int,
@@ -76,14 +77,11 @@ class Collector:
         self.num_samples_per_prompt = num_samples_per_prompt
         self.dynamic_sampling = dynamic_sampling
         self.max_rounds = dynamic_sampling_max_rounds if dynamic_sampling else 1
-        self.paced_seconds = 0.0
 
     def select(self, step: int) -> torch.Tensor:
         """This DP rank's share of the globally selected prompts (log-Z rows)."""
-        start = time.perf_counter()
         chosen = self.selector.select(self.log_z, self.num_prompts_per_step, step)
         per_rank = len(chosen) // self.ctx.dp_size
-        self.paced_seconds += time.perf_counter() - start
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
 
     def generate(self, problems: list, n: int, seed: int, step: int) -> list:
@@ -115,10 +113,12 @@ class Collector:
     def collect(self, step: int) -> ScoredGroups:
         """The step's groups on this rank (collective over DP with dynamic sampling)."""
         per_rank = self.num_prompts_per_step // self.ctx.dp_size
-        collected, num_informative, num_generated = [], 0, 0
+        collected, num_informative, num_generated, selection_seconds = [], 0, 0, 0.0
         for round_index in range(self.max_rounds):
             key = step + round_index * DYNAMIC_ROUND_STRIDE
+            start = time.perf_counter()
             rows = self.select(key)
+            selection_seconds += time.perf_counter() - start
             problems = [self.task.problems[int(i)] for i in rows]
             completions = self.generate(problems, self.num_samples_per_prompt, key, step)
             rewards = self.score(problems, completions, step)
@@ -140,4 +140,4 @@ class Collector:
             dist.all_reduce(total, group=self.ctx.dp_group)
         return ScoredGroups(torch.stack([g[1] for g in collected]), [g[2] for g in collected],
                             [g[3] for g in collected], torch.stack([g[4] for g in collected]),
-                            int(total.item()))
+                            int(total.item()), selection_seconds)

@@ -64,13 +64,17 @@ def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
     from megatron_paced.parallel import broadcast_from_last_stage
 
     rows = batch.extras["prompt_ids"]
+
+    def stop(err) -> FloatingPointError:  # naming each prompt of the batch once
+        return stop_error(step, err, prompt_ids(list(dict.fromkeys(rows.tolist()))))
+
     batch.extras["log_z"] = log_z_rows = log_z.lookup(rows).requires_grad_(True)
     policy.zero_grad()
     try:
         logs = forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=vocab_size,
                                 micro_batch_size=micro_batch_size)
     except FloatingPointError as err:  # raised by the loss before any update
-        raise stop_error(step, err, prompt_ids(list(dict.fromkeys(rows.tolist())))) from None
+        raise stop(err) from None
     totals = torch.zeros(3, dtype=torch.float64)
     for log in logs:
         totals += torch.stack([log["loss_sum"].double().cpu(),
@@ -80,8 +84,7 @@ def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
     dist.all_reduce(totals, group=ctx.dp_group)
     loss = float(totals[0] / totals[1].clamp(min=1))
     if not math.isfinite(loss):
-        raise stop_error(step, f"non-finite loss {loss}",
-                         prompt_ids(list(dict.fromkeys(rows.tolist()))))
+        raise stop(f"non-finite loss {loss}")
     result = policy.step()
     seconds = 0.0
     if train_log_z:
