@@ -9,7 +9,7 @@ Layout::
 A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and
 the ``latest`` file is replaced atomically after that, so a run killed at any moment leaves
 the previous checkpoint complete and pointed to. The optimizer state is saved
-``dp_reshardable`` and the log-Z table and replay by prompt_id, so a run resumes on another DP
+``dp_reshardable`` and the log-Z table and replay by row, so a run resumes on another DP
 size (the model weights reshard over TP/PP too; the distributed optimizer's state does not, on
 megatron-core 0.16.1). Before loading, the saved model config is compared with this run's and
 any difference is reported by field.

@@ -26,9 +26,9 @@ def test_lookup_and_per_prompt_mean_sgd_step():
 def test_bad_ids_and_nan_gradients_write_nothing():
     table = ShardedLogZ(10, beta=0.05, init_acc=0.5, lr=0.5, optimizer="adam")
     before = {k: getattr(table, k).clone() for k in table._STATE}
-    with pytest.raises(ValueError, match="prompt_id 10 is outside the log-Z table of 10"):
+    with pytest.raises(ValueError, match="log-Z row 10 is outside the table of 10"):
         table.lookup(torch.tensor([1, 10]))
-    with pytest.raises(ValueError, match="prompt_id -1"):
+    with pytest.raises(ValueError, match="log-Z row -1"):
         table.apply_gradients(torch.tensor([-1]), torch.tensor([1.0]))
     with pytest.raises(FloatingPointError, match="table is unchanged"):
         table.apply_gradients(torch.tensor([1, 2]), torch.tensor([1.0, float("nan")]))

@@ -10,8 +10,8 @@ from megatron_paced.paced.replay import (
 )
 
 
-def _sample(prompt_id: int, reward: float = 1.0, version: int = 0) -> ReplaySample:
-    return ReplaySample(prompt_id, torch.arange(4), torch.tensor([0, 1, 1, 0.0]),
+def _sample(row: int, reward: float = 1.0, version: int = 0) -> ReplaySample:
+    return ReplaySample(row, torch.arange(4), torch.tensor([0, 1, 1, 0.0]),
                         torch.full((4,), -0.5), reward, version)
 
 
@@ -28,13 +28,13 @@ def test_keeps_highest_priorities_and_successful_samples_only():
                                seed=0)
     size = replay.add([_sample(1), _sample(2, reward=0.0), _sample(3), _sample(4)],
                       torch.tensor([0.1, 0.9, 0.5, 0.2]))
-    assert size == 3 and [s.prompt_id for s in replay.items] == [1, 3, 4]
+    assert size == 3 and [s.row for s in replay.items] == [1, 3, 4]
     replay.add([_sample(5), _sample(6)], torch.tensor([0.15, 0.05]))
-    assert sorted(s.prompt_id for s in replay.items) == [3, 4, 5]
+    assert sorted(s.row for s in replay.items) == [3, 4, 5]
     drawn = replay.sample(step=0)
-    assert len(drawn) == 2 and all(s.prompt_id in (3, 4, 5) for s in drawn)
+    assert len(drawn) == 2 and all(s.row in (3, 4, 5) for s in drawn)
     assert drawn[0].old_log_probs.tolist() == [-0.5] * 4  # the generating policy's log-probs
-    assert [s.prompt_id for s in replay.sample(step=0)] == [s.prompt_id for s in drawn]
+    assert [s.row for s in replay.sample(step=0)] == [s.row for s in drawn]
 
 
 def test_uniform_priority_and_disabled_buffer():
@@ -50,7 +50,7 @@ def test_bad_input_adds_nothing():
     replay = DistributedReplay(ReplayConfig(replay_size=4), num_prompts=10, seed=0)
     with pytest.raises(FloatingPointError, match="nothing was added"):
         replay.add([_sample(1), _sample(2)], torch.tensor([0.5, float("nan")]))
-    with pytest.raises(ValueError, match="prompt_id 12 is outside"):
+    with pytest.raises(ValueError, match="log-Z row 12 is outside"):
         replay.add([_sample(12)], torch.tensor([0.5]))
     assert replay.items == [] and replay.num_inserted == 0
     with pytest.raises(ValueError, match="--replay-per-step 4: needs --replay-size > 0"):
@@ -64,7 +64,15 @@ def test_state_round_trip():
     copy.load_state_dict(replay.state_dict())
     assert len(copy.items) == 3
     for a, b in zip(copy.items, replay.items):
-        assert (a.prompt_id, a.insertion, a.priority, a.reward, a.policy_version) == \
-            (b.prompt_id, b.insertion, b.priority, b.reward, b.policy_version)
+        assert (a.row, a.insertion, a.priority, a.reward, a.policy_version) == \
+            (b.row, b.insertion, b.priority, b.reward, b.policy_version)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.old_log_probs, b.old_log_probs)
     assert copy.num_inserted == 3
+    # A checkpoint written before the row was named ``row`` loads the same samples.
+    legacy = replay.state_dict()
+    legacy["items"] = [{("prompt_id" if k == "row" else k): v for k, v in item.items()}
+                       for item in legacy["items"]]
+    older = DistributedReplay(ReplayConfig(replay_size=4), num_prompts=10, seed=0)
+    older.load_state_dict(legacy)
+    assert [(s.row, s.insertion) for s in older.items] == [(s.row, s.insertion)
+                                                           for s in replay.items]

@@ -22,8 +22,8 @@ def _fresh(num_rows: int) -> SequenceBatch:
     return SequenceBatch(tokens, mask, {"rollout_log_probs": log_probs})
 
 
-def _replayed(prompt_id: int, reward: float, marker: int) -> ReplaySample:
-    return ReplaySample(prompt_id, torch.full((T,), marker), torch.ones(T),
+def _replayed(row: int, reward: float, marker: int) -> ReplaySample:
+    return ReplaySample(row, torch.full((T,), marker), torch.ones(T),
                         torch.full((T,), -100.0 - marker), reward, policy_version=3)
 
 
@@ -34,7 +34,7 @@ def test_train_batch_is_fresh_groups_then_replayed_rows():
     batch = build_train_batch(prompt_rows, _fresh(6), rewards, replayed)
     assert batch.num_sequences == 8
     assert batch.tokens[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 50, 51]  # (prompt, sample) order
-    assert batch.extras["prompt_ids"].tolist() == [7, 7, 7, 2, 2, 2, 5, 7]
+    assert batch.extras["log_z_rows"].tolist() == [7, 7, 7, 2, 2, 2, 5, 7]
     assert batch.extras["rewards"].tolist() == [1, 0, 0, 1, 1, 1, 1.0, 0.5]
     # Generator's log-probs as pi_old: the fresh rows' rollout ones, the replayed rows' stored.
     assert batch.extras["old_log_probs"][:, 0].tolist() == [0, -1, -2, -3, -4, -5, -150, -151]
@@ -49,7 +49,7 @@ def test_train_batch_is_fresh_groups_then_replayed_rows():
 
 def test_train_batch_without_replay_and_shape_errors():
     batch = build_train_batch(torch.tensor([4]), _fresh(2), torch.tensor([[0.0, 1.0]]), [])
-    assert batch.num_sequences == 2 and batch.extras["prompt_ids"].tolist() == [4, 4]
+    assert batch.num_sequences == 2 and batch.extras["log_z_rows"].tolist() == [4, 4]
     with pytest.raises(ValueError, match="3 fresh rows for 1 prompts and \\(1, 2\\) rewards"):
         build_train_batch(torch.tensor([4]), _fresh(3), torch.tensor([[0.0, 1.0]]), [])
 
@@ -63,12 +63,12 @@ def test_offer_and_draw_keeps_the_largest_estimate_errors_and_shares_the_draw():
     rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
     mine = offer_and_draw(replay, prompt_rows, acc_est, _fresh(6), rewards, step=4, version=3,
                           dp_rank=1, dp_size=2)
-    kept = sorted((s.prompt_id, round(s.priority, 6)) for s in replay.items)
+    kept = sorted((s.row, round(s.priority, 6)) for s in replay.items)
     assert kept == [(1, 0.4), (3, 0.8), (3, 0.8)]  # prompt 2's success (error 0) lost
     assert all(s.policy_version == 3 and s.reward == 1.0 for s in replay.items)
     drawn = replay.sample(4)  # the same draw again: this rank's share is its second half
     assert len(mine) == 2 and [s.insertion for s in mine] == [s.insertion for s in drawn[2:]]
     for sample in mine:  # a stored row is the fresh row it came from, with its log-probs
         row = int(sample.tokens[0])
-        assert sample.prompt_id == int(prompt_rows[row // 2])
+        assert sample.row == int(prompt_rows[row // 2])
         assert sample.old_log_probs.tolist() == [-float(row)] * T

@@ -2,7 +2,8 @@
 
 On a model of ``--model``'s shape (random weights, world size 1) it times the trainer's own
 stage functions (``rl.batch.build_train_batch`` makes the batch, ``rl.optimize.optimize_step``
-is the step, ``paced.replay.offer_and_draw`` the replay), median of ``--repeats`` after one
+with ``rl.optimize.loss_fn_for`` is the step, ``rl.old_log_probs.attach_old_log_probs`` the
+recompute, ``paced.replay.offer_and_draw`` the replay), median of ``--repeats`` after one
 warm-up:
 
     tb step            forward + backward of the PACED TB loss, the Adam step, the log-Z step
@@ -29,7 +30,6 @@ the precision (bf16 or fp32; ``--peak-tflops`` to override; none on a CPU).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -148,8 +148,6 @@ def rl_batch(args, vocab_size: int):
 
 def bench(args) -> dict:
     from megatron_paced.config import OptimizerConfig, ParallelConfig
-    from megatron_paced.forward_backward import compute_log_probs
-    from megatron_paced.losses import grpo_loss_fn, paced_loss_fn
     from megatron_paced.models.config import resolve_model_config
     from megatron_paced.models.policy import build_policy, build_reference
     from megatron_paced.paced.log_z import LogZConfig, build_log_z_table
@@ -157,7 +155,9 @@ def bench(args) -> dict:
     from megatron_paced.paced.selection import PromptSelector, SelectionConfig
     from megatron_paced.parallel import initialize_parallel
     from megatron_paced.models.counting import count_parameters
-    from megatron_paced.rl.optimize import optimize_step
+    from megatron_paced.job import AlgorithmConfig
+    from megatron_paced.rl.old_log_probs import attach_old_log_probs
+    from megatron_paced.rl.optimize import loss_fn_for, optimize_step
     from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams
     from megatron_paced.models.config import PRESETS
 
@@ -187,7 +187,7 @@ def bench(args) -> dict:
         # draw (rl stages), and a log-Z update of the selected rows.
         step[0] += 1
         rows = selector.select(log_z, rewards.shape[0], step[0])
-        acc_est = log_z.lookup(rows).double() * 0.05
+        acc_est = log_z.acc_est(rows)
         offer_and_draw(replay, rows, acc_est, fresh, rewards, step=step[0], version=step[0])
         log_z.apply_gradients(rows, torch.randn(len(rows)))
 
@@ -208,15 +208,15 @@ def bench(args) -> dict:
     gen_flops = (forward_flops(cfg, num_rows * args.prompt_length, args.prompt_length / 2)
                  + forward_flops(cfg, gen_tokens, args.prompt_length + args.max_new_tokens / 2))
     (tb_times, grpo_times), peak = timer.times(
-        lambda: train_step(functools.partial(paced_loss_fn, beta=0.05), True),
-        lambda: train_step(grpo_loss_fn, False))
+        lambda: train_step(loss_fn_for(AlgorithmConfig(algo="paced", beta=0.05)), True),
+        lambda: train_step(loss_fn_for(AlgorithmConfig(algo="grpo")), False))
     loss_extra = sorted(a - b for a, b in zip(tb_times, grpo_times))
     parts = [Part("tb step (PACED)", statistics.median(tb_times), trained_tokens, train_flops,
                   peak),
              Part("grpo step", statistics.median(grpo_times), trained_tokens, train_flops, peak)]
-    seconds, peak = timer(lambda: compute_log_probs(
-        policy.model, batch, ctx, vocab_size=cfg.vocab_size,
-        micro_batch_size=args.micro_batch_size))
+    seconds, peak = timer(lambda: attach_old_log_probs(
+        batch, num_fresh=batch.num_sequences, policy=policy, reference=None, ctx=ctx,
+        vocab_size=cfg.vocab_size, micro_batch_size=args.micro_batch_size, recompute=True))
     parts.append(Part("logprob recompute", seconds, trained_tokens,
                       forward_flops(cfg, trained_tokens, args.seq_length / 2), peak))
     seconds, peak = timer(generate)

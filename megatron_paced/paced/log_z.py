@@ -1,17 +1,18 @@
-"""The per-prompt log-partition table log_z, sharded over data-parallel ranks by prompt_id.
+"""The per-prompt log-partition table log_z, sharded over data-parallel ranks by row.
 
-One float per prompt (dense ids ``0 <= prompt_id < num_prompts``), on a 1/beta scale:
+One float per prompt, at its row (the dataset index ``0 <= row < num_prompts``, not the
+dataset's stable ``prompt_id``), on a 1/beta scale:
 ``acc_est(x) = beta * log_z[x]`` estimates the online accuracy of x (Proposition 4.1).
 Unvisited rows start at ``init_acc / beta`` (init_acc defaults to the selection target tau,
 so new prompts look maximally informative and are tried first).
 
 Partition: rows are split in contiguous blocks, ``rows_per_rank = ceil(num_prompts /
-dp_size)``, ``owner(id) = id // rows_per_rank``. Every replica of a DP rank (its TP and PP
+dp_size)``, ``owner(row) = row // rows_per_rank``. Every replica of a DP rank (its TP and PP
 peers) holds the same shard and applies the same updates. A sample of prompt x may be
 trained on any DP rank:
 
-    lookup(ids)            ids go to their owners, values come back     (two all-to-alls)
-    apply_gradients(ids, g) (id, grad) pairs go to their owners           (two all-to-alls)
+    lookup(rows)             rows go to their owners, values come back     (two all-to-alls)
+    apply_gradients(rows, g) (row, grad) pairs go to their owners          (two all-to-alls)
 
 The table has its own optimizer, outside the model's DDP buckets. Gradients are normalized
 *per prompt*: a row's gradient is the mean over that step's samples of the prompt of
@@ -21,16 +22,17 @@ lr 0.05 is an exponential average over about ten visits. Adam keeps per-row mome
 per-row step count (rows are updated only when their prompt is drawn).
 
 Every rank validates its inputs and the ranks agree (an all-reduce of a flag) before any
-row is written, so a bad prompt_id or a non-finite gradient raises on every rank and leaves
+row is written, so a bad row or a non-finite gradient raises on every rank and leaves
 the table untouched.
 
 Usage::
 
     table = ShardedLogZ(num_prompts=7473, beta=0.05, init_acc=0.5, lr=0.1,
                         dp_group=ctx.dp_group)
-    log_z = table.lookup(batch_prompt_ids).requires_grad_()     # (B,), into the loss
+    log_z = table.lookup(batch_rows).requires_grad_()     # (B,), into the loss
     ... backward ...
-    table.apply_gradients(batch_prompt_ids, log_z.grad)
+    table.apply_gradients(batch_rows, log_z.grad)
+    acc_est = table.acc_est(batch_rows)                          # beta * log_z, (B,)
     acc_est = table.gather_acc_est()                            # (num_prompts,), every rank
 """
 
@@ -119,59 +121,59 @@ class ShardedLogZ:
         return rows
 
     # ---- routing -------------------------------------------------------------------------
-    def _check_ids(self, prompt_ids: torch.Tensor) -> None:
-        ok = bool(((prompt_ids >= 0) & (prompt_ids < self.num_prompts)).all())
+    def _check_rows(self, rows: torch.Tensor) -> None:
+        ok = bool(((rows >= 0) & (rows < self.num_prompts)).all())
         if not _agree(self.dp_group, ok):
             if not ok:
-                bad = prompt_ids[(prompt_ids < 0) | (prompt_ids >= self.num_prompts)]
-                raise ValueError(f"prompt_id {int(bad[0])} is outside the log-Z table of "
-                                 f"{self.num_prompts} prompts (ids 0..{self.num_prompts - 1})")
-            raise ValueError("a prompt_id on another data-parallel rank is outside the log-Z "
-                             "table (see that rank's error)")
+                bad = rows[(rows < 0) | (rows >= self.num_prompts)]
+                raise ValueError(f"log-Z row {int(bad[0])} is outside the table of "
+                                 f"{self.num_prompts} prompts (rows 0..{self.num_prompts - 1})")
+            raise ValueError("a log-Z row on another data-parallel rank is outside the table "
+                             "(see that rank's error)")
 
-    def _route(self, prompt_ids: torch.Tensor):
+    def _route(self, rows: torch.Tensor):
         """Sort requests by owner; exchange counts. Returns what both directions need."""
-        owners = self.partition.owner_of(prompt_ids)
+        owners = self.partition.owner_of(rows)
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.dp_size)
         recv_counts = _all_to_all(send_counts, [1] * self.dp_size, [1] * self.dp_size,
                                   self.dp_group)
         send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
-        recv_ids = _all_to_all(prompt_ids[order], send_counts, recv_counts, self.dp_group)
-        return order, send_counts, recv_counts, recv_ids
+        recv_rows = _all_to_all(rows[order], send_counts, recv_counts, self.dp_group)
+        return order, send_counts, recv_counts, recv_rows
 
     # ---- lookup and update -----------------------------------------------------------------
-    def lookup(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """log_z of each requested prompt, (n,) int64 -> (n,) float32, from the owners."""
-        prompt_ids = prompt_ids.to(torch.int64).cpu()
-        self._check_ids(prompt_ids)
-        order, send_counts, recv_counts, recv_ids = self._route(prompt_ids)
-        answers = self.values[recv_ids - self.row_start]
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """log_z of each requested prompt, (n,) int64 rows -> (n,) float32, from the owners."""
+        rows = rows.to(torch.int64).cpu()
+        self._check_rows(rows)
+        order, send_counts, recv_counts, recv_rows = self._route(rows)
+        answers = self.values[recv_rows - self.row_start]
         replies = _all_to_all(answers, recv_counts, send_counts, self.dp_group)
-        out = torch.empty(len(prompt_ids), dtype=torch.float64)
+        out = torch.empty(len(rows), dtype=torch.float64)
         out[order] = replies
         return out.float()
 
-    def apply_gradients(self, prompt_ids: torch.Tensor, grads: torch.Tensor) -> int:
+    def apply_gradients(self, rows: torch.Tensor, grads: torch.Tensor) -> int:
         """One optimizer step on the rows of the given samples; returns rows updated here.
 
         ``grads[i]`` is ``d loss / d log_z`` of sample i (2 delta_i for the TB losses); a row
         moves by its prompt's mean gradient. Raises on every rank, writing nothing, if any
-        id is outside the table or any gradient is not finite.
+        row is outside the table or any gradient is not finite.
         """
-        prompt_ids = prompt_ids.to(torch.int64).cpu()
+        rows = rows.to(torch.int64).cpu()
         grads = grads.detach().to(torch.float64).cpu()
-        if grads.shape != prompt_ids.shape:
-            raise ValueError(f"{grads.shape[0]} gradients for {prompt_ids.shape[0]} prompt ids")
-        self._check_ids(prompt_ids)
+        if grads.shape != rows.shape:
+            raise ValueError(f"{grads.shape[0]} gradients for {rows.shape[0]} rows")
+        self._check_rows(rows)
         finite = bool(torch.isfinite(grads).all())
         if not _agree(self.dp_group, finite):
             raise FloatingPointError("non-finite log-Z gradient (a NaN reward or loss?): the "
                                      "step is aborted and the log-Z table is unchanged")
-        order, send_counts, recv_counts, recv_ids = self._route(prompt_ids)
+        order, send_counts, recv_counts, recv_rows = self._route(rows)
         recv_grads = _all_to_all(grads[order], send_counts, recv_counts, self.dp_group)
         # Work on the distinct rows received: O(batch), whatever the table size.
-        touched, inverse = torch.unique(recv_ids - self.row_start, return_inverse=True)
+        touched, inverse = torch.unique(recv_rows - self.row_start, return_inverse=True)
         grad_sum = torch.zeros(len(touched), dtype=torch.float64).index_add_(0, inverse,
                                                                               recv_grads)
         mean_grad = grad_sum / torch.bincount(inverse, minlength=len(touched))
@@ -191,6 +193,10 @@ class ShardedLogZ:
         return len(touched)
 
     # ---- estimates -----------------------------------------------------------------------
+    def acc_est(self, rows: torch.Tensor) -> torch.Tensor:
+        """beta * log_z of the given rows, from their owners (collective): (n,) -> float64."""
+        return self.lookup(rows).double() * self.beta
+
     def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """beta * log_z of this rank's rows (all, or the given local row indices), float64."""
         return self.beta * (self.values if rows is None else self.values[rows])

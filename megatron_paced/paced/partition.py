@@ -1,7 +1,7 @@
 """Which data-parallel rank owns which prompt: one rule for the log-Z table and the replay.
 
-Prompts ``0 <= prompt_id < num_prompts`` are split in contiguous blocks of
-``rows_per_rank = ceil(num_prompts / dp_size)``; ``owner(id) = id // rows_per_rank``, and
+Prompt rows ``0 <= row < num_prompts`` (the dataset index) are split in contiguous blocks of
+``rows_per_rank = ceil(num_prompts / dp_size)``; ``owner(row) = row // rows_per_rank``, and
 rank r owns ``[row_start, row_end)`` (the last block may be shorter, or empty). Blocks keep a
 checkpoint's global tensors contiguous, so they re-partition on any DP size.
 
@@ -42,6 +42,6 @@ class PromptPartition:
     def row_end(self) -> int:
         return min(self.row_start + self.rows_per_rank, self.num_prompts)
 
-    def owner_of(self, prompt_ids):
-        """Owning DP rank of each prompt id (a tensor or an int)."""
-        return prompt_ids // self.rows_per_rank
+    def owner_of(self, rows):
+        """Owning DP rank of each row (a tensor or an int)."""
+        return rows // self.rows_per_rank

@@ -9,10 +9,10 @@ reward and every sample of the group gets priority
 ``--replay-size`` highest-priority samples (ties: the newer wins); each step draws
 ``--replay-per-step`` of them with replacement, with probability proportional to priority,
 and mixes them into the batch. A stored sample keeps its token ids, completion mask, the
-log-probs of the policy that generated it, its reward, prompt_id and policy version.
+log-probs of the policy that generated it, its reward, its prompt's log-Z row and policy version.
 
-Distribution over DP ranks: a sample lives on the owner of its prompt_id (the same block
-partition as the log-Z table). Items are ordered globally by (prompt_id, insertion number),
+Distribution over DP ranks: a sample lives on the owner of its row (the same block
+partition as the log-Z table). Items are ordered globally by (row, insertion number),
 so rank r's items form a contiguous segment of one global list:
 
 * add: candidates that beat the buffer's current admission bar are exchanged, each rank keeps
@@ -76,7 +76,8 @@ class ReplayConfig:
 class ReplaySample:
     """One stored completion with what training on it again needs."""
 
-    prompt_id: int
+    row: int
+    """Its prompt's log-Z row (the dataset index, not the stable ``prompt_id``)."""
     tokens: torch.Tensor  # (T,) int64
     completion_mask: torch.Tensor  # (T,) float
     old_log_probs: torch.Tensor  # (T,) log-probs of the policy that generated it
@@ -86,7 +87,7 @@ class ReplaySample:
     insertion: int = field(default=-1)  # global insertion number, set by the buffer
 
     def order_key(self) -> tuple[int, int]:
-        return (self.prompt_id, self.insertion)
+        return (self.row, self.insertion)
 
 
 def priorities_from_groups(acc_est_before: torch.Tensor, rewards: torch.Tensor,
@@ -110,7 +111,7 @@ class DistributedReplay:
         self.dp_group = dp_group
         self.partition = PromptPartition.of(num_prompts, dp_group)
         self.dp_size, self.dp_rank = self.partition.dp_size, self.partition.dp_rank
-        self.items: list[ReplaySample] = []  # sorted by (prompt_id, insertion)
+        self.items: list[ReplaySample] = []  # sorted by (row, insertion)
         self.num_inserted = 0  # global insertion counter, identical on all ranks
 
     # ---- collectives -----------------------------------------------------------------------
@@ -158,8 +159,8 @@ class DistributedReplay:
         for sample, priority in zip(samples, priorities.tolist()):
             if self.cfg.replay_successful_only and not sample.reward > 0:
                 continue
-            if not 0 <= sample.prompt_id < self.num_prompts:
-                raise ValueError(f"prompt_id {sample.prompt_id} is outside the table of "
+            if not 0 <= sample.row < self.num_prompts:
+                raise ValueError(f"log-Z row {sample.row} is outside the table of "
                                  f"{self.num_prompts} prompts")
             if priority >= bar:
                 offered.append((sample, float(priority)))
@@ -167,9 +168,9 @@ class DistributedReplay:
         per_rank = self._all_gather_object(offered)
         for rank_offers in per_rank:
             for sample, priority in rank_offers:
-                if self.partition.owner_of(sample.prompt_id) == self.dp_rank:
+                if self.partition.owner_of(sample.row) == self.dp_rank:
                     self.items.append(ReplaySample(
-                        sample.prompt_id, sample.tokens, sample.completion_mask,
+                        sample.row, sample.tokens, sample.completion_mask,
                         sample.old_log_probs, sample.reward, sample.policy_version, priority,
                         self.num_inserted))
                 self.num_inserted += 1
@@ -233,7 +234,7 @@ class DistributedReplay:
         return drawn
 
     # ---- checkpointing -----------------------------------------------------------------------
-    _FIELDS = ("prompt_id", "tokens", "completion_mask", "old_log_probs", "reward",
+    _FIELDS = ("row", "tokens", "completion_mask", "old_log_probs", "reward",
                "policy_version", "priority", "insertion")
 
     def state_dict(self) -> dict:
@@ -248,13 +249,21 @@ class DistributedReplay:
     def load_state_dict(self, state: dict) -> None:
         """Keep the saved samples this rank owns under the current DP size."""
         self.num_inserted = int(state["num_inserted"])
-        items = [ReplaySample(**item) for item in state["items"]]
+        items = [ReplaySample(**_renamed(item)) for item in state["items"]]
         for item in items:
-            if not 0 <= item.prompt_id < self.num_prompts:
-                raise ValueError(f"replay state holds prompt_id {item.prompt_id}, outside the "
+            if not 0 <= item.row < self.num_prompts:
+                raise ValueError(f"replay state holds log-Z row {item.row}, outside the "
                                  f"table of {self.num_prompts} prompts")
-        mine = (s for s in items if self.partition.owner_of(s.prompt_id) == self.dp_rank)
+        mine = (s for s in items if self.partition.owner_of(s.row) == self.dp_rank)
         self.items = sorted(mine, key=ReplaySample.order_key)
+
+
+def _renamed(item: dict) -> dict:
+    """A saved sample's fields under today's names (checkpoints before 2026-12 call the row
+    ``prompt_id``)."""
+    if "prompt_id" in item and "row" not in item:
+        item = {("row" if name == "prompt_id" else name): value for name, value in item.items()}
+    return item
 
 
 def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,

@@ -16,7 +16,7 @@ on every rank, on any DP layout, and after a resume.
 With ``--selection-epsilon e`` a Binomial(num, e) share of the slots is first filled
 uniformly, the rest by the paced rule among the other prompts. Uniform draws cost O(num).
 
-Distributed (the table is sharded by prompt_id over DP):
+Distributed (the table is sharded by row over DP):
 
 * tables up to ``--selection-gather-max`` prompts: one all-reduce assembles the estimates
   and every rank runs :func:`select_prompts` on the full vector;
@@ -32,7 +32,7 @@ Usage::
 
     selector = PromptSelector(SelectionConfig(prompt_selection="paced-greedy"), seed=1,
                               dp_group=ctx.dp_group)
-    prompt_ids = selector.select(log_z_table, num=64, step=step)   # same on every rank
+    rows = selector.select(log_z_table, num=64, step=step)   # log-Z rows, same on every rank
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The log-Z table and its optimizer state are ``ShardedTensor`` blocks of global
 (num_prompts,) tensors, so ``dist_checkpointing`` writes each row once and re-partitions on
 load when the DP size changes. The replay buffer (small by design) and the selector's
-settings are common state, written once and re-split by prompt_id on load.
+settings are common state, written once and re-split by row on load.
 
 The selector keeps no state across steps (its draws are keyed by the step); what it saves is
 its settings and seed, and a resume reports every one that changed (the resumed run then

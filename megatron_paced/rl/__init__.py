@@ -10,6 +10,7 @@
 * :func:`megatron_paced.paced.replay.offer_and_draw`: replay's part of the step.
 * :mod:`megatron_paced.rl.batch`: the train batch from the groups and the replayed samples
   (pure tensors, no process group).
+* :mod:`megatron_paced.rl.old_log_probs`: pi_old (and pi_ref) of every row of the batch.
 * :mod:`megatron_paced.rl.optimize`: the loss through Megatron's schedule, the policy's and
   the log-Z table's steps.
 * :mod:`megatron_paced.rl.evaluate`: held-out pass@k.

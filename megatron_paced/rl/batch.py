@@ -7,7 +7,7 @@ the group's std; a replayed row is a group of its own, advantage 0) and, as
 ``old_log_probs``, the log-probs of the policy that generated it (the trainer replaces the
 fresh rows' with a recompute unless ``--use-rollout-logprobs``).
 
-    extras = {"prompt_ids": (B,) log-Z rows, "rewards": (B,), "advantages": (B,),
+    extras = {"log_z_rows": (B,), "rewards": (B,), "advantages": (B,),
               "old_log_probs": (B, T)}                      B = P * G + num_replayed
 
 Usage::
@@ -39,12 +39,12 @@ def build_train_batch(prompt_rows: torch.Tensor, fresh: SequenceBatch, rewards: 
     old_log_probs = torch.cat([fresh.extras["rollout_log_probs"],
                                *(s.old_log_probs[None] for s in replayed)])
     rows = torch.cat([prompt_rows.repeat_interleave(group_size),
-                      torch.tensor([s.prompt_id for s in replayed], dtype=torch.long)])
+                      torch.tensor([s.row for s in replayed], dtype=torch.long)])
     all_rewards = torch.cat([rewards.flatten().float(),
                              torch.tensor([s.reward for s in replayed], dtype=torch.float32)])
     groups = torch.cat([torch.arange(num_fresh) // group_size,  # a replayed row: own group
                         -1 - torch.arange(len(replayed))])
     return SequenceBatch(tokens, mask, {
-        "prompt_ids": rows, "rewards": all_rewards,
+        "log_z_rows": rows, "rewards": all_rewards,
         "advantages": group_normalized_advantages(all_rewards, groups),
         "old_log_probs": old_log_probs})

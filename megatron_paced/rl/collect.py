@@ -14,8 +14,9 @@ per replica sends the error to the other ranks, so all of them stop at the same 
 Usage::
 
     collector = Collector(task, rollout, selector, log_z, sampling, ctx,
-                          num_prompts_per_step=16, num_samples_per_prompt=8)
+                          num_prompts_per_step=16, num_samples_per_prompt=8, seq_length=256)
     groups = collector.collect(step)             # ScoredGroups of this DP rank
+    groups.fresh                                 # their (P * G) rows, padded to seq_length
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.rollout.engine import completions_to_batch
 
 # Dynamic-sampling round r of step s selects and samples as "step" s + r * this (no two
 # (step, round) pairs collide below 1e6 steps).
@@ -41,6 +45,9 @@ class ScoredGroups:
     """The P problems (``problem.prompt_id`` is the dataset's stable id)."""
     completions: list
     """P lists of G :class:`~megatron_paced.rollout.engine.Completion`."""
+    fresh: SequenceBatch
+    """The (P * G) prompt + completion rows in (prompt, sample) order, right-padded to the
+    collector's ``seq_length``, with the engine's log-probs as ``extras["rollout_log_probs"]``."""
     rewards: torch.Tensor
     """(P, G) rewards in [0, 1]."""
     num_generated: int
@@ -70,9 +77,10 @@ class Collector:
 
     def __init__(self, task, rollout, selector, log_z, sampling, ctx, *,
                  num_prompts_per_step: int, num_samples_per_prompt: int,
-                 dynamic_sampling: bool = False, dynamic_sampling_max_rounds: int = 1) -> None:
+                 seq_length: int, dynamic_sampling: bool = False,
+                 dynamic_sampling_max_rounds: int = 1) -> None:
         self.task, self.rollout, self.selector, self.log_z = task, rollout, selector, log_z
-        self.sampling, self.ctx = sampling, ctx
+        self.sampling, self.ctx, self.seq_length = sampling, ctx, seq_length
         self.num_prompts_per_step = num_prompts_per_step
         self.num_samples_per_prompt = num_samples_per_prompt
         self.dynamic_sampling = dynamic_sampling
@@ -84,11 +92,14 @@ class Collector:
         per_rank = len(chosen) // self.ctx.dp_size
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
 
-    def generate(self, problems: list, n: int, seed: int, step: int) -> list:
-        """``n`` completions of each problem (``step``: the step an error names)."""
+    def generate(self, problems: list, n: int, seed: int, step: int,
+                 prompts: list[list[int]] | None = None) -> list:
+        """``n`` completions of each problem (``step``: the step an error names; ``prompts``:
+        the problems' tokens, if the caller has them)."""
         from megatron_paced.parallel import broadcast_objects_in_replica
 
-        prompts = [self.task.prompt_tokens(p) for p in problems]
+        if prompts is None:
+            prompts = [self.task.prompt_tokens(p) for p in problems]
         once = self.rollout.asked_once_per_replica
         answer = _Answer()
         if not once or (self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0):
@@ -120,12 +131,15 @@ class Collector:
             rows = self.select(key)
             selection_seconds += time.perf_counter() - start
             problems = [self.task.problems[int(i)] for i in rows]
-            completions = self.generate(problems, self.num_samples_per_prompt, key, step)
+            prompts = [self.task.prompt_tokens(p) for p in problems]
+            completions = self.generate(problems, self.num_samples_per_prompt, key, step,
+                                        prompts)
             rewards = self.score(problems, completions, step)
             num_generated += rewards.numel()
             for i in range(len(problems)):
                 differs = bool(rewards[i].max() > rewards[i].min())
-                collected.append((not differs, rows[i], problems[i], completions[i], rewards[i]))
+                collected.append((not differs, rows[i], problems[i], completions[i], rewards[i],
+                                  prompts[i]))
                 num_informative += differs
             if not self.dynamic_sampling:
                 break
@@ -138,6 +152,7 @@ class Collector:
             collected = sorted(collected, key=lambda group: group[0])[:per_rank]
             total = torch.tensor([float(num_generated)])
             dist.all_reduce(total, group=self.ctx.dp_group)
-        return ScoredGroups(torch.stack([g[1] for g in collected]), [g[2] for g in collected],
-                            [g[3] for g in collected], torch.stack([g[4] for g in collected]),
-                            int(total.item()), selection_seconds)
+        _, rows, problems, completions, rewards, prompts = zip(*collected)
+        fresh = completions_to_batch(list(prompts), list(completions), self.seq_length)
+        return ScoredGroups(torch.stack(rows), list(problems), list(completions), fresh,
+                            torch.stack(rewards), int(total.item()), selection_seconds)

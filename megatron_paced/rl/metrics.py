@@ -9,7 +9,7 @@ Usage::
     metrics = MetricsLog(save_dir, is_logger=dist.get_rank() == 0)
     metrics.resume_at(step)                   # before the first row
     metrics.start_wandb("project", config)    # optional
-    metrics.log({"step": 1, "reward_mean": dp_mean([r], ctx)[0], ...})
+    metrics.log(step_record(step, num_samples, rewards, acc_est, losses, ...))
     print_summary(job, metrics.first_eval, history, num_samples)
 """
 
@@ -64,6 +64,25 @@ def dp_mean(values: list[float], ctx) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=ctx.dp_group)
     return (t / ctx.dp_size).tolist()
+
+
+def step_record(step: int, num_samples: int, rewards: torch.Tensor, acc_est: torch.Tensor,
+                losses: dict, *, num_replayed: int, step_seconds: float, paced_seconds: float,
+                ctx, log_prompt_accuracy: bool = False) -> dict:
+    """A step's metrics.jsonl row (collective over DP): this rank's (P, G) ``rewards`` and the
+    (P,) ``acc_est`` (beta * log_z before the step's update) of its prompts, averaged over DP;
+    ``losses`` from the optimization stage; ``num_replayed`` over all ranks."""
+    acc_obs = rewards.double().mean(dim=1)
+    reward_mean, mae, selected = dp_mean([float(rewards.mean()),
+                                          float((acc_est - acc_obs).abs().mean()),
+                                          float(acc_est.clamp(0, 1).mean())], ctx)
+    record = {"step": step, "num_samples": num_samples, "reward_mean": reward_mean,
+              "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
+              "num_replayed": num_replayed, "step_time_s": step_seconds,
+              "paced_overhead_s": paced_seconds}
+    if log_prompt_accuracy:
+        record.update(gather_prompt_accuracy(acc_est, acc_obs, ctx))
+    return record
 
 
 def gather_prompt_accuracy(acc_est: torch.Tensor, acc_obs: torch.Tensor, ctx) -> dict:

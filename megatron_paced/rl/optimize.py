@@ -11,14 +11,16 @@ update, naming the step and the prompts.
 
 Usage::
 
+    loss_fn = loss_fn_for(job.algorithm)         # paced, grpo or flowrl, with its coefficients
     result = optimize_step(policy, log_z, batch, loss_fn, ctx, vocab_size=V,
                            micro_batch_size=4, train_log_z=True, step=12,
-                           prompt_ids=lambda rows: rows)
+                           prompt_ids_of=lambda rows: rows)
     result.loss, result.grad_norm, result.kl_old_theta, result.log_z_seconds
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -55,24 +57,39 @@ def micro_batch_size_for(num_sequences: int, largest: int) -> int:
     return size
 
 
+def loss_fn_for(algorithm) -> Callable:
+    """The loss of ``--algo`` with its coefficients (an :class:`AlgorithmConfig`)."""
+    from megatron_paced import losses
+
+    if algorithm.algo == "paced":
+        return functools.partial(losses.paced_loss_fn, beta=algorithm.beta)
+    if algorithm.algo == "flowrl":
+        return functools.partial(losses.flowrl_loss_fn, beta=algorithm.beta,
+                                 clip_eps=algorithm.flowrl_clip)
+    return functools.partial(losses.grpo_loss_fn, kl_coef=algorithm.grpo_kl_coef)
+
+
 def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
                   micro_batch_size: int, train_log_z: bool, step: int,
-                  prompt_ids: Callable[[list[int]], list] = list) -> StepResult:
+                  prompt_ids_of: Callable[[list[int]], list] = list) -> StepResult:
     """One optimizer step of the policy (and of the log-Z table if ``train_log_z``) on
-    ``batch`` (collective); ``prompt_ids`` maps log-Z rows to the ids an error names."""
+    ``batch`` (collective). ``micro_batch_size`` is --micro-batch-size (see
+    :func:`micro_batch_size_for`); ``prompt_ids_of`` maps log-Z rows to the dataset prompt ids
+    an error names."""
     from megatron_paced.forward_backward import forward_backward
     from megatron_paced.parallel import broadcast_from_last_stage
 
-    rows = batch.extras["prompt_ids"]
+    rows = batch.extras["log_z_rows"]
 
     def stop(err) -> FloatingPointError:  # naming each prompt of the batch once
-        return stop_error(step, err, prompt_ids(list(dict.fromkeys(rows.tolist()))))
+        return stop_error(step, err, prompt_ids_of(list(dict.fromkeys(rows.tolist()))))
 
     batch.extras["log_z"] = log_z_rows = log_z.lookup(rows).requires_grad_(True)
     policy.zero_grad()
     try:
-        logs = forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=vocab_size,
-                                micro_batch_size=micro_batch_size)
+        logs = forward_backward(
+            policy.model, batch, loss_fn, ctx, vocab_size=vocab_size,
+            micro_batch_size=micro_batch_size_for(batch.num_sequences, micro_batch_size))
     except FloatingPointError as err:  # raised by the loss before any update
         raise stop(err) from None
     totals = torch.zeros(3, dtype=torch.float64)

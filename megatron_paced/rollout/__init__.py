@@ -8,7 +8,7 @@ Usage::
     rollout = build_rollout(cfg, model=policy.modules(), model_cfg=model_cfg, ctx=ctx,
                             max_sequence_length=4096, log_dir=save_dir)
     if not rollout.asked_once_per_replica or (ctx.tp_rank == 0 and ctx.pp_rank == 0):
-        completions = rollout.generate(prompt_ids, n=8, sampling=sampling, seed=step)
+        completions = rollout.generate(prompt_tokens, n=8, sampling=sampling, seed=step)
     rollout.sync_weights(policy.modules(), version=step)   # after each optimizer step
 """
 

@@ -111,8 +111,8 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
             drawn, expected = replay.sample(step), replay_ref.sample(step)
             assert [s.order_key() for s in drawn] == [s.order_key() for s in expected]
         state, ref_state = replay.state_dict(), replay_ref.state_dict()
-        assert [(i["prompt_id"], i["insertion"], i["priority"]) for i in state["items"]] == \
-            [(i["prompt_id"], i["insertion"], i["priority"]) for i in ref_state["items"]]
+        assert [(i["row"], i["insertion"], i["priority"]) for i in state["items"]] == \
+            [(i["row"], i["insertion"], i["priority"]) for i in ref_state["items"]]
         assert len(state["items"]) == 40
     with checks.check(f"replay_draws_follow_priorities[{name}]"):
         counts = collections.Counter()
@@ -149,8 +149,8 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                 torch.testing.assert_close(full, saved[field], rtol=0, atol=0)
                 assert bool((full != 0).any()), field  # Adam state really was saved
             got = fresh_replay.state_dict()["items"]
-            assert [(i["prompt_id"], i["insertion"]) for i in got] == saved["replay"]
-            assert all(fresh_replay.partition.owner_of(i["prompt_id"]) == dp_rank
+            assert [(i["row"], i["insertion"]) for i in got] == saved["replay"]
+            assert all(fresh_replay.partition.owner_of(i["row"]) == dp_rank
                        for i in [vars(s) for s in fresh_replay.items])
     if save_to is not None:
         from megatron.core import dist_checkpointing
@@ -160,7 +160,7 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                                                          replay, replica_id=replica_id),
                                 str(out / save_to))
         expected = {"acc_est": reference.gather_acc_est(),
-                    "replay": [(i["prompt_id"], i["insertion"])
+                    "replay": [(i["row"], i["insertion"])
                                for i in replay_ref.state_dict()["items"]]}
         for field in ("values", "visits", "exp_avg", "exp_avg_sq"):
             expected[field] = getattr(reference, field).clone()
