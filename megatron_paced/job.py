@@ -137,6 +137,14 @@ class EvalConfig:
     """Held-out prompts per evaluation."""
     eval_k: int = 4
     """Samples per held-out prompt (pass@k)."""
+    calibration_interval: int = 0
+    """Every this many steps, probe beta * log_z against the Monte-Carlo accuracy of training
+    prompts (megatron_paced.rl.calibration; 0: never). Probe samples are not trained on and
+    not counted in num_samples."""
+    calibration_prompts: int = 16
+    """Prompts per probe group (visited and never-visited), drawn uniformly."""
+    calibration_samples: int = 32
+    """Completions per probed prompt (M)."""
 
 
 @dataclass
@@ -155,6 +163,9 @@ class CheckpointConfig:
 class LoggingConfig:
     """What is logged beyond metrics.jsonl."""
 
+    kl_interval: int = 10
+    """Every this many steps, log beta_kl_old_new = beta * KL(pi_old || pi_theta) after the
+    update on the step's fresh samples (one more forward pass; 0: never)."""
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""
@@ -223,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     for title, cls in CONFIGS.items():
         add_flags(parser, cls, title)
     parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
-                        lr=1e-3, weight_decay=0.0, replay_per_step=0)
+                        lr=1e-3, weight_decay=0.0, replay_per_step=0, prompt_selection=None)
     pre, _ = parser.parse_known_args(argv)
     values: dict = {}
     if pre.config:
@@ -243,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             parser.error(str(err))
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    if args.prompt_selection is None:  # GRPO trains no log-Z table to select by
+        args.prompt_selection = "uniform" if args.algo == "grpo" else "paced-greedy"
     return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
 
 
@@ -273,7 +286,22 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             batch.micro_batch_size,
             f"must divide the {total // dp_size} sequences per data-parallel rank "
             f"({total} per step over {dp_size} ranks)")
+    if job.algorithm.algo == "grpo" and job.selection.prompt_selection != "uniform":
+        raise ConfigError(
+            f"--prompt-selection {job.selection.prompt_selection} with --algo grpo: GRPO "
+            "trains no log-Z table, so every estimate stays at --target-acc and the paced "
+            "rule would pick the same prompts every step; use --prompt-selection uniform (the "
+            "default for --algo grpo)")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
+    for name in ("eval_interval", "calibration_interval"):
+        require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")
+    require(job.logging.kl_interval >= 0, "kl_interval", job.logging.kl_interval,
+            "must be >= 0")
+    require(job.eval.calibration_prompts >= 1, "calibration_prompts",
+            job.eval.calibration_prompts, "must be >= 1")
+    require(job.eval.calibration_samples >= 2, "calibration_samples",
+            job.eval.calibration_samples, "must be >= 2 (the probe's noise estimate divides "
+            "by M - 1)")
     require(batch.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
             batch.dynamic_sampling_max_rounds, "must be >= 1")
     return total

@@ -154,7 +154,7 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
 def train_step(t: Trainer) -> dict:
     """One RL step on this rank (collective); returns its metrics.jsonl row."""
     from megatron_paced.paced.replay import offer_and_draw
-    from megatron_paced.rl.old_log_probs import attach_old_log_probs
+    from megatron_paced.rl.old_log_probs import attach_old_log_probs, beta_kl_old_new
 
     start, step, job, ctx = time.perf_counter(), t.step + 1, t.job, t.ctx
     groups = t.collector.collect(step)                               # select, generate, score
@@ -162,13 +162,16 @@ def train_step(t: Trainer) -> dict:
     replay_start = time.perf_counter()                               # replay offer/draw
     acc_est = t.log_z.acc_est(rows)  # before this step's update: the replay priority's
     replayed = offer_and_draw(t.replay, rows, acc_est, groups.fresh, rewards, step=step,
-                              version=t.step, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+                              version=t.step, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                              local_acc_est=t.log_z.owned_acc_est if job.replay.replay_rescore
+                              else None)
     replay_seconds = time.perf_counter() - replay_start
     batch = build_train_batch(rows, groups.fresh, rewards, replayed)  # train batch
     attach_old_log_probs(batch, num_fresh=groups.fresh.num_sequences, policy=t.policy,  # pi_old
                          reference=t.reference, ctx=ctx, vocab_size=t.model_cfg.vocab_size,
                          micro_batch_size=job.batch.micro_batch_size,
-                         recompute=not job.algorithm.use_rollout_logprobs)
+                         recompute=not job.algorithm.use_rollout_logprobs,
+                         recompute_replayed=job.replay.replay_old_log_probs == "recompute")
     if job.debug.inject_nan_at_step == step:  # fault injection (tests)
         batch.extras["rewards"][0] = float("nan")
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
@@ -176,9 +179,15 @@ def train_step(t: Trainer) -> dict:
                            micro_batch_size=job.batch.micro_batch_size,
                            train_log_z=job.algorithm.algo != "grpo", step=step,
                            prompt_ids_of=t.prompt_ids_of)
+    losses = result.metrics()
+    if job.logging.kl_interval and step % job.logging.kl_interval == 0:  # Prop. 4.1's premise
+        losses["beta_kl_old_new"] = beta_kl_old_new(
+            batch, num_fresh=groups.fresh.num_sequences, policy=t.policy, ctx=ctx,
+            vocab_size=t.model_cfg.vocab_size, micro_batch_size=job.batch.micro_batch_size,
+            beta=job.algorithm.beta)
     t.step, t.num_samples = step, t.num_samples + groups.num_generated
     t.rollout.sync_weights(t.policy.modules(), step)                 # weight sync
-    return step_record(step, t.num_samples, rewards, acc_est, result.metrics(),  # metrics
+    return step_record(step, t.num_samples, rewards, acc_est, losses,  # metrics
                        num_replayed=len(replayed) * ctx.dp_size,
                        step_seconds=time.perf_counter() - start,
                        paced_seconds=(groups.selection_seconds + replay_seconds
@@ -186,16 +195,32 @@ def train_step(t: Trainer) -> dict:
                        ctx=ctx, log_prompt_accuracy=job.logging.log_prompt_accuracy)
 
 
-def evaluate(trainer: Trainer) -> dict:
-    """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`)."""
+def sample_rewards_of(trainer: Trainer):
+    """(problems, n, seed) -> (P, n) rewards of n fresh completions each, not trained on."""
     collector, step = trainer.collector, trainer.step + 1  # the step an error would name
 
     def sample_rewards(problems, n, seed):
         return collector.score(problems, collector.generate(problems, n, seed, step), step)
 
-    return rl_evaluate(trainer.task.eval_problems, sample_rewards,
+    return sample_rewards
+
+
+def evaluate(trainer: Trainer) -> dict:
+    """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`)."""
+    return rl_evaluate(trainer.task.eval_problems, sample_rewards_of(trainer),
                        eval_k=trainer.job.eval.eval_k, seed=EVAL_SEED_OFFSET + trainer.step,
                        ctx=trainer.ctx)
+
+
+def calibrate(trainer: Trainer) -> dict:
+    """The calibration probe of beta * log_z (:mod:`megatron_paced.rl.calibration`)."""
+    from megatron_paced.rl.calibration import calibration_probe
+
+    cfg = trainer.job.eval
+    return calibration_probe(trainer.log_z, sample_rewards_of(trainer), trainer.task.problems,
+                             num_prompts=cfg.calibration_prompts,
+                             num_samples=cfg.calibration_samples, seed=trainer.job.train.seed,
+                             step=trainer.step, ctx=trainer.ctx)
 
 
 def sft_warmup(trainer: Trainer) -> None:
@@ -250,6 +275,9 @@ def train(job: JobConfig, task=None) -> Trainer:
         record = train_step(trainer)
         if job.eval.eval_interval and trainer.step % job.eval.eval_interval == 0:
             record.update(evaluate(trainer))
+        interval = job.eval.calibration_interval
+        if interval and trainer.step % interval == 0 and job.algorithm.algo != "grpo":
+            record.update(calibrate(trainer))
         trainer.metrics.log(record)
         history.append(record)
         if trainer.metrics.is_logger:

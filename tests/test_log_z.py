@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_paced.losses import paced_tb_delta
-from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ
+from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ, build_log_z_table
 
 
 def test_lookup_and_per_prompt_mean_sgd_step():
@@ -21,6 +21,28 @@ def test_lookup_and_per_prompt_mean_sgd_step():
     assert table.visits.tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
     torch.testing.assert_close(table.gather_acc_est()[[3, 7]], torch.tensor([0.4, 0.525],
                                                                             dtype=torch.float64))
+
+
+def test_running_mean_step_averages_the_visits_then_forgets():
+    """The k-th visit moves a row max(1/k, min_step) of the way to that visit's optimum
+    (mean_grad / 2 = log_z - optimum): the mean of the first visits, then an EMA."""
+    beta = 0.05
+    table = ShardedLogZ(4, beta=beta, init_acc=0.5, lr=123.0, optimizer="running-mean",
+                        min_step=0.25)
+    row = torch.tensor([1, 1])
+    visit_acc = [0.25, 0.75, 1.0, 0.0, 0.5, 0.5]
+    expected, means = 0.5, []
+    for k, acc in enumerate(visit_acc, start=1):
+        log_z = table.lookup(row).double()
+        table.apply_gradients(row, 2 * (log_z - acc / beta))  # optimum: acc / beta
+        fraction = max(1 / k, 0.25)
+        expected += fraction * (acc - expected)
+        means.append(float(table.acc_est(row[:1])))
+        assert abs(means[-1] - expected) < 1e-6, (k, means[-1], expected)
+    assert means[:3] == pytest.approx([0.25, 0.5, 2 / 3])  # exact means of the first visits
+    assert table.visits.tolist() == [0, 6, 0, 0]
+    with pytest.raises(ValueError, match="--log-z-min-step 0"):
+        LogZConfig(log_z_optimizer="running-mean", log_z_min_step=0).validate()
 
 
 def test_bad_ids_and_nan_gradients_write_nothing():
@@ -45,57 +67,139 @@ def test_config_and_constructor_validation():
         LogZConfig(log_z_init_acc=1.5).validate()
 
 
-def run_bandit(*, lr_log_z: float, lr_policy: float, steps: int = 1500, num_prompts: int = 256,
-               group_size: int = 8, prompts_per_step: int = 16, beta: float = 0.05, seed: int = 0):
-    """Per-prompt two-armed bandit: arm 1 pays 1, arm 0 pays 0; the policy is a logit per
-    prompt trained with the PACED loss (on-policy: pi_old is the policy before the step).
-    Returns |beta log_z - p| over visited prompts, the per-step beta KL(pi_old || pi_theta),
-    and the success rates before and after."""
+def _arm_log_probs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor):
+    """(B, 1) log-prob of the arm each row pulled (its one token) under per-prompt logits."""
+    arm = tokens[:, :1].double()
+    return arm * F.logsigmoid(logits[rows])[:, None] + (1 - arm) * F.logsigmoid(
+        -logits[rows])[:, None]
+
+
+def run_bandit(*, steps: int = 300, num_prompts: int = 256, group_size: int = 8,
+               prompts_per_step: int = 16, beta: float = 0.05, lr_policy: float = 0.02,
+               log_z: LogZConfig = LogZConfig(log_z_optimizer="running-mean"),
+               mutation: str | None = None, seed: int = 0):
+    """Per-prompt two-armed bandit through the trainer's own pieces: arm 1 pays 1, arm 0 pays
+    0, the policy is a logit per prompt. Each step samples G arms of P prompts from pi_old,
+    offers and draws replayed successes (:func:`offer_and_draw`, 16 per step), builds the
+    batch (:func:`build_train_batch`), and takes a policy step with :func:`paced_loss_fn` and
+    the table's step (:func:`log_z_step`). pi_old is the policy one step behind (as with
+    asynchronous rollouts), so S_theta != S_old: the KL term is not zero.
+
+    ``mutation`` breaks one piece, to show the checks below catch it: ``flip`` the sign of
+    S_theta - S_old, ``sum`` a row's gradients instead of their mean, ``replay`` lets
+    replayed rows update the table. Returns |beta log_z - p| over visited prompts, the
+    per-step beta KL(pi_old || pi_theta), and the success rates before and after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 256 logits: threads only add overhead
+    try:
+        return _bandit(steps, num_prompts, group_size, prompts_per_step, beta, lr_policy,
+                       log_z, mutation, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bandit(steps, num_prompts, group_size, prompts_per_step, beta, lr_policy, log_z,
+            mutation, seed):
+    from megatron_paced import losses
+    from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, offer_and_draw
+    from megatron_paced.rl.batch import build_train_batch
+    from megatron_paced.rl.optimize import log_z_step
+
     gen = torch.Generator().manual_seed(seed)
     p_start = torch.linspace(0.05, 0.95, num_prompts, dtype=torch.float64)[
         torch.randperm(num_prompts, generator=gen)]
     logits = torch.log(p_start / (1 - p_start)).requires_grad_(True)
-    table = ShardedLogZ(num_prompts, beta=beta, init_acc=0.5, lr=lr_log_z)
+    logits_old = logits.detach().clone()  # pi_old: the policy one step behind
+    table = build_log_z_table(num_prompts, log_z, beta=beta, target_acc=0.5)
+    replay = DistributedReplay(ReplayConfig(replay_size=128, replay_per_step=16),
+                               num_prompts=num_prompts, seed=seed)
+    delta_fn = losses.paced_tb_delta
+    if mutation == "flip":
+        def delta_fn(log_z, log_probs, old_log_probs, rewards, beta):
+            return log_z - (log_probs - old_log_probs) - rewards / beta
     beta_kls = []
-    for _ in range(steps):
-        ids = torch.randint(0, num_prompts, (prompts_per_step,), generator=gen)
-        ids = ids.repeat_interleave(group_size)
+    for step in range(steps):
+        rows = torch.randperm(num_prompts, generator=gen)[:prompts_per_step]
         with torch.no_grad():
-            p_old = torch.sigmoid(logits[ids])
-        rewards = (torch.rand(len(ids), generator=gen, dtype=torch.float64) < p_old).double()
-        log_probs = rewards * F.logsigmoid(logits[ids]) + (1 - rewards) * F.logsigmoid(-logits[ids])
-        log_z = table.lookup(ids).double().requires_grad_(True)
-        delta = paced_tb_delta(log_z, log_probs, log_probs.detach(), rewards, beta)
+            p_old = torch.sigmoid(logits_old[rows]).repeat_interleave(group_size)
+        arms = (torch.rand(len(p_old), generator=gen, dtype=torch.float64) < p_old).long()
+        rewards = arms.double().reshape(prompts_per_step, group_size)
+        tokens = arms[:, None]
+        fresh_rows = rows.repeat_interleave(group_size)
+        with torch.no_grad():
+            rollout = _arm_log_probs(logits_old, fresh_rows, tokens).float()
+        fresh = SequenceBatch(tokens, torch.ones(len(tokens), 1), {"rollout_log_probs": rollout})
+        acc_est = table.acc_est(rows)
+        replayed = offer_and_draw(replay, rows, acc_est, fresh, rewards, step=step,
+                                  version=step)
+        batch = build_train_batch(rows, fresh, rewards, replayed)
+        batch_rows = batch.extras["log_z_rows"]
+        with torch.no_grad():  # pi_old of every row, replayed ones too (the default)
+            batch.extras["old_log_probs"] = _arm_log_probs(logits_old, batch_rows,
+                                                           batch.tokens)
+            p_before = torch.sigmoid(logits_old[rows])
+            logits_old = logits.detach().clone()  # the next step's pi_old
+        if mutation == "replay":
+            batch.extras["updates_log_z"][:] = True
+        batch.extras["rewards"] = batch.extras["rewards"].double()
+        batch.extras["log_z"] = table.lookup(batch_rows).double().requires_grad_(True)
         logits.grad = None
-        (delta ** 2).mean().backward()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(losses, "paced_tb_delta", delta_fn)
+            loss_sum, num, _ = losses.paced_loss_fn(
+                _arm_log_probs(logits, batch_rows, batch.tokens), batch, beta=beta)
+        loss_sum.backward()
         with torch.no_grad():
-            logits -= lr_policy * logits.grad
-            p_new = torch.sigmoid(logits[ids])
-            kl = (p_old * torch.log(p_old / p_new)
-                  + (1 - p_old) * torch.log((1 - p_old) / (1 - p_new)))
+            logits -= lr_policy * logits.grad / float(num)
+        grads = batch.extras["log_z"].grad
+        if mutation == "sum":  # each row moved by the sum of its samples' gradients
+            grads = grads * torch.bincount(batch_rows, minlength=num_prompts)[batch_rows]
+        log_z_step(table, batch, grads)
+        with torch.no_grad():
+            p_new = torch.sigmoid(logits[rows])
+            kl = (p_before * torch.log(p_before / p_new)
+                  + (1 - p_before) * torch.log((1 - p_before) / (1 - p_new)))
             beta_kls.append(float(beta * kl.mean()))
-        table.apply_gradients(ids, log_z.grad * len(ids))  # d sum(delta^2) / d log_z = 2 delta
     p_end = torch.sigmoid(logits.detach())
     visited = table.visits > 0
     errors = (table.local_acc_est()[visited] - p_end[visited]).abs()
     return errors, torch.tensor(beta_kls), p_start, p_end
 
 
-def test_proposition_4_1_beta_log_z_tracks_online_accuracy():
-    errors, beta_kls, p_start, p_end = run_bandit(lr_log_z=0.05, lr_policy=0.02)
-    assert len(errors) == 256
-    assert float(errors.mean()) <= 0.05, float(errors.mean())
-    assert float(beta_kls.mean()) <= 4e-3 and float(beta_kls.max()) <= 4e-3
-    # The policy really moved, so the estimate tracked a moving target.
-    assert float((p_end - p_start).abs().mean()) > 0.1
+def _proposition_4_1_holds(errors, beta_kls, p_start, p_end) -> list[str]:
+    """What Proposition 4.1 (and a working trainer) promise on the bandit; the failures."""
+    failed = []
+    if float(errors.mean()) > 0.05:
+        failed.append(f"estimate error {float(errors.mean()):.3f} > 0.05")
+    if not float(beta_kls.mean()) <= 4e-3:
+        failed.append(f"beta KL {float(beta_kls.mean()):.2e} > 4e-3")
+    if not float(p_end.mean()) > float(p_start.mean()) + 0.02:
+        failed.append(f"no learning: mean p {float(p_start.mean()):.3f} -> "
+                      f"{float(p_end.mean()):.3f}")
     # And it beats one group's observed accuracy (G = 8 samples: mean error ~0.13).
-    assert float(errors.mean()) < 0.5 * float(
-        torch.sqrt(p_end * (1 - p_end) / 8).mean())
+    if not float(errors.mean()) < 0.5 * float(torch.sqrt(p_end * (1 - p_end) / 8).mean()):
+        failed.append("no better than one group of 8")
+    return failed
+
+
+def test_proposition_4_1_beta_log_z_tracks_online_accuracy():
+    errors, beta_kls, p_start, p_end = run_bandit()
+    assert len(errors) == 256
+    assert _proposition_4_1_holds(errors, beta_kls, p_start, p_end) == []
+    assert float(beta_kls.mean()) > 0  # the KL term was not zero
+
+
+@pytest.mark.parametrize("mutation, expected", [
+    ("flip", "no learning"), ("sum", "estimate error"), ("replay", "estimate error")])
+def test_bandit_catches_a_broken_trainer(mutation, expected):
+    """Mutation checks: each broken piece makes the check above fail, as it should."""
+    failed = _proposition_4_1_holds(*run_bandit(mutation=mutation, steps=150))
+    assert any(f.startswith(expected) for f in failed), failed
 
 
 def test_estimate_is_wrong_without_the_partition_update():
-    # Control: with the table frozen the estimate stays at its initialization.
-    errors, _, _, _ = run_bandit(lr_log_z=1e-9, lr_policy=0.02, steps=300)
+    # Control: with the table nearly frozen the estimate stays near its initialization.
+    errors, _, _, _ = run_bandit(log_z=LogZConfig(log_z_lr=1e-9), steps=300)
     assert float(errors.mean()) > 0.15
 
 

@@ -63,12 +63,59 @@ def test_offer_and_draw_keeps_the_largest_estimate_errors_and_shares_the_draw():
     rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
     mine = offer_and_draw(replay, prompt_rows, acc_est, _fresh(6), rewards, step=4, version=3,
                           dp_rank=1, dp_size=2)
-    kept = sorted((s.row, round(s.priority, 6)) for s in replay.items)
-    assert kept == [(1, 0.4), (3, 0.8), (3, 0.8)]  # prompt 2's success (error 0) lost
+    assert mine == []  # the draw precedes the offer: nothing is drawn in the step adding it
+    kept = sorted((s.row, round(s.priority, 6), s.acc_obs) for s in replay.items)
+    assert kept == [(1, 0.4, 0.5), (3, 0.8, 1.0), (3, 0.8, 1.0)]  # prompt 2's success lost
     assert all(s.policy_version == 3 and s.reward == 1.0 for s in replay.items)
-    drawn = replay.sample(4)  # the same draw again: this rank's share is its second half
+    stored = list(replay.items)
+    mine = offer_and_draw(replay, torch.tensor([4]), torch.tensor([0.5], dtype=torch.float64),
+                          _fresh(2), torch.tensor([[0.0, 0.0]]), step=5, version=4,
+                          dp_rank=1, dp_size=2)
+    drawn = replay.sample(5)  # the same draw again: this rank's share is its second half
     assert len(mine) == 2 and [s.insertion for s in mine] == [s.insertion for s in drawn[2:]]
     for sample in mine:  # a stored row is the fresh row it came from, with its log-probs
+        assert any(sample is s for s in stored)
         row = int(sample.tokens[0])
         assert sample.row == int(prompt_rows[row // 2])
         assert sample.old_log_probs.tolist() == [-float(row)] * T
+
+
+def test_rescore_measures_priorities_against_the_current_estimate():
+    replay = DistributedReplay(ReplayConfig(replay_size=4, replay_per_step=2), num_prompts=10,
+                               seed=0)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    offer_and_draw(replay, torch.tensor([1, 3]), torch.tensor([0.9, 0.2], dtype=torch.float64),
+                   _fresh(4), rewards, step=1, version=0)
+    assert sorted(round(s.priority, 6) for s in replay.items) == [0.4, 0.8, 0.8]
+    now = torch.zeros(10, dtype=torch.float64)
+    now[1], now[3] = 0.5, 0.75  # estimates after later updates
+    offer_and_draw(replay, torch.tensor([5]), torch.tensor([0.5], dtype=torch.float64),
+                   _fresh(2), torch.tensor([[0.0, 0.0]]), step=2, version=1,
+                   local_acc_est=lambda rows: now[rows])
+    assert sorted((s.row, round(s.priority, 6)) for s in replay.items) == \
+        [(1, 0.0), (3, 0.25), (3, 0.25)]
+
+
+def test_replayed_rows_train_the_policy_but_do_not_move_log_z():
+    """Proposition 4.1 is about samples from pi_old: a replayed success counted like a fresh
+    group pulls a row seen only through replay from 0.5 to 1.0 (SGD lr 0.5, which jumps to
+    the step's optimum), and a fresh group at 0.25 (1 of 4) plus one replayed success to 0.4
+    (2 of 5). Only fresh rows reach the table."""
+    from megatron_paced.paced.log_z import ShardedLogZ
+    from megatron_paced.rl.optimize import log_z_step
+
+    beta = 0.05
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # prompt 2: observed accuracy 0.25
+    replayed = [_replayed(2, 1.0, 50), _replayed(6, 1.0, 51)]  # prompt 6: only via replay
+    batch = build_train_batch(torch.tensor([2]), _fresh(4), rewards, replayed)
+    assert batch.extras["updates_log_z"].tolist() == [True] * 4 + [False] * 2
+    for mask_replayed, expected in ((True, {2: 0.25, 6: 0.5}), (False, {2: 0.4, 6: 1.0})):
+        table = ShardedLogZ(10, beta=beta, init_acc=0.5, lr=0.5)  # lr 0.5: to the optimum
+        rows = batch.extras["log_z_rows"]
+        log_z = table.lookup(rows).double()
+        grads = 2 * (log_z - batch.extras["rewards"].double() / beta)  # S_theta = S_old
+        if not mask_replayed:  # the old behaviour, for the numbers above
+            batch.extras["updates_log_z"] = torch.ones(6, dtype=torch.bool)
+        log_z_step(table, batch, grads)
+        got = {row: round(float(table.acc_est(torch.tensor([row]))), 4) for row in expected}
+        assert got == {row: round(value, 4) for row, value in expected.items()}

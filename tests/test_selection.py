@@ -97,3 +97,22 @@ def test_resume_reports_changed_selection_settings():
     assert other.load_state_dict(saved) == [
         "--prompt-selection uniform (checkpoint: paced-greedy)", "--seed 4 (checkpoint: 3)",
         "--target-acc 0.4 (checkpoint: 0.5)"]
+
+
+def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
+    """GRPO trains no log-Z table: every row stays at tau, so a paced rule would return the
+    same tie order every step (the same prompts forever)."""
+    from megatron_paced.job import parse_args, validate_batch
+
+    assert parse_args(["--algo", "grpo"]).selection.prompt_selection == "uniform"
+    assert parse_args([]).selection.prompt_selection == "paced-greedy"
+    assert parse_args(["--algo", "flowrl"]).selection.prompt_selection == "paced-greedy"
+    validate_batch(parse_args(["--algo", "grpo"]), dp_size=1)
+    with pytest.raises(ConfigError, match="--prompt-selection paced-soft with --algo grpo"):
+        validate_batch(parse_args(["--algo", "grpo", "--prompt-selection", "paced-soft"]), 1)
+    # What the refusal prevents: with every estimate at tau, greedy picks the same prompts.
+    acc = torch.full((64,), 0.5, dtype=torch.float64)
+    tie = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picks = [select_prompts(acc, 8, SelectionConfig(), seed=0, step=s, tie_uniforms=tie)
+             for s in range(3)]
+    assert all(torch.equal(picks[0], p) for p in picks)

@@ -190,6 +190,9 @@ BAD_FLAGS = {
                          "--num-prompts-per-step 1000: must be <= the 512 training prompts of "
                          "--task arithmetic"),
     "dynamic_sampling": (["--dynamic-sampling"], {}, "needs --prompt-selection uniform"),
+    "grpo_paced_selection": (["--algo", "grpo", "--prompt-selection", "paced-greedy"], {},
+                             "--prompt-selection paced-greedy with --algo grpo: GRPO trains no "
+                             "log-Z table"),
     "gsm8k_tokenizer": (["--task", "gsm8k"], {}, "--task gsm8k needs --tokenizer DIR"),
     # Bare paced-train: a random policy earns no reward; the message names what to pass.
     "bare": ([], {}, "the policy would start from random weights (no --load, --sft-warmup-iters "

@@ -19,7 +19,10 @@ The table has its own optimizer, outside the model's DDP buckets. Gradients are 
 ``d delta^2 / d log_z = 2 delta``, so the learning rate does not depend on the batch size or
 the number of samples per prompt. With SGD and lr 0.5 a row jumps to the step's optimum;
 lr 0.05 is an exponential average over about ten visits. Adam keeps per-row moments and a
-per-row step count (rows are updated only when their prompt is drawn).
+per-row step count (rows are updated only when their prompt is drawn). ``running-mean``
+moves a row max(1/k, min_step) of the way to its k-th visit's optimum: the exact mean of the
+first visits (the first jumps from the prior), then an exponential average that keeps
+forgetting as the policy improves.
 
 Every rank validates its inputs and the ranks agree (an all-reduce of a flag) before any
 row is written, so a bad row or a non-finite gradient raises on every rank and leaves
@@ -55,14 +58,20 @@ class LogZConfig:
 
     log_z_lr: float = 0.05
     """Learning rate of the log-Z table (per-prompt mean gradient, see megatron_paced.paced.log_z)."""
-    log_z_optimizer: Literal["sgd", "adam"] = "sgd"
-    """Optimizer of the log-Z rows: sgd, or adam with per-row moments and step counts."""
+    log_z_optimizer: Literal["sgd", "adam", "running-mean"] = "sgd"
+    """Optimizer of the log-Z rows: sgd, adam (per-row moments and step counts), or
+    running-mean (a row's k-th visit moves it max(1/k, --log-z-min-step) of the way to that
+    visit's optimum: the mean of its visits, then an exponential average; --log-z-lr unused)."""
+    log_z_min_step: float = 0.2
+    """running-mean: the smallest step, so that a row keeps forgetting as the policy moves."""
     log_z_init_acc: Optional[float] = None
     """Accuracy estimate of an unvisited prompt (log_z = init / beta); default: --target-acc."""
 
     def validate(self) -> None:
         require(math.isfinite(self.log_z_lr) and self.log_z_lr > 0, "log_z_lr", self.log_z_lr,
                 "must be a finite number > 0")
+        require(0.0 < self.log_z_min_step <= 1.0, "log_z_min_step", self.log_z_min_step,
+                "must be in (0, 1]")
         if self.log_z_init_acc is not None:
             require(0.0 <= self.log_z_init_acc <= 1.0, "log_z_init_acc", self.log_z_init_acc,
                     "must be in [0, 1]")
@@ -91,10 +100,12 @@ class ShardedLogZ:
 
     def __init__(self, num_prompts: int, *, beta: float, init_acc: float, lr: float,
                  optimizer: str = "sgd", dp_group: dist.ProcessGroup | None = None,
-                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> None:
+                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                 min_step: float = 0.2) -> None:
         require(num_prompts >= 1, "num_prompts", num_prompts, "the table needs >= 1 prompt")
         require(math.isfinite(beta) and beta > 0, "beta", beta, "must be a finite number > 0")
-        require(optimizer in ("sgd", "adam"), "log_z_optimizer", optimizer, "sgd or adam")
+        require(optimizer in ("sgd", "adam", "running-mean"), "log_z_optimizer", optimizer,
+                "sgd, adam or running-mean")
         self.num_prompts = num_prompts
         self.beta = float(beta)
         self.init_acc = float(init_acc)
@@ -102,6 +113,7 @@ class ShardedLogZ:
         self.optimizer = optimizer
         self.adam_betas = adam_betas
         self.adam_eps = adam_eps
+        self.min_step = float(min_step)
         self.dp_group = dp_group
         self.partition = PromptPartition.of(num_prompts, dp_group)
         self.dp_size, self.dp_rank = self.partition.dp_size, self.partition.dp_rank
@@ -183,6 +195,10 @@ class ShardedLogZ:
         if self.optimizer == "sgd":
             self.values[touched] -= self.lr * mean_grad
             return len(touched)
+        if self.optimizer == "running-mean":  # mean_grad / 2 = log_z - this visit's optimum
+            fraction = (1.0 / self.visits[touched].double()).clamp(min=self.min_step)
+            self.values[touched] -= fraction * mean_grad / 2
+            return len(touched)
         beta1, beta2 = self.adam_betas
         steps = self.visits[touched].double()
         self.exp_avg[touched] = beta1 * self.exp_avg[touched] + (1 - beta1) * mean_grad
@@ -201,13 +217,24 @@ class ShardedLogZ:
         """beta * log_z of this rank's rows (all, or the given local row indices), float64."""
         return self.beta * (self.values if rows is None else self.values[rows])
 
+    def owned_acc_est(self, rows: torch.Tensor) -> torch.Tensor:
+        """beta * log_z of global rows this rank owns (no collective), float64."""
+        return self.local_acc_est(rows - self.row_start)
+
     def gather_acc_est(self) -> torch.Tensor:
         """beta * log_z of every prompt on every rank: (num_prompts,) float64, one all-reduce.
 
         For small tables; selection over large tables uses local candidates instead.
         """
+        return self._gather(self.local_acc_est())
+
+    def gather_visits(self) -> torch.Tensor:
+        """How many steps updated each row, every prompt on every rank: (num_prompts,)."""
+        return self._gather(self.visits.double()).long()
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(self.num_prompts, dtype=torch.float64)
-        full[self.row_start:self.row_end] = self.local_acc_est()
+        full[self.row_start:self.row_end] = local
         if self.dp_group is not None and self.dp_size > 1:
             dist.all_reduce(full, group=self.dp_group)
         return full
@@ -249,4 +276,5 @@ def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_
     cfg.validate()
     init_acc = target_acc if cfg.log_z_init_acc is None else cfg.log_z_init_acc
     return ShardedLogZ(num_prompts, beta=beta, init_acc=init_acc, lr=cfg.log_z_lr,
-                       optimizer=cfg.log_z_optimizer, dp_group=dp_group)
+                       optimizer=cfg.log_z_optimizer, dp_group=dp_group,
+                       min_step=cfg.log_z_min_step)

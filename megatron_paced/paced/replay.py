@@ -6,10 +6,14 @@ reward and every sample of the group gets priority
     priority = |acc_est(x) - p_obs|        (acc_est = beta * log_z[x] read before the update)
 
 (``--replay-priority uniform`` gives every sample priority 1). The buffer keeps the
-``--replay-size`` highest-priority samples (ties: the newer wins); each step draws
+``--replay-size`` highest-priority samples (ties: the newer wins); each step first draws
 ``--replay-per-step`` of them with replacement, with probability proportional to priority,
-and mixes them into the batch. A stored sample keeps its token ids, completion mask, the
-log-probs of the policy that generated it, its reward, its prompt's log-Z row and policy version.
+from the buffer as the earlier steps left it (a sample is never drawn in the step that added
+it), then offers its own samples. A stored sample keeps its token ids, completion mask, the
+log-probs of the policy that generated it, its reward, its group's observed accuracy, its
+prompt's log-Z row and policy version. Priorities are fixed when a sample is added (the
+paper's rule: the estimate error when the sample was drawn); ``--replay-rescore`` re-scores
+them against the current estimate before every draw.
 
 Distribution over DP ranks: a sample lives on the owner of its row (the same block
 partition as the log-Z table). Items are ordered globally by (row, insertion number),
@@ -62,6 +66,13 @@ class ReplayConfig:
     """acc-error: |acc_est - observed group accuracy|; uniform: every sample alike."""
     replay_successful_only: bool = True
     """Only successful samples (reward > 0) enter the buffer, as in the paper."""
+    replay_old_log_probs: Literal["recompute", "generation"] = "recompute"
+    """S_old of a replayed sample: recomputed by the current pi_old (one anchor for every
+    row of a prompt, as the TB target needs), or the generating policy's log-probs."""
+    replay_rescore: bool = False
+    """Before each draw, re-score every stored sample's priority against the current
+    estimate (|beta * log_z now - its group's observed accuracy|) instead of keeping the
+    priority it had when it was added."""
 
     def validate(self) -> None:
         require(self.replay_size >= 0, "replay_size", self.replay_size, "must be >= 0")
@@ -85,6 +96,8 @@ class ReplaySample:
     policy_version: int
     priority: float = 0.0
     insertion: int = field(default=-1)  # global insertion number, set by the buffer
+    acc_obs: float = math.nan
+    """Its group's observed accuracy (for --replay-rescore; NaN: keep the priority)."""
 
     def order_key(self) -> tuple[int, int]:
         return (self.row, self.insertion)
@@ -172,7 +185,7 @@ class DistributedReplay:
                     self.items.append(ReplaySample(
                         sample.row, sample.tokens, sample.completion_mask,
                         sample.old_log_probs, sample.reward, sample.policy_version, priority,
-                        self.num_inserted))
+                        self.num_inserted, sample.acc_obs))
                 self.num_inserted += 1
         self._evict()
         return self.global_size()
@@ -200,6 +213,18 @@ class DistributedReplay:
     def global_size(self) -> int:
         sizes = self._all_gather_floats(torch.tensor([float(len(self.items))]), 1)
         return int(sum(float(s[0]) for s in sizes))
+
+    def rescore(self, local_acc_est) -> None:
+        """Priorities against the current estimate: ``local_acc_est(rows)`` gives beta * log_z
+        of rows this rank owns (the table's partition is the buffer's); samples without an
+        observed accuracy keep theirs. Local: no collective."""
+        scored = [s for s in self.items if not math.isnan(s.acc_obs)]
+        if self.cfg.replay_priority == "uniform" or not scored:
+            return
+        rows = torch.tensor([s.row for s in scored], dtype=torch.int64)
+        acc_obs = torch.tensor([s.acc_obs for s in scored], dtype=torch.float64)
+        for sample, priority in zip(scored, (local_acc_est(rows) - acc_obs).abs().tolist()):
+            sample.priority = priority
 
     # ---- sample ------------------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
@@ -235,7 +260,7 @@ class DistributedReplay:
 
     # ---- checkpointing -----------------------------------------------------------------------
     _FIELDS = ("row", "tokens", "completion_mask", "old_log_probs", "reward",
-               "policy_version", "priority", "insertion")
+               "policy_version", "priority", "insertion", "acc_obs")
 
     def state_dict(self) -> dict:
         """The whole buffer as plain tensors and numbers (collective: gathered from every
@@ -268,24 +293,30 @@ def _renamed(item: dict) -> dict:
 
 def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
                    acc_est_before: torch.Tensor, fresh, rewards: torch.Tensor, *, step: int,
-                   version: int, dp_rank: int = 0, dp_size: int = 1) -> list[ReplaySample]:
-    """Replay's part of a step (collective over the replay's DP group): offer this rank's
-    fresh samples, each with its group's priority |acc_est - acc_obs|, then draw the step's
-    replayed samples and return this rank's share of them.
+                   version: int, dp_rank: int = 0, dp_size: int = 1,
+                   local_acc_est=None) -> list[ReplaySample]:
+    """Replay's part of a step (collective over the replay's DP group): draw the step's
+    replayed samples from the buffer as the earlier steps left it (so no sample is drawn in
+    the step that added it; with ``local_acc_est``, re-scored first, see
+    :meth:`DistributedReplay.rescore`), then offer this rank's fresh samples, each with its
+    group's priority |acc_est - acc_obs|; returns this rank's share of the drawn samples.
 
     ``prompt_rows`` (P,) log-Z rows, ``acc_est_before`` (P,) their beta * log_z before this
     step's update, ``fresh`` the (P * G)-row :class:`SequenceBatch` with
     ``extras["rollout_log_probs"]``, ``rewards`` (P, G); ``version`` is the policy that
     generated them."""
+    if local_acc_est is not None:
+        replay.rescore(local_acc_est)
+    drawn = replay.sample(step)
     num_groups, group_size = rewards.shape
+    acc_obs = rewards.double().mean(dim=1)
     priorities = priorities_from_groups(
         acc_est_before.repeat_interleave(group_size), rewards.flatten(),
         torch.arange(num_groups).repeat_interleave(group_size))
     samples = [ReplaySample(int(prompt_rows[i // group_size]), fresh.tokens[i],
                             fresh.completion_mask[i], fresh.extras["rollout_log_probs"][i],
-                            float(reward), version)
+                            float(reward), version, acc_obs=float(acc_obs[i // group_size]))
                for i, reward in enumerate(rewards.flatten().tolist())]
     replay.add(samples, priorities)
-    drawn = replay.sample(step)
     per_rank = len(drawn) // dp_size
     return drawn[dp_rank * per_rank:(dp_rank + 1) * per_rank]

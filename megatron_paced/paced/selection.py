@@ -71,7 +71,8 @@ class SelectionConfig:
 
     prompt_selection: Literal["uniform", "paced-greedy", "paced-soft"] = "paced-greedy"
     """uniform, paced-greedy (nearest to --target-acc) or paced-soft (sampled with weights
-    exp(-|acc - tau| / T))."""
+    exp(-|acc - tau| / T)); paced-train's default is paced-greedy, and uniform for --algo grpo
+    (which trains no log-Z table: a paced rule with it is refused)."""
     target_acc: float = 0.5
     """tau: the estimated accuracy the selection aims for, in (0, 1)."""
     selection_epsilon: float = 0.0

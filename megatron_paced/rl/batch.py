@@ -3,12 +3,18 @@
 A pure function of tensors (no model, no process group): the fresh rows come in (prompt,
 sample) order, ``G`` samples per prompt, followed by the replayed rows. Each row carries the
 log-Z row of its prompt, its reward, its GRPO advantage (reward minus its group's mean over
-the group's std; a replayed row is a group of its own, advantage 0) and, as
-``old_log_probs``, the log-probs of the policy that generated it (the trainer replaces the
-fresh rows' with a recompute unless ``--use-rollout-logprobs``).
+the group's std; a replayed row is a group of its own, advantage 0), whether its log-Z
+gradient reaches the table, and, as ``old_log_probs``, the log-probs of the policy that
+generated it (the old-log-probs stage replaces them with a recompute by pi_old).
 
-    extras = {"log_z_rows": (B,), "rewards": (B,), "advantages": (B,),
-              "old_log_probs": (B, T)}                      B = P * G + num_replayed
+    extras = {"log_z_rows": (B,), "updates_log_z": (B,) bool, "rewards": (B,),
+              "advantages": (B,), "old_log_probs": (B, T)}     B = P * G + num_replayed
+
+Only fresh rows update the table: Proposition 4.1 (beta * log_z -> the accuracy of pi_old) is
+a statement about samples from pi_old, and the replay holds successes chosen for their
+estimate error, whose mean reward is not the prompt's accuracy (one replayed success counted
+like a whole group pulled a row seen only through replay from 0.5 to 1.0 at lr 0.5).
+Replayed rows still train the policy, against the current log_z.
 
 Usage::
 
@@ -46,5 +52,6 @@ def build_train_batch(prompt_rows: torch.Tensor, fresh: SequenceBatch, rewards: 
                         -1 - torch.arange(len(replayed))])
     return SequenceBatch(tokens, mask, {
         "log_z_rows": rows, "rewards": all_rewards,
+        "updates_log_z": torch.arange(len(rows)) < num_fresh,
         "advantages": group_normalized_advantages(all_rewards, groups),
         "old_log_probs": old_log_probs})

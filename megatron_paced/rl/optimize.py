@@ -5,8 +5,9 @@ The batch's rows read their log-Z (on the 1/beta scale) from the sharded table w
 on; ``forward_backward`` runs the loss on every micro-batch (PP: 1F1B) and Megatron's DDP
 reduces the policy's gradients; the loss and its item count are summed over micro-batches,
 broadcast from the last pipeline stage and all-reduced over DP, so every rank reports the same
-loss; the policy steps, then the table applies the gradient its rows received (an all-to-all
-to their owners). A loss that raises (a NaN reward) or is not finite stops the run before any
+loss; the policy steps, then the table applies the gradient its fresh rows received (an
+all-to-all to their owners; rows with ``extras["updates_log_z"]`` false, the replayed ones,
+do not move the table). A loss that raises (a NaN reward) or is not finite stops the run before any
 update, naming the step and the prompts.
 
 Usage::
@@ -69,6 +70,15 @@ def loss_fn_for(algorithm) -> Callable:
     return functools.partial(losses.grpo_loss_fn, kl_coef=algorithm.grpo_kl_coef)
 
 
+def log_z_step(log_z, batch, grads: torch.Tensor) -> int:
+    """The table's step (collective over DP): ``grads`` (B,) are d loss_sum / d log_z of the
+    batch's rows; only rows with ``extras["updates_log_z"]`` (the fresh ones) reach the table.
+    Returns the rows updated on this rank."""
+    rows = batch.extras["log_z_rows"]
+    keep = batch.extras.get("updates_log_z", torch.ones(len(rows), dtype=torch.bool))
+    return log_z.apply_gradients(rows[keep], grads[keep])
+
+
 def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
                   micro_batch_size: int, train_log_z: bool, step: int,
                   prompt_ids_of: Callable[[list[int]], list] = list) -> StepResult:
@@ -106,7 +116,8 @@ def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
     seconds = 0.0
     if train_log_z:
         grads = log_z_rows.grad if log_z_rows.grad is not None else torch.zeros_like(log_z_rows)
+        grads = broadcast_from_last_stage(grads.detach().clone(), ctx)
         start = time.perf_counter()
-        log_z.apply_gradients(rows, broadcast_from_last_stage(grads.detach().clone(), ctx))
+        log_z_step(log_z, batch, grads)
         seconds = time.perf_counter() - start
     return StepResult(loss, result.grad_norm, float(totals[2] / totals[1].clamp(min=1)), seconds)

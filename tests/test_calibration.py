@@ -1,0 +1,61 @@
+"""The calibration probe's arithmetic (megatron_paced.rl.calibration) on one process: the
+probe's own noise is removed, so a perfect estimator scores about 0 and a biased one its bias."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from megatron_paced.paced.log_z import ShardedLogZ
+from megatron_paced.rl.calibration import calibration_probe, calibration_stats, probe_rows
+
+
+def _probe_accuracy(p_true: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.rand(len(p_true), num_samples, generator=gen, dtype=torch.float64)
+    return (draws < p_true[:, None]).double().mean(dim=1)
+
+
+def test_noise_correction_scores_a_perfect_estimator_near_zero_and_a_biased_one_its_bias():
+    gen = torch.Generator().manual_seed(0)
+    p_true = torch.rand(4000, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    p_hat = _probe_accuracy(p_true, 32, seed=1)
+    perfect = calibration_stats(p_true, p_hat, 32, "visited")
+    assert 0.05 < perfect["calib_visited_mae"] < 0.08  # the probe's noise, not the estimate
+    assert perfect["calib_visited_rmse_corrected"] < 0.02
+    assert abs(perfect["calib_visited_noise_var"] - float(
+        (p_true * (1 - p_true)).mean() / 32)) < 2e-4  # unbiased for Var(p_hat)
+    biased = calibration_stats((p_true + 0.1).clamp(0, 1), p_hat, 32, "visited")
+    assert abs(biased["calib_visited_rmse_corrected"] - 0.1) < 0.015
+    assert calibration_stats(p_true[:0], p_hat[:0], 32, "unvisited") == {"calib_unvisited_num": 0}
+
+
+def test_probe_draws_visited_and_unvisited_rows_and_never_trains():
+    visits = torch.tensor([0, 3, 0, 1, 0, 0, 2, 0])
+    groups = probe_rows(visits, 3, seed=5, step=10)
+    assert set(groups["visited"].tolist()) == {1, 3, 6}
+    assert len(groups["unvisited"]) == 3 and all(visits[groups["unvisited"]] == 0)
+    assert torch.equal(probe_rows(visits, 3, seed=5, step=10)["unvisited"], groups["unvisited"])
+
+    beta, p_true = 0.05, torch.linspace(0.1, 0.9, 8, dtype=torch.float64)
+    table = ShardedLogZ(8, beta=beta, init_acc=0.5, lr=0.5)
+    table.apply_gradients(torch.tensor([1, 3, 6]), 2 * (10.0 - p_true[[1, 3, 6]] / beta))
+    before = (table.values.clone(), table.visits.clone())
+    asked = []
+
+    def sample_rewards(problems, n, seed):
+        asked.append((list(problems), n))
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.tensor(problems)
+        return (torch.rand(len(rows), n, generator=gen, dtype=torch.float64)
+                < p_true[rows, None]).double()
+
+    ctx = SimpleNamespace(dp_rank=0, dp_size=1, dp_group=None)
+    out = calibration_probe(table, sample_rewards, list(range(8)), num_prompts=8,
+                            num_samples=400, seed=5, step=10, ctx=ctx)
+    assert out["calib_visited_num"] == 3 and out["calib_unvisited_num"] == 5
+    assert out["calib_visited_rmse_corrected"] < 0.03  # the table holds the true accuracy
+    assert out["calib_unvisited_rmse_corrected"] > 0.2  # unvisited rows sit at tau
+    assert [n for _, n in asked] == [400, 400]
+    assert torch.equal(table.values, before[0]) and torch.equal(table.visits, before[1])
