@@ -113,10 +113,10 @@ def _bandit(steps, num_prompts, group_size, prompts_per_step, beta, lr_policy, l
     table = build_log_z_table(num_prompts, log_z, beta=beta, target_acc=0.5)
     replay = DistributedReplay(ReplayConfig(replay_size=128, replay_per_step=16),
                                num_prompts=num_prompts, seed=seed)
-    delta_fn = losses.paced_tb_delta
-    if mutation == "flip":
-        def delta_fn(log_z, log_probs, old_log_probs, rewards, beta):
-            return log_z - (log_probs - old_log_probs) - rewards / beta
+    def flipped(log_z, log_probs, old_log_probs, rewards, beta):
+        return log_z - (log_probs - old_log_probs) - rewards / beta
+
+    delta_fn = flipped if mutation == "flip" else losses.paced_tb_delta
     beta_kls = []
     for step in range(steps):
         rows = torch.randperm(num_prompts, generator=gen)[:prompts_per_step]

@@ -5,9 +5,9 @@ every row of the train batch, computed by the trainer's Megatron models.
 generated each row (the rollout engine's). Unless ``--use-rollout-logprobs``, the fresh rows'
 are replaced by a recompute with the current policy (which is pi_old: it has not stepped
 yet); so are the replayed rows' unless ``--replay-old-log-probs generation`` (they then keep
-the log-probs of the older policy that generated them, a different anchor). With a reference model (FlowRL, GRPO with a KL
-term) ``extras["ref_log_probs"]`` holds its log-probs of every row. Both are forward passes
-through Megatron's schedule (no grad), on every PP stage.
+the log-probs of the older policy that generated them, a different anchor). With a reference
+model (FlowRL, GRPO with a KL term) ``extras["ref_log_probs"]`` holds its log-probs of every
+row. Both are forward passes through Megatron's schedule (no grad), on every PP stage.
 
 After the optimizer step, :func:`beta_kl_old_new` measures the premise of Proposition 4.1
 (``beta * KL(pi_old || pi_theta)`` small; the paper reports below 4e-3) on the step's fresh
