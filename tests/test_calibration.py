@@ -59,3 +59,19 @@ def test_probe_draws_visited_and_unvisited_rows_and_never_trains():
     assert out["calib_unvisited_rmse_corrected"] > 0.2  # unvisited rows sit at tau
     assert [n for _, n in asked] == [400, 400]
     assert torch.equal(table.values, before[0]) and torch.equal(table.visits, before[1])
+
+
+def test_a_rank_with_no_probe_prompt_takes_part_and_asks_for_nothing(monkeypatch):
+    """DP2, rank 1: one visited row (rank 0 samples it) and no unvisited row at all."""
+    import torch.distributed as dist
+
+    table = ShardedLogZ(4, beta=0.05, init_acc=0.5, lr=0.5)
+    table.apply_gradients(torch.arange(4), torch.zeros(4))  # every row visited
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: reduced.append(t.clone()))
+    asked = []
+    ctx = SimpleNamespace(dp_rank=1, dp_size=2, dp_group=None)
+    out = calibration_probe(table, lambda *a: asked.append(a), list(range(4)), num_prompts=1,
+                            num_samples=8, seed=0, step=3, ctx=ctx)
+    assert asked == [] and len(reduced) == 2  # one all-reduce per group, as every rank does
+    assert out["calib_visited_num"] == 1 and out["calib_unvisited_num"] == 0

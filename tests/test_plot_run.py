@@ -15,7 +15,10 @@ def test_plot_two_runs(tmp_path):
         rows = [{"step": s, "num_samples": 128 * s, "reward_mean": slope * s,
                  "acc_est_mae": 0.4 - slope * s, "selected_acc_est_mean": 0.5,
                  **({"eval_pass@1": slope * s, "eval_pass@4": 2 * slope * s} if s % 5 == 0
-                    else {})} for s in range(21)]
+                    else {}),
+                 **({"beta_kl_old_new": 1e-3, "calib_visited_mae": 0.1,
+                     "calib_visited_rmse_corrected": 0.05, "calib_unvisited_num": 0}
+                    if s % 10 == 0 else {})} for s in range(21)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "compare.png"
     result = run_python(

@@ -15,6 +15,9 @@ COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--mic
           "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
           "--save-interval", "2", "--max-new-tokens", "6"]
 TIMINGS = ("step_time_s", "paced_overhead_s")
+# The calibration probe and the KL measurement every 2 steps: their figures must resume too.
+PROBES = ["--calibration-interval", "2", "--calibration-prompts", "4", "--calibration-samples",
+          "4", "--kl-interval", "2"]
 
 
 def _metrics(path) -> dict[int, dict]:
@@ -37,12 +40,17 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     resumed again, its metrics equal an uninterrupted run's. The uninterrupted DP2 checkpoint
     then resumes on DP1."""
     full, run, moved = tmp_path / "full", tmp_path / "run", tmp_path / "moved"
-    _train(COMMON + ["--train-iters", "4", "--save", str(full)])
+    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(full)])
     uninterrupted = _metrics(full / "metrics.jsonl")
     assert uninterrupted[4]["num_samples"] == 64 and uninterrupted[4]["num_replayed"] == 4
+    # Probe samples are not training samples; the probe and the KL come every 2 steps.
+    assert "calib_visited_rmse_corrected" in uninterrupted[2] and "beta_kl_old_new" in \
+        uninterrupted[4] and "beta_kl_old_new" not in uninterrupted[3]
+    assert uninterrupted[2]["calib_visited_num"] == 4 == uninterrupted[2]["calib_unvisited_num"]
+    assert 0 <= uninterrupted[4]["beta_kl_old_new"] < 0.05
 
-    result = _train(COMMON + ["--train-iters", "4", "--save", str(run), "--inject-nan-at-step",
-                              "3"], expect=3)
+    result = _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run),
+                                       "--inject-nan-at-step", "3"], expect=3)
     assert "paced-train: error: step 3: non-finite PACED loss residual" in result.output, \
         result.output[-3000:]
     assert "prompt ids [" in result.output and "the last checkpoint is intact" in result.output
@@ -51,12 +59,12 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     assert not (run / "iter_0000003").exists() and not list(run.glob("*.tmp"))
     assert sorted(_metrics(run / "metrics.jsonl")) == [1, 2]
 
-    _train(COMMON + ["--train-iters", "4", "--save", str(run), "--load", str(run),
-                     "--exit-after-step", "3"], expect=17)
+    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run),
+                              "--exit-after-step", "3"], expect=17)
     assert (run / "iter_0000002").is_dir() and not (run / "iter_0000004").exists()
     assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
 
-    _train(COMMON + ["--train-iters", "4", "--save", str(run), "--load", str(run)])
+    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run)])
     resumed = _metrics(run / "metrics.jsonl")
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == uninterrupted
@@ -148,15 +156,19 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
     _train(PROMPT_TASK + ["--allow-random-init", "--tokenizer", tokenizer, "--prompt-data", data,
                           "--train-iters", "2", "--save", str(save),
                           "--tensor-model-parallel-size", "2", "--eval-interval", "2",
-                          "--eval-num-prompts", "4", "--bf16", "--deterministic-mode"])
+                          "--eval-num-prompts", "4", "--bf16", "--deterministic-mode",
+                          *PROBES])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
     # metrics.jsonl's keys are an interface (plots, the benchmark, users' dashboards).
     step_keys = {"step", "num_samples", "reward_mean", "acc_est_mae", "selected_acc_est_mean",
                  "loss", "grad_norm", "kl_old_theta", "num_replayed"}  # + TIMINGS, dropped
     eval_keys = {"eval_pass@1", "eval_pass@2", "eval_pass@4"}
+    probe_keys = {f"calib_{group}_{name}" for group in ("visited", "unvisited")
+                  for name in ("mae", "noise_var", "rmse_corrected", "num")}
     assert set(rows[0]) == {"step", "num_samples"} | eval_keys
-    assert set(rows[1]) == step_keys and set(rows[2]) == step_keys | eval_keys
+    assert set(rows[1]) == step_keys
+    assert set(rows[2]) == step_keys | eval_keys | probe_keys | {"beta_kl_old_new"}
     assert "eval_pass@4" in rows[2] and 0 <= rows[2]["eval_pass@1"] <= 1
     assert "eval_pass@1" in rows[0]
     for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):

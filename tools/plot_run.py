@@ -3,8 +3,11 @@
     python tools/plot_run.py runs/demo                 # writes runs/demo/curves.png
     python tools/plot_run.py runs/paced runs/grpo -o compare.png --x num_samples
 
-Panels: training reward; held-out pass@1 and pass@k; the accuracy-estimate error
-|beta * log_z - observed group accuracy| (acc_est_mae) and the selected prompts' mean estimate.
+Panels: training reward; held-out pass@1 and pass@k; the selected prompts' estimate against
+their one observed group (acc_est_mae: mostly that group's binomial noise) and their mean
+estimate; the calibration probe (``--calibration-interval``: the estimator's error against
+many-sample accuracy with the probe's noise removed, visited and never-visited prompts, and
+the raw MAE); and beta * KL(pi_old || pi_theta) after the update (``--kl-interval``).
 Several runs share the panels (one line each), x is the step or the completions generated.
 """
 
@@ -35,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = grid.flatten()
+    axes[5].axis("off")
     for run_dir in args.runs:
         rows = load_metrics(run_dir)
         label = os.path.basename(os.path.normpath(run_dir))
@@ -47,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         axes[0].plot(*series("reward_mean"), label=label)
         for key in sorted({k for r in rows for k in r if k.startswith("eval_pass@")}):
             axes[1].plot(*series(key), marker="o", label=f"{label} {key[5:]}")
-        axes[2].plot(*series("acc_est_mae"), label=f"{label} |acc_est - observed|")
+        axes[2].plot(*series("acc_est_mae"), label=f"{label} |acc_est - one group|")
         axes[2].plot(*series("selected_acc_est_mean"), linestyle="--",
                      label=f"{label} selected acc_est")
-    for axis, title in zip(axes, ["training reward", "held-out pass@k",
-                                  "calibration of beta * log_z"]):
+        for group, marker in (("visited", "o"), ("unvisited", "s")):
+            axes[3].plot(*series(f"calib_{group}_rmse_corrected"), marker=marker,
+                         label=f"{label} {group}: RMSE, noise removed")
+        axes[3].plot(*series("calib_visited_mae"), marker="o", linestyle=":",
+                     label=f"{label} visited: raw MAE")
+        axes[4].plot(*series("beta_kl_old_new"), marker=".", label=label)
+    titles = ["training reward", "held-out pass@k", "selected prompts: beta * log_z vs one group",
+              "calibration probe: beta * log_z vs many-sample accuracy",
+              "beta * KL(pi_old || pi_theta) after the update"]
+    for axis, title in zip(axes, titles):
         axis.set_title(title)
         axis.set_xlabel(args.x)
         axis.grid(alpha=0.3)

@@ -72,7 +72,7 @@ def calibration_probe(log_z, sample_rewards: SampleRewards, problems, *, num_pro
     for index, (group, rows) in enumerate(probe_rows(visits, num_prompts, seed=seed,
                                                      step=step).items()):
         p_hat = torch.zeros(len(rows), dtype=torch.float64)
-        mine = torch.arange(ctx.dp_rank, len(rows), ctx.dp_size)
+        mine = torch.arange(len(rows))[ctx.dp_rank::ctx.dp_size]  # may be empty
         if len(mine):
             rewards = sample_rewards([problems[int(r)] for r in rows[mine]], num_samples,
                                      derive_seed(seed, step, CALIBRATION_STREAM, index + 1))
