@@ -220,7 +220,8 @@ def calibrate(trainer: Trainer) -> dict:
     return calibration_probe(trainer.log_z, sample_rewards_of(trainer), trainer.task.problems,
                              num_prompts=cfg.calibration_prompts,
                              num_samples=cfg.calibration_samples, seed=trainer.job.train.seed,
-                             step=trainer.step, ctx=trainer.ctx)
+                             step=trainer.step, ctx=trainer.ctx,
+                             per_prompt=trainer.job.logging.log_prompt_accuracy)
 
 
 def sft_warmup(trainer: Trainer) -> None:

@@ -3,8 +3,10 @@ probe's own noise is removed, so a perfect estimator scores about 0 and a biased
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megatron_paced.paced.log_z import ShardedLogZ
@@ -53,7 +55,11 @@ def test_probe_draws_visited_and_unvisited_rows_and_never_trains():
 
     ctx = SimpleNamespace(dp_rank=0, dp_size=1, dp_group=None)
     out = calibration_probe(table, sample_rewards, list(range(8)), num_prompts=8,
-                            num_samples=400, seed=5, step=10, ctx=ctx)
+                            num_samples=400, seed=5, step=10, ctx=ctx, per_prompt=True)
+    assert sorted(row for row, _, _, _ in out["calib_visited_prompts"]) == [1, 3, 6]
+    for row, visits, estimate, p_hat in out["calib_visited_prompts"]:
+        assert visits == 1 and estimate == pytest.approx(float(p_true[row]), abs=1e-4)
+        assert abs(p_hat - float(p_true[row])) < 0.1
     assert out["calib_visited_num"] == 3 and out["calib_unvisited_num"] == 5
     assert out["calib_visited_rmse_corrected"] < 0.03  # the table holds the true accuracy
     assert out["calib_unvisited_rmse_corrected"] > 0.2  # unvisited rows sit at tau
@@ -75,3 +81,32 @@ def test_a_rank_with_no_probe_prompt_takes_part_and_asks_for_nothing(monkeypatch
                             num_samples=8, seed=0, step=3, ctx=ctx)
     assert asked == [] and len(reduced) == 2  # one all-reduce per group, as every rank does
     assert out["calib_visited_num"] == 1 and out["calib_unvisited_num"] == 0
+
+
+@pytest.mark.distributed
+def test_proposition_4_1_holds_inside_the_trainer(tmp_path):
+    """paced-train on DP2 (1-digit sums, a short warm start, PACED-RL defaults): after 24
+    steps (about 6 visits per prompt) the probe puts beta * log_z of the visited prompts within
+    0.1 RMS of their 32-sample accuracy (the probe's own noise removed), while those
+    accuracies spread far more than that, so no constant estimate would pass; and
+    beta * KL(pi_old || pi_theta) stays below the paper's 4e-3 on average."""
+    from megatron_paced.testing.distributed import launch_workers
+
+    save = tmp_path / "run"
+    flags = ["--task-max-digits", "1", "--task-num-prompts", "16", "--sft-warmup-iters", "150",
+             "--num-prompts-per-step", "8", "--num-samples-per-prompt", "8", "--lr", "1e-5",
+             "--prompt-selection", "uniform", "--log-prompt-accuracy",
+             "--micro-batch-size", "16", "--train-iters", "24", "--replay-per-step", "0",
+             "--max-new-tokens", "4", "--calibration-interval", "24",
+             "--calibration-prompts", "16", "--calibration-samples", "32", "--kl-interval", "4",
+             "--save", str(save)]
+    result = launch_workers("megatron_paced.train", nprocs=2, args=flags, timeout_s=600)
+    assert result.returncode == 0, result.output[-5000:]
+    rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    final = rows[-1]
+    print({k: v for k, v in final.items() if k.startswith("calib_")})
+    assert final["step"] == 24 and final["calib_visited_num"] == 16
+    assert final["calib_visited_rmse_corrected"] <= 0.1, final
+    assert final["calib_visited_acc_std"] >= 0.2, final  # a real spread of difficulty
+    kls = [r["beta_kl_old_new"] for r in rows if "beta_kl_old_new" in r]
+    assert len(kls) == 6 and sum(kls) / len(kls) < 4e-3, kls

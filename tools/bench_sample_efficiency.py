@@ -7,6 +7,8 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced                PACED-RL: TB loss against pi_old, selection near acc 0.5, replay
     paced-no-selection   ... with --prompt-selection uniform
     paced-no-replay      ... with --replay-per-step 0
+    paced-explore        ... with --selection-epsilon 0.25 (a quarter of the prompts uniform,
+                         so that prompts far from tau are revisited and their estimates renewed)
     flowrl               FlowRL: TB loss against the step-0 reference, uniform prompts
     grpo                 GRPO, uniform prompts
     grpo-dapo            GRPO with DAPO's oversample-and-filter (--dynamic-sampling); the
@@ -15,7 +17,8 @@ started with ``--load`` from one base policy and differing only in the flags of
 The cost axis is samples = completions generated (replayed samples are not new samples).
 ``DIR/results.json`` holds, per method over seeds (mean, std, per seed): samples and steps to
 reach the target held-out accuracy, final pass@1 and pass@k, the calibration error of
-``beta * log_z`` (methods with a log-Z), the share of trained groups whose rewards differ
+``beta * log_z`` (methods with a log-Z: against one observed group on the selected prompts,
+and the last calibration probe's RMSE against many-sample accuracy), the share of trained groups whose rewards differ
 (the groups with a GRPO signal) and wall time; and the headline ratio
 
     samples_to_target(paced) / samples_to_target(grpo)       (the paper's claim: <= 0.5)
@@ -66,6 +69,10 @@ METHODS = {
                             "--replay-per-step", "16", "--replay-size", "128"]),
     "paced-no-replay": ("PACED-RL w/o replay", ["--algo", "paced", "--prompt-selection",
                                                 "paced-greedy", "--replay-per-step", "0"]),
+    "paced-explore": ("PACED-RL, 25% uniform", ["--algo", "paced", "--prompt-selection",
+                                                "paced-greedy", "--selection-epsilon", "0.25",
+                                                "--replay-per-step", "16",
+                                                "--replay-size", "128"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -74,7 +81,11 @@ METHODS = {
                   ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step", "0",
                    "--dynamic-sampling"]),
 }
-HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "flowrl"}
+HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore", "flowrl"}
+# The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
+# prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
+PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",
+         "--calibration-samples", "16"]
 
 # The task and the base policy of each --task (flags shared by the base and every RL run).
 CPU_TASK = ["--task", "arithmetic", "--task-max-digits", "2", "--task-num-prompts", "256",
@@ -175,7 +186,7 @@ def train_one(args, method: str, seed: int) -> str:
                *METHODS[method][1], "--load", base_dir(args), "--seed", str(seed),
                "--train-iters", str(args.steps), "--eval-interval", str(args.eval_interval),
                "--log-prompt-accuracy", "--save", path, "--save-interval", "0",
-               *shlex.split(args.train_args)]
+               *(PROBE if method in HAS_LOG_Z else []), *shlex.split(args.train_args)]
     code, seconds = run_logged(command, os.path.join(path, "train.log"), args.threads)
     if code != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit {code}); see "
@@ -253,6 +264,13 @@ def calibration_error(rows: list[dict], tail: float = 0.5) -> float:
     pairs = [(e, o) for r in steps[int(len(steps) * (1 - tail)):]
              for e, o in zip(r["prompt_acc_est"], r["prompt_acc_obs"])]
     return sum(abs(e - o) for e, o in pairs) / len(pairs)
+
+
+def probe_error(rows: list[dict]) -> float | None:
+    """The last calibration probe's RMS error of beta * log_z on visited prompts against
+    their many-sample accuracy, the probe's noise removed (None without a probe)."""
+    probes = [r for r in rows if r.get("calib_visited_num")]
+    return probes[-1]["calib_visited_rmse_corrected"] if probes else None
 
 
 def informative_fraction(rows: list[dict]) -> float:
@@ -337,6 +355,8 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                    "calibration_error": (stats([calibration_error(r["rows"])
                                                 for r in method_runs])
                                          if method in HAS_LOG_Z else None),
+                   "probe_rmse_corrected": (stats([probe_error(r["rows"]) for r in method_runs])
+                                            if method in HAS_LOG_Z else None),
                    "informative_group_fraction": stats([informative_fraction(r["rows"])
                                                         for r in method_runs]),
                    "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
@@ -372,8 +392,9 @@ def table(results: dict) -> str:
     lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
              f"(base {results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
              f"| method | samples to target | steps to target | reached | final pass@1 | "
-             f"final pass@{k_max} | calibration err | informative groups | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"final pass@{k_max} | calibration err | probe RMSE | informative groups | "
+             f"wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for summary in methods.values():
         reached = summary["to_target"]
         lines.append(
@@ -381,6 +402,7 @@ def table(results: dict) -> str:
             f"| {reached['num_reached']}/{reached['num_seeds']} "
             f"| {fmt(summary['final']['pass@1'])} | {fmt(summary['final'][f'pass@{k_max}'])} "
             f"| {fmt(summary['calibration_error'])} "
+            f"| {fmt(summary.get('probe_rmse_corrected'))} "
             f"| {fmt(summary['informative_group_fraction'], 2)} "
             f"| {fmt(summary['wall_time_s'], 0)} |")
     if "paced_over_grpo_samples" in results:

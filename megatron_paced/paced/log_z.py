@@ -58,7 +58,7 @@ class LogZConfig:
 
     log_z_lr: float = 0.05
     """Learning rate of the log-Z table (per-prompt mean gradient, see megatron_paced.paced.log_z)."""
-    log_z_optimizer: Literal["sgd", "adam", "running-mean"] = "sgd"
+    log_z_optimizer: Literal["sgd", "adam", "running-mean"] = "running-mean"
     """Optimizer of the log-Z rows: sgd, adam (per-row moments and step counts), or
     running-mean (a row's k-th visit moves it max(1/k, --log-z-min-step) of the way to that
     visit's optimum: the mean of its visits, then an exponential average; --log-z-lr unused)."""

@@ -15,7 +15,14 @@ Monte-Carlo accuracy p_hat. For each group g in (visited, unvisited)::
                             unbiased estimate of Var(p_hat) per prompt)
     calib_g_rmse_corrected  sqrt(max(0, mean (e - p_hat)^2 - noise_var)): the estimator's
                             RMS error against the true accuracy, the probe's noise removed
+    calib_g_acc_std         the spread (std) of p_hat over the probed prompts: about the
+                            error of the best constant estimate, the scale to read the
+                            others against
     calib_g_num             prompts probed
+
+With ``per_prompt`` (``--log-prompt-accuracy``) it also logs ``calib_g_prompts``: one
+``[row, visits, estimate, p_hat]`` per probed prompt, to see which prompts the error comes
+from (e.g. rows visited once, early, whose accuracy has moved since).
 
 A perfect estimator still shows calib_g_mae of about 0.07 at p = 0.5 with M = 32; its
 corrected RMSE is about 0. A group with no prompt (nothing visited yet, or everything) logs
@@ -59,11 +66,13 @@ def calibration_stats(acc_est: torch.Tensor, p_hat: torch.Tensor, num_samples: i
     return {f"calib_{group}_mae": float(error.abs().mean()),
             f"calib_{group}_noise_var": noise_var,
             f"calib_{group}_rmse_corrected": max(0.0, mse - noise_var) ** 0.5,
+            f"calib_{group}_acc_std": float(p_hat.double().std(unbiased=False)),
             f"calib_{group}_num": len(p_hat)}
 
 
 def calibration_probe(log_z, sample_rewards: SampleRewards, problems, *, num_prompts: int,
-                      num_samples: int, seed: int, step: int, ctx) -> dict:
+                      num_samples: int, seed: int, step: int, ctx,
+                      per_prompt: bool = False) -> dict:
     """Run the probe (collective over DP; every rank returns the same figures).
     ``sample_rewards(problems, n, seed)`` -> (P, n) rewards; ``problems[row]`` is a row's."""
     visits = log_z.gather_visits()
@@ -80,4 +89,8 @@ def calibration_probe(log_z, sample_rewards: SampleRewards, problems, *, num_pro
         if ctx.dp_size > 1:
             dist.all_reduce(p_hat, group=ctx.dp_group)  # each row filled by one DP rank
         out.update(calibration_stats(acc_est[rows], p_hat, num_samples, group))
+        if per_prompt:
+            out[f"calib_{group}_prompts"] = [
+                [int(r), int(visits[r]), round(float(acc_est[r]), 4), round(float(p), 4)]
+                for r, p in zip(rows, p_hat)]
     return out

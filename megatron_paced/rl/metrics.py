@@ -115,8 +115,21 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
                      f"{evals[-1][k]:.3f}")
     lines.append(f"  training reward (first/last {window} steps) {mean(first, 'reward_mean'):.3f}"
                  f" -> {mean(last, 'reward_mean'):.3f}")
-    lines.append(f"  calibration |beta*log_z - observed group accuracy| (first/last {window} "
-                 f"steps) {mean(first, 'acc_est_mae'):.3f} -> {mean(last, 'acc_est_mae'):.3f}")
+    lines.append(f"  |beta*log_z - one observed group| on the selected prompts (first/last "
+                 f"{window} steps) {mean(first, 'acc_est_mae'):.3f} -> "
+                 f"{mean(last, 'acc_est_mae'):.3f}")
+    probes = [r for r in history if r.get("calib_visited_num")]
+    if probes:
+        probe = probes[-1]
+        lines.append(f"  calibration probe at step {probe['step']} ({probe['calib_visited_num']} "
+                     f"visited prompts x {job.eval.calibration_samples} samples): "
+                     f"beta*log_z error {probe['calib_visited_rmse_corrected']:.3f} RMS (probe "
+                     f"noise removed; raw MAE {probe['calib_visited_mae']:.3f}, accuracies "
+                     f"spread {probe['calib_visited_acc_std']:.3f})")
+    kls = [r["beta_kl_old_new"] for r in history if "beta_kl_old_new" in r]
+    if kls:
+        lines.append(f"  beta*KL(pi_old || pi_theta) after the update: mean "
+                     f"{sum(kls) / len(kls):.1e}, max {max(kls):.1e} over {len(kls)} steps")
     save = job.checkpoint.save
     if save:
         lines.append(f"  metrics {os.path.join(save, 'metrics.jsonl')}; checkpoints "
