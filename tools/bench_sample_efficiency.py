@@ -18,8 +18,9 @@ The cost axis is samples = completions generated (replayed samples are not new s
 ``DIR/results.json`` holds, per method over seeds (mean, std, per seed): samples and steps to
 reach the target held-out accuracy, final pass@1 and pass@k, the calibration error of
 ``beta * log_z`` (methods with a log-Z: against one observed group on the selected prompts,
-and the last calibration probe's RMSE against many-sample accuracy), the share of trained groups whose rewards differ
-(the groups with a GRPO signal) and wall time; and the headline ratio
+and the last calibration probe's RMSE against many-sample accuracy), the share of trained
+groups whose rewards differ (the groups with a GRPO signal) and wall time; and the headline
+ratio
 
     samples_to_target(paced) / samples_to_target(grpo)       (the paper's claim: <= 0.5)
 

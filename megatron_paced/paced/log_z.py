@@ -57,7 +57,7 @@ class LogZConfig:
     """The log-partition table and its optimizer."""
 
     log_z_lr: float = 0.05
-    """Learning rate of the log-Z table (per-prompt mean gradient, see megatron_paced.paced.log_z)."""
+    """Learning rate of the sgd and adam steps (on a row's per-prompt mean gradient)."""
     log_z_optimizer: Literal["sgd", "adam", "running-mean"] = "running-mean"
     """Optimizer of the log-Z rows: sgd, adam (per-row moments and step counts), or
     running-mean (a row's k-th visit moves it max(1/k, --log-z-min-step) of the way to that

@@ -39,7 +39,10 @@ class StepResult:
     """The loss per item (sequence or token, as the loss counts them), over all DP ranks."""
     grad_norm: float
     kl_old_theta: float
-    """Mean KL(pi_old || pi_theta) estimate the loss reported (0 if it reports none)."""
+    """Mean S_old - S_theta the loss saw, at the weights before this update (0 if it reports
+    none): zero on rows whose pi_old is the recompute, so it measures the anchor's mismatch
+    (engine log-probs, replayed rows' generation-time log-probs), not the premise of
+    Proposition 4.1; that is ``beta_kl_old_new``, after the update."""
     log_z_seconds: float
     """Time spent applying the log-Z gradient (PACED's bookkeeping)."""
 
