@@ -5,10 +5,14 @@ One step, as a straight line (:func:`train_step`)::
     select -> generate -> score -> replay -> old log-probs -> loss -> optimize -> sync -> log
 
 Every rank selects the same prompts (global selection over the sharded log-Z table); each DP
-rank generates for its share, scores, offers its samples to the distributed replay, draws its
-share of the replayed samples, and trains on the union; gradients meet in Megatron's DDP and
-in the log-Z table's all-to-all. Metrics go to ``<save>/metrics.jsonl`` (and wandb), and
-checkpoints through ``dist_checkpointing`` (:mod:`megatron_paced.checkpointing`).
+rank generates for its share and scores it; the step draws its replayed samples from what the
+earlier steps stored, then offers this step's; each rank trains on its fresh and replayed
+rows, all anchored on pi_old; gradients meet in Megatron's DDP and, for the fresh rows only,
+in the log-Z table's all-to-all. Each stage is a function of :mod:`megatron_paced.rl` (or
+:mod:`megatron_paced.paced`) over the :class:`Trainer`'s components. Every
+``--calibration-interval`` steps a probe measures ``beta * log_z`` against many-sample
+accuracy. Metrics go to ``<save>/metrics.jsonl`` (and wandb), and checkpoints through
+``dist_checkpointing`` (:mod:`megatron_paced.checkpointing`).
 
 The built-in task (``--task arithmetic``) is multi-digit addition with prompts of 1 to
 ``--task-max-digits`` digits, so that a tiny model sees every difficulty; ``--sft-warmup-iters``

@@ -68,6 +68,7 @@ def test_worker_checks_pass(invariance_dir):
             assert f"log_probs_on_every_stage[{layout},{family}]" in names
             if "pp1" in layout:  # a plain forward needs the whole model on one rank
                 assert f"engine_log_probs_equal_trainer[{layout}]" in names
+                assert f"last_prompt_feature_predicts_the_next_token[{layout},{family}]" in names
                 assert f"vocab_parallel_log_probs_equal_log_softmax[{layout},{family}]" in names
 
 
@@ -80,6 +81,10 @@ def test_layout_matches_single_process(invariance_dir, layout, family):
 
     assert _rel(ours["log_probs"], ref["log_probs"]) <= RTOL
     assert (ours["log_probs"] != 0).sum() > 0
+    for pooling in ("mean", "last"):  # prompt features for a learned log-Z head
+        assert ours[f"features_{pooling}"].shape == ref[f"features_{pooling}"].shape
+        assert _rel(ours[f"features_{pooling}"], ref[f"features_{pooling}"]) <= RTOL
+    assert not torch.allclose(ref["features_mean"], ref["features_last"])
 
     for name in names:
         assert torch.equal(ours["params_init"][name], ref["params_init"][name]), name

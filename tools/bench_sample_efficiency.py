@@ -9,6 +9,8 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced-no-replay      ... with --replay-per-step 0
     paced-explore        ... with --selection-epsilon 0.25 (a quarter of the prompts uniform,
                          so that prompts far from tau are revisited and their estimates renewed)
+    paced-rescore        ... with --replay-rescore (replay priorities against the current
+                         estimate instead of the one at insertion)
     flowrl               FlowRL: TB loss against the step-0 reference, uniform prompts
     grpo                 GRPO, uniform prompts
     grpo-dapo            GRPO with DAPO's oversample-and-filter (--dynamic-sampling); the
@@ -74,6 +76,10 @@ METHODS = {
                                                 "paced-greedy", "--selection-epsilon", "0.25",
                                                 "--replay-per-step", "16",
                                                 "--replay-size", "128"]),
+    "paced-rescore": ("PACED-RL, replay re-scored", ["--algo", "paced", "--prompt-selection",
+                                                     "paced-greedy", "--replay-per-step", "16",
+                                                     "--replay-size", "128",
+                                                     "--replay-rescore"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -82,7 +88,8 @@ METHODS = {
                   ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step", "0",
                    "--dynamic-sampling"]),
 }
-HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore", "flowrl"}
+HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
+             "paced-rescore", "flowrl"}
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
 PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",

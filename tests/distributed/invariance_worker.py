@@ -34,7 +34,7 @@ from megatron_paced.losses import (
 )
 from megatron_paced.models.config import PRESETS, ModelConfig
 from megatron_paced.models.policy import build_policy, build_reference
-from megatron_paced.models.sharding import gather_full_state_dict
+from megatron_paced.models.sharding import gather_full_state_dict, unwrap_model
 from megatron_paced.parallel import (
     ParallelContext, broadcast_from_last_stage, destroy_parallel, initialize_parallel,
 )
@@ -201,6 +201,40 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
             "grad_norm": grad_norm}
 
 
+def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
+                          ctx: ParallelContext, name: str) -> dict:
+    """Features of the batch's prompts (mean and last-token pooling of the final-norm hidden
+    states), this DP rank's share gathered; on a one-stage layout, the output layer applied to
+    the last prompt token's feature must give the log-prob of the first completion token."""
+    from megatron_paced.paced.features import prompt_features
+
+    starts = batch.completion_mask.argmax(dim=1).tolist()  # the prompt ends where it starts
+    prompts = [batch.tokens[row, :start].tolist() for row, start in enumerate(starts)]
+    out = {}
+    for pooling in ("mean", "last"):
+        features = prompt_features(policy.model, prompts, ctx, micro_batch_size=MICRO_BATCH,
+                                   pooling=pooling)
+        out[f"features_{pooling}"] = gather_over_dp(features, ctx)
+    if ctx.pp_size == 1:
+        with checks.check(f"last_prompt_feature_predicts_the_next_token[{name}]"):
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            model = unwrap_model(policy.model[0])
+            weight = (model.shared_embedding_or_output_weight()
+                      if model.share_embeddings_and_output_weights else None)
+            hidden = features.to(ctx.device)[None].to(model.output_layer.weight.dtype
+                                                         if weight is None else weight.dtype)
+            with torch.no_grad():
+                logits, _ = model.output_layer(hidden, weight=weight)
+                logits = gather_from_tensor_model_parallel_region(logits, group=ctx.tp_group)
+            next_tokens = batch.tokens[torch.arange(len(starts)), starts]
+            expected = log_probs.token_log_probs[torch.arange(len(starts)), starts]
+            got = torch.log_softmax(logits[0].float().cpu(), -1)[torch.arange(len(starts)),
+                                                                  next_tokens]
+            torch.testing.assert_close(got, expected.cpu(), rtol=1e-4, atol=1e-4)
+    return out
+
+
 def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel, seed=SEED)
@@ -226,6 +260,8 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
         check_log_probs_against_log_softmax(checks, sgd, batch, ctx, model_cfg,
                                             f"{layout},{family}")
         record["log_probs"] = gather_over_dp(log_probs.token_log_probs, ctx)
+        record.update(prompt_feature_record(checks, sgd, batch, log_probs, ctx,
+                                            f"{layout},{family}"))
         record["params_init"] = full_params(sgd, ctx)
         record["grad_norms_sgd"] = train_steps(sgd, batch, ctx, model_cfg, num_steps=1)
         record["params_sgd"] = full_params(sgd, ctx)
