@@ -170,7 +170,8 @@ def train_step(t: Trainer) -> dict:
                               local_acc_est=t.log_z.owned_acc_est if job.replay.replay_rescore
                               else None)
     replay_seconds = time.perf_counter() - replay_start
-    batch = build_train_batch(rows, groups.fresh, rewards, replayed)  # train batch
+    batch = build_train_batch(rows, groups.fresh, rewards, replayed,  # train batch
+                              replay_updates_log_z=job.replay.replay_updates_log_z)
     attach_old_log_probs(batch, num_fresh=groups.fresh.num_sequences, policy=t.policy,  # pi_old
                          reference=t.reference, ctx=ctx, vocab_size=t.model_cfg.vocab_size,
                          micro_batch_size=job.batch.micro_batch_size,

@@ -109,6 +109,8 @@ def test_replayed_rows_train_the_policy_but_do_not_move_log_z():
     replayed = [_replayed(2, 1.0, 50), _replayed(6, 1.0, 51)]  # prompt 6: only via replay
     batch = build_train_batch(torch.tensor([2]), _fresh(4), rewards, replayed)
     assert batch.extras["updates_log_z"].tolist() == [True] * 4 + [False] * 2
+    assert build_train_batch(torch.tensor([2]), _fresh(4), rewards, replayed,
+                             replay_updates_log_z=True).extras["updates_log_z"].all()
     for mask_replayed, expected in ((True, {2: 0.25, 6: 0.5}), (False, {2: 0.4, 6: 1.0})):
         table = ShardedLogZ(10, beta=beta, init_acc=0.5, lr=0.5)  # lr 0.5: to the optimum
         rows = batch.extras["log_z_rows"]

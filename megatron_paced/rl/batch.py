@@ -14,7 +14,8 @@ Only fresh rows update the table: Proposition 4.1 (beta * log_z -> the accuracy 
 a statement about samples from pi_old, and the replay holds successes chosen for their
 estimate error, whose mean reward is not the prompt's accuracy (one replayed success counted
 like a whole group pulled a row seen only through replay from 0.5 to 1.0 at lr 0.5).
-Replayed rows still train the policy, against the current log_z.
+Replayed rows still train the policy, against the current log_z. (``--replay-updates-log-z``
+restores the old behaviour, which measured better sample efficiency on the CPU benchmark.)
 
 Usage::
 
@@ -32,9 +33,11 @@ from megatron_paced.paced.replay import ReplaySample
 
 
 def build_train_batch(prompt_rows: torch.Tensor, fresh: SequenceBatch, rewards: torch.Tensor,
-                      replayed: list[ReplaySample]) -> SequenceBatch:
+                      replayed: list[ReplaySample], *,
+                      replay_updates_log_z: bool = False) -> SequenceBatch:
     """Fresh rows ((P,) log-Z rows, their (P*G)-row batch with ``rollout_log_probs`` and (P, G)
-    rewards) + the replayed samples, as one batch with the extras above."""
+    rewards) + the replayed samples, as one batch with the extras above
+    (``replay_updates_log_z``: --replay-updates-log-z, replayed rows move the table too)."""
     num_groups, group_size = rewards.shape
     num_fresh = fresh.num_sequences
     if num_fresh != num_groups * group_size or prompt_rows.numel() != num_groups:
@@ -52,6 +55,6 @@ def build_train_batch(prompt_rows: torch.Tensor, fresh: SequenceBatch, rewards: 
                         -1 - torch.arange(len(replayed))])
     return SequenceBatch(tokens, mask, {
         "log_z_rows": rows, "rewards": all_rewards,
-        "updates_log_z": torch.arange(len(rows)) < num_fresh,
+        "updates_log_z": (torch.arange(len(rows)) < num_fresh) | replay_updates_log_z,
         "advantages": group_normalized_advantages(all_rewards, groups),
         "old_log_probs": old_log_probs})

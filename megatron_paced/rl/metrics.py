@@ -71,7 +71,12 @@ def step_record(step: int, num_samples: int, rewards: torch.Tensor, acc_est: tor
                 ctx, log_prompt_accuracy: bool = False) -> dict:
     """A step's metrics.jsonl row (collective over DP): this rank's (P, G) ``rewards`` and the
     (P,) ``acc_est`` (beta * log_z before the step's update) of its prompts, averaged over DP;
-    ``losses`` from the optimization stage; ``num_replayed`` over all ranks."""
+    ``losses`` from the optimization stage; ``num_replayed`` over all ranks.
+
+    ``acc_est_mae`` is |acc_est - the accuracy of one group of G| on the *selected* prompts:
+    mostly that group's binomial noise (0.14 for a perfect estimate at G = 8 under greedy
+    selection) and the selection; the estimate's own error is the calibration probe's
+    ``calib_visited_rmse_corrected`` (megatron_paced.rl.calibration)."""
     acc_obs = rewards.double().mean(dim=1)
     reward_mean, mae, selected = dp_mean([float(rewards.mean()),
                                           float((acc_est - acc_obs).abs().mean()),
