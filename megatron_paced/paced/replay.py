@@ -71,8 +71,8 @@ class ReplayConfig:
     row of a prompt, as the TB target needs), or the generating policy's log-probs."""
     replay_updates_log_z: bool = False
     """Let replayed samples move the log-Z table too (the behaviour before 2026-12). It breaks
-    Proposition 4.1 (the success-filtered buffer pulls beta * log_z above the accuracy) but
-    measured better sample efficiency on the CPU benchmark (docs/results.md)."""
+    Proposition 4.1 (the success-filtered buffer pulls beta * log_z above the accuracy); it
+    measured better sample efficiency only with the old SGD lr 0.05 step (docs/results.md)."""
     replay_rescore: bool = False
     """Before each draw, re-score every stored sample's priority against the current
     estimate (|beta * log_z now - its group's observed accuracy|) instead of keeping the

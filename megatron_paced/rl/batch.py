@@ -14,8 +14,8 @@ Only fresh rows update the table: Proposition 4.1 (beta * log_z -> the accuracy 
 a statement about samples from pi_old, and the replay holds successes chosen for their
 estimate error, whose mean reward is not the prompt's accuracy (one replayed success counted
 like a whole group pulled a row seen only through replay from 0.5 to 1.0 at lr 0.5).
-Replayed rows still train the policy, against the current log_z. (``--replay-updates-log-z``
-restores the old behaviour, which measured better sample efficiency on the CPU benchmark.)
+Replayed rows still train the policy, against the current log_z (``--replay-updates-log-z``
+restores the old behaviour, for reproduction: docs/results.md).
 
 Usage::
 
