@@ -100,6 +100,16 @@ class SequenceBatch:
                 for i in range(0, self.num_sequences, micro_batch_size)]
 
 
+def micro_batch_size_for(num_sequences: int, largest: int) -> int:
+    """``largest`` (--micro-batch-size), or the largest size below it that divides the batch
+    (smaller while the replay buffer fills); the loss is normalized per item, so the gradient
+    does not depend on the split."""
+    size = largest
+    while num_sequences % size:
+        size -= 1
+    return size
+
+
 LastStageFn = Callable[[torch.Tensor, SequenceBatch], tuple[torch.Tensor, torch.Tensor, dict]]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_paced.paced.head import LogZHead, per_prompt_mean
+from megatron_paced.paced.head import LogZHead
+from megatron_paced.paced.log_z import per_prompt_mean
 
 
 def test_per_prompt_mean():

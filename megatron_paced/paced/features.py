@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import SequenceBatch, _forward_only
+from megatron_paced.forward_backward import SequenceBatch, _forward_only, micro_batch_size_for
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
@@ -53,9 +53,6 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt)
         mask[row, :len(prompt)] = 1.0
-    size = micro_batch_size
-    while len(prompts) % size:  # the largest micro-batch that divides the prompts
-        size -= 1
     last_chunk = unwrap_model(model[-1])
     hidden_size = last_chunk.config.hidden_size
     captured: list[torch.Tensor] = []
@@ -76,8 +73,9 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
             "features": pooled}
 
     try:
-        logs = _forward_only(model, SequenceBatch(tokens, mask, {}), pool_on_last_stage, ctx,
-                             micro_batch_size=size)
+        logs = _forward_only(
+            model, SequenceBatch(tokens, mask, {}), pool_on_last_stage, ctx,
+            micro_batch_size=micro_batch_size_for(len(prompts), micro_batch_size))
     finally:
         if hook is not None:
             hook.remove()

@@ -26,13 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def per_prompt_mean(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor,
-                                                                      torch.Tensor]:
-    """(B,) rows and (B,) per-sample gradients -> the distinct rows and each one's mean."""
-    unique, inverse = torch.unique(rows, return_inverse=True)
-    sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, grads.double())
-    return unique, sums / torch.bincount(inverse, minlength=len(unique))
+from megatron_paced.paced.log_z import per_prompt_mean
 
 
 class LogZHead(nn.Module):

@@ -95,6 +95,14 @@ def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[in
     return recv
 
 
+def per_prompt_mean(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor,
+                                                                      torch.Tensor]:
+    """(B,) rows and (B,) per-sample gradients -> the distinct rows and each one's mean."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, grads.double())
+    return unique, sums / torch.bincount(inverse, minlength=len(unique))
+
+
 class ShardedLogZ:
     """This DP rank's block of the log-Z table, with its optimizer state."""
 
@@ -185,10 +193,7 @@ class ShardedLogZ:
         order, send_counts, recv_counts, recv_rows = self._route(rows)
         recv_grads = _all_to_all(grads[order], send_counts, recv_counts, self.dp_group)
         # Work on the distinct rows received: O(batch), whatever the table size.
-        touched, inverse = torch.unique(recv_rows - self.row_start, return_inverse=True)
-        grad_sum = torch.zeros(len(touched), dtype=torch.float64).index_add_(0, inverse,
-                                                                              recv_grads)
-        mean_grad = grad_sum / torch.bincount(inverse, minlength=len(touched))
+        touched, mean_grad = per_prompt_mean(recv_rows - self.row_start, recv_grads)
         if self._updated_rows is not None:
             self._updated_rows.append(touched)
         self.visits[touched] += 1

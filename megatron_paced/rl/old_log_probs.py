@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import SequenceBatch, compute_log_probs
-from megatron_paced.rl.optimize import micro_batch_size_for
+from megatron_paced.forward_backward import SequenceBatch, compute_log_probs, micro_batch_size_for
 
 
 def attach_old_log_probs(batch: SequenceBatch, *, num_fresh: int, policy, reference, ctx,

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_paced.forward_backward import micro_batch_size_for
 from megatron_paced.rl.collect import stop_error
 
 
@@ -49,16 +50,6 @@ class StepResult:
     def metrics(self) -> dict:
         return {"loss": self.loss, "grad_norm": self.grad_norm,
                 "kl_old_theta": self.kl_old_theta}
-
-
-def micro_batch_size_for(num_sequences: int, largest: int) -> int:
-    """``largest`` (--micro-batch-size), or the largest size below it that divides the batch
-    (smaller while the replay buffer fills); the loss is normalized per item, so the gradient
-    does not depend on the split."""
-    size = largest
-    while num_sequences % size:
-        size -= 1
-    return size
 
 
 def loss_fn_for(algorithm) -> Callable:
