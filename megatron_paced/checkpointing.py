@@ -69,14 +69,16 @@ def latest_step(root: str) -> int | None:
         return int(f.read().strip())
 
 
-def _sharded_state(policy, paced: PacedState, counters: dict, is_loading: bool) -> dict:
+def _sharded_state(policy, paced: PacedState, counters: dict, is_loading: bool,
+                   saved_param: str | None = None) -> dict:
     ctx = policy.ctx
     model_sd = policy.modules()[0].sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                          metadata=_OPTIMIZER_META),
-        "paced": paced.sharded_state_dict(replica_id=(ctx.tp_rank, ctx.pp_rank)),
+        "paced": paced.sharded_state_dict(replica_id=(ctx.tp_rank, ctx.pp_rank),
+                                          saved_param=saved_param),
         "counters": dict(counters),
     }
 
@@ -266,7 +268,9 @@ def load_checkpoint(root: str, policy, paced: PacedState) -> dict:
         load_model_weights(path, policy.modules()[0], policy.model_cfg, policy.ctx)
         return {"model_only": True}
     _materialize_optimizer_state(policy.optimizer)
-    template = _sharded_state(policy, paced, {}, is_loading=True)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_param = common["paced"]["log_z_meta"].get("param", "table")  # older: a table
+    template = _sharded_state(policy, paced, {}, is_loading=True, saved_param=saved_param)
     loaded = dist_checkpointing.load(template, iteration_dir(root, step))
     policy.modules()[0].load_state_dict(loaded["model"])
     with torch.no_grad():  # Megatron copies into parameter views in place

@@ -206,9 +206,9 @@ class LogProbs:
         return (self.is_argmax | (completion_mask == 0)).all(dim=-1)
 
 
-def _forward_only(model: list[torch.nn.Module], batch: SequenceBatch,
-                  last_stage_fn: LastStageFn, ctx: ParallelContext, *,
-                  micro_batch_size: int) -> list[dict]:
+def forward_eval(model: list[torch.nn.Module], batch: SequenceBatch,
+                 last_stage_fn: LastStageFn, ctx: ParallelContext, *,
+                 micro_batch_size: int) -> list[dict]:
     """The schedule's forward pass in eval mode (the model is put back in train mode)."""
     for chunk in model:
         chunk.eval()
@@ -226,7 +226,7 @@ def compute_log_probs(
     vocab_size: int, micro_batch_size: int,
 ) -> LogProbs:
     """Token and sequence log-probs of ``batch`` (no grad), available on all PP stages."""
-    logs = _forward_only(model, batch, partial(_keep_log_probs, ctx=ctx, vocab_size=vocab_size),
+    logs = forward_eval(model, batch, partial(_keep_log_probs, ctx=ctx, vocab_size=vocab_size),
                          ctx, micro_batch_size=micro_batch_size)
     if ctx.is_last_stage:
         token_log_probs = torch.cat([log["token_log_probs"] for log in logs]).float()
@@ -259,7 +259,7 @@ def compute_logits(
     """(B, T, vocab_size) float32 logits of ``batch`` (TP shards gathered, padding rows
     dropped), on every rank. For evaluation and checks of converted weights: it materializes
     the full vocabulary for every position."""
-    logs = _forward_only(model, batch, partial(_keep_logits, ctx=ctx, vocab_size=vocab_size),
+    logs = forward_eval(model, batch, partial(_keep_logits, ctx=ctx, vocab_size=vocab_size),
                          ctx, micro_batch_size=micro_batch_size)
     shape = (*batch.tokens.shape, vocab_size)
     logits = (torch.cat([log["logits"] for log in logs]).float() if ctx.is_last_stage

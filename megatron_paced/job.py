@@ -292,6 +292,9 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             "trains no log-Z table, so every estimate stays at --target-acc and the paced "
             "rule would pick the same prompts every step; use --prompt-selection uniform (the "
             "default for --algo grpo)")
+    if job.algorithm.algo == "grpo" and job.log_z.log_z_param != "table":
+        raise ConfigError(f"--log-z-param {job.log_z.log_z_param} with --algo grpo: GRPO "
+                          "trains no log Z; leave --log-z-param at table")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
     for name in ("eval_interval", "calibration_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")

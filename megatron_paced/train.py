@@ -131,7 +131,8 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
         reference = build_reference(job.model, ctx, seed=cfg.seed, copy_from=policy,
                                     params_dtype=cfg.params_dtype)
     log_z = build_log_z_table(num_prompts, job.log_z, beta=algo.beta,
-                              target_acc=sel.target_acc, dp_group=ctx.dp_group)
+                              target_acc=sel.target_acc, dp_group=ctx.dp_group,
+                              hidden_size=job.model.hidden_size, seed=cfg.seed)
     selector = PromptSelector(sel, seed=cfg.seed, dp_group=ctx.dp_group)
     replay = DistributedReplay(job.replay, num_prompts=num_prompts, seed=cfg.seed,
                                dp_group=ctx.dp_group)
@@ -223,10 +224,48 @@ def calibrate(trainer: Trainer) -> dict:
 
     cfg = trainer.job.eval
     return calibration_probe(trainer.log_z, sample_rewards_of(trainer), trainer.task.problems,
+                             heldout_problems=trainer.task.eval_problems,
                              num_prompts=cfg.calibration_prompts,
                              num_samples=cfg.calibration_samples, seed=trainer.job.train.seed,
                              step=trainer.step, ctx=trainer.ctx,
                              per_prompt=trainer.job.logging.log_prompt_accuracy)
+
+
+def prepare_log_z_features(trainer: Trainer) -> None:
+    """The learned log-Z head's prompt features, from the policy as it starts RL (the base
+    policy), unless a checkpoint brought them (:mod:`megatron_paced.paced.features`)."""
+    from megatron_paced.checkpointing import iteration_dir, latest_step
+    from megatron_paced.paced.features import feature_cache_dir, log_z_features, prompts_digest
+
+    log_z, job, task = trainer.log_z, trainer.job, trainer.task
+    if getattr(log_z, "features", True) is not None:  # a table, or loaded with the checkpoint
+        return
+    cfg = job.log_z
+
+    def prompts_of_rows(start: int, end: int) -> list[list[int]]:
+        return [task.prompt_tokens(task.problems[row]) for row in range(start, end)]
+
+    heldout = [task.prompt_tokens(problem) for problem in task.eval_problems]
+    cache_dir = None
+    if cfg.log_z_feature_cache:
+        load = job.checkpoint.load
+        base = ({"load": os.path.realpath(iteration_dir(load, latest_step(load))),
+                 "written": os.path.getmtime(iteration_dir(load, latest_step(load)))}
+                if load and latest_step(load) is not None else
+                {"seed": job.train.seed, "sft_warmup_iters": job.train.sft_warmup_iters,
+                 "sft_lr": job.train.sft_lr})
+        identity = {"model": dataclasses.asdict(trainer.model_cfg), "base": base,
+                    "step": trainer.step, "pooling": cfg.log_z_feature_pooling,
+                    "dim": log_z.feature_dim, "seed": job.train.seed,
+                    "prompts": prompts_digest(prompts_of_rows(0, log_z.num_prompts)),
+                    "heldout": prompts_digest(heldout)}
+        cache_dir = feature_cache_dir(cfg.log_z_feature_cache, identity)
+    local, heldout_features = log_z_features(
+        trainer.policy.model, prompts_of_rows, heldout, trainer.ctx, row_start=log_z.row_start,
+        row_end=log_z.row_end, num_prompts=log_z.num_prompts, dim=log_z.feature_dim,
+        pooling=cfg.log_z_feature_pooling, micro_batch_size=job.batch.micro_batch_size,
+        seed=job.train.seed, cache_dir=cache_dir)
+    log_z.set_features(local, heldout_features)
 
 
 def sft_warmup(trainer: Trainer) -> None:
@@ -265,6 +304,8 @@ def train(job: JobConfig, task=None) -> Trainer:
         sft_warmup(trainer)
     if trainer.reference is not None and cfg.train_iters:
         load_or_save_reference(trainer)
+    if cfg.train_iters:
+        prepare_log_z_features(trainer)
     trainer.metrics.resume_at(trainer.step)
     if job.logging.wandb_project:
         trainer.metrics.start_wandb(job.logging.wandb_project, dataclasses.asdict(job))

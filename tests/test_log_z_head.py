@@ -39,7 +39,8 @@ def _generalizes():
                    < accuracy[rows]).double()
         with torch.no_grad():
             log_z = head(features[rows])
-        head.apply_gradients(features, rows, 2 * (log_z - rewards / beta))  # S_theta = S_old
+        prompts, mean_grads = per_prompt_mean(rows, 2 * (log_z - rewards / beta))  # S_theta=S_old
+        head.step(features[prompts], mean_grads)
     error = (head.acc_est(features[held_out]).clamp(0, 1) - accuracy[held_out]).abs().mean()
     spread = (accuracy[held_out] - 0.5).abs().mean()
     assert float(error) < 0.06 < float(spread), (float(error), float(spread))

@@ -11,6 +11,14 @@ of a model replica returns the same (P, H) float32 tensor. FlowRL's ``ProjZ`` re
 kind of feature (the mean of the policy's last-layer hidden states over the prompt); the
 PACED-RL paper's appendix pools a frozen reference model's embeddings.
 
+The log-Z head (:mod:`megatron_paced.paced.learned_log_z`) reads them through
+:func:`log_z_features`: each DP rank pools the prompts of its block of rows (the table's
+partition), projects them to ``--log-z-feature-dim`` by a fixed random matrix, and
+standardizes every column over all prompts (an all-reduce of sums). At 1e7 prompts and
+width 64 that is 256 bytes per prompt (2.56 GB in all, split over the DP ranks, beside the
+table's 32). With ``--log-z-feature-cache`` they are written once per (base model, prompts,
+settings) with ``dist_checkpointing``, so they re-partition on another DP size.
+
 Usage::
 
     features = prompt_features(reference.model, prompt_tokens, ctx, micro_batch_size=16)
@@ -19,12 +27,16 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import SequenceBatch, _forward_only, micro_batch_size_for
+from megatron_paced.forward_backward import SequenceBatch, forward_eval, micro_batch_size_for
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
@@ -73,7 +85,7 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
             "features": pooled}
 
     try:
-        logs = _forward_only(
+        logs = forward_eval(
             model, SequenceBatch(tokens, mask, {}), pool_on_last_stage, ctx,
             micro_batch_size=micro_batch_size_for(len(prompts), micro_batch_size))
     finally:
@@ -85,3 +97,96 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
         features = torch.empty(len(prompts), hidden_size, dtype=torch.float32,
                                device=ctx.device)
     return broadcast_from_last_stage(features, ctx).cpu()
+
+
+def project(features: torch.Tensor, dim: int, *, seed: int) -> torch.Tensor:
+    """(n, H) -> (n, dim) by a fixed Gaussian matrix / sqrt(dim), seeded (the same on every
+    rank); unchanged when ``dim`` is 0 or H."""
+    hidden = features.shape[1]
+    if dim in (0, hidden):
+        return features
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
+    return (features.double() @ matrix).float()
+
+
+def standardize(local: torch.Tensor, dp_group: dist.ProcessGroup | None,
+                *others: torch.Tensor) -> list[torch.Tensor]:
+    """Each column to mean 0 and std 1 over all prompts of all DP ranks (``local`` is this
+    rank's block); ``others`` (e.g. held-out prompts) are shifted and scaled the same way."""
+    stats = torch.cat([torch.tensor([float(len(local))], dtype=torch.float64),
+                       local.double().sum(0), (local.double() ** 2).sum(0)])
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(stats, group=dp_group)
+    width = local.shape[1]
+    count = stats[0].clamp(min=1)
+    mean = stats[1:1 + width] / count
+    std = (stats[1 + width:] / count - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    return [((x.double() - mean) / std).float() for x in (local, *others)]
+
+
+def feature_cache_dir(cache: str, identity: dict) -> str:
+    """``<cache>/<sha256 of the identity>``: one folder per (base model, prompts, settings)."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    return os.path.join(cache, key.hexdigest()[:24])
+
+
+def prompts_digest(prompts) -> str:
+    """A digest of token-id lists, for a cache key."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps(prompt).encode())
+    return digest.hexdigest()
+
+
+def _cache_state(local: torch.Tensor, heldout: torch.Tensor, row_start: int, num_prompts: int,
+                 replica_id) -> dict:
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return {"features": ShardedTensor(
+        key="features", data=local, dtype=local.dtype, local_shape=tuple(local.shape),
+        global_shape=(num_prompts, local.shape[1]), global_offset=(row_start, 0),
+        axis_fragmentations=None, replica_id=replica_id), "heldout": heldout}
+
+
+def log_z_features(model: list[torch.nn.Module], prompts_of_rows, heldout_prompts,
+                   ctx: ParallelContext, *, row_start: int, row_end: int, num_prompts: int,
+                   dim: int, pooling: Literal["mean", "last"], micro_batch_size: int, seed: int,
+                   cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-Z head's inputs (collective over the model's groups): this DP rank's block of
+    rows ``[row_start, row_end)`` and the held-out prompts, pooled, projected to ``dim`` and
+    standardized over all prompts. ``prompts_of_rows(start, end)`` gives the rows' token ids.
+    With ``cache_dir``, read from there when present, else computed and written there."""
+    from megatron.core import dist_checkpointing
+
+    hidden_size = unwrap_model(model[0]).config.hidden_size
+    width = dim or hidden_size
+    replica_id = (ctx.tp_rank, ctx.pp_rank)
+    if cache_dir and os.path.isfile(os.path.join(cache_dir, "metadata.json")):
+        template = _cache_state(torch.zeros(row_end - row_start, width), torch.zeros(0),
+                                row_start, num_prompts, replica_id)
+        loaded = dist_checkpointing.load(template, cache_dir)
+        return loaded["features"].float(), loaded["heldout"].float()
+
+    def features_of(prompts):
+        if not prompts:
+            return torch.zeros(0, hidden_size)
+        return prompt_features(model, prompts, ctx, micro_batch_size=micro_batch_size,
+                               pooling=pooling)
+
+    local = project(features_of(prompts_of_rows(row_start, row_end)), width, seed=seed)
+    heldout = project(features_of(heldout_prompts), width, seed=seed)
+    local, heldout = standardize(local, ctx.dp_group, heldout)
+    if cache_dir:
+        tmp = cache_dir + ".tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        dist_checkpointing.save(_cache_state(local, heldout, row_start, num_prompts,
+                                             replica_id), tmp)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            os.replace(tmp, cache_dir)
+        dist.barrier()
+    return local, heldout

@@ -3,21 +3,24 @@
 The paper's log Z is a function of the prompt (a 3-layer MLP over prompt embeddings), not a
 free number per prompt; a function generalizes to prompts never drawn and shares what it
 learns between similar prompts. Here the head reads the prompt features of
-:mod:`megatron_paced.paced.features` and outputs log Z on the 1/beta scale::
+:mod:`megatron_paced.paced.features` and outputs log Z on the 1/beta scale, the MLP on the
+accuracy scale (so that its learning rate does not depend on beta)::
 
-    log_z(x) = init_acc / beta + MLP(feature(x))       (the last layer starts at zero)
+    log_z(x) = (init_acc + MLP(feature(x))) / beta      (the last layer starts at zero)
 
 It is trained by the gradient that reaches ``log_z`` in the loss, ``d loss / d log_z =
 2 delta`` per sample, normalized per prompt as the table's is: each prompt's mean over its
-fresh samples, then the mean over the step's prompts on all DP ranks (an all-reduce of the
-summed parameter gradients and the prompt count). Every rank of the DP group sees the same
-update, so the replicated parameters stay equal; the head has its own Adam optimizer.
+fresh samples (the caller's :func:`~megatron_paced.paced.log_z.per_prompt_mean`), then the
+mean over the step's prompts on all DP ranks (an all-reduce of the summed parameter
+gradients and the prompt count). Every rank of the DP group sees the same update, so the
+replicated parameters stay equal; the head has its own Adam optimizer.
 
 Usage::
 
     head = LogZHead(feature_dim=64, width=128, beta=0.05, init_acc=0.5, lr=1e-3)
     log_z = head(features[rows])                          # (B,), on the 1/beta scale
-    head.apply_gradients(features, rows, grads, dp_group=ctx.dp_group)
+    prompts, mean_grads = per_prompt_mean(rows, grads)
+    head.step(features[prompts], mean_grads, dp_group=ctx.dp_group)   # collective
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from megatron_paced.paced.log_z import per_prompt_mean
 
 
 class LogZHead(nn.Module):
@@ -50,29 +51,29 @@ class LogZHead(nn.Module):
                     linear.weight.zero_()  # log Z starts at init_acc / beta everywhere
             layers += [linear] + ([nn.GELU()] if i < num_layers - 1 else [])
         self.mlp = nn.Sequential(*layers)
-        self.beta, self.offset = float(beta), float(init_acc) / float(beta)
+        self.beta, self.init_acc = float(beta), float(init_acc)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(n, F) features -> (n,) log Z on the 1/beta scale."""
-        return self.offset + self.mlp(features.double()).squeeze(-1)
+        return (self.init_acc + self.mlp(features.double()).squeeze(-1)) / self.beta
 
     @torch.no_grad()
     def acc_est(self, features: torch.Tensor) -> torch.Tensor:
         """beta * log Z of each prompt, float64."""
         return self.beta * self(features)
 
-    def apply_gradients(self, features: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
-                        *, dp_group: dist.ProcessGroup | None = None) -> int:
-        """One optimizer step from the per-sample ``grads`` (d loss / d log_z) of ``rows``
-        (collective over ``dp_group``); ``features[row]`` is a row's feature. Returns the
-        number of prompts (all DP ranks) the step averaged over."""
-        unique, mean_grad = per_prompt_mean(rows, grads)
+    def step(self, prompt_features: torch.Tensor, prompt_grads: torch.Tensor, *,
+             dp_group: dist.ProcessGroup | None = None) -> int:
+        """One optimizer step (collective over ``dp_group``): ``prompt_grads[i]`` is the mean
+        d loss / d log_z of the prompt whose feature is ``prompt_features[i]`` (distinct
+        prompts; a rank may have none). Returns the number of prompts (all DP ranks) the step
+        averaged over."""
         self.optimizer.zero_grad(set_to_none=False)
-        if len(unique):
-            (self(features[unique]) * mean_grad).sum().backward()
+        if len(prompt_grads):
+            (self(prompt_features) * prompt_grads.double()).sum().backward()
         flat = torch.cat([p.grad.flatten() for p in self.parameters()]
-                         + [torch.tensor([float(len(unique))], dtype=torch.float64)])
+                         + [torch.tensor([float(len(prompt_grads))], dtype=torch.float64)])
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(flat, group=dp_group)
         count = float(flat[-1])

@@ -66,12 +66,39 @@ class LogZConfig:
     """running-mean: the smallest step, so that a row keeps forgetting as the policy moves."""
     log_z_init_acc: Optional[float] = None
     """Accuracy estimate of an unvisited prompt (log_z = init / beta); default: --target-acc."""
+    log_z_param: Literal["table", "head", "hybrid"] = "table"
+    """What log Z is: table (a free number per prompt), head (an MLP over prompt features,
+    the paper's form: it also estimates prompts never drawn) or hybrid (head + a per-prompt
+    residual table starting at 0). See docs/results.md for the measurements."""
+    log_z_head_width: int = 128
+    """head, hybrid: hidden width of the MLP."""
+    log_z_head_layers: int = 3
+    """head, hybrid: linear layers of the MLP (the paper: 3)."""
+    log_z_head_lr: float = 1e-3
+    """head, hybrid: Adam learning rate of the MLP (its output is on the accuracy scale)."""
+    log_z_feature_pooling: Literal["mean", "last"] = "mean"
+    """head, hybrid: a prompt's feature is the mean (or the last token's) final hidden state of
+    the base policy over the prompt tokens."""
+    log_z_feature_dim: int = 64
+    """head, hybrid: features are projected to this width by a fixed random matrix (0: the
+    model's hidden size); 4 bytes per prompt each, sharded over DP like the table."""
+    log_z_feature_cache: Optional[str] = None
+    """head, hybrid: a directory where features are kept, keyed by base model, prompts and
+    feature settings, so that runs from the same base policy compute them once."""
 
     def validate(self) -> None:
         require(math.isfinite(self.log_z_lr) and self.log_z_lr > 0, "log_z_lr", self.log_z_lr,
                 "must be a finite number > 0")
         require(0.0 < self.log_z_min_step <= 1.0, "log_z_min_step", self.log_z_min_step,
                 "must be in (0, 1]")
+        require(self.log_z_head_width >= 1, "log_z_head_width", self.log_z_head_width,
+                "must be >= 1")
+        require(self.log_z_head_layers >= 1, "log_z_head_layers", self.log_z_head_layers,
+                "must be >= 1")
+        require(math.isfinite(self.log_z_head_lr) and self.log_z_head_lr > 0, "log_z_head_lr",
+                self.log_z_head_lr, "must be a finite number > 0")
+        require(self.log_z_feature_dim >= 0, "log_z_feature_dim", self.log_z_feature_dim,
+                "must be >= 0 (0: the hidden size)")
         if self.log_z_init_acc is not None:
             require(0.0 <= self.log_z_init_acc <= 1.0, "log_z_init_acc", self.log_z_init_acc,
                     "must be in [0, 1]")
@@ -168,7 +195,7 @@ class ShardedLogZ:
         rows = rows.to(torch.int64).cpu()
         self._check_rows(rows)
         order, send_counts, recv_counts, recv_rows = self._route(rows)
-        answers = self.values[recv_rows - self.row_start]
+        answers = self.local_log_z(recv_rows - self.row_start)
         replies = _all_to_all(answers, recv_counts, send_counts, self.dp_group)
         out = torch.empty(len(rows), dtype=torch.float64)
         out[order] = replies
@@ -197,13 +224,18 @@ class ShardedLogZ:
         if self._updated_rows is not None:
             self._updated_rows.append(touched)
         self.visits[touched] += 1
+        self._step_rows(touched, mean_grad)
+        return len(touched)
+
+    def _step_rows(self, touched: torch.Tensor, mean_grad: torch.Tensor) -> None:
+        """The optimizer step of the local rows ``touched`` (visits already counted)."""
         if self.optimizer == "sgd":
             self.values[touched] -= self.lr * mean_grad
-            return len(touched)
+            return
         if self.optimizer == "running-mean":  # mean_grad / 2 = log_z - this visit's optimum
             fraction = (1.0 / self.visits[touched].double()).clamp(min=self.min_step)
             self.values[touched] -= fraction * mean_grad / 2
-            return len(touched)
+            return
         beta1, beta2 = self.adam_betas
         steps = self.visits[touched].double()
         self.exp_avg[touched] = beta1 * self.exp_avg[touched] + (1 - beta1) * mean_grad
@@ -211,20 +243,27 @@ class ShardedLogZ:
         m_hat = self.exp_avg[touched] / (1 - beta1 ** steps)
         v_hat = self.exp_avg_sq[touched] / (1 - beta2 ** steps)
         self.values[touched] -= self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
-        return len(touched)
 
     # ---- estimates -----------------------------------------------------------------------
+    def local_log_z(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """log_z of this rank's rows (all, or the given local row indices), float64."""
+        return self.values if rows is None else self.values[rows]
+
     def acc_est(self, rows: torch.Tensor) -> torch.Tensor:
         """beta * log_z of the given rows, from their owners (collective): (n,) -> float64."""
         return self.lookup(rows).double() * self.beta
 
     def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """beta * log_z of this rank's rows (all, or the given local row indices), float64."""
-        return self.beta * (self.values if rows is None else self.values[rows])
+        return self.beta * self.local_log_z(rows)
 
     def owned_acc_est(self, rows: torch.Tensor) -> torch.Tensor:
         """beta * log_z of global rows this rank owns (no collective), float64."""
         return self.local_acc_est(rows - self.row_start)
+
+    def heldout_acc_est(self, index: torch.Tensor) -> torch.Tensor:
+        """The estimate of prompts outside the table (held out): init_acc, float64."""
+        return torch.full((len(index),), self.init_acc, dtype=torch.float64)
 
     def gather_acc_est(self) -> torch.Tensor:
         """beta * log_z of every prompt on every rank: (num_prompts,) float64, one all-reduce.
@@ -276,10 +315,20 @@ class ShardedLogZ:
 
 
 def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_acc: float,
-                      dp_group: dist.ProcessGroup | None = None) -> ShardedLogZ:
-    """The table from its flags; ``--log-z-init-acc`` defaults to ``--target-acc`` (tau)."""
+                      dp_group: dist.ProcessGroup | None = None, hidden_size: int = 0,
+                      seed: int = 0) -> ShardedLogZ:
+    """log Z from its flags: the table, or with ``--log-z-param head|hybrid`` a
+    :class:`~megatron_paced.paced.learned_log_z.LearnedLogZ` (its features are set later,
+    from the base policy). ``--log-z-init-acc`` defaults to ``--target-acc`` (tau)."""
     cfg.validate()
     init_acc = target_acc if cfg.log_z_init_acc is None else cfg.log_z_init_acc
-    return ShardedLogZ(num_prompts, beta=beta, init_acc=init_acc, lr=cfg.log_z_lr,
-                       optimizer=cfg.log_z_optimizer, dp_group=dp_group,
-                       min_step=cfg.log_z_min_step)
+    kwargs = dict(beta=beta, init_acc=init_acc, lr=cfg.log_z_lr, optimizer=cfg.log_z_optimizer,
+                  dp_group=dp_group, min_step=cfg.log_z_min_step)
+    if cfg.log_z_param == "table":
+        return ShardedLogZ(num_prompts, **kwargs)
+    from megatron_paced.paced.learned_log_z import LearnedLogZ
+
+    return LearnedLogZ(num_prompts, param=cfg.log_z_param,
+                       feature_dim=cfg.log_z_feature_dim or hidden_size,
+                       width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
+                       head_lr=cfg.log_z_head_lr, seed=seed, **kwargs)

@@ -28,6 +28,13 @@ Distributed (the table is sharded by row over DP):
   ``num`` pool rows remain above the threshold -- exact, O(batch) per step amortized.
   paced-soft re-draws its noise every step and so makes one pass over the local rows.
 
+A learned log Z (``--log-z-param head|hybrid``) moves every prompt's estimate at every step, so
+no pool stays valid: each step draws ``--selection-candidates`` prompts uniformly from all of
+them (visited or not; all prompts when there are fewer), the same on every rank, scores them
+through the log-Z lookup (each owner evaluates the head on its candidates) and picks among
+them by the paced rule; ties go to the earlier-drawn candidate. O(candidates) per step,
+whatever the table size.
+
 Usage::
 
     selector = PromptSelector(SelectionConfig(prompt_selection="paced-greedy"), seed=1,
@@ -49,7 +56,7 @@ from megatron_paced.config import require
 from megatron_paced.utils import derive_seed
 
 BLOCK = 1 << 12
-TIE_STREAM, SOFT_STREAM, UNIFORM_STREAM = 0, 1, 2
+TIE_STREAM, SOFT_STREAM, UNIFORM_STREAM, CANDIDATE_STREAM = 0, 1, 2, 3
 
 
 def block_uniforms(start: int, end: int, *, seed: int, step: int, stream: int) -> torch.Tensor:
@@ -82,6 +89,9 @@ class SelectionConfig:
     selection_gather_max: int = 100_000
     """Tables up to this many prompts all-reduce the estimates; larger ones exchange
     per-rank candidates (O(batch x dp))."""
+    selection_candidates: int = 8192
+    """--log-z-param head|hybrid: prompts drawn uniformly and scored each step (all prompts
+    when there are fewer)."""
 
     def validate(self) -> None:
         require(0.0 < self.target_acc < 1.0, "target_acc", self.target_acc,
@@ -92,6 +102,8 @@ class SelectionConfig:
                 "selection_temperature", self.selection_temperature, "must be > 0")
         require(self.selection_gather_max >= 0, "selection_gather_max",
                 self.selection_gather_max, "must be >= 0")
+        require(self.selection_candidates >= 1, "selection_candidates",
+                self.selection_candidates, "must be >= 1")
 
 
 def num_uniform_slots(num: int, cfg: SelectionConfig, *, seed: int, step: int) -> int:
@@ -104,11 +116,13 @@ def num_uniform_slots(num: int, cfg: SelectionConfig, *, seed: int, step: int) -
     return int((torch.rand(num, generator=gen) < cfg.selection_epsilon).sum())
 
 
-def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int) -> torch.Tensor:
-    """``num`` distinct ids drawn uniformly from [0, num_prompts), in O(num) when num is small."""
+def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int,
+                     stream: int = UNIFORM_STREAM) -> torch.Tensor:
+    """``num`` distinct ids drawn uniformly from [0, num_prompts), in random order, in O(num)
+    when num is small."""
     if num == 0:
         return torch.zeros(0, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(derive_seed(seed, step, UNIFORM_STREAM, 0))
+    gen = torch.Generator().manual_seed(derive_seed(seed, step, stream, 0))
     if 2 * num > num_prompts:
         return torch.randperm(num_prompts, generator=gen)[:num]
     chosen: dict[int, None] = {}
@@ -226,6 +240,8 @@ class PromptSelector:
 
     def select(self, table, num: int, step: int) -> torch.Tensor:
         cfg, seed = self.cfg, self.seed
+        if getattr(table, "scores_change_every_step", False) and cfg.prompt_selection != "uniform":
+            return self._select_from_candidates(table, num, step)
         if table.num_prompts <= cfg.selection_gather_max:
             if self._tie is None:
                 self._tie = block_uniforms(0, table.num_prompts, seed=seed, step=-1,
@@ -254,6 +270,26 @@ class PromptSelector:
         cand_keys, cand_ids = self._gather_candidates(local_keys, local_ids, num)
         _, paced_ids = _top_excluding(cand_keys, cand_ids, num - n_uniform, uniform_ids)
         return torch.cat([uniform_ids, paced_ids])
+
+    def _select_from_candidates(self, table, num: int, step: int) -> torch.Tensor:
+        """A seeded uniform pool scored through ``table.acc_est`` (collective)."""
+        cfg, seed = self.cfg, self.seed
+        require(1 <= num <= table.num_prompts, "num_prompts_per_step", num,
+                f"must be in [1, {table.num_prompts}] (the number of prompts in the table)")
+        n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
+        uniform_ids = draw_uniform_ids(table.num_prompts, n_uniform, seed=seed, step=step)
+        size = min(table.num_prompts, max(cfg.selection_candidates, num))
+        pool = draw_uniform_ids(table.num_prompts, size, seed=seed, step=step,
+                                stream=CANDIDATE_STREAM)
+        pool = pool[~torch.isin(pool, uniform_ids)]
+        position = torch.arange(len(pool), dtype=torch.float64) / max(len(pool), 1)
+        soft = None
+        if cfg.prompt_selection == "paced-soft":
+            gen = torch.Generator().manual_seed(derive_seed(seed, step, SOFT_STREAM, 0))
+            soft = torch.rand(len(pool), generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+        keys = paced_keys(table.acc_est(pool), position, cfg, soft)
+        _, order = torch.sort(keys, descending=True, stable=True)
+        return torch.cat([uniform_ids, pool[order[:num - n_uniform]]])
 
     def _gather_candidates(self, keys: torch.Tensor, ids: torch.Tensor, k: int):
         pad = k - len(keys)  # a rank with fewer rows than k pads with -inf / id -1

@@ -1,6 +1,7 @@
 """The PACED state (log-Z table, selector, replay) as one Megatron sharded state dict.
 
-The log-Z table and its optimizer state are ``ShardedTensor`` blocks of global
+The log-Z table and its optimizer state (and, with ``--log-z-param head|hybrid``, the prompt
+features) are ``ShardedTensor`` blocks of global
 (num_prompts,) tensors, so ``dist_checkpointing`` writes each row once and re-partitions on
 load when the DP size changes. The replay buffer (small by design) and the selector's
 settings are common state, written once and re-split by row on load.
@@ -23,15 +24,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_paced.paced.log_z import ShardedLogZ
+
+
+def log_z_param_of(table) -> str:
+    """table, head or hybrid (--log-z-param)."""
+    return getattr(table, "param", "table")
+
 
 def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
-                             prefix: str = "paced.") -> dict:
+                             prefix: str = "paced.", saved_param: str | None = None) -> dict:
     """Collective (the replay buffer is gathered). ``replica_id`` is all zeros on one
-    replica (TP/PP peer) of each DP rank."""
+    replica (TP/PP peer) of each DP rank. ``saved_param``: when loading, the checkpoint's
+    --log-z-param (a table checkpoint has no head or features to read)."""
+    if saved_param == "table" and log_z_param_of(table) != "table":
+        log_z = ShardedLogZ.sharded_state_dict(table, prefix=f"{prefix}log_z.",
+                                               replica_id=replica_id)
+    else:
+        log_z = table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id)
     return {
-        "log_z": table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id),
+        "log_z": log_z,
         "log_z_meta": {"num_prompts": table.num_prompts, "beta": table.beta,
-                       "optimizer": table.optimizer},
+                       "optimizer": table.optimizer, "param": log_z_param_of(table)},
         "selector": selector.state_dict(),
         "replay": replay.state_dict(),
     }
@@ -47,7 +61,14 @@ def load_paced_state(loaded: dict, table, selector, replay) -> list[str]:
     if meta["beta"] != table.beta:
         raise ValueError(f"checkpoint was trained with --beta {meta['beta']}; this run has "
                          f"--beta {table.beta} (log_z lives on a 1/beta scale)")
-    table.load_state_dict(loaded["log_z"])
+    saved_param, param = meta.get("param", "table"), log_z_param_of(table)
+    if param == "table":
+        if saved_param != "table":
+            raise ValueError(f"checkpoint was trained with --log-z-param {saved_param}; this "
+                             "run has --log-z-param table, which cannot hold its head")
+        table.load_state_dict(loaded["log_z"])
+    else:
+        table.load_state_dict(loaded["log_z"], saved_param=saved_param)
     replay.load_state_dict(loaded["replay"])
     return selector.load_state_dict(loaded["selector"])
 
@@ -60,9 +81,9 @@ class PacedState:
     selector: object
     replay: object
 
-    def sharded_state_dict(self, replica_id=(0,)) -> dict:
+    def sharded_state_dict(self, replica_id=(0,), saved_param: str | None = None) -> dict:
         return paced_sharded_state_dict(self.log_z, self.selector, self.replay,
-                                        replica_id=replica_id)
+                                        replica_id=replica_id, saved_param=saved_param)
 
     def load_state_dict(self, loaded: dict) -> list[str]:
         return load_paced_state(loaded, self.log_z, self.selector, self.replay)

@@ -5,10 +5,13 @@ Proposition 4.1 says ``beta * log_z[x]`` converges to the accuracy of x under pi
 group of G samples on the *selected* prompts: mostly the group's binomial noise and the
 selection, not the estimate. The probe measures the estimate itself. Every
 ``--calibration-interval`` steps it draws up to ``--calibration-prompts`` prompts uniformly
-from the training prompts the table has visited and as many from those it never visited,
+from the training prompts the table has visited, as many from those it never visited, and
+(given ``heldout_problems``, e.g. the eval set) as many prompts held out from training,
 samples ``--calibration-samples`` (M) completions of each (not trained on, not counted in
 ``num_samples``), and compares the clamped estimate e = clamp(beta * log_z, 0, 1) with the
-Monte-Carlo accuracy p_hat. For each group g in (visited, unvisited)::
+Monte-Carlo accuracy p_hat. A held-out prompt's estimate is the learned head's (``--log-z-param
+head|hybrid``), or the table's prior ``--log-z-init-acc`` (the best a table can say). For
+each group g in (visited, unvisited, heldout)::
 
     calib_g_mae             mean |e - p_hat|
     calib_g_noise_var       mean p_hat (1 - p_hat) / (M - 1)   (the probe's own noise: an
@@ -71,26 +74,34 @@ def calibration_stats(acc_est: torch.Tensor, p_hat: torch.Tensor, num_samples: i
 
 
 def calibration_probe(log_z, sample_rewards: SampleRewards, problems, *, num_prompts: int,
-                      num_samples: int, seed: int, step: int, ctx,
+                      num_samples: int, seed: int, step: int, ctx, heldout_problems=None,
                       per_prompt: bool = False) -> dict:
     """Run the probe (collective over DP; every rank returns the same figures).
     ``sample_rewards(problems, n, seed)`` -> (P, n) rewards; ``problems[row]`` is a row's."""
     visits = log_z.gather_visits()
-    acc_est = log_z.gather_acc_est().clamp(0.0, 1.0)
+    groups = probe_rows(visits, num_prompts, seed=seed, step=step)
+    estimates = {group: log_z.acc_est(rows) for group, rows in groups.items()}
+    sources = {"visited": problems, "unvisited": problems}
+    if heldout_problems:
+        gen = torch.Generator().manual_seed(derive_seed(seed, step, CALIBRATION_STREAM, 9))
+        groups["heldout"] = torch.randperm(len(heldout_problems), generator=gen)[:num_prompts]
+        estimates["heldout"] = log_z.heldout_acc_est(groups["heldout"])
+        sources["heldout"] = heldout_problems
     out: dict = {}
-    for index, (group, rows) in enumerate(probe_rows(visits, num_prompts, seed=seed,
-                                                     step=step).items()):
+    for index, (group, rows) in enumerate(groups.items()):
+        acc_est = estimates[group].clamp(0.0, 1.0)
         p_hat = torch.zeros(len(rows), dtype=torch.float64)
         mine = torch.arange(len(rows))[ctx.dp_rank::ctx.dp_size]  # may be empty
         if len(mine):
-            rewards = sample_rewards([problems[int(r)] for r in rows[mine]], num_samples,
+            rewards = sample_rewards([sources[group][int(r)] for r in rows[mine]], num_samples,
                                      derive_seed(seed, step, CALIBRATION_STREAM, index + 1))
             p_hat[mine] = rewards.double().mean(dim=1)
         if ctx.dp_size > 1:
             dist.all_reduce(p_hat, group=ctx.dp_group)  # each row filled by one DP rank
-        out.update(calibration_stats(acc_est[rows], p_hat, num_samples, group))
+        out.update(calibration_stats(acc_est, p_hat, num_samples, group))
         if per_prompt:
+            seen = visits[rows] if group != "heldout" else torch.zeros(len(rows))
             out[f"calib_{group}_prompts"] = [
-                [int(r), int(visits[r]), round(float(acc_est[r]), 4), round(float(p), 4)]
-                for r, p in zip(rows, p_hat)]
+                [int(r), int(v), round(float(e), 4), round(float(p), 4)]
+                for r, v, e, p in zip(rows, seen, acc_est, p_hat)]
     return out
