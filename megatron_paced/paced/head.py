@@ -72,6 +72,9 @@ class LogZHead(nn.Module):
         self.optimizer.zero_grad(set_to_none=False)
         if len(prompt_grads):
             (self(prompt_features) * prompt_grads.double()).sum().backward()
+        for p in self.parameters():  # a rank with no prompt yet has no .grad
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.flatten() for p in self.parameters()]
                          + [torch.tensor([float(len(prompt_grads))], dtype=torch.float64)])
         if dp_group is not None and dist.get_world_size(dp_group) > 1:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ParallelConfig
+from megatron_paced.paced.learned_log_z import LearnedLogZ
 from megatron_paced.paced.log_z import ShardedLogZ
 from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample
 from megatron_paced.paced.selection import PromptSelector, SelectionConfig
@@ -52,6 +53,58 @@ def make_samples(ids, rewards, step):
 def tables(dp_group, optimizer):
     kwargs = dict(beta=0.05, init_acc=0.5, lr=0.3, optimizer=optimizer)
     return ShardedLogZ(NUM_PROMPTS, dp_group=dp_group, **kwargs), ShardedLogZ(NUM_PROMPTS, **kwargs)
+
+
+FEATURE_DIM = 8
+LEARNED_STEPS = 12
+
+
+def learned_tables(dp_group, param="hybrid"):
+    """A learned log Z on DP and its single-process reference, with the same features."""
+    features = torch.randn(NUM_PROMPTS, FEATURE_DIM, generator=torch.Generator().manual_seed(5))
+    heldout = torch.randn(16, FEATURE_DIM, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(param=param, feature_dim=FEATURE_DIM, width=16, beta=0.05, init_acc=0.5,
+                  lr=0.3, optimizer="running-mean", head_lr=3e-2, seed=SEED)
+    sharded = LearnedLogZ(NUM_PROMPTS, dp_group=dp_group, **kwargs)
+    reference = LearnedLogZ(NUM_PROMPTS, **kwargs)
+    sharded.set_features(features[sharded.row_start:sharded.row_end], heldout)
+    reference.set_features(features, heldout)
+    return sharded, reference
+
+
+def check_learned(name: str, ctx, checks: CheckRecorder, mine: slice) -> LearnedLogZ:
+    """Lookups, updates, head outputs and candidate selections of a hybrid log Z on DP equal
+    the single-process ones."""
+    sharded, reference = learned_tables(ctx.dp_group)
+    with checks.check(f"learned_log_z_equal_single_process[{name}]"):
+        for step in range(LEARNED_STEPS):
+            ids, grads, _ = global_stream(step)
+            torch.testing.assert_close(sharded.lookup(ids[mine]), reference.lookup(ids)[mine],
+                                       rtol=1e-6, atol=0)
+            sharded.apply_gradients(ids[mine], grads[mine])
+            reference.apply_gradients(ids, grads)
+        torch.testing.assert_close(sharded.gather_acc_est(), reference.gather_acc_est(),
+                                   rtol=1e-9, atol=1e-12)
+        for mine_p, ref_p in zip(sharded.head.parameters(), reference.head.parameters()):
+            torch.testing.assert_close(mine_p, ref_p, rtol=1e-9, atol=1e-12)
+            assert same_everywhere(mine_p.detach().clone())
+        index = torch.arange(16)
+        torch.testing.assert_close(sharded.heldout_acc_est(index),
+                                   reference.heldout_acc_est(index), rtol=1e-9, atol=1e-12)
+        # The head moved every prompt, visited or not, away from tau.
+        assert float((reference.heldout_acc_est(index) - 0.5).abs().min()) > 1e-4
+    with checks.check(f"learned_selection_equal_single_process[{name}]"):
+        for rule in ("paced-greedy", "paced-soft"):
+            cfg = SelectionConfig(prompt_selection=rule, selection_epsilon=0.2,
+                                  selection_candidates=200)
+            dist_selector = PromptSelector(cfg, seed=SEED, dp_group=ctx.dp_group)
+            ref_selector = PromptSelector(cfg, seed=SEED)
+            for step in range(3):
+                chosen = dist_selector.select(sharded, 32, step)
+                expected = ref_selector.select(reference, 32, step)
+                assert torch.equal(chosen, expected), (rule, step, chosen, expected)
+                assert same_everywhere(chosen) and len(set(chosen.tolist())) == 32
+    return sharded
 
 
 def same_everywhere(tensor: torch.Tensor) -> bool:
@@ -100,6 +153,7 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                     assert torch.equal(chosen, expected), (path, step, chosen, expected)
                     assert same_everywhere(chosen)
                     assert len(set(chosen.tolist())) == 32
+    learned = check_learned(name, ctx, checks, mine)
     # The Adam table (non-trivial optimizer state) goes into the checkpoint below.
     with checks.check(f"replay_equal_single_process[{name}]"):
         for step in range(STEPS):
@@ -152,6 +206,29 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
             assert [(i["row"], i["insertion"]) for i in got] == saved["replay"]
             assert all(fresh_replay.partition.owner_of(i["row"]) == dp_rank
                        for i in [vars(s) for s in fresh_replay.items])
+        with checks.check(f"learned_checkpoint_reshards[{load_from}->{name}]"):
+            fresh, _ = learned_tables(ctx.dp_group)
+            fresh.features.zero_()  # the features must come from the checkpoint
+            template = paced_sharded_state_dict(fresh, fresh_selector, fresh_replay,
+                                                replica_id=replica_id)
+            loaded = dist_checkpointing.load(template, str(out / f"learned_{load_from}"))
+            load_paced_state(loaded, fresh, fresh_selector, fresh_replay)
+            # The same weights and features; float64 sums of another batch split: 1 ulp.
+            torch.testing.assert_close(fresh.gather_acc_est(), saved["learned_acc_est"],
+                                       rtol=0, atol=1e-12)
+            for param, saved_param in zip(fresh.head.parameters(), saved["head"]):
+                torch.testing.assert_close(param.detach(), saved_param, rtol=0, atol=0)
+            torch.testing.assert_close(fresh.head.optimizer.state_dict()["state"][0]["exp_avg"],
+                                       saved["head_exp_avg"], rtol=0, atol=0)
+        with checks.check(f"table_checkpoint_loads_as_hybrid[{load_from}->{name}]"):
+            hybrid, _ = learned_tables(ctx.dp_group)
+            template = paced_sharded_state_dict(hybrid, fresh_selector, fresh_replay,
+                                                replica_id=replica_id, saved_param="table")
+            loaded = dist_checkpointing.load(template, str(out / load_from))
+            load_paced_state(loaded, hybrid, fresh_selector, fresh_replay)
+            # The fresh head is tau / beta everywhere; the residual keeps the rest.
+            torch.testing.assert_close(hybrid.gather_acc_est(), saved["acc_est"], rtol=0,
+                                       atol=1e-12)
     if save_to is not None:
         from megatron.core import dist_checkpointing
 
@@ -159,7 +236,14 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
         dist_checkpointing.save(paced_sharded_state_dict(sharded, selectors["gather"][0],
                                                          replay, replica_id=replica_id),
                                 str(out / save_to))
+        (out / f"learned_{save_to}").mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(paced_sharded_state_dict(learned, selectors["gather"][0],
+                                                         replay, replica_id=replica_id),
+                                str(out / f"learned_{save_to}"))
         expected = {"acc_est": reference.gather_acc_est(),
+                    "learned_acc_est": learned.gather_acc_est(),
+                    "head": [p.detach().clone() for p in learned.head.parameters()],
+                    "head_exp_avg": learned.head.optimizer.state_dict()["state"][0]["exp_avg"],
                     "replay": [(i["row"], i["insertion"])
                                for i in replay_ref.state_dict()["items"]]}
         for field in ("values", "visits", "exp_avg", "exp_avg_sq"):
