@@ -84,6 +84,8 @@ def test_layout_matches_single_process(invariance_dir, layout, family):
     for pooling in ("mean", "last"):  # prompt features for a learned log-Z head
         assert ours[f"features_{pooling}"].shape == ref[f"features_{pooling}"].shape
         assert _rel(ours[f"features_{pooling}"], ref[f"features_{pooling}"]) <= RTOL
+        assert _rel(ours[f"log_z_head_{pooling}"], ref[f"log_z_head_{pooling}"]) <= RTOL
+        assert float(ref[f"log_z_head_{pooling}"].std()) > 0  # the head's step moved it
     assert not torch.allclose(ref["features_mean"], ref["features_last"])
 
     for name in names:

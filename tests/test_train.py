@@ -16,7 +16,7 @@ COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--mic
           "--save-interval", "2", "--max-new-tokens", "6"]
 TIMINGS = ("step_time_s", "paced_overhead_s")
 # The calibration probe and the KL measurement every 2 steps: their figures must resume too.
-PROBES = ["--calibration-interval", "2", "--calibration-prompts", "4", "--calibration-samples",
+PROBES = ["--log-z-param", "hybrid", "--calibration-interval", "2", "--calibration-prompts", "4", "--calibration-samples",
           "4", "--kl-interval", "2"]
 
 
@@ -38,7 +38,8 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     """One interrupted run, stopped twice: a NaN loss at step 3 stops it with a message (the
     step-2 checkpoint intact); resumed, it is killed after step 3 (before its next save);
     resumed again, its metrics equal an uninterrupted run's. The uninterrupted DP2 checkpoint
-    then resumes on DP1."""
+    then resumes on DP1. log Z is the hybrid (head, residual table, features: all in the
+    checkpoint)."""
     full, run, moved = tmp_path / "full", tmp_path / "run", tmp_path / "moved"
     _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(full)])
     uninterrupted = _metrics(full / "metrics.jsonl")
@@ -47,6 +48,7 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     assert "calib_visited_rmse_corrected" in uninterrupted[2] and "beta_kl_old_new" in \
         uninterrupted[4] and "beta_kl_old_new" not in uninterrupted[3]
     assert uninterrupted[2]["calib_visited_num"] == 4 == uninterrupted[2]["calib_unvisited_num"]
+    assert uninterrupted[2]["calib_heldout_num"] == 4  # the head on prompts held out
     assert 0 <= uninterrupted[4]["beta_kl_old_new"] < 0.05
 
     result = _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run),
@@ -69,7 +71,8 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == uninterrupted
     # Resume DP2's checkpoint on DP1 (one process) and go on.
-    _train(COMMON + ["--train-iters", "6", "--save", str(moved), "--load", str(full)], nprocs=1)
+    _train(COMMON + PROBES + ["--train-iters", "6", "--save", str(moved), "--load", str(full)],
+           nprocs=1)
     after = _metrics(moved / "metrics.jsonl")
     assert sorted(after) == [5, 6] and after[6]["num_samples"] == 96
     assert all(0 <= after[s]["acc_est_mae"] <= 1 for s in after)

@@ -7,7 +7,11 @@ Prints two tables:
    each follow a log-Z update of the selected prompts; the worst includes the occasional pool
    rebuild; the one-time set-up is shown apart), of paced-soft (one pass per step), and of one
    replay draw from a full 128-sample buffer;
-2. the log-Z lookup and gradient return (all-to-all) for a realistic batch (512 prompts x 8
+2. per table size, selection with a learned log Z (``--log-z-param hybrid``: a 3-layer MLP of
+   width 128 over 64-wide features): each step scores ``--selection-candidates`` (8192)
+   prompts drawn from all of them, so its cost does not grow with the table; the log-Z update
+   (head step + residual) of the selected prompts is timed apart;
+3. the log-Z lookup and gradient return (all-to-all) for a realistic batch (512 prompts x 8
    samples) on 2 and 4 gloo processes, median of 20.
 
     python tools/bench_paced_ops.py                 # everything (launches torchrun for 2.)
@@ -78,6 +82,37 @@ def bench_selection(sizes: list[int], num: int, steps: int) -> None:
               f"{_ms(statistics.median(draw_times)):>11}")
 
 
+def bench_head_selection(sizes: list[int], num: int, steps: int, candidates: int,
+                         feature_dim: int = 64) -> None:
+    from megatron_paced.paced.learned_log_z import LearnedLogZ
+    from megatron_paced.paced.selection import PromptSelector, SelectionConfig
+
+    print(f"\nselection of {num} prompts with the learned log Z (hybrid, width 128, "
+          f"{feature_dim}-wide features), {candidates} candidates per step, times in ms")
+    print(f"{'prompts':>10} {'select median':>13} {'p90':>8} {'worst':>8} {'update median':>13}"
+          f" {'MB features':>11}")
+    for size in sizes:
+        gen = torch.Generator().manual_seed(0)
+        log_z = LearnedLogZ(size, param="hybrid", feature_dim=feature_dim, beta=0.05,
+                            init_acc=0.5, lr=0.05, optimizer="running-mean")
+        log_z.set_features(torch.randn(size, feature_dim, generator=gen))
+        selector = PromptSelector(SelectionConfig(selection_candidates=candidates), seed=1)
+        select_times, update_times = [], []
+        for step in range(steps):
+            start = time.perf_counter()
+            ids = selector.select(log_z, num, step)
+            middle = time.perf_counter()
+            log_z.apply_gradients(ids, torch.randn(num, generator=gen, dtype=torch.float64) * 10)
+            select_times.append(middle - start)
+            update_times.append(time.perf_counter() - middle)
+        select_times.sort()
+        print(f"{size:>10} {_ms(select_times[len(select_times) // 2]):>13} "
+              f"{_ms(select_times[int(0.9 * len(select_times))])} {_ms(select_times[-1])} "
+              f"{_ms(statistics.median(update_times)):>13} "
+              f"{log_z.features.numel() * 4 / 2**20:>11.0f}")
+        del log_z
+
+
 def bench_all_to_all_worker(num_prompts: int, batch: int, repeats: int) -> None:
     """Run under torchrun: time lookup + apply_gradients of a batch split over DP ranks."""
     import torch.distributed as dist
@@ -110,6 +145,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
     parser.add_argument("--num-prompts-per-step", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--selection-candidates", type=int, default=8192)
     parser.add_argument("--dp-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=4096, help="samples (512 prompts x 8)")
     parser.add_argument("--all-to-all-worker", action="store_true", help=argparse.SUPPRESS)
@@ -119,6 +155,8 @@ def main() -> None:
         bench_all_to_all_worker(args.sizes[0], args.batch, repeats=20)
         return
     bench_selection(args.sizes, args.num_prompts_per_step, args.steps)
+    bench_head_selection(args.sizes, args.num_prompts_per_step, args.steps,
+                         args.selection_candidates)
     print("\nlog-Z all-to-all (gloo, loopback), median of 20, ms")
     print(f"{'dp':>4} {'prompts':>10} {'batch':>6} {'lookup':>8} {'update':>8}")
     for dp in args.dp_sizes:

@@ -11,6 +11,8 @@ started with ``--load`` from one base policy and differing only in the flags of
                          so that prompts far from tau are revisited and their estimates renewed)
     paced-rescore        ... with --replay-rescore (replay priorities against the current
                          estimate instead of the one at insertion)
+    paced-head           ... with --log-z-param head (log Z an MLP over prompt features)
+    paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual)
     flowrl               FlowRL: TB loss against the step-0 reference, uniform prompts
     grpo                 GRPO, uniform prompts
     grpo-dapo            GRPO with DAPO's oversample-and-filter (--dynamic-sampling); the
@@ -80,6 +82,13 @@ METHODS = {
                                                      "paced-greedy", "--replay-per-step", "16",
                                                      "--replay-size", "128",
                                                      "--replay-rescore"]),
+    "paced-head": ("PACED-RL, log Z head", ["--algo", "paced", "--prompt-selection",
+                                            "paced-greedy", "--replay-per-step", "16",
+                                            "--replay-size", "128", "--log-z-param", "head"]),
+    "paced-hybrid": ("PACED-RL, log Z hybrid", ["--algo", "paced", "--prompt-selection",
+                                                "paced-greedy", "--replay-per-step", "16",
+                                                "--replay-size", "128",
+                                                "--log-z-param", "hybrid"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -89,7 +98,7 @@ METHODS = {
                    "--dynamic-sampling"]),
 }
 HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
-             "paced-rescore", "flowrl"}
+             "paced-rescore", "paced-head", "paced-hybrid", "flowrl"}
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
 PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",
@@ -118,7 +127,9 @@ def task_flags(args) -> list[str]:
               "--num-prompts-per-step", str(args.num_prompts_per_step),
               "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
     if args.model is None:
-        return CPU_TASK + common
+        cpu_task = list(CPU_TASK)
+        cpu_task[cpu_task.index("--task-num-prompts") + 1] = str(args.task_num_prompts)
+        return cpu_task + common
     hf = os.path.join(base_dir(args), "hf")
     return ["--hf-config", hf, "--tokenizer", hf, *GPU_TASKS[args.task], *GPU_COMMON, *common]
 
@@ -274,11 +285,15 @@ def calibration_error(rows: list[dict], tail: float = 0.5) -> float:
     return sum(abs(e - o) for e, o in pairs) / len(pairs)
 
 
-def probe_error(rows: list[dict]) -> float | None:
-    """The last calibration probe's RMS error of beta * log_z on visited prompts against
-    their many-sample accuracy, the probe's noise removed (None without a probe)."""
-    probes = [r for r in rows if r.get("calib_visited_num")]
-    return probes[-1]["calib_visited_rmse_corrected"] if probes else None
+PROBE_GROUPS = ("visited", "unvisited", "heldout")
+
+
+def probe_error(rows: list[dict], group: str = "visited") -> float | None:
+    """The last calibration probe's RMS error of beta * log_z on the group's prompts (visited,
+    never visited, held out from training) against their many-sample accuracy, the probe's
+    noise removed (None without a probe of that group)."""
+    probes = [r for r in rows if r.get(f"calib_{group}_num")]
+    return probes[-1][f"calib_{group}_rmse_corrected"] if probes else None
 
 
 def informative_fraction(rows: list[dict]) -> float:
@@ -363,8 +378,11 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                    "calibration_error": (stats([calibration_error(r["rows"])
                                                 for r in method_runs])
                                          if method in HAS_LOG_Z else None),
-                   "probe_rmse_corrected": (stats([probe_error(r["rows"]) for r in method_runs])
-                                            if method in HAS_LOG_Z else None),
+                   **{f"probe_{group}_rmse": (
+                       stats([probe_error(r["rows"], group) for r in method_runs])
+                       if method in HAS_LOG_Z and all(probe_error(r["rows"], group) is not None
+                                                      for r in method_runs) else None)
+                      for group in PROBE_GROUPS},
                    "informative_group_fraction": stats([informative_fraction(r["rows"])
                                                         for r in method_runs]),
                    "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
@@ -400,8 +418,8 @@ def table(results: dict) -> str:
     lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
              f"(base {results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
              f"| method | samples to target | steps to target | reached | final pass@1 | "
-             f"final pass@{k_max} | calibration err | probe RMSE | informative groups | "
-             f"wall s |",
+             f"final pass@{k_max} | calibration err | probe RMSE visited / unvisited / "
+             f"held-out | informative groups | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for summary in methods.values():
         reached = summary["to_target"]
@@ -410,7 +428,7 @@ def table(results: dict) -> str:
             f"| {reached['num_reached']}/{reached['num_seeds']} "
             f"| {fmt(summary['final']['pass@1'])} | {fmt(summary['final'][f'pass@{k_max}'])} "
             f"| {fmt(summary['calibration_error'])} "
-            f"| {fmt(summary.get('probe_rmse_corrected'))} "
+            f"| {' / '.join(fmt(summary.get(f'probe_{g}_rmse'), 2) for g in PROBE_GROUPS)} "
             f"| {fmt(summary['informative_group_fraction'], 2)} "
             f"| {fmt(summary['wall_time_s'], 0)} |")
     if "paced_over_grpo_samples" in results:
@@ -514,6 +532,9 @@ def parse_args(argv: list[str] | None = None):
                         help="real weights (default: the tiny built-in model)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--task-num-prompts", type=int, default=256,
+                        help="CPU task: training prompts (1280: each drawn about once in 80 "
+                             "steps of 16)")
     parser.add_argument("--eval-interval", type=int, default=5)
     parser.add_argument("--eval-num-prompts", type=int, default=128)
     parser.add_argument("--eval-k", type=int, default=8)

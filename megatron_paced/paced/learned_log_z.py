@@ -1,25 +1,27 @@
-"""log Z as a function of the prompt: the learned head, alone or with the table as residual.
+"""log Z as a function of the prompt: the learned head, alone or with the table beside it.
 
 ``--log-z-param`` picks what ``log_z[x]`` is (all on the 1/beta scale; ``f(x)`` is the
-prompt's feature, :mod:`megatron_paced.paced.features`)::
+prompt's feature, :mod:`megatron_paced.paced.features`; ``T`` the per-prompt table of
+:mod:`megatron_paced.paced.log_z`)::
 
-    table    log_z[x] = T[x]                        (megatron_paced.paced.log_z)
-    head     log_z[x] = head(f(x))                  (the paper's form)
-    hybrid   log_z[x] = head(f(x)) + R[x]           (R: a per-prompt residual, starting at 0)
+    table    log_z[x] = T[x]
+    head     log_z[x] = head(f(x))                          (the paper's form)
+    hybrid   log_z[x] = head(f(x)) + R[x],  R[x] = T[x] - head_at_last_visit(f(x))
 
-:class:`LearnedLogZ` keeps the table's interface (``lookup``, ``apply_gradients``,
-``acc_est``, ...) and its partition: rank r holds the rows ``[row_start, row_end)`` of the
-residual, the visit counts and the features, and answers for them, so the routing
-(two all-to-alls each way) is the table's. The head is replicated on every rank.
+so a hybrid row reads the table right after its prompt is trained on and then follows the
+head's moves (what it learns from other prompts, e.g. that the policy got better); a prompt
+never trained on (R = 0) reads the head.
 
-A gradient step on the step's rows (collective over DP): each owner averages its rows'
-gradients per prompt (``g_x``, the mean of ``2 delta`` over the prompt's fresh samples), then
-
-* the head takes one Adam step on ``sum_x g_x head(f(x)) / num_prompts`` (all prompts of all
-  DP ranks: an all-reduce of the parameter gradients);
-* hybrid: ``R`` takes the table's own step (``--log-z-optimizer``) and then absorbs the head's
-  move on the rows it trained, ``R[x] -= head_new(f(x)) - head_old(f(x))``, so that a trained
-  row's log Z moves exactly as the table's would; between visits it follows the head.
+Training (collective over DP, once per RL step, on the step's fresh prompts): each owner
+averages its rows' gradients per prompt, ``g_x`` (the mean of ``d loss / d log_z = 2 delta``
+over the prompt's samples), so ``log_z[x] - g_x / 2`` is this visit's TB optimum; the table
+takes its own step (``--log-z-optimizer``) toward it, whatever log Z the loss read. The head
+then regresses on the table: ``--log-z-head-fit-steps`` Adam steps on
+``mean_x (head(f(x)) - T[x])^2`` over every prompt trained on in the last
+``--log-z-head-window`` steps (all DP ranks: an all-reduce of the parameter gradients), i.e.
+the TB gradient's per-prompt fixed points, kept by the table, drive the head. One Adam step
+per RL step on that step's prompts alone (the first version) was measured too slow to fit
+and let the head's error bias the policy's loss (docs/results.md).
 
 Prompts outside the table (a held-out set with features of their own, ``heldout_features``)
 are estimated by the head alone: the calibration probe measures how well it generalizes.
@@ -45,18 +47,23 @@ CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
 
 
 class LearnedLogZ(ShardedLogZ):
-    """The head (replicated) plus this DP rank's block of residuals, visits and features."""
+    """The head (replicated) plus this DP rank's block of the table, anchors and features."""
 
+    _STATE = ShardedLogZ._STATE + ("anchor", "last_update")
     scores_change_every_step = True
     """Every row's estimate moves when the head trains: selection scores a candidate pool."""
 
     def __init__(self, num_prompts: int, *, param: str, feature_dim: int, beta: float,
                  init_acc: float, lr: float, width: int = 128, num_layers: int = 3,
-                 head_lr: float = 1e-3, seed: int = 0, **table_kwargs) -> None:
+                 head_lr: float = 1e-3, fit_steps: int = 8, window: int = 32, seed: int = 0,
+                 **table_kwargs) -> None:
         if param not in ("head", "hybrid"):
             raise ValueError(f"--log-z-param {param!r}: head or hybrid (table is ShardedLogZ)")
         super().__init__(num_prompts, beta=beta, init_acc=init_acc, lr=lr, **table_kwargs)
-        self.values.zero_()  # the residual
+        self.anchor = self.values.clone()  # the fresh head's constant, init_acc / beta
+        self.last_update = torch.full_like(self.visits, -1)
+        self.num_updates = 0
+        self.fit_steps, self.window = int(fit_steps), int(window)
         self.param = param
         self.feature_dim = int(feature_dim)
         self.head = LogZHead(feature_dim, width=width, num_layers=num_layers, beta=beta,
@@ -92,15 +99,26 @@ class LearnedLogZ(ShardedLogZ):
         head = self._head_of(self._features_of(rows))
         if self.param == "head":
             return head
-        return head + (self.values if rows is None else self.values[rows])
+        if rows is None:
+            return head + self.values - self.anchor
+        return head + self.values[rows] - self.anchor[rows]
 
     def _step_rows(self, touched: torch.Tensor, mean_grad: torch.Tensor) -> None:
-        features = self._features_of(touched)
-        head_before = self._head_of(features)
-        self.head.step(features, mean_grad, dp_group=self.dp_group)  # collective
-        if self.param == "hybrid":
-            super()._step_rows(touched, mean_grad)
-            self.values[touched] -= self._head_of(features) - head_before
+        target = self.local_log_z(touched) - mean_grad / 2  # this visit's TB optimum
+        super()._step_rows(touched, 2 * (self.values[touched] - target))
+        self.last_update[touched] = self.num_updates
+        self._fit_head()
+        self.anchor[touched] = self._head_of(self._features_of(touched))
+        self.num_updates += 1
+
+    def _fit_head(self) -> None:
+        """The head regresses on the table over the rows trained in the last window
+        (collective over DP; a rank may have none)."""
+        recent = torch.nonzero(self.last_update > self.num_updates - self.window).flatten()
+        features, targets = self._features_of(recent), self.values[recent]
+        for _ in range(self.fit_steps):
+            self.head.step(features, 2 * (self._head_of(features) - targets),
+                           dp_group=self.dp_group)
 
     def heldout_acc_est(self, index: torch.Tensor) -> torch.Tensor:
         """beta * head(f) of held-out prompts (their features set by :meth:`set_features`)."""
@@ -109,12 +127,15 @@ class LearnedLogZ(ShardedLogZ):
         return self.beta * self._head_of(self.heldout_features[index])
 
     # ---- checkpointing -------------------------------------------------------------------
-    def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,)) -> dict:
-        """The table's tensors (the residual in ``values``), the features as a sharded
+    def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,),
+                           names: tuple[str, ...] | None = None) -> dict:
+        """The table's tensors with the anchors and last updates, the features as a sharded
         (num_prompts, feature_dim) tensor, and the head with its Adam state (common)."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
-        out = super().sharded_state_dict(prefix, replica_id)
+        out = super().sharded_state_dict(prefix, replica_id, names)
+        if names is not None:  # a table's tensors only (loading a table checkpoint)
+            return out
         features = self.features if self.features is not None else torch.zeros(
             self.row_end - self.row_start, self.feature_dim)  # a template to load into
         out["features"] = ShardedTensor(
@@ -122,22 +143,21 @@ class LearnedLogZ(ShardedLogZ):
             local_shape=tuple(features.shape), global_shape=(self.num_prompts, self.feature_dim),
             global_offset=(self.row_start, 0), axis_fragmentations=None, replica_id=replica_id)
         out["head"] = {"model": self.head.state_dict(),
-                       "optimizer": self.head.optimizer.state_dict()}
+                       "optimizer": self.head.optimizer.state_dict(),
+                       "num_updates": self.num_updates}
         if self.heldout_features is not None:
             out["heldout_features"] = self.heldout_features
         return out
 
     def load_state_dict(self, state: dict, saved_param: str | None = None) -> None:
         """Take a loaded :meth:`sharded_state_dict`. From a checkpoint of ``--log-z-param
-        table`` (older ones: no features, no head) the head starts fresh, the hybrid's residual
-        is the saved table minus the fresh head (the same log Z), and the features are left
-        unset (computed again from the policy)."""
-        saved_param = saved_param or self.param
+        table`` (older ones: no features, no head) the table is kept, the head starts fresh
+        (a hybrid then reads the same log Z as the table did), and the features are left unset
+        (computed again from the policy)."""
         super().load_state_dict(state)
-        if saved_param == "table":
-            self.values -= self.init_acc / self.beta  # the fresh head's constant
-            if self.param == "head":
-                self.values.zero_()
+        if (saved_param or self.param) == "table":
+            self.anchor.fill_(self.init_acc / self.beta)
+            self.last_update.fill_(-1)
             return
         features = state["features"]
         features = features.data if not isinstance(features, torch.Tensor) else features
@@ -145,5 +165,4 @@ class LearnedLogZ(ShardedLogZ):
                           state.get("heldout_features"))
         self.head.load_state_dict(state["head"]["model"])
         self.head.optimizer.load_state_dict(state["head"]["optimizer"])
-        if self.param == "head":
-            self.values.zero_()
+        self.num_updates = int(state["head"]["num_updates"])

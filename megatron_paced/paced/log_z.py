@@ -76,6 +76,10 @@ class LogZConfig:
     """head, hybrid: linear layers of the MLP (the paper: 3)."""
     log_z_head_lr: float = 1e-3
     """head, hybrid: Adam learning rate of the MLP (its output is on the accuracy scale)."""
+    log_z_head_fit_steps: int = 8
+    """head, hybrid: Adam steps per RL step of the head's regression on the table."""
+    log_z_head_window: int = 32
+    """head, hybrid: the head regresses on the prompts trained in this many last steps."""
     log_z_feature_pooling: Literal["mean", "last"] = "mean"
     """head, hybrid: a prompt's feature is the mean (or the last token's) final hidden state of
     the base policy over the prompt tokens."""
@@ -97,6 +101,10 @@ class LogZConfig:
                 "must be >= 1")
         require(math.isfinite(self.log_z_head_lr) and self.log_z_head_lr > 0, "log_z_head_lr",
                 self.log_z_head_lr, "must be a finite number > 0")
+        require(self.log_z_head_fit_steps >= 1, "log_z_head_fit_steps",
+                self.log_z_head_fit_steps, "must be >= 1")
+        require(self.log_z_head_window >= 1, "log_z_head_window", self.log_z_head_window,
+                "must be >= 1")
         require(self.log_z_feature_dim >= 0, "log_z_feature_dim", self.log_z_feature_dim,
                 "must be >= 0 (0: the hidden size)")
         if self.log_z_init_acc is not None:
@@ -286,16 +294,18 @@ class ShardedLogZ:
     # ---- checkpointing ---------------------------------------------------------------------
     _STATE = ("values", "visits", "exp_avg", "exp_avg_sq")
 
-    def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,)) -> dict:
+    def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,),
+                           names: tuple[str, ...] | None = None) -> dict:
         """Megatron sharded state dict: each tensor as this rank's block (offset row_start)
         of the global (num_prompts,) tensor, so a checkpoint loads on any DP size.
         ``replica_id`` must be all zeros on exactly one replica of each DP rank (e.g.
         (tp_rank, pp_rank)). The last block may be shorter than the others, so the tensors
-        carry no ``axis_fragmentations`` (which would demand equal blocks)."""
+        carry no ``axis_fragmentations`` (which would demand equal blocks). ``names``: the
+        tensors to include (default: all of this class's)."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
         out = {}
-        for name in self._STATE:
+        for name in names or self._STATE:
             tensor = getattr(self, name)
             out[name] = ShardedTensor(
                 key=f"{prefix}{name}", data=tensor, dtype=tensor.dtype,
@@ -305,8 +315,10 @@ class ShardedLogZ:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Take the tensors of a loaded :meth:`sharded_state_dict`."""
+        """Take the tensors of a loaded :meth:`sharded_state_dict` (those it holds)."""
         for name in self._STATE:
+            if name not in state:
+                continue
             value = state[name]
             value = value.data if hasattr(value, "data") and not isinstance(
                 value, torch.Tensor) else value
@@ -331,4 +343,5 @@ def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_
     return LearnedLogZ(num_prompts, param=cfg.log_z_param,
                        feature_dim=cfg.log_z_feature_dim or hidden_size,
                        width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
-                       head_lr=cfg.log_z_head_lr, seed=seed, **kwargs)
+                       head_lr=cfg.log_z_head_lr, fit_steps=cfg.log_z_head_fit_steps,
+                       window=cfg.log_z_head_window, seed=seed, **kwargs)

@@ -125,14 +125,15 @@ def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int,
     gen = torch.Generator().manual_seed(derive_seed(seed, step, stream, 0))
     if 2 * num > num_prompts:
         return torch.randperm(num_prompts, generator=gen)[:num]
-    chosen: dict[int, None] = {}
-    while len(chosen) < num:
-        for value in torch.randint(0, num_prompts, (2 * (num - len(chosen)),),
-                                   generator=gen).tolist():
-            chosen.setdefault(value)
-            if len(chosen) == num:
-                break
-    return torch.tensor(list(chosen), dtype=torch.int64)
+    drawn, num_distinct = torch.zeros(0, dtype=torch.int64), 0
+    while num_distinct < num:  # the first num distinct values of the stream, in its order
+        drawn = torch.cat([drawn, torch.randint(0, num_prompts, (2 * (num - num_distinct),),
+                                                generator=gen)])
+        distinct, inverse = torch.unique(drawn, return_inverse=True)
+        num_distinct = len(distinct)
+    first = torch.full((num_distinct,), len(drawn)).scatter_reduce(
+        0, inverse, torch.arange(len(drawn)), reduce="amin")
+    return drawn[torch.sort(first).values[:num]]
 
 
 def paced_keys(acc_est: torch.Tensor, tie_uniforms: torch.Tensor, cfg: SelectionConfig,

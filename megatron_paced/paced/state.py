@@ -37,11 +37,9 @@ def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
     """Collective (the replay buffer is gathered). ``replica_id`` is all zeros on one
     replica (TP/PP peer) of each DP rank. ``saved_param``: when loading, the checkpoint's
     --log-z-param (a table checkpoint has no head or features to read)."""
-    if saved_param == "table" and log_z_param_of(table) != "table":
-        log_z = ShardedLogZ.sharded_state_dict(table, prefix=f"{prefix}log_z.",
-                                               replica_id=replica_id)
-    else:
-        log_z = table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id)
+    names = ShardedLogZ._STATE if saved_param == "table" else None
+    log_z = table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id,
+                                     names=names)
     return {
         "log_z": log_z,
         "log_z_meta": {"num_prompts": table.num_prompts, "beta": table.beta,

@@ -204,9 +204,10 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
 def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
                           ctx: ParallelContext, name: str) -> dict:
     """Features of the batch's prompts (mean and last-token pooling of the final-norm hidden
-    states), this DP rank's share gathered; on a one-stage layout, the output layer applied to
+    states), this DP rank's share gathered, and a log-Z head's outputs on them; on a one-stage layout, the output layer applied to
     the last prompt token's feature must give the log-prob of the first completion token."""
-    from megatron_paced.paced.features import prompt_features
+    from megatron_paced.paced.features import project, prompt_features, standardize
+    from megatron_paced.paced.head import LogZHead
 
     starts = batch.completion_mask.argmax(dim=1).tolist()  # the prompt ends where it starts
     prompts = [batch.tokens[row, :start].tolist() for row, start in enumerate(starts)]
@@ -215,6 +216,11 @@ def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, l
         features = prompt_features(policy.model, prompts, ctx, micro_batch_size=MICRO_BATCH,
                                    pooling=pooling)
         out[f"features_{pooling}"] = gather_over_dp(features, ctx)
+        # What the learned log-Z head makes of them (projected, standardized, one step taken).
+        inputs = standardize(project(out[f"features_{pooling}"], 16, seed=3), None)[0]
+        head = LogZHead(16, width=16, beta=0.05, init_acc=0.5, lr=0.1, seed=3)
+        head.step(inputs, torch.linspace(-1.0, 1.0, len(inputs), dtype=torch.float64))
+        out[f"log_z_head_{pooling}"] = head(inputs).detach() - 0.5 / 0.05  # from tau / beta
     if ctx.pp_size == 1:
         with checks.check(f"last_prompt_feature_predicts_the_next_token[{name}]"):
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
