@@ -83,18 +83,20 @@ def bench_selection(sizes: list[int], num: int, steps: int) -> None:
 
 
 def bench_head_selection(sizes: list[int], num: int, steps: int, candidates: int,
-                         feature_dim: int = 64) -> None:
+                         feature_dim: int = 64, fit_steps: int = 8, window: int = 32) -> None:
     from megatron_paced.paced.learned_log_z import LearnedLogZ
     from megatron_paced.paced.selection import PromptSelector, SelectionConfig
 
     print(f"\nselection of {num} prompts with the learned log Z (hybrid, width 128, "
-          f"{feature_dim}-wide features), {candidates} candidates per step, times in ms")
+          f"{feature_dim}-wide features), {candidates} candidates per step; the update fits "
+          f"the head {fit_steps} times on the last {window} steps' prompts; times in ms")
     print(f"{'prompts':>10} {'select median':>13} {'p90':>8} {'worst':>8} {'update median':>13}"
           f" {'MB features':>11}")
     for size in sizes:
         gen = torch.Generator().manual_seed(0)
         log_z = LearnedLogZ(size, param="hybrid", feature_dim=feature_dim, beta=0.05,
-                            init_acc=0.5, lr=0.05, optimizer="running-mean")
+                            init_acc=0.5, lr=0.05, optimizer="running-mean",
+                            fit_steps=fit_steps, window=window)
         log_z.set_features(torch.randn(size, feature_dim, generator=gen))
         selector = PromptSelector(SelectionConfig(selection_candidates=candidates), seed=1)
         select_times, update_times = [], []
@@ -155,7 +157,7 @@ def main() -> None:
         bench_all_to_all_worker(args.sizes[0], args.batch, repeats=20)
         return
     bench_selection(args.sizes, args.num_prompts_per_step, args.steps)
-    bench_head_selection(args.sizes, args.num_prompts_per_step, args.steps,
+    bench_head_selection(args.sizes, args.num_prompts_per_step, min(args.steps, 40),
                          args.selection_candidates)
     print("\nlog-Z all-to-all (gloo, loopback), median of 20, ms")
     print(f"{'dp':>4} {'prompts':>10} {'batch':>6} {'lookup':>8} {'update':>8}")
