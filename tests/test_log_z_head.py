@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_paced.paced.head import LogZHead
-from megatron_paced.paced.learned_log_z import LearnedLogZ
+from megatron_paced.paced.learned_log_z import LearnedLogZ, row_uniforms
 from megatron_paced.paced.log_z import ShardedLogZ, per_prompt_mean
 from megatron_paced.paced.selection import PromptSelector, SelectionConfig
 
@@ -113,3 +113,12 @@ def test_candidate_selection_scores_every_prompt_when_the_pool_covers_them():
                            seed=1)
     picks = small.select(log_z, 6, step=4)
     assert len(set(picks.tolist())) == 6 and torch.equal(picks, small.select(log_z, 6, step=4))
+
+
+def test_the_fit_subsample_hash_is_uniform_and_changes_with_the_salt():
+    rows = torch.arange(100_000)
+    first, second = row_uniforms(rows, 7), row_uniforms(rows, 8)
+    counts = torch.histc(first.float(), bins=10, min=0.0, max=1.0)
+    assert float((counts - 10_000).abs().max()) < 500, counts
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.02
+    assert torch.equal(row_uniforms(rows[5:9], 7), first[5:9])  # a row's value is its own

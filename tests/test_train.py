@@ -167,7 +167,7 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
     step_keys = {"step", "num_samples", "reward_mean", "acc_est_mae", "selected_acc_est_mean",
                  "loss", "grad_norm", "kl_old_theta", "num_replayed"}  # + TIMINGS, dropped
     eval_keys = {"eval_pass@1", "eval_pass@2", "eval_pass@4"}
-    probe_keys = {f"calib_{group}_{name}" for group in ("visited", "unvisited")
+    probe_keys = {f"calib_{group}_{name}" for group in ("visited", "unvisited", "heldout")
                   for name in ("mae", "noise_var", "rmse_corrected", "acc_std", "num")}
     assert set(rows[0]) == {"step", "num_samples"} | eval_keys
     assert set(rows[1]) == step_keys

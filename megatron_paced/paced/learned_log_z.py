@@ -18,7 +18,9 @@ over the prompt's samples), so ``log_z[x] - g_x / 2`` is this visit's TB optimum
 takes its own step (``--log-z-optimizer``) toward it, whatever log Z the loss read. The head
 then regresses on the table: ``--log-z-head-fit-steps`` Adam steps on
 ``mean_x (head(f(x)) - T[x])^2`` over every prompt trained on in the last
-``--log-z-head-window`` steps (all DP ranks: an all-reduce of the parameter gradients), i.e.
+``--log-z-head-window`` steps (about ``--log-z-head-fit-rows`` of them per Adam step, a
+hashed subsample the same on any DP layout; all DP ranks: an all-reduce of the parameter
+gradients), i.e.
 the TB gradient's per-prompt fixed points, kept by the table, drive the head. One Adam step
 per RL step on that step's prompts alone (the first version) was measured too slow to fit
 and let the head's error bias the policy's loss (docs/results.md).
@@ -38,12 +40,22 @@ Usage::
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megatron_paced.paced.head import LogZHead
 from megatron_paced.paced.log_z import ShardedLogZ
 
 PARAMS = ("table", "head", "hybrid")
 CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
+
+
+def row_uniforms(rows: torch.Tensor, salt: int) -> torch.Tensor:
+    """A fixed pseudo-uniform in [0, 1) per (global row, salt): multiplicative hashing, no
+    state, the same whichever rank holds the row (rows < 2**32)."""
+    mixed = (rows.to(torch.int64) * 2654435761 + (salt % 2**20) * 97531 + 12345) % 2**31
+    for multiplier in (2246822519, 3266489917, 668265263):  # xorshift-multiply rounds
+        mixed = ((mixed ^ (mixed >> 15)) * multiplier + salt % 65521) % 2**31
+    return mixed.double() / 2**31
 
 
 class LearnedLogZ(ShardedLogZ):
@@ -55,15 +67,15 @@ class LearnedLogZ(ShardedLogZ):
 
     def __init__(self, num_prompts: int, *, param: str, feature_dim: int, beta: float,
                  init_acc: float, lr: float, width: int = 128, num_layers: int = 3,
-                 head_lr: float = 1e-3, fit_steps: int = 8, window: int = 32, seed: int = 0,
-                 **table_kwargs) -> None:
+                 head_lr: float = 1e-3, fit_steps: int = 8, window: int = 32,
+                 fit_rows: int = 4096, seed: int = 0, **table_kwargs) -> None:
         if param not in ("head", "hybrid"):
             raise ValueError(f"--log-z-param {param!r}: head or hybrid (table is ShardedLogZ)")
         super().__init__(num_prompts, beta=beta, init_acc=init_acc, lr=lr, **table_kwargs)
         self.anchor = self.values.clone()  # the fresh head's constant, init_acc / beta
         self.last_update = torch.full_like(self.visits, -1)
         self.num_updates = 0
-        self.fit_steps, self.window = int(fit_steps), int(window)
+        self.fit_steps, self.window, self.fit_rows = int(fit_steps), int(window), int(fit_rows)
         self.param = param
         self.feature_dim = int(feature_dim)
         self.head = LogZHead(feature_dim, width=width, num_layers=num_layers, beta=beta,
@@ -113,10 +125,19 @@ class LearnedLogZ(ShardedLogZ):
 
     def _fit_head(self) -> None:
         """The head regresses on the table over the rows trained in the last window
-        (collective over DP; a rank may have none)."""
+        (collective over DP; a rank may have none). Each fit step takes about
+        ``fit_rows`` of them, chosen by a hash of (row, update, fit step): the same rows on
+        any DP layout."""
         recent = torch.nonzero(self.last_update > self.num_updates - self.window).flatten()
-        features, targets = self._features_of(recent), self.values[recent]
-        for _ in range(self.fit_steps):
+        count = torch.tensor([float(len(recent))], dtype=torch.float64)
+        if self.dp_group is not None and self.dp_size > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        keep = min(1.0, self.fit_rows / max(float(count), 1.0))
+        rows = recent + self.row_start
+        for step in range(self.fit_steps):
+            mine = recent if keep == 1.0 else recent[
+                row_uniforms(rows, self.num_updates * 1024 + step) < keep]
+            features, targets = self._features_of(mine), self.values[mine]
             self.head.step(features, 2 * (self._head_of(features) - targets),
                            dp_group=self.dp_group)
 

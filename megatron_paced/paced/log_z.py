@@ -80,6 +80,8 @@ class LogZConfig:
     """head, hybrid: Adam steps per RL step of the head's regression on the table."""
     log_z_head_window: int = 32
     """head, hybrid: the head regresses on the prompts trained in this many last steps."""
+    log_z_head_fit_rows: int = 4096
+    """head, hybrid: about this many of those prompts per Adam step (a hashed subsample)."""
     log_z_feature_pooling: Literal["mean", "last"] = "mean"
     """head, hybrid: a prompt's feature is the mean (or the last token's) final hidden state of
     the base policy over the prompt tokens."""
@@ -103,6 +105,8 @@ class LogZConfig:
                 self.log_z_head_lr, "must be a finite number > 0")
         require(self.log_z_head_fit_steps >= 1, "log_z_head_fit_steps",
                 self.log_z_head_fit_steps, "must be >= 1")
+        require(self.log_z_head_fit_rows >= 1, "log_z_head_fit_rows",
+                self.log_z_head_fit_rows, "must be >= 1")
         require(self.log_z_head_window >= 1, "log_z_head_window", self.log_z_head_window,
                 "must be >= 1")
         require(self.log_z_feature_dim >= 0, "log_z_feature_dim", self.log_z_feature_dim,
@@ -344,4 +348,5 @@ def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_
                        feature_dim=cfg.log_z_feature_dim or hidden_size,
                        width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
                        head_lr=cfg.log_z_head_lr, fit_steps=cfg.log_z_head_fit_steps,
-                       window=cfg.log_z_head_window, seed=seed, **kwargs)
+                       window=cfg.log_z_head_window, fit_rows=cfg.log_z_head_fit_rows,
+                       seed=seed, **kwargs)
