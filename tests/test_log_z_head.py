@@ -74,6 +74,7 @@ def test_hybrid_trained_rows_read_the_table_and_the_rest_follow_the_head():
     assert float((hybrid.lookup(others) - head_before).abs().min()) > 0
     torch.testing.assert_close(hybrid.lookup(others), head.lookup(others))
     assert hybrid.visits[trained].tolist() == [1, 1, 1] and head.visits.sum() == 3
+    assert hybrid.recent_rows().tolist() == [1, 7, 30]  # the head fits trained rows only
     # The table behind either form took the TB optimum of what the loss read.
     torch.testing.assert_close(hybrid.values, table.values)
     torch.testing.assert_close(head.values, table.values)

@@ -123,12 +123,17 @@ class LearnedLogZ(ShardedLogZ):
         self.anchor[touched] = self._head_of(self._features_of(touched))
         self.num_updates += 1
 
+    def recent_rows(self) -> torch.Tensor:
+        """Local indices of the rows trained in the last ``window`` updates."""
+        return torch.nonzero((self.last_update >= 0)
+                             & (self.last_update > self.num_updates - self.window)).flatten()
+
     def _fit_head(self) -> None:
         """The head regresses on the table over the rows trained in the last window
         (collective over DP; a rank may have none). Each fit step takes about
         ``fit_rows`` of them, chosen by a hash of (row, update, fit step): the same rows on
         any DP layout."""
-        recent = torch.nonzero(self.last_update > self.num_updates - self.window).flatten()
+        recent = self.recent_rows()
         count = torch.tensor([float(len(recent))], dtype=torch.float64)
         if self.dp_group is not None and self.dp_size > 1:
             dist.all_reduce(count, group=self.dp_group)
