@@ -8,7 +8,7 @@ Prints two tables:
    rebuild; the one-time set-up is shown apart), of paced-soft (one pass per step), and of one
    replay draw from a full 128-sample buffer;
 2. per table size, selection with a learned log Z (``--log-z-param hybrid``: a 3-layer MLP of
-   width 128 over 64-wide features): each step scores ``--selection-candidates`` (8192)
+   width 128 over 64-wide features): each step scores ``--selection-candidates`` (4096)
    prompts drawn from all of them, so its cost does not grow with the table; the log-Z update
    (head step + residual) of the selected prompts is timed apart;
 3. the log-Z lookup and gradient return (all-to-all) for a realistic batch (512 prompts x 8
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
     parser.add_argument("--num-prompts-per-step", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--selection-candidates", type=int, default=8192)
+    parser.add_argument("--selection-candidates", type=int, default=4096)
     parser.add_argument("--dp-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=4096, help="samples (512 prompts x 8)")
     parser.add_argument("--all-to-all-worker", action="store_true", help=argparse.SUPPRESS)

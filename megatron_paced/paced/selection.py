@@ -89,7 +89,7 @@ class SelectionConfig:
     selection_gather_max: int = 100_000
     """Tables up to this many prompts all-reduce the estimates; larger ones exchange
     per-rank candidates (O(batch x dp))."""
-    selection_candidates: int = 8192
+    selection_candidates: int = 4096
     """--log-z-param head|hybrid: prompts drawn uniformly and scored each step (all prompts
     when there are fewer)."""
 
