@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_paced.paced.head import LogZHead
 from megatron_paced.paced.learned_log_z import LearnedLogZ, row_uniforms
 from megatron_paced.paced.log_z import ShardedLogZ, per_prompt_mean
 from megatron_paced.paced.selection import PromptSelector, SelectionConfig
