@@ -249,9 +249,10 @@ def prepare_log_z_features(trainer: Trainer) -> None:
     cache_dir = None
     if cfg.log_z_feature_cache:
         load = job.checkpoint.load
-        base = ({"load": os.path.realpath(iteration_dir(load, latest_step(load))),
-                 "written": os.path.getmtime(iteration_dir(load, latest_step(load)))}
-                if load and latest_step(load) is not None else
+        step = latest_step(load) if load else None
+        loaded = iteration_dir(load, step) if step is not None else None
+        base = ({"load": os.path.realpath(loaded), "written": os.path.getmtime(loaded)}
+                if loaded else
                 {"seed": job.train.seed, "sft_warmup_iters": job.train.sft_warmup_iters,
                  "sft_lr": job.train.sft_lr})
         identity = {"model": dataclasses.asdict(trainer.model_cfg), "base": base,

@@ -141,12 +141,11 @@ def prompts_digest(prompts) -> str:
 
 def _cache_state(local: torch.Tensor, heldout: torch.Tensor, row_start: int, num_prompts: int,
                  replica_id) -> dict:
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron_paced.paced.log_z import row_block_tensor
 
-    return {"features": ShardedTensor(
-        key="features", data=local, dtype=local.dtype, local_shape=tuple(local.shape),
-        global_shape=(num_prompts, local.shape[1]), global_offset=(row_start, 0),
-        axis_fragmentations=None, replica_id=replica_id), "heldout": heldout}
+    return {"features": row_block_tensor("features", local, row_start=row_start,
+                                         num_prompts=num_prompts, replica_id=replica_id),
+            "heldout": heldout}
 
 
 def log_z_features(model: list[torch.nn.Module], prompts_of_rows, heldout_prompts,

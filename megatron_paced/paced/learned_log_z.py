@@ -43,9 +43,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.paced.head import LogZHead
-from megatron_paced.paced.log_z import ShardedLogZ
+from megatron_paced.paced.log_z import ShardedLogZ, row_block_tensor
 
-PARAMS = ("table", "head", "hybrid")
 CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
 
 
@@ -157,17 +156,14 @@ class LearnedLogZ(ShardedLogZ):
                            names: tuple[str, ...] | None = None) -> dict:
         """The table's tensors with the anchors and last updates, the features as a sharded
         (num_prompts, feature_dim) tensor, and the head with its Adam state (common)."""
-        from megatron.core.dist_checkpointing import ShardedTensor
-
         out = super().sharded_state_dict(prefix, replica_id, names)
         if names is not None:  # a table's tensors only (loading a table checkpoint)
             return out
         features = self.features if self.features is not None else torch.zeros(
             self.row_end - self.row_start, self.feature_dim)  # a template to load into
-        out["features"] = ShardedTensor(
-            key=f"{prefix}features", data=features, dtype=features.dtype,
-            local_shape=tuple(features.shape), global_shape=(self.num_prompts, self.feature_dim),
-            global_offset=(self.row_start, 0), axis_fragmentations=None, replica_id=replica_id)
+        out["features"] = row_block_tensor(f"{prefix}features", features,
+                                           row_start=self.row_start,
+                                           num_prompts=self.num_prompts, replica_id=replica_id)
         out["head"] = {"model": self.head.state_dict(),
                        "optimizer": self.head.optimizer.state_dict(),
                        "num_updates": self.num_updates}

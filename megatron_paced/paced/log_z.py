@@ -142,6 +142,19 @@ def per_prompt_mean(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tens
     return unique, sums / torch.bincount(inverse, minlength=len(unique))
 
 
+def row_block_tensor(key: str, data: torch.Tensor, *, row_start: int, num_prompts: int,
+                     replica_id):
+    """A ``ShardedTensor`` of this rank's block of rows ``[row_start, row_start + len(data))``
+    of a global (num_prompts, ...) tensor. Blocks may be uneven (the last one shorter), so it
+    carries no ``axis_fragmentations``; it loads into any partition."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
+                         global_shape=(num_prompts, *data.shape[1:]),
+                         global_offset=(row_start,) + (0,) * (data.dim() - 1),
+                         axis_fragmentations=None, replica_id=replica_id)
+
+
 class ShardedLogZ:
     """This DP rank's block of the log-Z table, with its optimizer state."""
 
@@ -306,17 +319,10 @@ class ShardedLogZ:
         (tp_rank, pp_rank)). The last block may be shorter than the others, so the tensors
         carry no ``axis_fragmentations`` (which would demand equal blocks). ``names``: the
         tensors to include (default: all of this class's)."""
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        out = {}
-        for name in names or self._STATE:
-            tensor = getattr(self, name)
-            out[name] = ShardedTensor(
-                key=f"{prefix}{name}", data=tensor, dtype=tensor.dtype,
-                local_shape=tuple(tensor.shape), global_shape=(self.num_prompts,),
-                global_offset=(self.row_start,), axis_fragmentations=None,
-                replica_id=replica_id)
-        return out
+        return {name: row_block_tensor(f"{prefix}{name}", getattr(self, name),
+                                       row_start=self.row_start, num_prompts=self.num_prompts,
+                                       replica_id=replica_id)
+                for name in names or self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
         """Take the tensors of a loaded :meth:`sharded_state_dict` (those it holds)."""

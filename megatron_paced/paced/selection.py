@@ -136,6 +136,16 @@ def draw_uniform_ids(num_prompts: int, num: int, *, seed: int, step: int,
     return drawn[torch.sort(first).values[:num]]
 
 
+def uniform_part(num_prompts: int, num: int, cfg: SelectionConfig, *, seed: int,
+                 step: int) -> torch.Tensor:
+    """Check ``num`` against the table, then the step's uniformly drawn ids (all ``num`` for
+    uniform selection, a Binomial share with --selection-epsilon, else none)."""
+    require(1 <= num <= num_prompts, "num_prompts_per_step", num,
+            f"must be in [1, {num_prompts}] (the number of prompts in the table)")
+    return draw_uniform_ids(num_prompts, num_uniform_slots(num, cfg, seed=seed, step=step),
+                            seed=seed, step=step)
+
+
 def paced_keys(acc_est: torch.Tensor, tie_uniforms: torch.Tensor, cfg: SelectionConfig,
                soft_uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Keys (higher is picked first) of the paced rules for the given estimates."""
@@ -165,10 +175,8 @@ def select_prompts(acc_est: torch.Tensor, num: int, cfg: SelectionConfig, *, see
                    step: int, tie_uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """The single-process selection over a full (num_prompts,) estimate vector."""
     num_prompts = len(acc_est)
-    require(1 <= num <= num_prompts, "num_prompts_per_step", num,
-            f"must be in [1, {num_prompts}] (the number of prompts in the table)")
-    n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
-    uniform_ids = draw_uniform_ids(num_prompts, n_uniform, seed=seed, step=step)
+    uniform_ids = uniform_part(num_prompts, num, cfg, seed=seed, step=step)
+    n_uniform = len(uniform_ids)
     if n_uniform == num:
         return uniform_ids
     if tie_uniforms is None:
@@ -249,10 +257,8 @@ class PromptSelector:
                                            stream=TIE_STREAM)
             return select_prompts(table.gather_acc_est(), num, cfg, seed=seed, step=step,
                                   tie_uniforms=self._tie)
-        require(1 <= num <= table.num_prompts, "num_prompts_per_step", num,
-                f"must be in [1, {table.num_prompts}] (the number of prompts in the table)")
-        n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
-        uniform_ids = draw_uniform_ids(table.num_prompts, n_uniform, seed=seed, step=step)
+        uniform_ids = uniform_part(table.num_prompts, num, cfg, seed=seed, step=step)
+        n_uniform = len(uniform_ids)
         if n_uniform == num:
             return uniform_ids
         if cfg.prompt_selection == "paced-greedy":
@@ -275,10 +281,8 @@ class PromptSelector:
     def _select_from_candidates(self, table, num: int, step: int) -> torch.Tensor:
         """A seeded uniform pool scored through ``table.acc_est`` (collective)."""
         cfg, seed = self.cfg, self.seed
-        require(1 <= num <= table.num_prompts, "num_prompts_per_step", num,
-                f"must be in [1, {table.num_prompts}] (the number of prompts in the table)")
-        n_uniform = num_uniform_slots(num, cfg, seed=seed, step=step)
-        uniform_ids = draw_uniform_ids(table.num_prompts, n_uniform, seed=seed, step=step)
+        uniform_ids = uniform_part(table.num_prompts, num, cfg, seed=seed, step=step)
+        n_uniform = len(uniform_ids)
         size = min(table.num_prompts, max(cfg.selection_candidates, num))
         pool = draw_uniform_ids(table.num_prompts, size, seed=seed, step=step,
                                 stream=CANDIDATE_STREAM)
