@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
+from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX
 from megatron_paced.paced.state import PacedState
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -173,6 +174,11 @@ def load_model_weights(path: str, model, model_cfg, ctx) -> None:
 
     template = model.sharded_state_dict()
     saved = dist_checkpointing.load_tensors_metadata(path)
+    # A checkpoint without FlowRL's log-Z head (a base policy): the head keeps its init.
+    fresh = [name for name, sharded in template.items() if name.startswith(PROJ_Z_PREFIX)
+             and isinstance(sharded, ShardedTensor) and sharded.key not in saved]
+    for name in fresh:
+        del template[name]
     repadded = {}
     for name, sharded in template.items():
         if (isinstance(sharded, ShardedTensor) and sharded.key in VOCAB_KEYS
@@ -188,6 +194,8 @@ def load_model_weights(path: str, model, model_cfg, ctx) -> None:
                                      validate_access_integrity=not repadded)["model"]
     for name, local_rows in repadded.items():
         loaded[name] = _vocab_rows(loaded[name], model_cfg.vocab_size, local_rows, ctx.tp_rank)
+    current = model.state_dict()
+    loaded.update({name: current[name] for name in fresh})
     model.load_state_dict(loaded)
 
 

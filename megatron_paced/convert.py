@@ -347,7 +347,7 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
     from megatron.core import dist_checkpointing
 
     metadata = {k: v for k, v in dist_checkpointing.load_tensors_metadata(path).items()
-                if not k.startswith(("optimizer", "paced"))}
+                if not k.startswith(("optimizer", "paced", "proj_z"))}  # FlowRL's head: not HF
     layer_keys = [k for k in metadata if k.startswith("decoder.layers.")]
     global_keys = [k for k in metadata if not k.startswith("decoder.layers.")]
     dtype = metadata["embedding.word_embeddings.weight"].dtype  # the model's weights' dtype

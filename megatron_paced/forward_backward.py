@@ -29,6 +29,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
@@ -151,8 +152,32 @@ def _run_schedule(
     )
 
 
+@contextlib.contextmanager
+def final_hidden_states(model: list[torch.nn.Module], ctx: ParallelContext, *, detach: bool):
+    """Collect the last stage's final-norm output, (s, b, h) per micro-batch in schedule order
+    (what the output layer reads; split along s under sequence parallelism), in a list that
+    the last-stage function pops from; empty on other stages."""
+    captured: list[torch.Tensor] = []
+    hook = None
+    if ctx.is_last_stage:
+        hook = unwrap_model(model[-1]).decoder.final_layernorm.register_forward_hook(
+            lambda module, args, output: captured.append(output.detach() if detach else output))
+    try:
+        yield captured
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def _loss_on_last_stage(logits: torch.Tensor, micro_batch: SequenceBatch, *, loss_fn: LossFn,
-                        ctx: ParallelContext, vocab_size: int):
+                        ctx: ParallelContext, vocab_size: int, proj_z=None,
+                        hidden: list[torch.Tensor] | None = None):
+    if proj_z is not None:  # FlowRL's head: log Z from this micro-batch's prompt states
+        from megatron_paced.models.proj_z import prompt_log_z
+
+        log_z = prompt_log_z(proj_z, hidden.pop(0), micro_batch.completion_mask, ctx)
+        micro_batch = dataclasses.replace(micro_batch,
+                                          extras={**micro_batch.extras, "log_z": log_z})
     token_log_probs = next_token_log_probs(
         logits, micro_batch.tokens, tp_group=ctx.tp_group,
         vocab_start=ctx.tp_rank * logits.shape[-1], vocab_size=vocab_size,
@@ -172,10 +197,20 @@ def forward_backward(
 ) -> list[dict]:
     """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
     micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
-    model (DDP grad buffers) unless ``forward_only``."""
-    last_stage_fn = partial(_loss_on_last_stage, loss_fn=loss_fn, ctx=ctx, vocab_size=vocab_size)
-    return _run_schedule(model, batch, last_stage_fn, ctx, micro_batch_size=micro_batch_size,
-                         forward_only=forward_only)
+    model (DDP grad buffers) unless ``forward_only``. A model whose last stage carries
+    FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` extra
+    from the head, in place of the batch's."""
+    from megatron_paced.models.proj_z import has_proj_z
+
+    last_chunk = unwrap_model(model[-1])
+    proj_z = last_chunk.proj_z if ctx.is_last_stage and has_proj_z(last_chunk) else None
+    capture = (final_hidden_states(model, ctx, detach=False) if proj_z is not None
+               else contextlib.nullcontext(None))
+    with capture as hidden:
+        last_stage_fn = partial(_loss_on_last_stage, loss_fn=loss_fn, ctx=ctx,
+                                vocab_size=vocab_size, proj_z=proj_z, hidden=hidden)
+        return _run_schedule(model, batch, last_stage_fn, ctx,
+                             micro_batch_size=micro_batch_size, forward_only=forward_only)
 
 
 def _keep_log_probs(logits: torch.Tensor, micro_batch: SequenceBatch, *, ctx: ParallelContext,

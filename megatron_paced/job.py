@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -89,8 +90,21 @@ class AlgorithmConfig:
     """KL coefficient; rewards enter the TB losses as r / beta."""
     grpo_kl_coef: float = 0.0
     """GRPO's k3 KL coefficient to the reference (0: no reference model)."""
-    flowrl_clip: float = 0.2
-    """FlowRL's importance-weight clip."""
+    flowrl_log_z: Literal["proj-z", "table"] = "proj-z"
+    """FlowRL's log Z: proj-z (its recipe: an MLP on the mean of the policy's final hidden
+    states over the prompt, trained with the policy) or table (the per-prompt log-Z table)."""
+    flowrl_proj_z_layers: int = 3
+    """FlowRL's ProjZ: linear layers (the recipe: 3, width the model's hidden size)."""
+    flowrl_proj_z_dropout: float = 0.0
+    """FlowRL's ProjZ: dropout (the recipe: 0.1; 0 keeps resume exact and layouts equal)."""
+    flowrl_reward: Literal["advantage", "reward"] = "advantage"
+    """FlowRL's log-reward: the scale times the group-normalized reward (advantage, the
+    recipe) or times the reward itself."""
+    flowrl_reward_scale: float = 15.0
+    """FlowRL's reward coefficient (the recipe: 15)."""
+    flowrl_weight_max: float = 10.0
+    """FlowRL's importance weight exp(S_theta - S_old) is clipped above at this (the recipe:
+    10)."""
     use_rollout_logprobs: bool = False
     """pi_old from the rollout engine instead of a trainer recompute."""
 
@@ -254,17 +268,50 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             parser.error(str(err))
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
-    if args.prompt_selection is None:  # GRPO trains no log-Z table to select by
-        args.prompt_selection = "uniform" if args.algo == "grpo" else "paced-greedy"
+    if args.prompt_selection is None:  # GRPO and FlowRL's head train no log-Z table
+        args.prompt_selection = ("uniform" if not trains_log_z_table(args.algo,
+                                                                     args.flowrl_log_z)
+                                 else "paced-greedy")
     return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
+
+
+def trains_log_z_table(algo: str, flowrl_log_z: str = "table") -> bool:
+    """Whether ``--algo`` trains the per-prompt log-Z table (PACED-RL; FlowRL unless its log Z
+    is its ProjZ head)."""
+    return algo == "paced" or (algo == "flowrl" and flowrl_log_z == "table")
+
+
+def validate_algorithm(algo: "AlgorithmConfig", job: "JobConfig") -> None:
+    """The loss's flags, and the selection and log-Z forms it can work with."""
+    from megatron_paced.losses import check_beta
+
+    check_beta(algo.beta)
+    require(algo.flowrl_proj_z_layers >= 1, "flowrl_proj_z_layers", algo.flowrl_proj_z_layers,
+            "must be >= 1")
+    require(0.0 <= algo.flowrl_proj_z_dropout < 1.0, "flowrl_proj_z_dropout",
+            algo.flowrl_proj_z_dropout, "must be in [0, 1)")
+    require(math.isfinite(algo.flowrl_reward_scale), "flowrl_reward_scale",
+            algo.flowrl_reward_scale, "must be finite")
+    require(algo.flowrl_weight_max > 0, "flowrl_weight_max", algo.flowrl_weight_max,
+            "must be > 0")
+    if trains_log_z_table(algo.algo, algo.flowrl_log_z):
+        return
+    what = "GRPO" if algo.algo == "grpo" else "FlowRL with --flowrl-log-z proj-z"
+    if job.selection.prompt_selection != "uniform":
+        raise ConfigError(
+            f"--prompt-selection {job.selection.prompt_selection} with --algo {algo.algo}: "
+            f"{what} trains no log-Z table, so every estimate stays at --target-acc and the "
+            "paced rule would pick the same prompts every step; use --prompt-selection "
+            f"uniform (the default for {what})")
+    if job.log_z.log_z_param != "table":
+        raise ConfigError(f"--log-z-param {job.log_z.log_z_param} with --algo {algo.algo}: "
+                          f"{what} trains no PACED log Z; leave --log-z-param at table")
 
 
 def validate_batch(job: "JobConfig", dp_size: int) -> int:
     """Check the batch arithmetic and the step counts; returns the global batch in sequences."""
-    from megatron_paced.losses import check_beta
-
     batch, replay, train = job.batch, job.replay, job.train
-    check_beta(job.algorithm.beta)
+    validate_algorithm(job.algorithm, job)
     for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
         require(getattr(batch, name) >= 1, name, getattr(batch, name), "must be >= 1")
     require(train.train_iters >= 0, "train_iters", train.train_iters, "must be >= 0")
@@ -286,15 +333,6 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             batch.micro_batch_size,
             f"must divide the {total // dp_size} sequences per data-parallel rank "
             f"({total} per step over {dp_size} ranks)")
-    if job.algorithm.algo == "grpo" and job.selection.prompt_selection != "uniform":
-        raise ConfigError(
-            f"--prompt-selection {job.selection.prompt_selection} with --algo grpo: GRPO "
-            "trains no log-Z table, so every estimate stays at --target-acc and the paced "
-            "rule would pick the same prompts every step; use --prompt-selection uniform (the "
-            "default for --algo grpo)")
-    if job.algorithm.algo == "grpo" and job.log_z.log_z_param != "table":
-        raise ConfigError(f"--log-z-param {job.log_z.log_z_param} with --algo grpo: GRPO "
-                          "trains no log Z; leave --log-z-param at table")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
     for name in ("eval_interval", "calibration_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")

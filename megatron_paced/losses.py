@@ -13,11 +13,15 @@ PACED-RL (trajectory balance against the policy that generated y, arXiv 2602.126
   are divided by |y|.
 
 FlowRL (trajectory balance against the frozen reference, token-mean log-probs, arXiv
-2509.15207)::
+2509.15207, as its released recipe computes it)::
 
-    delta  = log_z[x] + S_theta(y|x) / |y| - S_ref(y|x) / |y| - r / beta
-    w      = clip(exp(S_theta/|y| - S_old/|y|), 1 - eps, 1 + eps), no gradient
+    delta  = log_z(x) + S_theta(y|x) / |y| - S_ref(y|x) / |y| - c * A(x, y)
+    w      = min(exp(S_theta(y|x) - S_old(y|x)), w_max), no gradient
     loss   = mean over samples of w * delta^2
+
+  with A the group-normalized reward (GRPO's advantage; or the raw reward r), c = 15 and
+  w_max = 10 (the recipe's), and log_z(x) from its ``ProjZ`` head on the prompt's hidden
+  states (:mod:`megatron_paced.models.proj_z`) or from the per-prompt table.
 
 GRPO (group-normalized advantages, PPO-clipped ratio, optional k3 KL to the reference)::
 
@@ -62,12 +66,13 @@ def paced_tb_delta(log_z: torch.Tensor, log_probs: torch.Tensor, old_log_probs: 
 
 def flowrl_delta_and_weight(
     log_z: torch.Tensor, mean_log_probs: torch.Tensor, mean_ref_log_probs: torch.Tensor,
-    mean_old_log_probs: torch.Tensor, rewards: torch.Tensor, beta: float, clip_eps: float,
+    log_ratio: torch.Tensor, log_rewards: torch.Tensor, weight_max: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlowRL residual and its clipped (no-grad) importance weight per sample: (B,) each."""
-    delta = log_z + mean_log_probs - mean_ref_log_probs - rewards / beta
-    weight = torch.exp(mean_log_probs - mean_old_log_probs).clamp(1 - clip_eps, 1 + clip_eps)
-    return delta, weight.detach()
+    """FlowRL residual and its clipped (no-grad) importance weight per sample: (B,) each.
+    ``log_ratio`` is S_theta - S_old (a sequence sum), ``log_rewards`` c * A."""
+    delta = log_z + mean_log_probs - mean_ref_log_probs - log_rewards
+    weight = torch.exp(log_ratio.detach()).clamp(max=weight_max)
+    return delta, weight
 
 
 def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor,
@@ -142,26 +147,28 @@ def paced_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, beta: float,
     }
 
 
-def flowrl_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, beta: float,
-                   clip_eps: float = 0.2):
+def flowrl_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, reward_scale: float = 15.0,
+                   reward: str = "advantage", weight_max: float = 10.0):
     """FlowRL loss in Megatron's contract (normalizer: sequences).
 
-    Extras: ``log_z`` (b,), ``old_log_probs``, ``ref_log_probs`` (b, T), ``rewards`` (b,).
+    Extras: ``log_z`` (b,), ``old_log_probs``, ``ref_log_probs`` (b, T), ``advantages``
+    (``reward="advantage"``) or ``rewards`` (``"reward"``) (b,).
     """
     mask = micro_batch.completion_mask
     extras = micro_batch.extras
     lengths = mask.sum(-1).clamp(min=1)
-
-    def mean_lp(values: torch.Tensor) -> torch.Tensor:
-        return (values * mask).sum(-1) / lengths
-
+    log_probs = (token_log_probs * mask).sum(-1)
+    old_log_probs = (extras["old_log_probs"] * mask).sum(-1)
+    ref_log_probs = (extras["ref_log_probs"] * mask).sum(-1)
+    log_rewards = reward_scale * extras["advantages" if reward == "advantage" else "rewards"]
     delta, weight = flowrl_delta_and_weight(
-        extras["log_z"], mean_lp(token_log_probs), mean_lp(extras["ref_log_probs"]),
-        mean_lp(extras["old_log_probs"]), extras["rewards"], beta, clip_eps)
+        extras["log_z"], log_probs / lengths, ref_log_probs / lengths,
+        log_probs - old_log_probs, log_rewards, weight_max)
     _check_finite("FlowRL loss residual", delta.detach())
     loss_sum = (weight * delta ** 2).sum()
-    return loss_sum, _num(delta.numel(), delta), {"loss_sum": loss_sum.detach().clone(),
-                                                  "num_sequences": _num(delta.numel(), delta)}
+    return loss_sum, _num(delta.numel(), delta), {
+        "loss_sum": loss_sum.detach().clone(), "num_sequences": _num(delta.numel(), delta),
+        "log_z_sum": extras["log_z"].detach().float().sum()}
 
 
 def grpo_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, clip_low: float = 0.2,

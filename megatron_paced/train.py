@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
-from megatron_paced.job import JobConfig, parse_args, validate_startup
+from megatron_paced.job import JobConfig, parse_args, trains_log_z_table, validate_startup
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.rl.batch import build_train_batch
 from megatron_paced.rl.collect import Collector
@@ -124,8 +124,11 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
     task = task or build_task(job.task, job.data, seed=cfg.seed,
                               eval_num_prompts=job.eval.eval_num_prompts)
     num_prompts = len(task.problems)
+    proj_z = algo.algo == "flowrl" and algo.flowrl_log_z == "proj-z"  # FlowRL's own log Z
     policy = build_policy(job.model, job.optimizer, ctx, seed=cfg.seed,
-                          params_dtype=cfg.params_dtype)
+                          params_dtype=cfg.params_dtype,
+                          proj_z_layers=algo.flowrl_proj_z_layers if proj_z else 0,
+                          proj_z_dropout=algo.flowrl_proj_z_dropout)
     reference = None
     if algo.algo == "flowrl" or (algo.algo == "grpo" and algo.grpo_kl_coef > 0):
         reference = build_reference(job.model, ctx, seed=cfg.seed, copy_from=policy,
@@ -183,7 +186,9 @@ def train_step(t: Trainer) -> dict:
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
                            vocab_size=t.model_cfg.vocab_size,
                            micro_batch_size=job.batch.micro_batch_size,
-                           train_log_z=job.algorithm.algo != "grpo", step=step,
+                           train_log_z=trains_log_z_table(job.algorithm.algo,
+                                                          job.algorithm.flowrl_log_z),
+                           step=step,
                            prompt_ids_of=t.prompt_ids_of)
     losses = result.metrics()
     if job.logging.kl_interval and step % job.logging.kl_interval == 0:  # Prop. 4.1's premise

@@ -104,15 +104,27 @@ def test_layout_matches_single_process(invariance_dir, layout, family):
     assert ref["grad_norms_adam"][1] != ref["grad_norms_adam"][0]  # the first step changed grads
 
 
-@pytest.mark.parametrize("algo", ["paced", "flowrl", "grpo"])
+@pytest.mark.parametrize("algo", ["paced", "flowrl", "flowrl-proj-z", "grpo"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rl_losses_match_single_process(invariance_dir, layout, algo):
     """One SGD step of each RL loss through Megatron's schedule: the same weight update and
-    the same per-sample log-Z gradients (2 delta for PACED, none for GRPO) on every layout."""
+    the same per-sample log-Z gradients (2 delta for PACED, none for GRPO) on every layout;
+    FlowRL's ProjZ head (log Z from the prompt's hidden states) starts equal everywhere and
+    takes the same step as the policy."""
     family = FAMILIES[0]
     ours = _load(invariance_dir, layout, family)[f"rl_{algo}"]
     ref = _load(invariance_dir, REFERENCE, family)[f"rl_{algo}"]
     init = _load(invariance_dir, REFERENCE, family)["params_init"]
+    if algo == "flowrl-proj-z":
+        head = sorted(name for name in ref["params"] if name.startswith("proj_z."))
+        assert len(head) == 10  # 3 linear layers and 2 LayerNorms, weight and bias each
+        for name in head:
+            assert torch.equal(ours["params_before"][name], ref["params_before"][name]), name
+        init = {**init, **{name: ref["params_before"][name] for name in head}}
+        moved = _flat(ref["params"], head) - _flat(init, head)
+        assert moved.norm() > 0  # the loss trains the head
+        assert not ref["log_z_grad"].any()  # and not the batch's log Z, which it replaced
+        ref = {**ref, "log_z_grad": None}
     names = sorted(init)
     update_ours = _flat(ours["params"], names) - _flat(init, names)
     update_ref = _flat(ref["params"], names) - _flat(init, names)
@@ -121,6 +133,6 @@ def test_rl_losses_match_single_process(invariance_dir, layout, algo):
     assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL)
     if algo == "grpo":
         assert not ref["log_z_grad"].any()
-    else:
+    elif ref["log_z_grad"] is not None:
         assert ref["log_z_grad"].abs().min() > 0
         assert _rel(ours["log_z_grad"], ref["log_z_grad"]) <= RTOL

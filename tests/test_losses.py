@@ -45,15 +45,24 @@ def test_paced_nan_reward_raises():
         paced_loss_fn(token_lp, batch, beta=0.05)
 
 
-def test_flowrl_uses_token_means_reference_and_clipped_weight():
+def test_flowrl_follows_its_recipe_token_means_advantages_and_sequence_weight():
     token_lp = torch.tensor([[0.0, -1.0, -3.0, 0.0], [0.0, -1.0, -1.0, -1.0]])
-    batch = _batch(log_z=torch.tensor([5.0, 5.0]), old_log_probs=token_lp - 1.0,
-                   ref_log_probs=token_lp - 0.5, rewards=torch.tensor([1.0, 0.0]))
-    loss_sum, num, _ = flowrl_loss_fn(token_lp, batch, beta=0.05, clip_eps=0.2)
-    delta = torch.tensor([5 + 0.5 - 20, 5 + 0.5])
-    weight = torch.tensor([1.2, 1.2])  # exp(+1) clipped to 1 + 0.2
+    log_z = torch.tensor([5.0, 5.0], requires_grad=True)
+    batch = _batch(log_z=log_z, old_log_probs=token_lp - torch.tensor([[0.0], [1.0]]),
+                   ref_log_probs=token_lp - 0.5, rewards=torch.tensor([1.0, 0.0]),
+                   advantages=torch.tensor([0.7, -0.7]))
+    loss_sum, num, logs = flowrl_loss_fn(token_lp, batch)  # c = 15, w_max = 10
+    delta = torch.tensor([5 + 0.5 - 15 * 0.7, 5 + 0.5 + 15 * 0.7])
+    # S_theta - S_old: 0 (weight 1) and +3 over 3 tokens (e^3 = 20.1, clipped to 10)
+    weight = torch.tensor([1.0, 10.0])
     torch.testing.assert_close(loss_sum, (weight * delta ** 2).sum())
-    assert int(num) == 2
+    assert int(num) == 2 and float(logs["log_z_sum"]) == 10.0
+    loss_sum.backward()
+    torch.testing.assert_close(log_z.grad, 2 * weight * delta)
+    raw, _, _ = flowrl_loss_fn(token_lp, batch, reward="reward", reward_scale=20.0,
+                               weight_max=1.5)
+    delta = torch.tensor([5 + 0.5 - 20.0, 5 + 0.5])
+    torch.testing.assert_close(raw, (torch.tensor([1.0, 1.5]) * delta ** 2).sum())
 
 
 def test_grpo_advantages_and_clipping():

@@ -100,16 +100,28 @@ def test_resume_reports_changed_selection_settings():
 
 
 def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
-    """GRPO trains no log-Z table: every row stays at tau, so a paced rule would return the
-    same tie order every step (the same prompts forever)."""
+    """GRPO (and FlowRL with its own ProjZ head) trains no log-Z table: every row stays at
+    tau, so a paced rule would return the same tie order every step (the same prompts
+    forever)."""
     from megatron_paced.job import parse_args, validate_batch
 
     assert parse_args(["--algo", "grpo"]).selection.prompt_selection == "uniform"
     assert parse_args([]).selection.prompt_selection == "paced-greedy"
-    assert parse_args(["--algo", "flowrl"]).selection.prompt_selection == "paced-greedy"
+    assert parse_args(["--algo", "flowrl"]).selection.prompt_selection == "uniform"
+    assert parse_args(["--algo", "flowrl", "--flowrl-log-z", "table"]
+                      ).selection.prompt_selection == "paced-greedy"
     validate_batch(parse_args(["--algo", "grpo"]), dp_size=1)
+    validate_batch(parse_args(["--algo", "flowrl"]), dp_size=1)
     with pytest.raises(ConfigError, match="--prompt-selection paced-soft with --algo grpo"):
         validate_batch(parse_args(["--algo", "grpo", "--prompt-selection", "paced-soft"]), 1)
+    with pytest.raises(ConfigError, match="FlowRL with --flowrl-log-z proj-z trains no"):
+        validate_batch(parse_args(["--algo", "flowrl", "--prompt-selection", "paced-soft"]), 1)
+    with pytest.raises(ConfigError, match="--log-z-param hybrid with --algo flowrl"):
+        validate_batch(parse_args(["--algo", "flowrl", "--log-z-param", "hybrid"]), 1)
+    for flag, value in (("--flowrl-proj-z-layers", "0"), ("--flowrl-proj-z-dropout", "1"),
+                        ("--flowrl-weight-max", "0"), ("--flowrl-reward-scale", "nan")):
+        with pytest.raises(ConfigError, match=flag):
+            validate_batch(parse_args(["--algo", "flowrl", flag, value]), 1)
     # What the refusal prevents: with every estimate at tau, greedy picks the same prompts.
     acc = torch.full((64,), 0.5, dtype=torch.float64)
     tie = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

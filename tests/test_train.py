@@ -137,6 +137,41 @@ def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
     assert max(per_step) > 16, per_step  # some step needed another round
 
 
+@pytest.mark.distributed
+def test_flowrl_proj_z_trains_resumes_exactly_and_stays_out_of_exports(tmp_path):
+    """FlowRL as its recipe runs it (log Z from the ProjZ head on the policy's prompt states,
+    uniform prompts): its head is in the checkpoint, a run resumed from step 2 equals the
+    uninterrupted one (the head's weights and Adam state resume), and the Hugging Face export
+    leaves the head out."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_paced.convert import convert_megatron_to_hf
+
+    full, run = tmp_path / "full", tmp_path / "run"
+    flowrl = COMMON + ["--algo", "flowrl", "--train-iters", "4"]
+    _train(flowrl + ["--save", str(full)])
+    uninterrupted = _metrics(full / "metrics.jsonl")
+    assert sorted(uninterrupted) == [1, 2, 3, 4]
+    saved = dist_checkpointing.load_tensors_metadata(str(full / "iter_0000004"))
+    head = sorted(key for key in saved if key.startswith("proj_z."))
+    assert len(head) == 10  # 3 linear layers and 2 LayerNorms (its Adam state: see resume)
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "iter_0000004")
+    (run / "latest_checkpointed_iteration.txt").write_text("2")
+    _train(flowrl + ["--save", str(run), "--load", str(run)])
+    assert _metrics(run / "metrics.jsonl") == uninterrupted
+    convert_megatron_to_hf(str(full), str(tmp_path / "hf"), progress=False)
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["num_hidden_layers"] >= 1
+    from safetensors import safe_open
+
+    names = [name for path in (tmp_path / "hf").glob("*.safetensors")
+             for name in safe_open(str(path), "pt").keys()]
+    assert names and not [name for name in names if "proj_z" in name]
+
+
 def _prompt_file(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)

@@ -13,7 +13,10 @@ started with ``--load`` from one base policy and differing only in the flags of
                          estimate instead of the one at insertion)
     paced-head           ... with --log-z-param head (log Z an MLP over prompt features)
     paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual)
-    flowrl               FlowRL: TB loss against the step-0 reference, uniform prompts
+    paced-hybrid-k2/k4   ... with --log-z-residual-prior 2 / 4 (the residual shrunk toward
+                         the head, as if the head were worth 2 / 4 visits)
+    flowrl               FlowRL as its recipe runs it: TB loss against the step-0 reference,
+                         log Z from its ProjZ head on the policy, uniform prompts
     grpo                 GRPO, uniform prompts
     grpo-dapo            GRPO with DAPO's oversample-and-filter (--dynamic-sampling); the
                          extra completions it generates count as samples
@@ -89,6 +92,14 @@ METHODS = {
                                                 "paced-greedy", "--replay-per-step", "16",
                                                 "--replay-size", "128",
                                                 "--log-z-param", "hybrid"]),
+    "paced-hybrid-k2": ("PACED-RL, log Z hybrid, prior 2 visits",
+                        ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                         "--replay-per-step", "16", "--replay-size", "128",
+                         "--log-z-param", "hybrid", "--log-z-residual-prior", "2"]),
+    "paced-hybrid-k4": ("PACED-RL, log Z hybrid, prior 4 visits",
+                        ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                         "--replay-per-step", "16", "--replay-size", "128",
+                         "--log-z-param", "hybrid", "--log-z-residual-prior", "4"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -98,7 +109,8 @@ METHODS = {
                    "--dynamic-sampling"]),
 }
 HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
-             "paced-rescore", "paced-head", "paced-hybrid", "flowrl"}
+             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k2",
+             "paced-hybrid-k4"}  # FlowRL's log Z (its ProjZ head) estimates no accuracy
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
 PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",

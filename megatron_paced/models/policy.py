@@ -28,6 +28,7 @@ import torch
 from megatron_paced.config import OptimizerConfig
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.models.gpt import build_gpt_model
+from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX, attach_proj_z
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext
 
@@ -93,8 +94,12 @@ def build_policy(
     *,
     seed: int,
     params_dtype: torch.dtype = torch.float32,
+    proj_z_layers: int = 0,
+    proj_z_dropout: float = 0.0,
 ) -> Policy:
-    """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer."""
+    """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer;
+    with ``proj_z_layers`` the last stage carries FlowRL's log-Z head
+    (:mod:`megatron_paced.models.proj_z`), trained with it."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -104,6 +109,8 @@ def build_policy(
 
     optim_cfg.validate()
     gpt = build_gpt_model(model_cfg, ctx, seed=seed, params_dtype=params_dtype)
+    if proj_z_layers:
+        attach_proj_z(gpt, num_layers=proj_z_layers, dropout=proj_z_dropout, seed=seed)
     config = gpt.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -174,7 +181,8 @@ def build_reference(
     """The frozen reference on the same layout; a copy of ``copy_from``'s weights if given."""
     gpt = build_gpt_model(model_cfg, ctx, seed=seed, params_dtype=params_dtype)
     if copy_from is not None:
-        source = copy_from.modules()[0].state_dict()
+        source = {name: value for name, value in copy_from.modules()[0].state_dict().items()
+                  if not name.startswith(PROJ_Z_PREFIX)}  # the reference has no log-Z head
         gpt.load_state_dict(source, strict=True)
     gpt.eval()
     for param in gpt.parameters():

@@ -36,7 +36,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import SequenceBatch, forward_eval, micro_batch_size_for
+from megatron_paced.forward_backward import (SequenceBatch, final_hidden_states, forward_eval,
+                                             micro_batch_size_for)
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
@@ -65,32 +66,23 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt)
         mask[row, :len(prompt)] = 1.0
-    last_chunk = unwrap_model(model[-1])
-    hidden_size = last_chunk.config.hidden_size
-    captured: list[torch.Tensor] = []
-    hook = None
-    if ctx.is_last_stage:
-        hook = last_chunk.decoder.final_layernorm.register_forward_hook(
-            lambda module, args, output: captured.append(output.detach()))
+    hidden_size = unwrap_model(model[-1]).config.hidden_size
+    with final_hidden_states(model, ctx, detach=True) as captured:
 
-    def pool_on_last_stage(output, micro_batch):
-        hidden = captured.pop()  # (s, b, h), split along s under sequence parallelism
-        if last_chunk.config.sequence_parallel and ctx.tp_size > 1:
-            parts = [torch.empty_like(hidden) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, hidden.contiguous(), group=ctx.tp_group)
-            hidden = torch.cat(parts)
-        pooled = pool_hidden(hidden.transpose(0, 1).float(), micro_batch.completion_mask,
-                             pooling)
-        return output.sum() * 0.0, torch.tensor(1, dtype=torch.int, device=output.device), {
-            "features": pooled}
+        def pool_on_last_stage(output, micro_batch):
+            hidden = captured.pop(0)  # (s, b, h), split along s under sequence parallelism
+            if ctx.config.sequence_parallel:
+                parts = [torch.empty_like(hidden) for _ in range(ctx.tp_size)]
+                dist.all_gather(parts, hidden.contiguous(), group=ctx.tp_group)
+                hidden = torch.cat(parts)
+            pooled = pool_hidden(hidden.transpose(0, 1).float(), micro_batch.completion_mask,
+                                 pooling)
+            return output.sum() * 0.0, torch.tensor(1, dtype=torch.int,
+                                                    device=output.device), {"features": pooled}
 
-    try:
         logs = forward_eval(
             model, SequenceBatch(tokens, mask, {}), pool_on_last_stage, ctx,
             micro_batch_size=micro_batch_size_for(len(prompts), micro_batch_size))
-    finally:
-        if hook is not None:
-            hook.remove()
     if ctx.is_last_stage:
         features = torch.cat([log["features"] for log in logs]).float()
     else:

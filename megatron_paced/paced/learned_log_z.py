@@ -6,10 +6,13 @@ prompt's feature, :mod:`megatron_paced.paced.features`; ``T`` the per-prompt tab
 
     table    log_z[x] = T[x]
     head     log_z[x] = head(f(x))                          (the paper's form)
-    hybrid   log_z[x] = head(f(x)) + R[x],  R[x] = T[x] - head_at_last_visit(f(x))
+    hybrid   log_z[x] = head(f(x)) + R[x],
+             R[x] = n / (n + k) (T[x] - head_at_last_visit(f(x)))
 
-so a hybrid row reads the table right after its prompt is trained on and then follows the
-head's moves (what it learns from other prompts, e.g. that the policy got better); a prompt
+(n the prompt's visits, k = ``--log-z-residual-prior``), so right after its prompt is trained
+on a hybrid row reads the table (k = 0) or the table shrunk toward the head, as a posterior
+mean with the head as a prior worth k visits (a group's estimate is noisy), and then follows
+the head's moves (what it learns from other prompts, e.g. that the policy got better); a prompt
 never trained on (R = 0) reads the head.
 
 Training (collective over DP, once per RL step, on the step's fresh prompts): each owner
@@ -67,7 +70,8 @@ class LearnedLogZ(ShardedLogZ):
     def __init__(self, num_prompts: int, *, param: str, feature_dim: int, beta: float,
                  init_acc: float, lr: float, width: int = 128, num_layers: int = 3,
                  head_lr: float = 1e-3, fit_steps: int = 8, window: int = 32,
-                 fit_rows: int = 4096, seed: int = 0, **table_kwargs) -> None:
+                 fit_rows: int = 4096, residual_prior: float = 0.0, seed: int = 0,
+                 **table_kwargs) -> None:
         if param not in ("head", "hybrid"):
             raise ValueError(f"--log-z-param {param!r}: head or hybrid (table is ShardedLogZ)")
         super().__init__(num_prompts, beta=beta, init_acc=init_acc, lr=lr, **table_kwargs)
@@ -75,6 +79,7 @@ class LearnedLogZ(ShardedLogZ):
         self.last_update = torch.full_like(self.visits, -1)
         self.num_updates = 0
         self.fit_steps, self.window, self.fit_rows = int(fit_steps), int(window), int(fit_rows)
+        self.residual_prior = float(residual_prior)
         self.param = param
         self.feature_dim = int(feature_dim)
         self.head = LogZHead(feature_dim, width=width, num_layers=num_layers, beta=beta,
@@ -119,7 +124,11 @@ class LearnedLogZ(ShardedLogZ):
         super()._step_rows(touched, 2 * (self.values[touched] - target))
         self.last_update[touched] = self.num_updates
         self._fit_head()
-        self.anchor[touched] = self._head_of(self._features_of(touched))
+        # anchor = head + (1 - w)(T - head), so head + T - anchor = head + w (T - head)
+        head = self._head_of(self._features_of(touched))
+        visits = self.visits[touched].double()
+        weight = visits / (visits + self.residual_prior)
+        self.anchor[touched] = head + (1 - weight) * (self.values[touched] - head)
         self.num_updates += 1
 
     def recent_rows(self) -> torch.Tensor:

@@ -82,6 +82,9 @@ class LogZConfig:
     """head, hybrid: the head regresses on the prompts trained in this many last steps."""
     log_z_head_fit_rows: int = 4096
     """head, hybrid: about this many of those prompts per Adam step (a hashed subsample)."""
+    log_z_residual_prior: float = 0.0
+    """hybrid: the head's weight as a prior, in visits (k): right after its n-th visit a row
+    reads head + n / (n + k) (T - head), the table shrunk toward the head (0: the table)."""
     log_z_feature_pooling: Literal["mean", "last"] = "mean"
     """head, hybrid: a prompt's feature is the mean (or the last token's) final hidden state of
     the base policy over the prompt tokens."""
@@ -107,6 +110,8 @@ class LogZConfig:
                 self.log_z_head_fit_steps, "must be >= 1")
         require(self.log_z_head_fit_rows >= 1, "log_z_head_fit_rows",
                 self.log_z_head_fit_rows, "must be >= 1")
+        require(math.isfinite(self.log_z_residual_prior) and self.log_z_residual_prior >= 0,
+                "log_z_residual_prior", self.log_z_residual_prior, "must be a finite number >= 0")
         require(self.log_z_head_window >= 1, "log_z_head_window", self.log_z_head_window,
                 "must be >= 1")
         require(self.log_z_feature_dim >= 0, "log_z_feature_dim", self.log_z_feature_dim,
@@ -355,4 +360,5 @@ def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_
                        width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
                        head_lr=cfg.log_z_head_lr, fit_steps=cfg.log_z_head_fit_steps,
                        window=cfg.log_z_head_window, fit_rows=cfg.log_z_head_fit_rows,
+                       residual_prior=cfg.log_z_residual_prior,
                        seed=seed, **kwargs)

@@ -59,8 +59,9 @@ def loss_fn_for(algorithm) -> Callable:
     if algorithm.algo == "paced":
         return functools.partial(losses.paced_loss_fn, beta=algorithm.beta)
     if algorithm.algo == "flowrl":
-        return functools.partial(losses.flowrl_loss_fn, beta=algorithm.beta,
-                                 clip_eps=algorithm.flowrl_clip)
+        return functools.partial(losses.flowrl_loss_fn, reward_scale=algorithm.flowrl_reward_scale,
+                                 reward=algorithm.flowrl_reward,
+                                 weight_max=algorithm.flowrl_weight_max)
     return functools.partial(losses.grpo_loss_fn, kl_coef=algorithm.grpo_kl_coef)
 
 

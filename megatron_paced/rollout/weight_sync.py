@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.models.hf_mapping import megatron_to_hf
+from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX
 from megatron_paced.models.sharding import iter_full_params
 from megatron_paced.utils import free_port
 
@@ -61,6 +62,8 @@ def iter_hf_buckets(model, model_cfg, ctx,
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in iter_full_params(model, ctx.tp_group):
+        if name.startswith(PROJ_Z_PREFIX):
+            continue  # FlowRL's log-Z head: the trainer's, not the engine's
         parts = list(megatron_to_hf({name: tensor}, model_cfg).items())
         if not parts:
             continue  # e.g. the tied output weight of the last stage

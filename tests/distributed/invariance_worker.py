@@ -157,7 +157,8 @@ def check_engine(checks, policy, model_cfg, ctx, layout) -> None:
 
 RL_LOSSES = {
     "paced": functools.partial(paced_loss_fn, beta=0.05),
-    "flowrl": functools.partial(flowrl_loss_fn, beta=0.05, clip_eps=0.2),
+    "flowrl": functools.partial(flowrl_loss_fn, weight_max=1.5),
+    "flowrl-proj-z": functools.partial(flowrl_loss_fn, weight_max=1.5),  # log Z from ProjZ
     "grpo": functools.partial(grpo_loss_fn, kl_coef=0.05),
 }
 
@@ -181,11 +182,14 @@ def rl_extras(global_batch: SequenceBatch, base_log_probs: torch.Tensor) -> dict
 
 
 def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
-    """One SGD step of an RL loss; returns the full params and the log-Z gradients."""
+    """One SGD step of an RL loss; returns the full params and the log-Z gradients (and for
+    FlowRL's ProjZ head, whose log Z replaces the batch's, the full params before the step;
+    its replicated copies must stay equal over TP)."""
     policy = build_policy(model_cfg, OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0,
                                                      clip_grad=1.0,
                                                      use_distributed_optimizer=False),
-                          ctx, seed=SEED)
+                          ctx, seed=SEED, proj_z_layers=3 if algo == "flowrl-proj-z" else 0)
+    before = full_params(policy, ctx) if algo == "flowrl-proj-z" else {}
     extras = rl_extras(global_batch, base_log_probs)
     batch = SequenceBatch(global_batch.tokens, global_batch.completion_mask, extras)
     batch = batch.shard_for_dp(ctx.dp_rank, ctx.dp_size)
@@ -197,8 +201,13 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
     grad_norm = policy.step().grad_norm
     log_z_grad = log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)
     log_z_grad = broadcast_from_last_stage(log_z_grad.detach().clone(), ctx)
+    for name, param in unwrap_model(policy.model[-1]).named_parameters():
+        if name.startswith("proj_z.") and ctx.tp_size > 1:
+            copies = [torch.empty_like(param) for _ in range(ctx.tp_size)]
+            dist.all_gather(copies, param.detach().contiguous(), group=ctx.tp_group)
+            assert all(torch.equal(copy, copies[0]) for copy in copies), name
     return {"params": full_params(policy, ctx), "log_z_grad": gather_over_dp(log_z_grad, ctx),
-            "grad_norm": grad_norm}
+            "grad_norm": grad_norm, "params_before": before}
 
 
 def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
