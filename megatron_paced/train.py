@@ -240,7 +240,8 @@ def prepare_log_z_features(trainer: Trainer) -> None:
     """The learned log-Z head's prompt features, from the policy as it starts RL (the base
     policy), unless a checkpoint brought them (:mod:`megatron_paced.paced.features`)."""
     from megatron_paced.checkpointing import iteration_dir, latest_step
-    from megatron_paced.paced.features import feature_cache_dir, log_z_features, prompts_digest
+    from megatron_paced.paced.features import (feature_cache_dir, log_z_features, prompts_digest,
+                                               sharded_prompts_digest)
 
     log_z, job, task = trainer.log_z, trainer.job, trainer.task
     if getattr(log_z, "features", True) is not None:  # a table, or loaded with the checkpoint
@@ -263,7 +264,8 @@ def prepare_log_z_features(trainer: Trainer) -> None:
         identity = {"model": dataclasses.asdict(trainer.model_cfg), "base": base,
                     "step": trainer.step, "pooling": cfg.log_z_feature_pooling,
                     "dim": log_z.feature_dim, "seed": job.train.seed,
-                    "prompts": prompts_digest(prompts_of_rows(0, log_z.num_prompts)),
+                    "prompts": sharded_prompts_digest(prompts_of_rows, log_z.row_start,
+                                                      log_z.row_end, trainer.ctx.dp_group),
                     "heldout": prompts_digest(heldout)}
         cache_dir = feature_cache_dir(cfg.log_z_feature_cache, identity)
     local, heldout_features = log_z_features(

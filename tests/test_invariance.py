@@ -64,6 +64,7 @@ def test_worker_checks_pass(invariance_dir):
     assert not failures, "\n".join(f"{k}:\n{v}" for k, v in failures.items())
     for layout in [REFERENCE, *LAYOUTS]:
         assert f"reference_is_a_frozen_copy[{layout}]" in names
+        assert f"feature_cache_reads_what_is_computed[{layout},{FAMILIES[0]}]" in names
         for family in FAMILIES:
             assert f"log_probs_on_every_stage[{layout},{family}]" in names
             if "pp1" in layout:  # a plain forward needs the whole model on one rank

@@ -16,8 +16,8 @@ COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--mic
           "--save-interval", "2", "--max-new-tokens", "6"]
 TIMINGS = ("step_time_s", "paced_overhead_s")
 # The calibration probe and the KL measurement every 2 steps: their figures must resume too.
-PROBES = ["--log-z-param", "hybrid", "--calibration-interval", "2", "--calibration-prompts", "4", "--calibration-samples",
-          "4", "--kl-interval", "2"]
+PROBES = ["--log-z-param", "hybrid", "--calibration-interval", "2", "--calibration-prompts", "4",
+          "--calibration-samples", "4", "--kl-interval", "2"]
 
 
 def _metrics(path) -> dict[int, dict]:

@@ -13,7 +13,7 @@ PACED-RL paper's appendix pools a frozen reference model's embeddings.
 
 The log-Z head (:mod:`megatron_paced.paced.learned_log_z`) reads them through
 :func:`log_z_features`: each DP rank pools the prompts of its block of rows (the table's
-partition), projects them to ``--log-z-feature-dim`` by a fixed random matrix, and
+partition) and a share of the held-out prompts (gathered after), projects them to ``--log-z-feature-dim`` by a fixed random matrix, and
 standardizes every column over all prompts (an all-reduce of sums). At 1e7 prompts and
 width 64 that is 256 bytes per prompt (2.56 GB in all, split over the DP ranks, beside the
 table's 32). With ``--log-z-feature-cache`` they are written once per (base model, prompts,
@@ -131,6 +131,38 @@ def prompts_digest(prompts) -> str:
     return digest.hexdigest()
 
 
+def sharded_prompts_digest(prompts_of_rows, row_start: int, row_end: int,
+                           dp_group: dist.ProcessGroup | None) -> str:
+    """A digest of all prompts with their row numbers, each DP rank reading only its block
+    (collective over DP), the same on any DP size: four 32-bit lanes of each row's sha256,
+    summed over rows (no overflow below 2**31 rows)."""
+    lanes = torch.zeros(4, dtype=torch.int64)
+    for row, prompt in enumerate(prompts_of_rows(row_start, row_end), start=row_start):
+        digest = hashlib.sha256(json.dumps([row, prompt]).encode()).digest()
+        lanes += torch.tensor([int.from_bytes(digest[i:i + 4], "little") for i in (0, 4, 8, 12)])
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(lanes, group=dp_group)
+    return "".join(f"{int(lane):016x}" for lane in lanes)
+
+
+def dp_slice(num: int, ctx: ParallelContext) -> tuple[int, int]:
+    """This DP rank's contiguous share ``[start, end)`` of ``num`` items."""
+    return num * ctx.dp_rank // ctx.dp_size, num * (ctx.dp_rank + 1) // ctx.dp_size
+
+
+def gather_dp_slices(local: torch.Tensor, num: int, ctx: ParallelContext) -> torch.Tensor:
+    """(num, w): every DP rank's :func:`dp_slice` rows, in order (collective over DP)."""
+    if ctx.dp_size == 1:
+        return local
+    longest = -(-num // ctx.dp_size)
+    padded = local.new_zeros(longest, local.shape[1])
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(ctx.dp_size)]
+    dist.all_gather(parts, padded.to(ctx.device), group=ctx.dp_group)
+    sizes = [num * (r + 1) // ctx.dp_size - num * r // ctx.dp_size for r in range(ctx.dp_size)]
+    return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes)])
+
+
 def _cache_state(local: torch.Tensor, heldout: torch.Tensor, row_start: int, num_prompts: int,
                  replica_id) -> dict:
     from megatron_paced.paced.log_z import row_block_tensor
@@ -166,7 +198,9 @@ def log_z_features(model: list[torch.nn.Module], prompts_of_rows, heldout_prompt
                                pooling=pooling)
 
     local = project(features_of(prompts_of_rows(row_start, row_end)), width, seed=seed)
-    heldout = project(features_of(heldout_prompts), width, seed=seed)
+    start, end = dp_slice(len(heldout_prompts), ctx)  # each DP rank pools a share
+    heldout = gather_dp_slices(project(features_of(heldout_prompts[start:end]), width,
+                                       seed=seed), len(heldout_prompts), ctx)
     local, heldout = standardize(local, ctx.dp_group, heldout)
     if cache_dir:
         tmp = cache_dir + ".tmp"

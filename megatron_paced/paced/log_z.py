@@ -193,7 +193,8 @@ class ShardedLogZ:
     def take_updated_rows(self) -> torch.Tensor | None:
         """Local rows written since the last call (None: all of them, e.g. after a load)."""
         rows = None if self._updated_rows is None else (
-            torch.cat(self._updated_rows) if self._updated_rows else torch.zeros(0, dtype=torch.int64))
+            torch.cat(self._updated_rows) if self._updated_rows
+            else torch.zeros(0, dtype=torch.int64))
         self._updated_rows = []
         return rows
 

@@ -67,7 +67,8 @@ def block_uniforms(start: int, end: int, *, seed: int, step: int, stream: int) -
     for block in range(start // BLOCK, (end - 1) // BLOCK + 1):
         gen = torch.Generator().manual_seed(derive_seed(seed, step, stream, block))
         values = torch.rand(BLOCK, generator=gen, dtype=torch.float64)
-        lo, hi = max(start, block * BLOCK) - block * BLOCK, min(end, (block + 1) * BLOCK) - block * BLOCK
+        offset = block * BLOCK
+        lo, hi = max(start, offset) - offset, min(end, offset + BLOCK) - offset
         parts.append(values[lo:hi])
     return torch.cat(parts).clamp_(min=1e-300)
 

@@ -213,8 +213,9 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
 def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
                           ctx: ParallelContext, name: str) -> dict:
     """Features of the batch's prompts (mean and last-token pooling of the final-norm hidden
-    states), this DP rank's share gathered, and a log-Z head's outputs on them; on a one-stage layout, the output layer applied to
-    the last prompt token's feature must give the log-prob of the first completion token."""
+    states), this DP rank's share gathered, and a log-Z head's outputs on them; on a
+    one-stage layout, the output layer applied to the last prompt token's feature must give
+    the log-prob of the first completion token."""
     from megatron_paced.paced.features import project, prompt_features, standardize
     from megatron_paced.paced.head import LogZHead
 
@@ -250,6 +251,37 @@ def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, l
     return out
 
 
+def check_feature_cache(checks: CheckRecorder, policy, global_batch: SequenceBatch,
+                        ctx: ParallelContext, cache: Path, name: str) -> None:
+    """--log-z-feature-cache: the first layout to run writes the features of the batch's
+    prompts (and 5 held-out ones) sharded by row; every later layout, on its own row blocks
+    (another DP size), reads them back equal to what it computes itself; the digest of the
+    prompts is the same on every DP size."""
+    from megatron_paced.paced.features import dp_slice, log_z_features, sharded_prompts_digest
+
+    starts = global_batch.completion_mask.argmax(dim=1).tolist()
+    prompts = [global_batch.tokens[row, :start].tolist() for row, start in enumerate(starts)]
+    heldout = [prompt[::-1] for prompt in prompts[:5]]
+    row_start, row_end = dp_slice(len(prompts), ctx)
+
+    def features(cache_dir):
+        return log_z_features(policy.model, lambda start, end: prompts[start:end], heldout, ctx,
+                              row_start=row_start, row_end=row_end, num_prompts=len(prompts),
+                              dim=8, pooling="mean", micro_batch_size=MICRO_BATCH, seed=3,
+                              cache_dir=cache_dir)
+
+    with checks.check(f"feature_cache_reads_what_is_computed[{name}]"):
+        digest = sharded_prompts_digest(lambda start, end: prompts[start:end], row_start,
+                                        row_end, ctx.dp_group)
+        assert digest == sharded_prompts_digest(lambda start, end: prompts[start:end], 0,
+                                                len(prompts), None)
+        local, held = features(None)
+        cached_local, cached_held = features(str(cache / digest))
+        assert cached_local.shape == (row_end - row_start, 8) and cached_held.shape == (5, 8)
+        torch.testing.assert_close(cached_local, local, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cached_held, held, rtol=1e-4, atol=1e-4)
+
+
 def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ctx = initialize_parallel(parallel, seed=SEED)
@@ -282,6 +314,8 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
         record["params_sgd"] = full_params(sgd, ctx)
 
         if family == FAMILIES[0]:
+            check_feature_cache(checks, sgd, global_batch, ctx, out / "feature_cache",
+                                f"{layout},{family}")
             check_reference(checks, sgd, model_cfg, batch, log_probs, ctx, layout)
             check_engine(checks, sgd, model_cfg, ctx, layout)
             for algo in RL_LOSSES:
