@@ -59,16 +59,25 @@ def _learned(param: str, num_prompts: int = 40, dim: int = 6, **kwargs) -> Learn
 
 
 def test_hybrid_trained_rows_read_the_table_and_the_rest_follow_the_head():
-    hybrid, head = _learned("hybrid"), _learned("head")
+    hybrid, head = _learned("hybrid", residual_prior=0.0), _learned("head")
+    shrunk = _learned("hybrid")  # the default: the head worth 4 visits
     table = ShardedLogZ(40, beta=0.05, init_acc=0.5, lr=0.05, optimizer="running-mean")
     rows = torch.tensor([1, 1, 7, 7, 7, 30])
     grads = torch.tensor([3.0, 5.0, -2.0, -4.0, -6.0, 1.0], dtype=torch.float64)
     others = torch.tensor([0, 2, 20, 39])
     head_before = hybrid.lookup(others)
-    for log_z in (hybrid, head, table):
+    for log_z in (hybrid, head, table, shrunk):
         log_z.apply_gradients(rows, grads)
     trained = torch.tensor([1, 7, 30])
     torch.testing.assert_close(hybrid.lookup(trained), table.lookup(trained))
+    # With k = 4, a row visited once reads head + 1/5 (table - head).
+    torch.testing.assert_close(shrunk.lookup(trained), head.lookup(trained) + (
+        table.lookup(trained) - head.lookup(trained)) / 5)
+    shrunk.apply_gradients(rows[:1], grads[:1])  # row 1's second visit: 2/6 of the way
+    head_now = shrunk._head_of(shrunk.features[trained[:1]])
+    torch.testing.assert_close(shrunk.lookup(trained[:1]),
+                               head_now + (shrunk.values[trained[:1]] - head_now) * 2 / 6,
+                               check_dtype=False)
     # The untrained rows moved with the head (no residual yet), the same in both forms.
     assert float((hybrid.lookup(others) - head_before).abs().min()) > 0
     torch.testing.assert_close(hybrid.lookup(others), head.lookup(others))

@@ -70,7 +70,7 @@ class LearnedLogZ(ShardedLogZ):
     def __init__(self, num_prompts: int, *, param: str, feature_dim: int, beta: float,
                  init_acc: float, lr: float, width: int = 128, num_layers: int = 3,
                  head_lr: float = 1e-3, fit_steps: int = 8, window: int = 32,
-                 fit_rows: int = 4096, residual_prior: float = 0.0, seed: int = 0,
+                 fit_rows: int = 4096, residual_prior: float = 4.0, seed: int = 0,
                  **table_kwargs) -> None:
         if param not in ("head", "hybrid"):
             raise ValueError(f"--log-z-param {param!r}: head or hybrid (table is ShardedLogZ)")

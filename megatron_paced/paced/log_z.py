@@ -82,9 +82,10 @@ class LogZConfig:
     """head, hybrid: the head regresses on the prompts trained in this many last steps."""
     log_z_head_fit_rows: int = 4096
     """head, hybrid: about this many of those prompts per Adam step (a hashed subsample)."""
-    log_z_residual_prior: float = 0.0
+    log_z_residual_prior: float = 4.0
     """hybrid: the head's weight as a prior, in visits (k): right after its n-th visit a row
-    reads head + n / (n + k) (T - head), the table shrunk toward the head (0: the table)."""
+    reads head + n / (n + k) (T - head), the table shrunk toward the head (0: the table;
+    4 measured best of 0, 2, 4 on the benchmark task: docs/results.md)."""
     log_z_feature_pooling: Literal["mean", "last"] = "mean"
     """head, hybrid: a prompt's feature is the mean (or the last token's) final hidden state of
     the base policy over the prompt tokens."""
