@@ -12,9 +12,9 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced-rescore        ... with --replay-rescore (replay priorities against the current
                          estimate instead of the one at insertion)
     paced-head           ... with --log-z-param head (log Z an MLP over prompt features)
-    paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual)
-    paced-hybrid-k2/k4   ... with --log-z-residual-prior 2 / 4 (the residual shrunk toward
-                         the head, as if the head were worth 2 / 4 visits)
+    paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual,
+                         shrunk toward the head as if the head were worth 4 visits)
+    paced-hybrid-k0      ... with --log-z-residual-prior 0 (the residual unshrunk)
     flowrl               FlowRL as its recipe runs it: TB loss against the step-0 reference,
                          log Z from its ProjZ head on the policy, uniform prompts
     grpo                 GRPO, uniform prompts
@@ -92,14 +92,10 @@ METHODS = {
                                                 "paced-greedy", "--replay-per-step", "16",
                                                 "--replay-size", "128",
                                                 "--log-z-param", "hybrid"]),
-    "paced-hybrid-k2": ("PACED-RL, log Z hybrid, prior 2 visits",
+    "paced-hybrid-k0": ("PACED-RL, log Z hybrid, unshrunk",
                         ["--algo", "paced", "--prompt-selection", "paced-greedy",
                          "--replay-per-step", "16", "--replay-size", "128",
-                         "--log-z-param", "hybrid", "--log-z-residual-prior", "2"]),
-    "paced-hybrid-k4": ("PACED-RL, log Z hybrid, prior 4 visits",
-                        ["--algo", "paced", "--prompt-selection", "paced-greedy",
-                         "--replay-per-step", "16", "--replay-size", "128",
-                         "--log-z-param", "hybrid", "--log-z-residual-prior", "4"]),
+                         "--log-z-param", "hybrid", "--log-z-residual-prior", "0"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -109,8 +105,8 @@ METHODS = {
                    "--dynamic-sampling"]),
 }
 HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
-             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k2",
-             "paced-hybrid-k4"}  # FlowRL's log Z (its ProjZ head) estimates no accuracy
+             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0"}
+# (FlowRL's log Z, its ProjZ head, estimates no accuracy: no probe.)
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
 PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",
