@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
 from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX
-from megatron_paced.paced.state import PacedState
+from megatron_paced.paced.state import PacedState, check_estimator
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONTENTS = "contents.json"
@@ -278,6 +278,7 @@ def load_checkpoint(root: str, policy, paced: PacedState) -> dict:
     _materialize_optimizer_state(policy.optimizer)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_param = common["paced"]["log_z_meta"].get("param", "table")  # older: a table
+    check_estimator(common["paced"]["log_z_meta"], paced.log_z, paced.estimator)
     template = _sharded_state(policy, paced, {}, is_loading=True, saved_param=saved_param)
     loaded = dist_checkpointing.load(template, iteration_dir(root, step))
     policy.modules()[0].load_state_dict(loaded["model"])

@@ -294,7 +294,8 @@ def validate_algorithm(algo: "AlgorithmConfig", job: "JobConfig") -> None:
             algo.flowrl_reward_scale, "must be finite")
     require(algo.flowrl_weight_max > 0, "flowrl_weight_max", algo.flowrl_weight_max,
             "must be > 0")
-    if trains_log_z_table(algo.algo, algo.flowrl_log_z):
+    if trains_log_z_table(algo.algo, algo.flowrl_log_z) or \
+            job.selection.acc_estimator != "log-z":
         return
     what = "GRPO" if algo.algo == "grpo" else "FlowRL with --flowrl-log-z proj-z"
     if job.selection.prompt_selection != "uniform":
@@ -333,6 +334,14 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             batch.micro_batch_size,
             f"must divide the {total // dp_size} sequences per data-parallel rank "
             f"({total} per step over {dp_size} ranks)")
+    if job.selection.acc_estimator == "oracle":
+        require(job.task.task == "arithmetic", "acc_estimator", "oracle",
+                f"needs --task arithmetic (one answer string per prompt), not {job.task.task}")
+        require(job.sampling.temperature == 1.0 and job.sampling.top_p == 1.0,
+                "acc_estimator", "oracle", "reads the accuracy of sampling at --temperature 1 "
+                "--top-p 1")
+        require(job.eval.calibration_interval == 0, "calibration_interval",
+                job.eval.calibration_interval, "the oracle is exact: nothing to probe (use 0)")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
     for name in ("eval_interval", "calibration_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")

@@ -81,6 +81,9 @@ class Trainer:
     reference: Reference | None
     """The KL reference (FlowRL, GRPO with --grpo-kl-coef > 0), else None."""
     log_z: ShardedLogZ
+    estimator: object
+    """What selection, replay priorities and the probe read as accuracy (--acc-estimator):
+    log_z itself, a Beta posterior table or the oracle (megatron_paced.paced.estimators)."""
     selector: PromptSelector
     replay: DistributedReplay
     rollout: RolloutBackend
@@ -136,6 +139,7 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
     log_z = build_log_z_table(num_prompts, job.log_z, beta=algo.beta,
                               target_acc=sel.target_acc, dp_group=ctx.dp_group,
                               hidden_size=job.model.hidden_size, seed=cfg.seed)
+    estimator = build_estimator(sel, log_z, task, policy, ctx, job)
     selector = PromptSelector(sel, seed=cfg.seed, dp_group=ctx.dp_group)
     replay = DistributedReplay(job.replay, num_prompts=num_prompts, seed=cfg.seed,
                                dp_group=ctx.dp_group)
@@ -146,17 +150,33 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
                               max_new_tokens=job.sampling.max_new_tokens,
                               stop_token_ids=task.stop_token_ids)
     collector = Collector(
-        task, rollout, selector, log_z, sampling, ctx,
+        task, rollout, selector, estimator, sampling, ctx,
         num_prompts_per_step=job.batch.num_prompts_per_step,
         num_samples_per_prompt=job.batch.num_samples_per_prompt,
         seq_length=task.max_prompt_tokens + job.sampling.max_new_tokens,
         dynamic_sampling=job.batch.dynamic_sampling,
         dynamic_sampling_max_rounds=job.batch.dynamic_sampling_max_rounds)
     checkpoints = CheckpointManager(job.checkpoint.save, job.checkpoint.save_interval, policy,
-                                    PacedState(log_z, selector, replay))
-    return Trainer(job, ctx, task, job.model, policy, reference, log_z, selector, replay,
+                                    PacedState(log_z, selector, replay,
+                                               None if estimator is log_z else estimator))
+    return Trainer(job, ctx, task, job.model, policy, reference, log_z, estimator, selector,
+                   replay,
                    rollout, collector, loss_fn_for(algo), checkpoints,
                    MetricsLog(job.checkpoint.save, is_logger=dist.get_rank() == 0))
+
+
+def build_estimator(sel, log_z, task, policy, ctx, job):
+    """--acc-estimator's object: log_z, a Beta posterior table or the oracle."""
+    from megatron_paced.paced.estimators import BetaPosteriorTable, OracleAccuracy
+
+    if sel.acc_estimator == "beta-posterior":
+        return BetaPosteriorTable(len(task.problems), prior=sel.beta_posterior_prior,
+                                  decay=sel.beta_posterior_decay, dp_group=ctx.dp_group)
+    if sel.acc_estimator == "oracle":
+        return OracleAccuracy(task, policy, ctx, max_new_tokens=job.sampling.max_new_tokens,
+                              micro_batch_size=job.batch.micro_batch_size,
+                              vocab_size=job.model.vocab_size)
+    return log_z
 
 
 def train_step(t: Trainer) -> dict:
@@ -168,7 +188,8 @@ def train_step(t: Trainer) -> dict:
     groups = t.collector.collect(step)                               # select, generate, score
     rows, rewards = groups.prompt_rows, groups.rewards
     replay_start = time.perf_counter()                               # replay offer/draw
-    acc_est = t.log_z.acc_est(rows)  # before this step's update: the replay priority's
+    acc_est = t.estimator.acc_est(rows)  # before this step's update: the replay priority's
+    t.estimator.observe(rows, rewards)   # the Beta posterior learns here; log Z by the loss
     replayed = offer_and_draw(t.replay, rows, acc_est, groups.fresh, rewards, step=step,
                               version=t.step, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                               local_acc_est=t.log_z.owned_acc_est if job.replay.replay_rescore
@@ -228,7 +249,8 @@ def calibrate(trainer: Trainer) -> dict:
     from megatron_paced.rl.calibration import calibration_probe
 
     cfg = trainer.job.eval
-    return calibration_probe(trainer.log_z, sample_rewards_of(trainer), trainer.task.problems,
+    return calibration_probe(trainer.estimator, sample_rewards_of(trainer),
+                             trainer.task.problems,
                              heldout_problems=trainer.task.eval_problems,
                              num_prompts=cfg.calibration_prompts,
                              num_samples=cfg.calibration_samples, seed=trainer.job.train.seed,
@@ -403,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     try:
         train(job, task)
+    except ConfigError as err:  # found on reading --load, by every rank alike
+        print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
+        return 2
     except FloatingPointError as err:  # every rank stops at the same step
         print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
         return 3

@@ -118,6 +118,16 @@ def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
         validate_batch(parse_args(["--algo", "flowrl", "--prompt-selection", "paced-soft"]), 1)
     with pytest.raises(ConfigError, match="--log-z-param hybrid with --algo flowrl"):
         validate_batch(parse_args(["--algo", "flowrl", "--log-z-param", "hybrid"]), 1)
+    # A free estimate that is not log Z (MoPPS's Beta posterior) lets GRPO select.
+    validate_batch(parse_args(["--algo", "grpo", "--prompt-selection", "paced-greedy",
+                               "--acc-estimator", "beta-posterior"]), 1)
+    with pytest.raises(ConfigError, match="'oracle': reads the accuracy of sampling at"):
+        validate_batch(parse_args(["--acc-estimator", "oracle", "--temperature", "0.7"]), 1)
+    with pytest.raises(ConfigError, match="the oracle is exact: nothing to probe"):
+        validate_batch(parse_args(["--acc-estimator", "oracle", "--calibration-interval",
+                                   "5"]), 1)
+    with pytest.raises(ConfigError, match="--beta-posterior-decay 1.5"):
+        parse_args(["--beta-posterior-decay", "1.5"]).selection.validate()
     for flag, value in (("--flowrl-proj-z-layers", "0"), ("--flowrl-proj-z-dropout", "1"),
                         ("--flowrl-weight-max", "0"), ("--flowrl-reward-scale", "nan")):
         with pytest.raises(ConfigError, match=flag):

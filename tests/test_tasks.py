@@ -19,6 +19,42 @@ def test_problems_are_seeded_correct_and_sized():
     assert len({p.prompt_id for p in problems}) == len({p.prompt for p in problems})
 
 
+def test_problems_are_distinct_products_fit_and_held_out_prompts_are_disjoint():
+    from megatron_paced.config import ConfigError
+    from megatron_paced.data import DataConfig
+    from megatron_paced.tasks import TaskConfig, build_task
+
+    task = AdditionTask(1, 2, ("+", "*"))
+    problems = task.sample(400, seed=1)
+    assert len({p.prompt for p in problems}) == 400
+    assert {p.prompt[1 if p.num_digits == 1 else 2] for p in problems} == {"+", "*"}
+    for p in problems:
+        a, op, b = p.prompt[:p.num_digits], p.prompt[p.num_digits], p.prompt[p.num_digits + 1:-1]
+        assert int(p.answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    # <bos> 99*99=9801 <eos>: 4 d + 4 = 12 tokens, more than a sum's 3 d + 5 = 11
+    assert task.max_sequence_length == len(CharTokenizer().encode("99*99=9801")) + 2 == 12
+    assert task.num_distinct() == 2 * (100 + 8100)
+    with pytest.raises(ValueError, match="leave only 100"):
+        AdditionTask(1, 1).sample(101, seed=0)
+    excluded = {p.prompt for p in AdditionTask(1, 1).sample(90, seed=0)}
+    rest = AdditionTask(1, 1).sample(10, seed=5, exclude=excluded)
+    assert not excluded & {p.prompt for p in rest}
+
+    # The trainer's arithmetic task: held-out prompts never in training nor in the SFT data.
+    built = build_task(TaskConfig(task_num_prompts=300, task_max_digits=2), DataConfig(),
+                       seed=0, eval_num_prompts=128)
+    train = {p.prompt for p in built.problems}
+    held_out = {p.prompt for p in built.eval_problems}
+    assert len(train) == 300 and len(held_out) == 128 and not train & held_out
+    sft = built.supervised_batch(2000, seed=3, seq_length=16)
+    sft_prompts = {CharTokenizer().decode(row[1:row.tolist().index(CharTokenizer().eos_id)])
+                   .split("=")[0] + "=" for row in sft.tokens}
+    assert len(sft_prompts) == 2000 and not sft_prompts & held_out
+    with pytest.raises(ConfigError, match="--task-num-prompts 90 \\+ --eval-num-prompts 20"):
+        build_task(TaskConfig(task_num_prompts=90, task_max_digits=1), DataConfig(), seed=0,
+                   eval_num_prompts=20)
+
+
 def test_batch_layout():
     tokenizer = CharTokenizer()
     task = AdditionTask(1, 3)

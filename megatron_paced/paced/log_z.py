@@ -276,6 +276,10 @@ class ShardedLogZ:
         v_hat = self.exp_avg_sq[touched] / (1 - beta2 ** steps)
         self.values[touched] -= self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
 
+    def observe(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Rewards seen by the step's groups: log Z learns through the loss instead (an
+        estimator that learns from rewards, the Beta posterior, overrides this)."""
+
     # ---- estimates -----------------------------------------------------------------------
     def local_log_z(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """log_z of this rank's rows (all, or the given local row indices), float64."""

@@ -91,8 +91,17 @@ class SelectionConfig:
     """Tables up to this many prompts all-reduce the estimates; larger ones exchange
     per-rank candidates (O(batch x dp))."""
     selection_candidates: int = 4096
-    """--log-z-param head|hybrid: prompts drawn uniformly and scored each step (all prompts
-    when there are fewer)."""
+    """--log-z-param head|hybrid, --acc-estimator oracle: prompts drawn uniformly and scored
+    each step (all prompts when there are fewer)."""
+    acc_estimator: Literal["log-z", "beta-posterior", "oracle"] = "log-z"
+    """What selection, replay priorities and the probe read as a prompt's accuracy: log-z
+    (beta * log_z, PACED-RL), beta-posterior (MoPPS: a per-prompt Beta posterior of the
+    success rate from the rewards seen) or oracle (the policy's exact accuracy, arithmetic
+    task: an upper bound); megatron_paced/paced/estimators.py."""
+    beta_posterior_prior: float = 1.0
+    """beta-posterior: the prior Beta(a0, a0)."""
+    beta_posterior_decay: float = 1.0
+    """beta-posterior: lambda, the weight kept by old evidence at each visit (1: none lost)."""
 
     def validate(self) -> None:
         require(0.0 < self.target_acc < 1.0, "target_acc", self.target_acc,
@@ -105,6 +114,10 @@ class SelectionConfig:
                 self.selection_gather_max, "must be >= 0")
         require(self.selection_candidates >= 1, "selection_candidates",
                 self.selection_candidates, "must be >= 1")
+        require(math.isfinite(self.beta_posterior_prior) and self.beta_posterior_prior > 0,
+                "beta_posterior_prior", self.beta_posterior_prior, "must be a number > 0")
+        require(0.0 <= self.beta_posterior_decay <= 1.0, "beta_posterior_decay",
+                self.beta_posterior_decay, "must be in [0, 1]")
 
 
 def num_uniform_slots(num: int, cfg: SelectionConfig, *, seed: int, step: int) -> int:

@@ -32,27 +32,51 @@ def log_z_param_of(table) -> str:
     return getattr(table, "param", "table")
 
 
+def estimator_name_of(estimator, table) -> str:
+    """log-z, beta-posterior or oracle (--acc-estimator)."""
+    if estimator is None or estimator is table:
+        return "log-z"
+    return "beta-posterior" if isinstance(estimator, ShardedLogZ) else "oracle"
+
+
 def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
-                             prefix: str = "paced.", saved_param: str | None = None) -> dict:
+                             prefix: str = "paced.", saved_param: str | None = None,
+                             estimator=None) -> dict:
     """Collective (the replay buffer is gathered). ``replica_id`` is all zeros on one
     replica (TP/PP peer) of each DP rank. ``saved_param``: when loading, the checkpoint's
     --log-z-param (a table checkpoint has no head or features to read)."""
     names = ShardedLogZ._STATE if saved_param == "table" else None
     log_z = table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id,
                                      names=names)
-    return {
+    out = {
         "log_z": log_z,
         "log_z_meta": {"num_prompts": table.num_prompts, "beta": table.beta,
-                       "optimizer": table.optimizer, "param": log_z_param_of(table)},
+                       "optimizer": table.optimizer, "param": log_z_param_of(table),
+                       "acc_estimator": estimator_name_of(estimator, table)},
         "selector": selector.state_dict(),
         "replay": replay.state_dict(),
     }
+    if estimator_name_of(estimator, table) == "beta-posterior":
+        out["acc_estimator"] = estimator.sharded_state_dict(
+            prefix=f"{prefix}acc_estimator.", replica_id=replica_id)
+    return out
 
 
-def load_paced_state(loaded: dict, table, selector, replay) -> list[str]:
+def check_estimator(meta: dict, table, estimator) -> None:
+    """Refuse a checkpoint whose --acc-estimator is not this run's (its state differs)."""
+    saved, now = meta.get("acc_estimator", "log-z"), estimator_name_of(estimator, table)
+    if saved != now:
+        from megatron_paced.config import ConfigError
+
+        raise ConfigError(f"--load: the checkpoint was trained with --acc-estimator {saved}; "
+                          f"this run has --acc-estimator {now} (its state is not there)")
+
+
+def load_paced_state(loaded: dict, table, selector, replay, estimator=None) -> list[str]:
     """Apply a loaded state; refuses a checkpoint of another table size or beta. Returns the
     selection settings that differ from the checkpoint's, each naming its flag."""
     meta = loaded["log_z_meta"]
+    check_estimator(meta, table, estimator)
     if meta["num_prompts"] != table.num_prompts:
         raise ValueError(f"checkpoint's log-Z table has {meta['num_prompts']} prompts; this run "
                          f"has {table.num_prompts} (a different prompt set?)")
@@ -68,6 +92,8 @@ def load_paced_state(loaded: dict, table, selector, replay) -> list[str]:
     else:
         table.load_state_dict(loaded["log_z"], saved_param=saved_param)
     replay.load_state_dict(loaded["replay"])
+    if "acc_estimator" in loaded:
+        estimator.load_state_dict(loaded["acc_estimator"])
     return selector.load_state_dict(loaded["selector"])
 
 
@@ -78,10 +104,13 @@ class PacedState:
     log_z: object
     selector: object
     replay: object
+    estimator: object = None
+    """--acc-estimator's object when it is not log Z itself (None: log Z)."""
 
     def sharded_state_dict(self, replica_id=(0,), saved_param: str | None = None) -> dict:
         return paced_sharded_state_dict(self.log_z, self.selector, self.replay,
-                                        replica_id=replica_id, saved_param=saved_param)
+                                        replica_id=replica_id, saved_param=saved_param,
+                                        estimator=self.estimator)
 
     def load_state_dict(self, loaded: dict) -> list[str]:
-        return load_paced_state(loaded, self.log_z, self.selector, self.replay)
+        return load_paced_state(loaded, self.log_z, self.selector, self.replay, self.estimator)

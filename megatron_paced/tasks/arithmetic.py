@@ -1,10 +1,14 @@
-"""Multi-digit addition with an exact verifier: a task whose difficulty is a dial.
+"""Multi-digit addition (and multiplication) with an exact verifier: a task whose difficulty
+is a dial.
 
-A problem with ``num_digits = d`` adds two numbers of exactly d digits (1 <= d <= 8); the
-prompt is ``"a+b="``, the answer the decimal sum. Difficulty grows with d, so a tiny model
-learns the easy levels first: the embedded default of the trainer and the benchmarks use it
-to get prompts of every accuracy from 0 to 1. Each problem has a stable integer
-``prompt_id`` (a hash of its text) and is drawn from a seeded generator.
+A problem with ``num_digits = d`` adds (or, with ``"*"`` among the operations, multiplies)
+two numbers of exactly d digits (1 <= d <= 8); the prompt is ``"a+b="`` (``"a*b="``), the
+answer the decimal result. Difficulty grows with d and with ``*``, so a tiny model learns the
+easy levels first: the embedded default of the trainer and the benchmarks use it to get
+prompts of every accuracy from 0 to 1. Each problem has a stable integer ``prompt_id`` (a
+hash of its text) and is drawn from a seeded generator; :meth:`AdditionTask.sample` draws
+distinct problems and can exclude a set of prompts (held-out prompts disjoint from the
+training ones by construction).
 
 Text is tokenized one character per token with :class:`CharTokenizer` (ids 0-2 are
 ``<pad> <bos> <eos>``), so a model for this task needs a vocabulary of 16.
@@ -66,31 +70,62 @@ class Problem:
         return int.from_bytes(digest[:8], "little") >> 1
 
 
+OPERATIONS = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
+
+
 @dataclass
 class AdditionTask:
-    """Sums of two d-digit numbers, d uniform in [min_digits, max_digits]."""
+    """Two d-digit numbers, d uniform in [min_digits, max_digits], combined by an operation
+    drawn uniformly from ``operations`` (``"+"``, ``"*"``)."""
 
     min_digits: int = 1
     max_digits: int = 3
+    operations: tuple[str, ...] = ("+",)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits <= 8:
             raise ValueError(f"digits must satisfy 1 <= min ({self.min_digits}) <= max "
                              f"({self.max_digits}) <= 8")
+        self.operations = tuple(self.operations)
+        unknown = [op for op in self.operations if op not in OPERATIONS]
+        if not self.operations or unknown:
+            raise ValueError(f"operations {list(self.operations)}: choose from "
+                             f"{list(OPERATIONS)}")
 
     @property
     def max_sequence_length(self) -> int:
-        """Tokens of the longest ``<bos> a+b= sum <eos>``: 3 d + 5."""
-        return 3 * self.max_digits + 5
+        """Tokens of the longest ``<bos> a+b= sum <eos>`` (3 d + 5) or ``<bos> a*b= product
+        <eos>`` (4 d + 4)."""
+        return max(3 * self.max_digits + 5,
+                   4 * self.max_digits + 4 if "*" in self.operations else 0)
 
-    def sample(self, num_problems: int, seed: int) -> list[Problem]:
+    def num_distinct(self) -> int:
+        """How many different problems the task has."""
+        per_level = [(10 if d == 1 else 9 * 10 ** (d - 1)) ** 2
+                     for d in range(self.min_digits, self.max_digits + 1)]
+        return sum(per_level) * len(self.operations)
+
+    def sample(self, num_problems: int, seed: int,
+               exclude: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
+        """``num_problems`` distinct problems whose prompts are not in ``exclude``, drawn from
+        ``seed`` (ValueError if the task has too few)."""
+        available = self.num_distinct() - len(exclude)
+        if num_problems > available:
+            raise ValueError(f"{num_problems} distinct problems asked, but {self.min_digits}-"
+                             f"{self.max_digits} digit operands with {list(self.operations)} "
+                             f"leave only {max(available, 0)}")
         rng = random.Random(seed)
-        problems = []
-        for _ in range(num_problems):
+        problems, seen = [], set(exclude)
+        while len(problems) < num_problems:
             digits = rng.randint(self.min_digits, self.max_digits)
             low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
             a, b = rng.randint(low, high), rng.randint(low, high)
-            problems.append(Problem(f"{a}+{b}=", str(a + b), digits))
+            op = self.operations[0] if len(self.operations) == 1 else rng.choice(
+                self.operations)
+            prompt = f"{a}{op}{b}="
+            if prompt not in seen:
+                seen.add(prompt)
+                problems.append(Problem(prompt, str(OPERATIONS[op](a, b)), digits))
         return problems
 
     @staticmethod
