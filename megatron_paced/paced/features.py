@@ -14,9 +14,9 @@ PACED-RL paper's appendix pools a frozen reference model's embeddings.
 The log-Z head (:mod:`megatron_paced.paced.learned_log_z`) reads them through
 :func:`log_z_features`: each DP rank pools the prompts of its block of rows (the table's
 partition) and a share of the held-out prompts (gathered after), projects them to
-``--log-z-feature-dim`` by a fixed random matrix, and standardizes every column over all prompts (an all-reduce of sums). At 1e7 prompts and
-width 64 that is 256 bytes per prompt (2.56 GB in all, split over the DP ranks, beside the
-table's 32). With ``--log-z-feature-cache`` they are written once per (base model, prompts,
+``--log-z-feature-dim`` by a fixed random matrix, and standardizes every column over all
+prompts (an all-reduce of sums). At 1e7 prompts and width 64 that is 256 bytes per prompt
+(2.56 GB in all, split over the DP ranks, beside the table's 32). With ``--log-z-feature-cache`` they are written once per (base model, prompts,
 settings) with ``dist_checkpointing``, so they re-partition on another DP size.
 
 Usage::
