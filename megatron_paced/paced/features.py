@@ -16,8 +16,9 @@ The log-Z head (:mod:`megatron_paced.paced.learned_log_z`) reads them through
 partition) and a share of the held-out prompts (gathered after), projects them to
 ``--log-z-feature-dim`` by a fixed random matrix, and standardizes every column over all
 prompts (an all-reduce of sums). At 1e7 prompts and width 64 that is 256 bytes per prompt
-(2.56 GB in all, split over the DP ranks, beside the table's 32). With ``--log-z-feature-cache`` they are written once per (base model, prompts,
-settings) with ``dist_checkpointing``, so they re-partition on another DP size.
+(2.56 GB in all, split over the DP ranks, beside the table's 32). With
+``--log-z-feature-cache`` they are written once per (base model, prompts, settings) with
+``dist_checkpointing``, so they re-partition on another DP size.
 
 Usage::
 
