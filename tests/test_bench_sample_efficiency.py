@@ -50,9 +50,16 @@ def test_ratio_pairs_seeds_and_flags_unreached_targets():
     result = bench.ratio(a, b)
     assert result["per_seed"]["per_seed"] == [pytest.approx(1 / 3)]
     assert result["of_means"] == pytest.approx(500 / 1500)
-    assert not result["all_seeds_reached"]
+    assert not result["all_seeds_reached"] and result["interval95"] is None  # one pair
     stats = bench.stats([1.0, 3.0, None])
     assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(math.sqrt(2))
+    # Two pairs: mean 2, std sqrt(2), t(1) = 12.706: 2 +- 12.706 x sqrt(2) / sqrt(2).
+    assert bench.interval95(stats) == pytest.approx([2 - 12.706, 2 + 12.706])
+    # Where a method sits between uniform selection (0) and the oracle (1), in samples.
+    def entry(mean):
+        return {"samples": {"mean": mean}}
+    assert bench.oracle_share(entry(800), entry(1000), entry(600)) == pytest.approx(0.5)
+    assert bench.oracle_share(entry(None), entry(1000), entry(600)) is None
 
 
 def test_bad_arguments():
@@ -62,11 +69,13 @@ def test_bad_arguments():
         bench.parse_args(["--out", "x", "--task", "gsm8k"])  # a dataset needs --model
 
 
-# Four methods run end to end (two rounds of two parallel runs): PACED-RL with selection and
-# replay, FlowRL, GRPO and GRPO + DAPO (its sample accounting); the two PACED ablations are
-# flag variants of PACED-RL, checked against the trainer's start-up validation below.
+# Six methods run end to end on both CPU tasks (rounds of two parallel runs): PACED-RL with
+# selection and replay, with the oracle's and the Beta posterior's selection, FlowRL, GRPO and
+# GRPO + DAPO (its sample accounting); the other PACED variants are flag variants, checked
+# against the trainer's start-up validation below.
+REDUCED_METHODS = ["paced", "paced-oracle", "paced-beta", "flowrl", "grpo", "grpo-dapo"]
 REDUCED = ["--seeds", "1", "--steps", "2", "--eval-interval", "1", "--eval-num-prompts", "16",
-           "--eval-k", "4", "--sft-iters", "10", "--methods", "paced,flowrl,grpo,grpo-dapo"]
+           "--eval-k", "4", "--sft-iters", "10", "--methods", ",".join(REDUCED_METHODS)]
 
 
 @pytest.mark.slow
@@ -75,31 +84,41 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
     result = run_python("-m tools.bench_sample_efficiency", "--out", str(out), *REDUCED,
                         timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    results = json.loads((out / "results.json").read_text())
-    assert sorted(results["methods"]) == ["flowrl", "grpo", "grpo-dapo", "paced"]
-    # Every run started from the one base policy: their step-0 evaluations are identical.
-    assert results["base"]["num_runs"] == 4 and results["base"]["spread_pass@1"] == 0
-    for method, summary in results["methods"].items():
-        total = summary["samples_total"]["per_seed"][0]
-        if method == "grpo-dapo":  # rounds of 16 x 8 more completions, all counted
-            assert total >= 2 * 128 and total % 128 == 0
-        else:
-            assert total == 2 * 16 * 8
-        assert set(summary["final"]) == {"pass@1", "pass@2", "pass@4"}
-        assert 0 <= summary["final"]["pass@1"]["mean"] <= summary["final"]["pass@4"]["mean"] <= 1
-        assert (summary["calibration_error"] is None) == (method != "paced")  # FlowRL: ProjZ
-        assert isinstance(summary["wall_time_s"]["mean"], float)  # reported; not asserted on
-    metrics = (out / "runs" / "paced" / "seed1" / "metrics.jsonl").read_text().splitlines()
-    step = json.loads(metrics[-1])
+    for task in bench.CPU_TASKS:
+        results = json.loads((out / task / "results.json").read_text())
+        assert sorted(results["methods"]) == sorted(REDUCED_METHODS)
+        # Every run started from the task's one base policy: identical step-0 evaluations.
+        assert results["base"]["num_runs"] == 6 and results["base"]["spread_pass@1"] == 0
+        difficulty = results["base_difficulty"]  # the exact per-prompt accuracy of the base
+        assert difficulty["num_prompts"] == {"add": 256, "spread": 512}[task]
+        assert difficulty["share_at_0"] + difficulty["share_at_1"] + \
+            difficulty["share_between"] == pytest.approx(1)
+        for method, summary in results["methods"].items():
+            total = summary["samples_total"]["per_seed"][0]
+            if method == "grpo-dapo":  # rounds of 16 x 8 more completions, all counted
+                assert total >= 2 * 128 and total % 128 == 0
+            else:
+                assert total == 2 * 16 * 8
+            assert set(summary["final"]) == {"pass@1", "pass@2", "pass@4"}
+            assert 0 <= summary["final"]["pass@1"]["mean"] <= \
+                summary["final"]["pass@4"]["mean"] <= 1
+            # An estimate to score: PACED's log Z and the Beta posterior (not the oracle).
+            assert (summary["calibration_error"] is None) == (
+                method not in ("paced", "paced-beta")), method
+            assert isinstance(summary["wall_time_s"]["mean"], float)  # reported, not asserted
+        assert "share_of_oracle_gain" in results
+    metrics = (out / "add" / "runs" / "paced" / "seed1" / "metrics.jsonl").read_text()
+    step = json.loads(metrics.splitlines()[-1])
     assert len(step["prompt_acc_est"]) == len(step["prompt_acc_obs"]) == 16
-    assert not list((out / "runs" / "paced" / "seed1").glob("iter_*"))  # weights not kept
+    assert not list((out / "add" / "runs" / "paced" / "seed1").glob("iter_*"))  # no weights
     for name in ("accuracy_vs_samples", "pass_at_k", "calibration"):
-        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "spread" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| PACED-RL |" in result.stdout and "PACED-RL / GRPO" in result.stdout
+    assert "== task spread ==" in result.stdout and "at 0:" in result.stdout
     # Finished runs are reused: a second call only analyzes.
     again = run_python("-m tools.bench_sample_efficiency", "--out", str(out), *REDUCED,
                        timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done before, reused") == 4
+    assert again.returncode == 0 and again.stdout.count("done before, reused") == 12
 
 
 def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
@@ -108,11 +127,13 @@ def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
     from megatron_paced.job import parse_args, validate_startup
 
     args = bench.parse_args(["--out", str(tmp_path)])
-    for method, (_, flags) in bench.METHODS.items():
-        job = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
-                           "--allow-random-init"])
-        validate_startup(job, world_size=args.nproc).close()
-        assert job.algorithm.algo == method.split("-")[0]
+    for args.cpu_task in bench.CPU_TASKS:
+        for method, (_, flags) in bench.METHODS.items():
+            job = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
+                              "--allow-random-init",
+                              *(bench.PROBE if method in bench.HAS_LOG_Z else [])])
+            validate_startup(job, world_size=args.nproc).close()
+            assert job.algorithm.algo == method.split("-")[0]
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "math500-l1-2"])
@@ -127,6 +148,8 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
     hf.mkdir(parents=True)
     (hf / "config.json").write_text(json.dumps(PRESETS["smollm2-135m"].to_hf_config()))
     for method, (_, flags) in bench.METHODS.items():
+        if method == "paced-oracle":
+            continue  # the oracle needs one answer string per prompt: the CPU tasks only
         job = parse_args([*bench.task_flags(args), *flags, "--load", str(tmp_path / "base"),
                            "--train-iters", "3"])
         assert job.model.hidden_size == 576 and job.model.num_layers == 30

