@@ -151,6 +151,9 @@ class EvalConfig:
     """Held-out prompts per evaluation."""
     eval_k: int = 4
     """Samples per held-out prompt (pass@k)."""
+    eval_final_k: int = 0
+    """Samples per held-out prompt at the run's last evaluation (pass@k up to it; 0: --eval-k),
+    so that pass@16 costs 16 samples once, not at every evaluation."""
     calibration_interval: int = 0
     """Every this many steps, probe beta * log_z against the Monte-Carlo accuracy of training
     prompts (megatron_paced.rl.calibration; 0: never). Probe samples are not trained on and
@@ -343,6 +346,7 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
         require(job.eval.calibration_interval == 0, "calibration_interval",
                 job.eval.calibration_interval, "the oracle is exact: nothing to probe (use 0)")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
+    require(job.eval.eval_final_k >= 0, "eval_final_k", job.eval.eval_final_k, "must be >= 0")
     for name in ("eval_interval", "calibration_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")
     require(job.logging.kl_interval >= 0, "kl_interval", job.logging.kl_interval,

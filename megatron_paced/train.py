@@ -237,11 +237,12 @@ def sample_rewards_of(trainer: Trainer):
     return sample_rewards
 
 
-def evaluate(trainer: Trainer) -> dict:
-    """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`)."""
+def evaluate(trainer: Trainer, eval_k: int | None = None) -> dict:
+    """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`), k up to
+    ``eval_k`` (default --eval-k)."""
     return rl_evaluate(trainer.task.eval_problems, sample_rewards_of(trainer),
-                       eval_k=trainer.job.eval.eval_k, seed=EVAL_SEED_OFFSET + trainer.step,
-                       ctx=trainer.ctx)
+                       eval_k=eval_k or trainer.job.eval.eval_k,
+                       seed=EVAL_SEED_OFFSET + trainer.step, ctx=trainer.ctx)
 
 
 def calibrate(trainer: Trainer) -> dict:
@@ -351,9 +352,11 @@ def train(job: JobConfig, task=None) -> Trainer:
     while trainer.step < cfg.train_iters:
         record = train_step(trainer)
         if job.eval.eval_interval and trainer.step % job.eval.eval_interval == 0:
-            record.update(evaluate(trainer))
+            last = trainer.step == cfg.train_iters
+            record.update(evaluate(trainer, job.eval.eval_final_k if last else None))
         interval = job.eval.calibration_interval
-        if interval and trainer.step % interval == 0 and job.algorithm.algo != "grpo":
+        probed = job.algorithm.algo != "grpo" or trainer.estimator is not trainer.log_z
+        if interval and trainer.step % interval == 0 and probed:
             record.update(calibrate(trainer))
         trainer.metrics.log(record)
         history.append(record)

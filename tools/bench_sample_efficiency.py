@@ -163,6 +163,7 @@ GPU_COMMON = ["--max-prompt-length", "256", "--on-long-prompt", "skip", "--max-n
 def task_flags(args) -> list[str]:
     """Flags of the task, model and evaluation, shared by the base and all RL runs."""
     common = ["--eval-num-prompts", str(args.eval_num_prompts), "--eval-k", str(args.eval_k),
+              "--eval-final-k", str(args.eval_final_k),
               "--num-prompts-per-step", str(args.num_prompts_per_step),
               "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
     if args.model is None:
@@ -311,8 +312,9 @@ def read_run(path: str) -> dict:
 
 
 def final_pass_at(curve: list[dict], key: str, last: int = 3) -> float:
-    """Mean of the last ``last`` evaluations (less noise than the final one alone)."""
-    values = [point[key] for point in curve[-last:]]
+    """Mean of the last ``last`` evaluations (less noise than the final one alone) that have
+    ``key`` (pass@k beyond --eval-k: the last evaluation only, --eval-final-k)."""
+    values = [point[key] for point in curve[-last:] if key in point]
     return sum(values) / len(values)
 
 
@@ -620,7 +622,10 @@ def parse_args(argv: list[str] | None = None):
                              "each drawn about once in 80 steps of 16)")
     parser.add_argument("--eval-interval", type=int, default=5)
     parser.add_argument("--eval-num-prompts", type=int, default=128)
-    parser.add_argument("--eval-k", type=int, default=16)
+    parser.add_argument("--eval-k", type=int, default=8,
+                        help="samples per held-out prompt at every evaluation")
+    parser.add_argument("--eval-final-k", type=int, default=16,
+                        help="... at the last one (pass@k up to it)")
     parser.add_argument("--num-prompts-per-step", type=int, default=16)
     parser.add_argument("--num-samples-per-prompt", type=int, default=8)
     parser.add_argument("--target-fraction", type=float, default=0.5,
