@@ -46,7 +46,11 @@ SHIMS = {
              '[[ $1 == python ]] && exit 0\n'
              'SLURM_PROCID=0 exec "$@"\n'),
     "scontrol": 'printf "%s\\n" $SHIM_NODES\n',
-    "curl": "exit 0\n",
+    # The health check answers once the server's srun has started (it runs in the background:
+    # on a loaded machine the script could otherwise finish before it logged its line).
+    "curl": ('for _ in $(seq 300); do\n'
+             '    grep -qs sglang.launch_server "$SHIM_LOG/srun" && exit 0; sleep 0.1\n'
+             'done\nexit 0\n'),
 }
 # Shapes of the Hugging Face configs of the sbatch targets (--hf-config).
 HF_CONFIGS = {
