@@ -90,7 +90,12 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
         assert sorted(results["methods"]) == sorted(REDUCED_METHODS)
         # Every run started from the task's one base policy: identical step-0 evaluations.
         assert results["base"]["num_runs"] == 6 and results["base"]["spread_pass@1"] == 0
+        # The target is on the exact training-set accuracy, logged at every evaluation.
+        assert results["target_metric"] == "train_acc_exact"
+        assert 0 <= results["base"]["train_acc_exact"] <= 1
         difficulty = results["base_difficulty"]  # the exact per-prompt accuracy of the base
+        assert difficulty["mean"] == pytest.approx(results["base"]["train_acc_exact"],
+                                                   abs=1e-4)
         assert difficulty["num_prompts"] == {"add": 256, "spread": 512}[task]
         assert difficulty["share_at_0"] + difficulty["share_at_1"] + \
             difficulty["share_between"] == pytest.approx(1)
@@ -107,6 +112,7 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
             # An estimate to score: PACED's log Z and the Beta posterior (not the oracle).
             assert (summary["calibration_error"] is None) == (
                 method not in ("paced", "paced-beta")), method
+            assert 0 <= summary["final_train_acc"]["mean"] <= 1
             assert isinstance(summary["wall_time_s"]["mean"], float)  # reported, not asserted
         assert "share_of_oracle_gain" in results
     metrics = (out / "add" / "runs" / "paced" / "seed1" / "metrics.jsonl").read_text()

@@ -123,6 +123,8 @@ def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
                                "--acc-estimator", "beta-posterior"]), 1)
     with pytest.raises(ConfigError, match="'oracle': reads the accuracy of sampling at"):
         validate_batch(parse_args(["--acc-estimator", "oracle", "--temperature", "0.7"]), 1)
+    with pytest.raises(ConfigError, match="--eval-train-accuracy 'oracle': reads the accuracy"):
+        validate_batch(parse_args(["--eval-train-accuracy", "--temperature", "0.7"]), 1)
     with pytest.raises(ConfigError, match="the oracle is exact: nothing to probe"):
         validate_batch(parse_args(["--acc-estimator", "oracle", "--calibration-interval",
                                    "5"]), 1)
