@@ -60,6 +60,7 @@ def test_ratio_pairs_seeds_and_flags_unreached_targets():
         return {"samples": {"mean": mean}}
     assert bench.oracle_share(entry(800), entry(1000), entry(600)) == pytest.approx(0.5)
     assert bench.oracle_share(entry(None), entry(1000), entry(600)) is None
+    assert bench.oracle_share(entry(800), entry(1000), entry(1200)) is None  # no saving
 
 
 def test_bad_arguments():

@@ -389,10 +389,10 @@ def ratio(numerator: dict, denominator: dict) -> dict:
 
 def oracle_share(method: dict, uniform: dict, oracle: dict) -> float | None:
     """(uniform - method) / (uniform - oracle) in samples to target (means): 0 is uniform
-    selection's cost, 1 the oracle's (None if any never reached it or the oracle gains
-    nothing)."""
+    selection's cost, 1 the oracle's (None if any never reached it, or if the oracle saves
+    nothing over uniform selection: then there is no saving to share)."""
     values = [entry["samples"]["mean"] for entry in (method, uniform, oracle)]
-    if any(v is None for v in values) or values[1] == values[2]:
+    if any(v is None for v in values) or values[2] >= values[1]:
         return None
     return (values[1] - values[0]) / (values[1] - values[2])
 
@@ -498,9 +498,9 @@ def fmt(entry: dict | None, digits: int = 3, scale: float = 1.0) -> str:
 def table(results: dict) -> str:
     methods = results["methods"]
     k_max = max(int(k.split("@")[1]) for k in next(iter(methods.values()))["final"])
-    lines = [f"target held-out pass@1 {results['target_accuracy']:.3f} "
-             f"(base held-out pass@1 {results['base']['eval_pass@1']:.3f}; "
-             f"{results['target_rule']})", "",
+    lines = [f"target {results.get('target_metric', 'eval_pass@1')} "
+             f"{results['target_accuracy']:.3f} (base held-out pass@1 "
+             f"{results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
              f"| method | samples to target | steps to target | reached | final train acc | "
              f"final pass@1 | final pass@{k_max} | calibration err | probe RMSE visited / "
              f"unvisited / held-out | informative groups | wall s |",
