@@ -155,6 +155,10 @@ class EvalConfig:
     """Also log ``train_acc_exact``: the policy's exact mean accuracy over every training
     prompt (the oracle of --acc-estimator; arithmetic task, --temperature 1): what RL
     optimizes, without sampling noise."""
+    eval_train_interval: int = 0
+    """With --eval-train-accuracy: every this many steps log ``train_acc_exact`` alone (one
+    forward pass over the training prompts, no sampling), between the held-out evaluations
+    of --eval-interval (0: only with those)."""
     eval_final_k: int = 0
     """Samples per held-out prompt at the run's last evaluation (pass@k up to it; 0: --eval-k),
     so that pass@16 costs 16 samples once, not at every evaluation."""
@@ -353,7 +357,7 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
                 job.eval.calibration_interval, "the oracle is exact: nothing to probe (use 0)")
     require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
     require(job.eval.eval_final_k >= 0, "eval_final_k", job.eval.eval_final_k, "must be >= 0")
-    for name in ("eval_interval", "calibration_interval"):
+    for name in ("eval_interval", "calibration_interval", "eval_train_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")
     require(job.logging.kl_interval >= 0, "kl_interval", job.logging.kl_interval,
             "must be >= 0")

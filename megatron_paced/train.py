@@ -240,21 +240,27 @@ def sample_rewards_of(trainer: Trainer):
 def evaluate(trainer: Trainer, eval_k: int | None = None) -> dict:
     """Held-out pass@k of the current policy (:mod:`megatron_paced.rl.evaluate`), k up to
     ``eval_k`` (default --eval-k)."""
-    from megatron_paced.paced.estimators import OracleAccuracy
-
     out = rl_evaluate(trainer.task.eval_problems, sample_rewards_of(trainer),
                       eval_k=eval_k or trainer.job.eval.eval_k,
                       seed=EVAL_SEED_OFFSET + trainer.step, ctx=trainer.ctx)
     if trainer.job.eval.eval_train_accuracy:
-        job = trainer.job
-        oracle = trainer.estimator if isinstance(trainer.estimator, OracleAccuracy) else \
-            OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
-                           max_new_tokens=job.sampling.max_new_tokens,
-                           micro_batch_size=job.batch.micro_batch_size,
-                           vocab_size=job.model.vocab_size)
-        out["train_acc_exact"] = float(oracle.acc_est(
-            torch.arange(len(trainer.task.problems))).mean())
+        out.update(train_accuracy(trainer))
     return out
+
+
+def train_accuracy(trainer: Trainer) -> dict:
+    """``train_acc_exact``: the policy's exact mean accuracy over every training prompt (the
+    oracle of megatron_paced.paced.estimators; collective)."""
+    from megatron_paced.paced.estimators import OracleAccuracy
+
+    job = trainer.job
+    oracle = trainer.estimator if isinstance(trainer.estimator, OracleAccuracy) else \
+        OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
+                       max_new_tokens=job.sampling.max_new_tokens,
+                       micro_batch_size=job.batch.micro_batch_size,
+                       vocab_size=job.model.vocab_size)
+    return {"train_acc_exact": float(oracle.acc_est(
+        torch.arange(len(trainer.task.problems))).mean())}
 
 
 def calibrate(trainer: Trainer) -> dict:
@@ -363,9 +369,12 @@ def train(job: JobConfig, task=None) -> Trainer:
     start_step, started = trainer.step, time.perf_counter()
     while trainer.step < cfg.train_iters:
         record = train_step(trainer)
+        last = trainer.step == cfg.train_iters
         if job.eval.eval_interval and trainer.step % job.eval.eval_interval == 0:
-            last = trainer.step == cfg.train_iters
             record.update(evaluate(trainer, job.eval.eval_final_k if last else None))
+        elif job.eval.eval_train_accuracy and job.eval.eval_train_interval and \
+                trainer.step % job.eval.eval_train_interval == 0:
+            record.update(train_accuracy(trainer))
         interval = job.eval.calibration_interval
         probed = job.algorithm.algo != "grpo" or trainer.estimator is not trainer.log_z
         if interval and trainer.step % interval == 0 and probed:

@@ -172,7 +172,8 @@ def task_flags(args) -> list[str]:
               "--num-prompts-per-step", str(args.num_prompts_per_step),
               "--num-samples-per-prompt", str(args.num_samples_per_prompt)]
     if args.model is None:
-        cpu_task = list(CPU_TASKS[args.cpu_task]) + ["--eval-train-accuracy"]
+        cpu_task = list(CPU_TASKS[args.cpu_task]) + [
+            "--eval-train-accuracy", "--eval-train-interval", str(args.eval_train_interval)]
         if args.task_num_prompts is not None:
             cpu_task[cpu_task.index("--task-num-prompts") + 1] = str(args.task_num_prompts)
         return cpu_task + common
@@ -314,7 +315,8 @@ def read_run(path: str) -> dict:
         rows = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(path, "run.json")) as f:
         info = json.load(f)
-    return {"rows": rows, "curve": [r for r in rows if "eval_pass@1" in r], **info}
+    return {"rows": rows, "curve": [r for r in rows if "eval_pass@1" in r],
+            "train_curve": [r for r in rows if "train_acc_exact" in r], **info}
 
 
 def final_pass_at(curve: list[dict], key: str, last: int = 3) -> float:
@@ -353,7 +355,8 @@ def informative_fraction(rows: list[dict]) -> float:
 
 def reach(runs: list[dict], target: float, metric: str = "eval_pass@1") -> dict:
     """Samples and steps to the target, per seed (None where never reached)."""
-    hits = [first_reaching(run["curve"], target, metric) for run in runs]
+    curve = "train_curve" if metric == "train_acc_exact" else "curve"
+    hits = [first_reaching(run[curve], target, metric) for run in runs]
     return {"samples": stats([h["num_samples"] if h else None for h in hits]),
             "steps": stats([h["step"] if h else None for h in hits]),
             "num_reached": sum(h is not None for h in hits), "num_seeds": len(runs)}
@@ -425,7 +428,8 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
     ks = sorted(int(k.split("@")[1]) for k in runs[next(iter(runs))][0]["curve"][-1]
                 if k.startswith("eval_pass@"))
     reference = "grpo" if "grpo" in runs else next(iter(runs))
-    reference_final = stats([final_pass_at(r["curve"], metric)
+    curve = "train_curve" if metric == "train_acc_exact" else "curve"
+    reference_final = stats([final_pass_at(r[curve], metric)
                              for r in runs[reference]])["mean"]
     if target_accuracy is None:
         target_accuracy = base[metric] + target_fraction * (reference_final - base[metric])
@@ -448,10 +452,10 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                    "to_target": reach(method_runs, target_accuracy, metric),
                    "final": {f"pass@{k}": stats([final_pass_at(r["curve"], f"eval_pass@{k}")
                                                  for r in method_runs]) for k in ks},
-                   "final_train_acc": (stats([final_pass_at(r["curve"], "train_acc_exact")
+                   "final_train_acc": (stats([final_pass_at(r["train_curve"],
+                                                            "train_acc_exact")
                                               for r in method_runs])
-                                       if "train_acc_exact" in method_runs[0]["curve"][-1]
-                                       else None),
+                                       if method_runs[0]["train_curve"] else None),
                    "calibration_error": (stats([calibration_error(r["rows"])
                                                 for r in method_runs])
                                          if method in HAS_LOG_Z else None),
@@ -539,12 +543,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def mean_curve(runs: list[dict], grid: list[float]) -> tuple[list[float], list[float]]:
-    """Held-out pass@1 against samples on a common grid: mean and std over seeds."""
+def mean_curve(runs: list[dict], grid: list[float], metric: str = "eval_pass@1"
+               ) -> tuple[list[float], list[float]]:
+    """The target's metric (held-out pass@1 or train_acc_exact) against samples on a common
+    grid: mean and std over seeds."""
     import numpy as np
 
-    curves = np.array([np.interp(grid, [p["num_samples"] for p in r["curve"]],
-                                 [p["eval_pass@1"] for p in r["curve"]]) for r in runs])
+    curve = "train_curve" if metric == "train_acc_exact" else "curve"
+    curves = np.array([np.interp(grid, [p["num_samples"] for p in r[curve]],
+                                 [p[metric] for p in r[curve]]) for r in runs])
     return curves.mean(0).tolist(), curves.std(0).tolist()
 
 
@@ -559,13 +566,14 @@ def plot(out: str, results: dict, runs: dict[str, list[dict]]) -> list[str]:
     for method, method_runs in runs.items():
         most = min(r["curve"][-1]["num_samples"] for r in method_runs)
         grid = [most * i / 100 for i in range(101)]
-        mean, std = mean_curve(method_runs, grid)
+        mean, std = mean_curve(method_runs, grid, results.get("target_metric", "eval_pass@1"))
         axis.plot(grid, mean, label=METHODS[method][0])
         axis.fill_between(grid, [m - s for m, s in zip(mean, std)],
                           [m + s for m, s in zip(mean, std)], alpha=0.15)
     axis.axhline(results["target_accuracy"], color="gray", linestyle="--", label="target")
-    axis.set(xlabel="samples (completions generated)", ylabel="held-out pass@1",
-             title="held-out accuracy against samples (mean ± std over seeds)")
+    axis.set(xlabel="samples (completions generated)",
+             ylabel=results.get("target_metric", "eval_pass@1"),
+             title="the target's accuracy against samples (mean ± std over seeds)")
     paths.append(_save(fig, axis, os.path.join(out, "accuracy_vs_samples.png")))
 
     fig, axis = plt.subplots(figsize=(6, 4.5))
@@ -631,7 +639,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--task-num-prompts", type=int, default=None,
                         help="CPU tasks: training prompts (default: the task's; 1280 on add: "
                              "each drawn about once in 80 steps of 16)")
-    parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--eval-interval", type=int, default=20,
+                        help="steps between held-out evaluations (sampled: costly)")
+    parser.add_argument("--eval-train-interval", type=int, default=5,
+                        help="CPU tasks: steps between train_acc_exact measurements (one "
+                             "forward pass over the training prompts; the target's curve)")
     parser.add_argument("--eval-num-prompts", type=int, default=128)
     parser.add_argument("--eval-k", type=int, default=8,
                         help="samples per held-out prompt at every evaluation")
