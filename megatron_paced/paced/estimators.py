@@ -32,7 +32,8 @@ Usage::
     posterior = BetaPosteriorTable(num_prompts, prior=1.0, decay=1.0, dp_group=ctx.dp_group)
     posterior.observe(rows, rewards)      # (P,) rows, (P, G) rewards of this rank's groups
     posterior.acc_est(rows)               # posterior means, collective
-    oracle = OracleAccuracy(task, policy, ctx, max_new_tokens=16, micro_batch_size=16)
+    oracle = OracleAccuracy(task, policy, ctx, max_new_tokens=16, micro_batch_size=16,
+                            vocab_size=model_cfg.vocab_size)
     oracle.acc_est(rows)                  # exact accuracies, collective over the world
 """
 
