@@ -3,7 +3,8 @@
 For each ``--model DIR LAYOUTS`` (``LAYOUTS`` like ``1x1,2x1,2x2``: TPxPP, DP fills the world):
 the ``transformers`` forward is the reference (computed on rank 0, broadcast); the folder is
 converted HF -> Megatron on each layout, and each checkpoint is loaded on another layout (the
-previous one, cyclically: vocabulary re-padded, layers resharded); the Megatron logits must
+previous one, cyclically, or the one named after a colon: ``1x2:1x1`` converts on PP2 and
+loads on TP1; vocabulary re-padded, layers resharded); the Megatron logits must
 equal the reference to 1e-4 relative (``logits[...]`` checks; the errors go to
 ``errors.json``). Then, in one process, the last-layout checkpoint of each ``--roundtrip``
 model is converted back to HF and must equal the original tensors bitwise and load in
@@ -11,7 +12,7 @@ model is converted back to HF and must equal the original tensors bitwise and lo
 folders are converted on the last layout of the first model for the round trip only.
 
     torchrun --nproc-per-node 4 -m tests.distributed.convert_worker --out DIR \
-        --model tiny/llama 1x1,2x1,2x2 --model SmolLM2 1x2,1x1 --roundtrip tiny/llama
+        --model tiny/llama 1x1,2x1,2x2 --model SmolLM2 1x2:1x1 --roundtrip tiny/llama
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def megatron_logits(ckpt: str, cfg, layout, input_ids: torch.Tensor) -> torch.Te
         destroy_parallel()
 
 
+def parse_layouts(text: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """``TPxPP`` or ``TPxPP:TPxPP`` (convert on the first, load on the second) -> the layout
+    and the load layout (None: the previous layout)."""
+    convert, load = (tuple(int(x) for x in part.split("x")) if part else None
+                     for part in (text.partition(":")[::2]))
+    return convert, load
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours - reference).abs().max() / reference.abs().max())
 
@@ -84,7 +93,7 @@ def main() -> None:
                         help="folders converted on the first model's last layout for the round "
                         "trip only")
     args = parser.parse_args()
-    models = [(hf_dir, [tuple(int(x) for x in text.split("x")) for text in layouts.split(",")])
+    models = [(hf_dir, [parse_layouts(text) for text in layouts.split(",")])
               for hf_dir, layouts in args.model]
     from megatron_paced.compat import enable_cpu_compat
     from megatron_paced.convert import convert_hf_to_megatron
@@ -101,13 +110,13 @@ def main() -> None:
             vocab_size = json.load(f)["vocab_size"]
         input_ids = torch.randint(0, vocab_size, (2, 12), generator=generator)
         reference = hf_reference(hf_dir, input_ids)
-        for index, layout in enumerate(layouts):
+        for index, (layout, load_layout) in enumerate(layouts):
+            load_layout = load_layout or layouts[index - 1][0]
             ckpt = str(out / f"{name}-tp{layout[0]}pp{layout[1]}")
             cfg = convert_hf_to_megatron(hf_dir, ckpt, ParallelConfig(
                 tensor_model_parallel_size=layout[0], pipeline_model_parallel_size=layout[1]),
                 progress=False)
             # Loaded on another layout: conversion and resharding in one check.
-            load_layout = layouts[index - 1]
             label = (f"{name}:convert tp{layout[0]}pp{layout[1]} "
                      f"load tp{load_layout[0]}pp{load_layout[1]}")
             with checks.check(f"logits[{label}]"):
@@ -115,8 +124,8 @@ def main() -> None:
                                        reference)
                 errors[label] = error
                 assert error <= TOLERANCE, f"relative error {error:.2e} > {TOLERANCE}"
-        last_layout[hf_dir] = layouts[-1]
-    last = models[0][1][-1]
+        last_layout[hf_dir] = layouts[-1][0]
+    last = models[0][1][-1][0]
     for hf_dir in args.roundtrip_only:
         convert_hf_to_megatron(hf_dir, str(out / f"{Path(hf_dir).name}-tp{last[0]}pp{last[1]}"),
                                ParallelConfig(tensor_model_parallel_size=last[0],
