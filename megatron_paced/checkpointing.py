@@ -46,6 +46,7 @@ import torch.distributed as dist
 from megatron_paced.config import ConfigError
 from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX
 from megatron_paced.paced.state import PacedState, check_estimator
+from megatron_paced.safe_unpickle import install_checkpoint_allow_list
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONTENTS = "contents.json"
@@ -172,6 +173,7 @@ def load_model_weights(path: str, model, model_cfg, ctx) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    install_checkpoint_allow_list()
     template = model.sharded_state_dict()
     saved = dist_checkpointing.load_tensors_metadata(path)
     # A checkpoint without FlowRL's log-Z head (a base policy): the head keeps its init.
@@ -205,10 +207,29 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def check_metadata(root: str, path: str) -> None:
+    """Read the iteration's torch ``.metadata`` through the allow-list (no collective): a
+    crafted or damaged one is a ConfigError naming it, before any model is built."""
+    import pickle
+
+    from megatron_paced.safe_unpickle import load_checkpoint_pickle
+
+    metadata = os.path.join(path, ".metadata")
+    try:
+        with open(metadata, "rb") as f:
+            load_checkpoint_pickle(f, metadata)
+    except OSError as err:
+        raise ConfigError(f"--load {root!r}: {metadata}: {err.strerror}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"--load {root!r}: {err}" if metadata in str(err) else
+                          f"--load {root!r}: {metadata} is unreadable ({err})") from None
+
+
 def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None) -> int | None:
     """The step to resume from, or None; raises ConfigError (no collective) when ``--load``
     does not exist, holds another model's shape, or (given ``params_dtype``) holds optimizer
     state of another precision (its buffers differ; weights alone load in any precision)."""
+    install_checkpoint_allow_list()
     if not os.path.isdir(root):
         raise ConfigError(f"--load {root!r}: no such folder")
     step = latest_step(root)
@@ -220,6 +241,7 @@ def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None
         raise ConfigError(f"--load {root!r}: {path} is not a megatron-paced checkpoint")
     with open(config_path) as f:
         saved = json.load(f)
+    check_metadata(root, path)
     ours = dataclasses.asdict(model_cfg)
     different = {k: (saved.get(k), v) for k, v in ours.items()
                  if k not in _NOT_SHAPE and not _same(saved.get(k), v)}

@@ -329,8 +329,11 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
                            max_shard_gb: float = 5.0, progress: bool = True) -> ModelConfig:
     """Megatron checkpoint folder (the latest iteration) -> HF folder. One process, no
     process group."""
-    from megatron_paced.checkpointing import iteration_dir, latest_step
+    from megatron_paced.checkpointing import check_metadata, iteration_dir, latest_step
     from megatron_paced.models.hf_mapping import megatron_to_hf
+    from megatron_paced.safe_unpickle import install_checkpoint_allow_list
+
+    install_checkpoint_allow_list()
 
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load!r}: no such folder")
@@ -341,6 +344,7 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
     path = iteration_dir(load, step)
     with open(os.path.join(path, "model_config.json")) as f:
         cfg = ModelConfig(**json.load(f))
+    check_metadata(load, path)
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise ConfigError(f"--tokenizer {tokenizer!r}: no such folder")
     staging = _check_output(save)

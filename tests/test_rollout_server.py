@@ -36,4 +36,4 @@ def test_server_refuses_public_bind_without_api_key():
     result = run_python("-m megatron_paced.rollout.serve", "--host", "0.0.0.0", "--model",
                         "tiny-llama", timeout=60)
     assert result.returncode == 2
-    assert "--host 0.0.0.0 is not a loopback address: pass --api-key" in result.stderr
+    assert "--host 0.0.0.0 is not a loopback address: give the server a key" in result.stderr

@@ -203,20 +203,42 @@ def iter_full_params(model: torch.nn.Module, tp_group: dist.ProcessGroup | None)
 @torch.no_grad()
 def load_full_params_(model: torch.nn.Module, full: dict[str, torch.Tensor], *, tp_rank: int,
                       tp_size: int, strict: bool = True) -> list[str]:
-    """Copy full (TP1) tensors, by global name, into this rank's shards. With ``strict`` every
-    parameter of the stage must be given; returns the names that were loaded."""
+    """Copy full (TP1) tensors, by global name, into this rank's shards, as one transaction:
+    every name, shape and value is checked first (a name the stage does not hold, a shape
+    that does not fit, a non-finite value, and with ``strict`` a parameter left out, raise
+    naming it) and only then is anything copied, so on an error the model is as before.
+    Returns the names that were loaded."""
     names = global_param_names(model)
-    loaded = []
-    for name, param in unwrap_model(model).named_parameters():
-        global_name = names[name]
+    params = {names[name]: (name, param) for name, param in unwrap_model(model).named_parameters()}
+    unknown = sorted(set(full) - set(params))
+    if unknown:
+        raise KeyError(f"no parameter named {unknown[:4]} in this model"
+                       + (f" (and {len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+    if strict:
+        missing = [name for name in params if name not in full]
+        if missing:
+            raise KeyError(f"no value for parameter {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    shards = {}
+    for global_name, (name, param) in params.items():
         if global_name not in full:
-            if strict:
-                raise KeyError(f"no value for parameter {global_name!r}")
             continue
-        shard = shard_of(full[global_name], shard_meta(name, param), tp_rank, tp_size)
+        value = full[global_name]
+        if not (value.is_floating_point() and param.is_floating_point()):
+            raise TypeError(f"{global_name}: dtype {value.dtype} cannot load into "
+                            f"{param.dtype}")
+        if value.dim() != param.dim():
+            raise ValueError(f"{global_name}: a {value.dim()}-d tensor does not fit parameter "
+                             f"{tuple(param.shape)}")
+        shard = shard_of(value, shard_meta(name, param), tp_rank, tp_size)
         if shard.shape != param.shape:
             raise ValueError(f"{global_name}: shard {tuple(shard.shape)} does not fit parameter "
                              f"{tuple(param.shape)}")
-        param.copy_(shard.to(param.dtype))
-        loaded.append(global_name)
-    return loaded
+        shard = shard.to(param.dtype)
+        if not bool(torch.isfinite(shard).all()):
+            raise ValueError(f"{global_name}: holds non-finite values (NaN or inf)")
+        shards[global_name] = (param, shard)
+    with torch.no_grad():
+        for param, shard in shards.values():
+            param.copy_(shard)
+    return list(shards)

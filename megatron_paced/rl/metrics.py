@@ -38,11 +38,26 @@ class MetricsLog:
         os.makedirs(self.save_dir, exist_ok=True)
         if os.path.isfile(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(self.path, "w") as f:
+                lines = f.readlines()
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # a line cut short by a kill: dropped
+                        break
+                    raise ValueError(f"{self.path}:{number}: not a JSON line; fix or remove "
+                                     "it to resume") from None
+                if row["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            tmp = f"{self.path}.tmp"  # rewritten whole or not at all
+            with open(tmp, "w") as f:
                 f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def start_wandb(self, project: str, config: dict) -> None:
+        """``config``: the job's settings; secrets (``*api_key*``) are left out."""
+        config = _without_secrets(config)
         if self.is_logger:
             import wandb
 
@@ -140,3 +155,10 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
         lines.append(f"  metrics {os.path.join(save, 'metrics.jsonl')}; checkpoints "
                      f"{save}/iter_*")
     print("\n".join(lines), flush=True)
+
+
+def _without_secrets(config):
+    if isinstance(config, dict):
+        return {key: _without_secrets(value) for key, value in config.items()
+                if "api_key" not in str(key)}
+    return config

@@ -43,7 +43,8 @@ class RolloutConfig:
     sglang_base_port: int = 30000
     """Port of the first launched server; the next ones count up."""
     sglang_api_key: Optional[str] = None
-    """API key the servers require for weight updates."""
+    """The servers' key (default: $MEGATRON_PACED_API_KEY, else one generated per run for the
+    servers the trainer launches, handed to them through the environment)."""
     rollout_concurrency: int = 8
     """Requests in flight at once."""
     rollout_prompts_per_request: int = 32
@@ -114,6 +115,23 @@ class SGLangBackend:
         self.client.close()
 
 
+def run_api_key(cfg: RolloutConfig) -> str | None:
+    """The key of this run's servers, the same on every rank: --sglang-api-key, else
+    $MEGATRON_PACED_API_KEY, else (servers the trainer launches) a fresh random key from
+    rank 0. None for --sglang-url servers without a key."""
+    import secrets
+
+    from megatron_paced.rollout.serve import API_KEY_ENV
+
+    key = cfg.sglang_api_key or os.environ.get(API_KEY_ENV)
+    if key or cfg.sglang_url:
+        return key
+    keys = [secrets.token_urlsafe(32)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(keys, src=0)
+    return keys[0]
+
+
 def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_length: int,
                   log_dir: str | None = None) -> RolloutBackend:
     """The backend of this configuration."""
@@ -129,6 +147,7 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     )
 
     servers: list = list(cfg.sglang_url)
+    api_key = run_api_key(cfg)
     if not servers:  # launched by the first process of each node; the others attach to them
         command = shlex.split(cfg.sglang_launch_command) + shlex.split(cfg.sglang_server_args)
         ports = [cfg.sglang_base_port + index for index in range(cfg.sglang_num_servers)]
@@ -137,7 +156,7 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
             os.makedirs(log_dir, exist_ok=True)
         for index, port in enumerate(ports if launcher else []):
             log = os.path.join(log_dir, f"sglang-{index}.log") if log_dir else None
-            server = ServerProcess(command, port=port, log_path=log, api_key=cfg.sglang_api_key)
+            server = ServerProcess(command, port=port, log_path=log, api_key=api_key)
             server.start()  # returns once /health answers
             servers.append(server)
         if dist.is_initialized():
@@ -147,7 +166,7 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
                           prompts_per_request=cfg.rollout_prompts_per_request,
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
-                          api_key=cfg.sglang_api_key)
+                          api_key=api_key)
     bucket = cfg.weight_sync_bucket_mb << 20
     if cfg.weight_sync == "tensor":
         transport = TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)

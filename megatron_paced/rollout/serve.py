@@ -20,9 +20,19 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
     POST /update_weight_version, /flush_cache, /release_memory_occupation,
          /resume_memory_occupation
 
-It binds to 127.0.0.1 unless told otherwise; bound elsewhere it refuses to start without
-``--api-key``, which weight updates must then present (``Authorization: Bearer KEY``). Model
-calls are serialized by one lock, so a weight update never interleaves with a generation.
+Trust (``docs/security.md``): it binds to 127.0.0.1 unless told otherwise. Its key comes from
+the environment (``MEGATRON_PACED_API_KEY``) or ``--api-key-file``, never from argv by the
+trainer (which generates one per run for the servers it launches). Without a key, weight
+updates and memory control are refused (403) and only loopback binds are allowed; with one,
+every endpoint but ``/health`` needs ``Authorization: Bearer KEY`` (compared in constant
+time). The body is capped (``--max-body-mb``) and the key checked before it is read; sockets
+time out; at most ``--max-workers`` requests are served at once; ``n``, prompts per request
+and total tokens are bounded. Weight payloads are unpickled through an allow-list of torch's
+tensor-rebuild functions (``megatron_paced/safe_unpickle.py``), and every weight update is a
+transaction: names, shapes, dtypes and finiteness are checked before anything is copied, so a
+failed update leaves the weights and ``weight_version`` as they were. A bad request is a 4xx
+with a message; a 500 is a bug. Model calls are serialized by one lock, so a weight update
+never interleaves with a generation.
 
 Usage::
 
@@ -34,11 +44,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
+import hmac
 import ipaddress
 import json
+import math
 import os
 import sys
 import threading
+import traceback
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -47,10 +62,38 @@ import torch.distributed as dist
 from megatron_paced.config import ConfigError
 from megatron_paced.utils import free_port
 
+API_KEY_ENV = "MEGATRON_PACED_API_KEY"
 WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/update_weight_version", "/release_memory_occupation",
                     "/resume_memory_occupation", "/init_weights_update_group",
                     "/update_weights_from_distributed", "/destroy_weights_update_group"}
+OPEN_ENDPOINTS = {"/health"}  # answered without a key even when the server has one
+# SGLang /generate fields this server does not implement: refused by name, never ignored.
+UNSUPPORTED_FIELDS = {"text", "input_embeds", "image_data", "audio_data", "video_data",
+                      "lora_path", "stream", "return_text_in_logprobs", "logprob_start_len",
+                      "top_logprobs_num", "token_ids_logprob", "custom_logit_processor",
+                      "return_hidden_states", "session_params", "bootstrap_host",
+                      "bootstrap_port", "bootstrap_room", "data_parallel_rank"}
+KNOWN_FIELDS = {"input_ids", "sampling_params", "return_logprob", "rid"}
+UNSUPPORTED_SAMPLING = {"regex", "json_schema", "ebnf", "structural_tag", "frequency_penalty",
+                        "presence_penalty", "repetition_penalty", "min_p", "min_new_tokens",
+                        "stop", "ignore_eos", "skip_special_tokens", "logit_bias",
+                        "spaces_between_special_tokens", "no_stop_trim", "custom_params"}
+KNOWN_SAMPLING = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n",
+                  "sampling_seed"}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for (flags of the same names)."""
+
+    max_body_bytes: int = 256 << 20
+    max_n: int = 64
+    max_prompts_per_request: int = 1024
+    max_total_tokens: int = 1 << 20  # prompts x n x (prompt + max_new_tokens)
+    max_workers: int = 16
+    socket_timeout_s: float = 60.0
+    update_group_timeout_s: float = 60.0
 
 
 class RequestError(Exception):
@@ -59,11 +102,162 @@ class RequestError(Exception):
         self.status = status
 
 
+def _int_field(value, name: str, *, low: int, high: int | None = None) -> int:
+    """An integer request field (not a bool, float or string) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"{name} must be an integer, not {value!r}"[:200])
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(400, f"{name} {value} must be {bound}")
+    return value
+
+
+def _number_field(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise RequestError(400, f"{name} must be a finite number, not {value!r}"[:200])
+    return float(value)
+
+
+def _token_list(value, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, f"{name} must be a non-empty list of token ids")
+    for token in value:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise RequestError(400, f"{name}: {token!r} is not a token id in [0, "
+                                    f"{vocab_size})"[:200])
+    return value
+
+
+@dataclass
+class GenerateRequest:
+    prompts: list[list[int]]
+    single: bool
+    n: int
+    sampling: object  # SamplingParams
+    seed: int | None
+    rids: list | str | None
+    return_logprob: bool
+
+
+def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: int,
+                           limits: ServerLimits) -> GenerateRequest:
+    """Validate a /generate body completely (before any work) -> the request; a
+    :class:`RequestError` 400 naming the field otherwise."""
+    from megatron_paced.rollout.engine import SamplingParams
+
+    unsupported = sorted(set(body) & UNSUPPORTED_FIELDS)
+    if unsupported:
+        raise RequestError(400, f"{', '.join(unsupported)}: not supported by this server"
+                                + (" (it has no tokenizer: send input_ids)"
+                                   if "text" in unsupported else ""))
+    unknown = sorted(set(body) - KNOWN_FIELDS - UNSUPPORTED_FIELDS)
+    if unknown:
+        raise RequestError(400, f"unknown field(s) {unknown[:4]}"[:200])
+    input_ids = body.get("input_ids")
+    if input_ids is None:
+        raise RequestError(400, "this server needs input_ids (it has no tokenizer for text)")
+    if not isinstance(input_ids, list) or not input_ids:
+        raise RequestError(400, "input_ids must be a non-empty list of token ids, or a list "
+                                "of such lists")
+    single = not isinstance(input_ids[0], list)
+    prompts = [input_ids] if single else input_ids
+    if len(prompts) > limits.max_prompts_per_request:
+        raise RequestError(413, f"{len(prompts)} prompts in one request; at most "
+                                f"{limits.max_prompts_per_request} (--max-prompts-per-request)")
+    prompts = [_token_list(p, "input_ids" if single else f"input_ids[{i}]", vocab_size)
+               for i, p in enumerate(prompts)]
+    params = body.get("sampling_params")
+    if params is None:
+        params = {}
+    if isinstance(params, list):
+        if not params or any(p != params[0] for p in params):
+            raise RequestError(400, "per-prompt sampling_params must be identical here")
+        params = params[0]
+    if not isinstance(params, dict):
+        raise RequestError(400, "sampling_params must be an object")
+    refused = sorted(set(params) & UNSUPPORTED_SAMPLING)
+    if refused:
+        raise RequestError(400, f"sampling_params {', '.join(refused)}: not supported by this "
+                                "server")
+    unknown = sorted(set(params) - KNOWN_SAMPLING - UNSUPPORTED_SAMPLING)
+    if unknown:
+        raise RequestError(400, f"sampling_params: unknown field(s) {unknown[:4]}"[:200])
+    n = _int_field(params.get("n", 1), "sampling_params.n", low=1, high=limits.max_n)
+    seed = params.get("sampling_seed")
+    if seed is not None:
+        seed = _int_field(seed, "sampling_params.sampling_seed", low=0, high=(1 << 63) - 1)
+    sampling = SamplingParams()
+    if "temperature" in params:
+        sampling.temperature = _number_field(params["temperature"], "sampling_params.temperature")
+    if "top_p" in params:
+        sampling.top_p = _number_field(params["top_p"], "sampling_params.top_p")
+    if "top_k" in params:
+        sampling.top_k = _int_field(params["top_k"], "sampling_params.top_k", low=-1)
+    if "max_new_tokens" in params:
+        sampling.max_new_tokens = _int_field(params["max_new_tokens"],
+                                             "sampling_params.max_new_tokens", low=1)
+    if "stop_token_ids" in params and params["stop_token_ids"] is not None:
+        stop = params["stop_token_ids"]
+        sampling.stop_token_ids = [] if stop == [] else _token_list(
+            stop, "sampling_params.stop_token_ids", vocab_size)
+    try:
+        sampling.validate()
+    except ConfigError as err:
+        raise RequestError(400, f"sampling_params: {err}") from None
+    longest = max(len(p) for p in prompts)
+    if longest >= max_sequence_length:  # (completions stop at the maximum length)
+        raise RequestError(400, f"a prompt of {longest} tokens leaves no room under the "
+                                f"server's --max-sequence-length {max_sequence_length}")
+    total = n * sum(min(len(p) + sampling.max_new_tokens, max_sequence_length)
+                    for p in prompts)
+    if total > limits.max_total_tokens:
+        raise RequestError(413, f"the request asks for up to {total} tokens (prompts x n x "
+                                f"(prompt + max_new_tokens)); at most {limits.max_total_tokens} "
+                                "(--max-total-tokens)")
+    rids = body.get("rid")
+    if isinstance(rids, list):
+        if len(rids) != n * len(prompts) or not all(isinstance(r, str) for r in rids):
+            raise RequestError(400, f"rid: a list needs one string per output "
+                                    f"({n * len(prompts)}), got {len(rids)} entries")
+    elif rids is not None and not isinstance(rids, str):
+        raise RequestError(400, "rid must be a string or a list of strings")
+    return_logprob = body.get("return_logprob", False)
+    if not isinstance(return_logprob, bool):
+        raise RequestError(400, "return_logprob must be true or false")
+    return GenerateRequest(prompts, single, n, sampling, seed, rids, return_logprob)
+
+
+def validate_hf_update(hf: dict, model_cfg, *, complete: bool) -> None:
+    """Every tensor of a weight update names a tensor of this model, with its shape, a
+    floating dtype and finite values; with ``complete`` none is missing. Raises a 400
+    naming the first problem (nothing has been loaded yet)."""
+    from megatron_paced.models.hf_mapping import hf_param_shapes
+
+    shapes = hf_param_shapes(model_cfg)
+    for name, tensor in hf.items():
+        if not isinstance(name, str) or name not in shapes:
+            raise RequestError(400, f"{str(name)[:120]!r} is not a tensor of this model")
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise RequestError(400, f"{name}: not a floating-point tensor")
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise RequestError(400, f"{name}: shape {tuple(tensor.shape)}, the model's is "
+                                    f"{tuple(shapes[name])}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise RequestError(400, f"{name}: holds non-finite values (NaN or inf)")
+    if complete:
+        missing = [name for name in shapes if name not in hf]
+        if missing:
+            raise RequestError(400, f"the update misses {len(missing)} tensor(s) of the "
+                                    f"model, e.g. {missing[0]!r}")
+
+
 class RolloutService:
     """The model, its engine and the state the endpoints share."""
 
     def __init__(self, model_cfg, *, seed: int, hf_dir: str | None, max_sequence_length: int,
-                 max_batch_size: int) -> None:
+                 max_batch_size: int, limits: ServerLimits = ServerLimits(),
+                 allowed_peers: tuple[str, ...] = ()) -> None:
         from megatron_paced.config import ParallelConfig
         from megatron_paced.models.gpt import build_gpt_model
         from megatron_paced.parallel import initialize_parallel
@@ -84,6 +278,9 @@ class RolloutService:
                                      max_sequence_length=max_sequence_length,
                                      max_batch_size=max_batch_size)
         self.model_path = hf_dir or f"random-init(seed={seed})"
+        self.max_sequence_length = max_sequence_length
+        self.limits = limits
+        self.allowed_peers = allowed_peers
         self.weight_version = "default"
         self.released = False
         self.lock = threading.Lock()
@@ -94,60 +291,58 @@ class RolloutService:
 
     # ---- weights ---------------------------------------------------------------------------
     def load_hf_tensors(self, hf: dict[str, torch.Tensor], *, complete: bool) -> int:
+        """Validate, then load (a transaction: on any error nothing has changed)."""
         from megatron_paced.models.hf_mapping import hf_to_megatron
         from megatron_paced.models.sharding import load_full_params_
 
-        full = hf_to_megatron(hf, self.model_cfg, complete=complete,
-                              padded_vocab_size=self.model_cfg.padded_vocab_size(1))
-        return len(load_full_params_(self.model, full, tp_rank=0, tp_size=1, strict=complete))
+        validate_hf_update(hf, self.model_cfg, complete=complete)
+        try:
+            full = hf_to_megatron(hf, self.model_cfg, complete=complete,
+                                  padded_vocab_size=self.model_cfg.padded_vocab_size(1))
+            return len(load_full_params_(self.model, full, tp_rank=0, tp_size=1,
+                                         strict=complete))
+        except (KeyError, ValueError, TypeError) as err:  # checked before any copy
+            raise RequestError(400, f"weight update refused: {err}") from None
 
     def load_hf_dir(self, path: str) -> int:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        refused = RequestError(400, "model_path is not a folder of .safetensors files this "
+                                    "server can read")
+        try:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        except OSError:
+            raise refused from None
         if not files:
-            raise RequestError(400, f"model_path {path!r} holds no .safetensors file")
+            raise refused
         hf: dict[str, torch.Tensor] = {}
         for name in files:
-            hf.update(load_file(os.path.join(path, name)))
+            try:
+                tensors = load_file(os.path.join(path, name))
+            except (OSError, SafetensorError, ValueError) as err:
+                raise RequestError(400, f"{name}: not a readable safetensors file "
+                                        f"({type(err).__name__})") from None
+            duplicated = sorted(set(tensors) & set(hf))
+            if duplicated:
+                raise RequestError(400, f"{name}: {duplicated[0]!r} is also in another file")
+            hf.update(tensors)
         return self.load_hf_tensors(hf, complete=True)
 
     # ---- endpoints ---------------------------------------------------------------------------
     def generate(self, body: dict):
-        from megatron_paced.rollout.engine import SamplingParams
-
-        input_ids = body.get("input_ids")
-        if input_ids is None:
-            raise RequestError(400, "this server needs input_ids (it has no tokenizer for text)")
-        single = bool(input_ids) and isinstance(input_ids[0], int)
-        prompts = [input_ids] if single else input_ids
-        if not prompts or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
-                                  for p in prompts):
-            raise RequestError(400, "input_ids must be a non-empty list of token ids, or a "
-                                    "list of such lists")
-        params = body.get("sampling_params") or {}
-        if isinstance(params, list):
-            if any(p != params[0] for p in params):
-                raise RequestError(400, "per-prompt sampling_params must be identical here")
-            params = params[0]
-        params = dict(params)
-        n = int(params.pop("n", 1))
-        seed = params.pop("sampling_seed", None)
-        known = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids"}
-        sampling = SamplingParams(**{k: v for k, v in params.items() if k in known})
-        try:
-            sampling.validate()
-        except ConfigError as err:
-            raise RequestError(400, f"sampling_params: {err}") from None
+        request = parse_generate_request(body, vocab_size=self.model_cfg.vocab_size,
+                                         max_sequence_length=self.max_sequence_length,
+                                         limits=self.limits)
         if self.released:
             raise RequestError(400, "memory is released; call /resume_memory_occupation")
+        prompts, n = request.prompts, request.n
         with self.lock:
             self.num_requests += 1
-            if seed is None:
-                seed = self.num_requests
-            completions = self.engine.generate(prompts, n, sampling, seed=int(seed))
+            seed = self.num_requests if request.seed is None else request.seed
+            completions = self.engine.generate(prompts, n, request.sampling, seed=seed)
             version = self.weight_version
-        rids = body.get("rid")
+        rids = request.rids
         outputs = []
         for sample in range(n):  # SGLang's order: the whole batch, n times
             for index, per_prompt in enumerate(completions):
@@ -160,39 +355,54 @@ class RolloutService:
                 meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompts[index]),
                         "completion_tokens": len(c.token_ids), "cached_tokens": 0,
                         "weight_version": version}
-                if body.get("return_logprob"):
+                if request.return_logprob:
                     meta["output_token_logprobs"] = [[lp, t, None]
                                                      for lp, t in zip(c.log_probs, c.token_ids)]
                 outputs.append({"text": "", "output_ids": c.token_ids, "meta_info": meta})
-        return outputs[0] if single and n == 1 else outputs
+        return outputs[0] if request.single and n == 1 else outputs
 
     def update_weights_from_disk(self, body: dict):
+        version = _optional_version(body)  # checked before anything loads
         path = body.get("model_path")
-        if not path or not os.path.isdir(path):
-            raise RequestError(400, f"model_path {path!r} is not a folder")
+        if not isinstance(path, str) or not path:
+            raise RequestError(400, "model_path must be a folder path")
         with self.lock:
             count = self.load_hf_dir(path)
-            self._set_version(body)
+            self._set_version(version)
             self.model_path = path
         return {"success": True, "message": f"loaded {count} parameters from {path}",
                 "num_paused_requests": 0}
 
     def update_weights_from_tensor(self, body: dict):
-        from multiprocessing.reduction import ForkingPickler
-
+        version = _optional_version(body)  # checked before anything loads
         import torch.multiprocessing as torch_mp
+
+        from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
 
         torch_mp.set_sharing_strategy("file_system")
         serialized = body.get("serialized_named_tensors")
-        if not isinstance(serialized, list) or not serialized:
-            raise RequestError(400, "serialized_named_tensors must be a non-empty list")
+        if not isinstance(serialized, list) or not serialized or \
+                not isinstance(serialized[0], str):
+            raise RequestError(400, "serialized_named_tensors must be a non-empty list of "
+                                    "base64 strings")
         if body.get("load_format") not in (None, "direct"):
-            raise RequestError(400, f"load_format {body['load_format']!r} is not supported")
-        named = ForkingPickler.loads(base64.b64decode(serialized[0]))
-        hf = {name: tensor.clone() for name, tensor in named}
+            raise RequestError(400, f"load_format {str(body['load_format'])[:50]!r} is not "
+                                    "supported")
+        try:
+            named = loads_weight_payload(base64.b64decode(serialized[0], validate=True))
+            hf = {}
+            for name, tensor in named:
+                if name in hf:
+                    raise RequestError(400, f"{name[:120]!r} appears twice in the update")
+                hf[name] = tensor.clone()
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "serialized_named_tensors[0] is not base64") from None
+        except (UnsafePickleError, RuntimeError, OSError) as err:
+            raise RequestError(400, f"serialized_named_tensors[0] refused: {err}"[:300]) \
+                from None
         with self.lock:
             count = self.load_hf_tensors(hf, complete=False)
-            self._set_version(body)
+            self._set_version(version)
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def init_weights_update_group(self, body: dict):
@@ -209,15 +419,39 @@ class RolloutService:
             raise RequestError(400, "backend 'nccl' needs a GPU; this server runs on the CPU "
                                     "(use gloo)")
         name = body.get("group_name", "weight_update_group")
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise RequestError(400, "group_name must be a short string")
+        address = body["master_address"]
+        if not isinstance(address, str) or not self._peer_allowed(address):
+            raise RequestError(403, f"master_address {str(address)[:60]!r} is neither a "
+                                    "loopback address nor in --allowed-peers")
+        port = _int_field(body["master_port"], "master_port", low=1, high=65535)
+        world_size = _int_field(body["world_size"], "world_size", low=2, high=1024)
+        rank = _int_field(body["rank_offset"], "rank_offset", low=1, high=world_size - 1)
         if name in self.update_groups:  # formed again (a trainer or server restarted)
             close_update_group(self.update_groups.pop(name)[0])
-        group = open_update_group(backend, body["master_address"], int(body["master_port"]),
-                                  int(body["rank_offset"]), int(body["world_size"]), name)
+        try:
+            group = open_update_group(backend, address, port, rank, world_size, name,
+                                      timeout_s=self.limits.update_group_timeout_s)
+        except Exception as err:  # noqa: BLE001 - the peer's fault; details in our log only
+            print(f"init_weights_update_group {name!r} failed: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+            raise RequestError(400, f"could not join {name!r} at {address}:{port} within "
+                                    f"{self.limits.update_group_timeout_s:.0f} s") from None
         self.update_groups[name] = (group, backend)
         return {"success": True, "message": f"joined {name} as rank {body['rank_offset']} of "
                                             f"{body['world_size']}"}
 
+    def _peer_allowed(self, address: str) -> bool:
+        if address in self.allowed_peers or address == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            return False
+
     def update_weights_from_distributed(self, body: dict):
+        version = _optional_version(body)  # checked before anything loads
         name = body.get("group_name", "weight_update_group")
         if name not in self.update_groups:
             raise RequestError(400, f"no weight-update group {name!r}: call "
@@ -229,8 +463,19 @@ class RolloutService:
             raise RequestError(400, "names, dtypes and shapes must be non-empty lists of one "
                                     "length")
         kinds = [getattr(torch, str(d).removeprefix("torch."), None) for d in dtypes]
-        if not all(isinstance(k, torch.dtype) for k in kinds):
-            raise RequestError(400, f"dtypes {dtypes!r}: not all are torch dtypes")
+        if not all(isinstance(k, torch.dtype) and k.is_floating_point for k in kinds):
+            raise RequestError(400, f"dtypes {str(dtypes)[:100]}: not all are floating torch "
+                                    "dtypes")
+        from megatron_paced.models.hf_mapping import hf_param_shapes
+
+        expected = hf_param_shapes(self.model_cfg)
+        for tensor_name, shape in zip(names, shapes):  # before anything is received
+            if not isinstance(tensor_name, str) or tensor_name not in expected:
+                raise RequestError(400, f"{str(tensor_name)[:120]!r} is not a tensor of this "
+                                        "model")
+            if not isinstance(shape, list) or tuple(shape) != tuple(expected[tensor_name]):
+                raise RequestError(400, f"{tensor_name}: shape {str(shape)[:60]}, the model's "
+                                        f"is {tuple(expected[tensor_name])}")
         device = torch.device("cpu") if backend == "gloo" else self.ctx.device
         received = {}
         for tensor_name, kind, shape in zip(names, kinds, shapes):
@@ -239,7 +484,7 @@ class RolloutService:
             received[tensor_name] = tensor
         with self.lock:
             count = self.load_hf_tensors(received, complete=False)
-            self._set_version(body)
+            self._set_version(version)
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def destroy_weights_update_group(self, body: dict):
@@ -256,14 +501,14 @@ class RolloutService:
         return {"tp_size": 1, "dp_size": 1, "model_path": self.model_path,
                 "weight_version": self.weight_version}
 
-    def _set_version(self, body: dict) -> None:
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
+    def _set_version(self, version: str | None) -> None:
+        if version is not None:
+            self.weight_version = version
 
     def update_weight_version(self, body: dict):
         if "new_version" not in body:
             raise RequestError(400, "new_version is required")
-        self.weight_version = str(body["new_version"])
+        self.weight_version = _version(body["new_version"], "new_version")
         return {"success": True, "message": f"Weight version updated to {self.weight_version}",
                 "new_version": self.weight_version}
 
@@ -272,9 +517,23 @@ class RolloutService:
                 "is_generation": True, "architecture": self.model_cfg.architecture}
 
 
+def _optional_version(body: dict) -> str | None:
+    value = body.get("weight_version")
+    return None if value is None else _version(value, "weight_version")
+
+
+def _version(value, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > 200:
+        raise RequestError(400, f"{name} must be a string or an integer")
+    return str(value)
+
+
 def make_handler(service: RolloutService, api_key: str | None):
+    limits = service.limits
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = limits.socket_timeout_s  # socketserver sets it on the connection
 
         def log_message(self, format, *args):  # keep test output quiet
             pass
@@ -284,23 +543,42 @@ def make_handler(service: RolloutService, api_key: str | None):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if status >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
         def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
+            text = self.headers.get("Content-Length")
+            if self.headers.get("Transfer-Encoding"):
+                raise RequestError(411, "chunked bodies are not accepted: send Content-Length")
+            if text is None or text.strip() == "":
+                return {}
+            if not text.strip().isdigit():
+                raise RequestError(400, f"Content-Length {text[:30]!r} is not a non-negative "
+                                        "integer")
+            length = int(text)
+            if length > limits.max_body_bytes:
+                raise RequestError(413, f"body of {length} bytes; at most "
+                                        f"{limits.max_body_bytes} (--max-body-mb)")
             if not length:
                 return {}
+            raw = self.rfile.read(length)
+            if len(raw) != length:
+                raise RequestError(400, "the body ended before Content-Length bytes")
             try:
-                body = json.loads(self.rfile.read(length))
-            except json.JSONDecodeError as err:
-                raise RequestError(400, f"body is not JSON: {err.msg}") from None
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                raise RequestError(400, f"body is not JSON: {getattr(err, 'msg', err)}") \
+                    from None
             if not isinstance(body, dict):
                 raise RequestError(400, "body must be a JSON object")
             return body
 
         def _authorized(self) -> bool:
-            return api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}"
+            given = self.headers.get("Authorization") or ""
+            return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
         def do_GET(self) -> None:
             self._dispatch()
@@ -317,12 +595,25 @@ def make_handler(service: RolloutService, api_key: str | None):
             with cpu_compat_in_this_thread():
                 self._route()
 
+        def _check_access(self, path: str) -> None:
+            """Before the body is read: a key for everything but /health when the server has
+            one; no weight or memory control at all when it has none."""
+            if path in OPEN_ENDPOINTS:
+                return
+            if api_key is None:
+                if path in WEIGHT_ENDPOINTS:
+                    raise RequestError(403, f"{path} is off: this server has no key (set "
+                                            f"{API_KEY_ENV} or --api-key-file to enable "
+                                            "weight updates)")
+                return
+            if not self._authorized():
+                raise RequestError(401, "this server needs Authorization: Bearer <api key>")
+
         def _route(self) -> None:
             path = self.path.split("?", 1)[0]
             try:
+                self._check_access(path)
                 body = self._body()
-                if path in WEIGHT_ENDPOINTS and not self._authorized():
-                    raise RequestError(401, "weight updates need Authorization: Bearer <api key>")
                 if path in ("/health", "/health_generate", "/ready"):
                     return self._reply(200 if not service.released or path == "/health" else 503)
                 routes = {
@@ -348,17 +639,80 @@ def make_handler(service: RolloutService, api_key: str | None):
                 if path == "/resume_memory_occupation":
                     service.released = False
                     return self._reply(200, {})
-                raise RequestError(404, f"no endpoint {path}")
+                raise RequestError(404, f"no endpoint {path[:100]}")
             except RequestError as err:
                 self._reply(err.status, {"error": {"message": str(err), "code": err.status}})
-            except Exception as err:  # noqa: BLE001 - report, keep serving
-                self._reply(500, {"error": {"message": f"{type(err).__name__}: {err}",
+            except (OSError, TimeoutError):  # the client went away or stalled: nothing to say
+                self.close_connection = True
+            except Exception:  # noqa: BLE001 - a bug: logged here, not shown to the caller
+                traceback.print_exc()
+                self._reply(500, {"error": {"message": "internal error (see the server log)",
                                             "code": 500}})
 
     return Handler
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with at most ``max_workers`` requests in flight; a connection
+    beyond that gets a 503 at once instead of a thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_workers: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_workers)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def read_api_key(args) -> str | None:
+    """The server's key: ``--api-key-file``, else ``$MEGATRON_PACED_API_KEY``, else
+    ``--api-key`` (visible in ``ps``: for a manual start only)."""
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as f:
+                key = f.read().strip()
+        except OSError as err:
+            raise ConfigError(f"--api-key-file {args.api_key_file!r}: {err.strerror}") from None
+        if not key:
+            raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or args.api_key or None
+
+
+def _startup_checks(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} must be in [0, 65535]")
+    for flag in ("max_batch_size", "max_n", "max_prompts_per_request", "max_total_tokens",
+                 "max_workers", "max_sequence_length"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    for flag in ("max_body_mb", "socket_timeout", "update_group_timeout"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    if args.hf_dir and not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+        raise ConfigError(f"--hf-dir {args.hf_dir!r} is not a folder with a config.json")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import socket
+
     from megatron_paced.config import add_flags, from_args
     from megatron_paced.models.config import ModelConfig, resolve_model_config
 
@@ -367,8 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     parser.add_argument("--port-file", help="write the bound port here once serving")
-    parser.add_argument("--api-key", help="required for weight updates; required to bind "
-                                          "to a non-loopback address")
+    parser.add_argument("--api-key-file", help="a file holding the key (or set "
+                        f"${API_KEY_ENV}); without a key weight updates are off and only "
+                        "loopback binds are allowed")
+    parser.add_argument("--api-key", help="the key on the command line (visible in ps; prefer "
+                        f"--api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--allowed-peers", nargs="*", default=[],
+                        help="addresses besides loopback that /init_weights_update_group may "
+                             "name as master_address")
     parser.add_argument("--model", help="a preset (see megatron_paced.models.config.PRESETS)")
     parser.add_argument("--hf-config", help="HF config.json (or its folder) of the model")
     parser.add_argument("--hf-dir", help="HF folder to load weights from (config.json + "
@@ -376,35 +736,76 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="seed of random weights")
     parser.add_argument("--max-sequence-length", type=int, default=2048)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    defaults = ServerLimits()
+    parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20,
+                        help="largest request body")
+    parser.add_argument("--max-n", type=int, default=defaults.max_n,
+                        help="largest sampling_params.n")
+    parser.add_argument("--max-prompts-per-request", type=int,
+                        default=defaults.max_prompts_per_request)
+    parser.add_argument("--max-total-tokens", type=int, default=defaults.max_total_tokens,
+                        help="per request: prompts x n x (prompt + max_new_tokens)")
+    parser.add_argument("--max-workers", type=int, default=defaults.max_workers,
+                        help="requests served at once (more get 503)")
+    parser.add_argument("--socket-timeout", type=float, default=defaults.socket_timeout_s,
+                        help="seconds a connection may stall")
+    parser.add_argument("--update-group-timeout", type=float,
+                        default=defaults.update_group_timeout_s,
+                        help="seconds /init_weights_update_group waits for its peers")
     add_flags(parser, ModelConfig, "model (when neither --model nor --hf-config is given)")
     args = parser.parse_args(argv)
-    try:
-        is_loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        is_loopback = False
-    if not is_loopback and not args.api_key:
-        print(f"{parser.prog}: error: --host {args.host} is not a loopback address: pass "
-              "--api-key so that weight updates are authenticated", file=sys.stderr)
+
+    def fail(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
+
+    try:
+        _startup_checks(args)
+        api_key = read_api_key(args)
+    except ConfigError as err:
+        return fail(str(err))
+    try:
+        address = ipaddress.ip_address(args.host)
+    except ValueError:
+        if args.host != "localhost":
+            return fail(f"--host {args.host!r} is not an IP address (or localhost)")
+        address = ipaddress.ip_address("127.0.0.1")
+    if not address.is_loopback and not api_key:
+        return fail(f"--host {args.host} is not a loopback address: give the server a key "
+                    f"(${API_KEY_ENV} or --api-key-file) so that callers are authenticated")
+    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n,
+                          max_prompts_per_request=args.max_prompts_per_request,
+                          max_total_tokens=args.max_total_tokens, max_workers=args.max_workers,
+                          socket_timeout_s=args.socket_timeout,
+                          update_group_timeout_s=args.update_group_timeout)
     try:
         model_cfg = resolve_model_config(args.model, args.hf_config or args.hf_dir,
                                          from_args(ModelConfig, args))
         model_cfg.validate()
     except ConfigError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
+
+    class Server(BoundedHTTPServer):
+        address_family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+    try:  # bind before the model is built: a port in use fails at once
+        server = Server((str(address), args.port), BaseHTTPRequestHandler, limits.max_workers)
+    except OSError as err:
+        return fail(f"--host {args.host} --port {args.port}: cannot bind ({err.strerror})")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     service = RolloutService(model_cfg, seed=args.seed, hf_dir=args.hf_dir,
                              max_sequence_length=args.max_sequence_length,
-                             max_batch_size=args.max_batch_size)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(service, args.api_key))
+                             max_batch_size=args.max_batch_size, limits=limits,
+                             allowed_peers=tuple(args.allowed_peers))
+    server.RequestHandlerClass = make_handler(service, api_key)
     port = server.server_address[1]
     if args.port_file:
         tmp = f"{args.port_file}.tmp"
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.port_file)
-    print(f"megatron-paced rollout server on http://{args.host}:{port}", flush=True)
+    print(f"megatron-paced rollout server on http://{args.host}:{port}"
+          + ("" if api_key else " (no key: weight updates off)"), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -84,13 +84,19 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
+        from megatron_paced.rollout.serve import API_KEY_ENV
+
         command = self.command + ["--host", self.host, "--port", str(self.port)]
+        env = {**os.environ, **(self.env or {})}
         if self.api_key:
-            command += ["--api-key", self.api_key]
+            # The key goes through the environment, never argv (visible in ps), except to
+            # SGLang's own launcher, which reads it from argv only (docs/security.md).
+            env[API_KEY_ENV] = self.api_key
+            if any("sglang.launch_server" in part for part in command):
+                command += ["--api-key", self.api_key]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(self.env or {})},
-                                        start_new_session=True)
+                                        env=env, start_new_session=True)
         atexit.register(self.stop)  # never leave a server behind the trainer
         try:
             self.wait_healthy()
