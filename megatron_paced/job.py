@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -140,6 +141,12 @@ class SamplingConfig:
     max_new_tokens: int = 16
     """Longest completion."""
 
+    def validate(self) -> None:
+        from megatron_paced.rollout.engine import SamplingParams
+
+        SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                       max_new_tokens=self.max_new_tokens).validate()
+
 
 @dataclass
 class EvalConfig:
@@ -171,6 +178,15 @@ class EvalConfig:
     calibration_samples: int = 32
     """Completions per probed prompt (M)."""
 
+    def validate(self) -> None:
+        for name in ("eval_interval", "eval_train_interval", "eval_final_k",
+                     "calibration_interval"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        if self.eval_interval:
+            for name in ("eval_num_prompts", "eval_k"):
+                require(getattr(self, name) >= 1, name, getattr(self, name),
+                        "must be >= 1 when --eval-interval is set")
+
 
 @dataclass
 class CheckpointConfig:
@@ -182,6 +198,23 @@ class CheckpointConfig:
     """Checkpoint folder to resume from (the latest iteration in it)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end, if --save)."""
+
+    def validate(self) -> None:
+        require(self.save_interval >= 0, "save_interval", self.save_interval,
+                "must be >= 0 (0: only at the end)")
+        for name in ("save", "load"):
+            path = getattr(self, name)
+            require(path is None or not os.path.exists(path) or os.path.isdir(path), name, path,
+                    "names a file, not a folder")
+        require(self.save is None or os.access(_existing_parent(self.save), os.W_OK), "save",
+                self.save, "is in a folder this process cannot write")
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 @dataclass
@@ -243,6 +276,62 @@ CONFIGS = {"train": TrainConfig, "algorithm": AlgorithmConfig, "batch": BatchCon
            "replay": ReplayConfig, "rollout": RolloutConfig}
 
 
+def read_yaml_flags(parser: argparse.ArgumentParser, path: str) -> dict:
+    """``--config FILE.yaml`` -> flag values, each through its flag's type and choices (what
+    the command line would check); any problem is a ``parser.error`` naming the file and key."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except OSError as err:
+        parser.error(f"--config {path}: {err.strerror}")
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        parser.error(f"--config {path}:{line} not valid YAML ({getattr(err, 'problem', err)})")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        parser.error(f"--config {path}: must be a mapping of flag names to values, not a "
+                     f"{type(loaded).__name__}")
+    actions = {action.dest: action for action in parser._actions
+               if action.dest not in ("help", "config")}
+    unknown = sorted(str(k) for k in loaded if str(k).replace("-", "_") not in actions)
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    values = {}
+    for raw_key, value in loaded.items():
+        key = str(raw_key).replace("-", "_")
+        action = actions[key]
+        if value is None:
+            continue
+        name = f"--config {path}: {raw_key}"
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                parser.error(f"{name}: {value!r} must be true or false")
+            values[key] = value
+            continue
+        items = value if isinstance(value, list) else [value]
+        if action.nargs != "+" and isinstance(value, list) or not items or any(
+                isinstance(item, (dict, list)) for item in items):
+            parser.error(f"{name}: {value!r} is not a value of {action.option_strings[0]}")
+        converted = []
+        for item in items:
+            if isinstance(item, bool) and action.type is not bool:
+                parser.error(f"{name}: {item!r} is not a value of {action.option_strings[0]}")
+            try:
+                item = (action.type or str)(str(item))
+            except (TypeError, ValueError):
+                parser.error(f"{name}: {item!r} is not a valid "
+                             f"{getattr(action.type, '__name__', 'value')}")
+            if action.choices is not None and item not in action.choices:
+                parser.error(f"{name}: {item!r} is not one of {list(action.choices)}")
+            converted.append(item)
+        values[key] = converted if action.nargs == "+" else converted[0]
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     """Flags. Defaults come, in rising order, from the tiny built-in model, ``--model PRESET``
     or ``--hf-config config.json``, then ``--config FILE.yaml`` (unknown keys are an error),
@@ -263,14 +352,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     pre, _ = parser.parse_known_args(argv)
     values: dict = {}
     if pre.config:
-        import yaml
-
-        with open(pre.config) as f:
-            values = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(f) or {}).items()}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"--config {pre.config}: unknown keys {unknown}")
+        values = read_yaml_flags(parser, pre.config)
     model, hf_config = pre.model or values.get("model"), pre.hf_config or values.get("hf_config")
     if model or hf_config:
         try:
@@ -380,7 +462,8 @@ def validate_startup(job: JobConfig, world_size: int):
     parallel, model_cfg, train_cfg = job.parallel, job.model, job.train
     parallel.validate(world_size=world_size)
     model_cfg.validate(parallel)
-    for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout"):
+    for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout",
+                 "sampling", "checkpoint", "eval"):
         getattr(job, name).validate()
     validate_batch(job, parallel.data_parallel_size(world_size))
     if job.checkpoint.load:

@@ -371,3 +371,39 @@ def test_partial_metrics_line_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2: not a JSON line"):
         log.resume_at(2)
+
+
+def test_trainer_startup_errors_name_the_flag_or_file(tmp_path):
+    """YAML values go through the flags' types and choices; settings that would fail at the
+    first step fail at start-up; each is exit 2 with the flag or file named."""
+    yamls = {"ppo.yaml": "algo: ppo\n", "backend.yaml": "rollout_backend: Embedded\n",
+             "list.yaml": "[1, 2]\n", "broken.yaml": "lr: [1\n",
+             "iters.yaml": "train_iters: true\n"}
+    for name, text in yamls.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "algo ppo in YAML": (["--config", str(tmp_path / "ppo.yaml")],
+                             "algo: 'ppo' is not one of ['paced', 'grpo', 'flowrl']"),
+        "backend in YAML": (["--config", str(tmp_path / "backend.yaml")],
+                            "rollout_backend: 'Embedded' is not one of"),
+        "YAML not a mapping": (["--config", str(tmp_path / "list.yaml")],
+                               "must be a mapping of flag names to values"),
+        "YAML unparsable": (["--config", str(tmp_path / "broken.yaml")],
+                            "broken.yaml: line 2 not valid YAML"),
+        "YAML bool for an int": (["--config", str(tmp_path / "iters.yaml")],
+                                 "train_iters: True is not a value of --train-iters"),
+        "YAML missing": (["--config", str(tmp_path / "missing.yaml")],
+                         "missing.yaml: No such file or directory"),
+        "temperature -1": (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        "max-new-tokens 0": (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+        "save names a file": (["--save", str(tmp_path / "a-file")], "names a file"),
+        "save-interval -1": (["--save-interval", "-1"], "--save-interval -1: must be >= 0"),
+        "eval of 0 prompts": (["--eval-interval", "1", "--eval-num-prompts", "0"],
+                              "--eval-num-prompts 0: must be >= 1"),
+    }
+    results = run_cli_cases([CliCase("megatron_paced.train", ["--allow-random-init", *argv])
+                             for argv, _ in cases.values()])
+    for (name, (_, words)), result in zip(cases.items(), results):
+        assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
