@@ -85,31 +85,76 @@ class HFCheckpoint:
         return out
 
 
+def _read_json(folder: str, name: str):
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return json.load(f)
+    except OSError as err:
+        raise ConfigError(f"--hf-dir {folder!r}: {name}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--hf-dir {folder!r}: {name} is not valid JSON ({err})") from None
+
+
+def _safetensors_keys(folder: str, file: str) -> list[str]:
+    """The tensor names of one shard; a truncated or damaged file is a ConfigError naming it
+    (safetensors checks the header against the file's size)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(folder, file)
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        size = os.path.getsize(path)
+        with open(path, "rb") as raw:
+            header = int.from_bytes(raw.read(8), "little")
+            end = max((entry["data_offsets"][1] for key, entry in
+                       json.loads(raw.read(header)).items() if key != "__metadata__"),
+                      default=0)
+        if 8 + header + end > size:
+            raise ValueError(f"{size} bytes, the header needs {8 + header + end}")
+        return keys
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--hf-dir {folder!r}: {file} is not a complete safetensors file "
+                          f"({err})") from None
+
+
 def open_hf_checkpoint(folder: str, parallel: ParallelConfig | None = None) -> HFCheckpoint:
     """Read and check ``folder``'s config, index, shards and tensor headers (no weights)."""
     from safetensors import safe_open
 
     if not os.path.isdir(folder):
         raise ConfigError(f"--hf-dir {folder!r}: no such folder")
-    model_cfg = ModelConfig.from_hf_config(folder)
+    config = _read_json(folder, "config.json")
+    if not isinstance(config, dict):
+        raise ConfigError(f"--hf-dir {folder!r}: config.json is not a JSON object")
+    try:
+        model_cfg = ModelConfig.from_hf_config(folder)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"--hf-dir {folder!r}: config.json cannot describe a model "
+                          f"({type(err).__name__}: {err})") from None
     if parallel is not None:
         model_cfg.validate(parallel)
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
     index_path = os.path.join(folder, INDEX)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = dict(json.load(f)["weight_map"])
+        index = _read_json(folder, INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise ConfigError(f"--hf-dir {folder!r}: {INDEX} has no weight_map of file names")
+        weight_map = dict(weight_map)
     elif os.path.isfile(os.path.join(folder, SINGLE)):
-        with safe_open(os.path.join(folder, SINGLE), framework="pt") as f:
-            weight_map = {name: SINGLE for name in f.keys()}
+        weight_map = {name: SINGLE for name in _safetensors_keys(folder, SINGLE)}
     else:
         raise ConfigError(f"--hf-dir {folder!r}: no {INDEX} or {SINGLE} (only safetensors "
                           "checkpoints are read)")
     files: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         files.setdefault(file, []).append(name)
+    root = os.path.realpath(folder)
     for file, names in sorted(files.items()):
+        if os.path.dirname(os.path.realpath(os.path.join(root, file))) != root:
+            raise ConfigError(f"--hf-dir {folder!r}: {INDEX} points at {file!r}, outside the "
+                              "folder: only files inside --hf-dir are read")
         if not os.path.isfile(os.path.join(folder, file)):
             raise ConfigError(f"--hf-dir {folder!r}: missing shard {file} (listed in {INDEX} "
                               f"for {len(names)} tensors, e.g. {names[0]})")
@@ -126,6 +171,7 @@ def open_hf_checkpoint(folder: str, parallel: ParallelConfig | None = None) -> H
                           f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
     dtypes: dict[torch.dtype, str] = {}
     for file, names in sorted(files.items()):
+        _safetensors_keys(folder, file)  # a truncated or foreign file fails here, by name
         with safe_open(os.path.join(folder, file), framework="pt") as f:
             for name in names:
                 if name not in expected:

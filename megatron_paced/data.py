@@ -124,6 +124,22 @@ def _read_rows(path: str) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{number}", row
 
 
+def _integer_id(value) -> int | None:
+    """An integer id (1, "7", 3.0), or None for anything else (1.1, "x", True): ids 1.1 and
+    1.2 must not both become 1."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        value = value.strip()
+        return int(value) if value.lstrip("-").isdigit() else None
+    try:
+        return int(value) if int(value) == value else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def build_dataset(
     rows: Iterator[tuple[str, dict]], *, path: str, prompt_key: str, answer_key: str,
     prompt_id_key: str = "prompt_id", tokenize: Callable[[str], list[int]] | None = None,
@@ -138,14 +154,17 @@ def build_dataset(
         for key in (prompt_key, answer_key):
             if row.get(key) is None or (isinstance(row[key], str) and not row[key].strip()):
                 raise DataError(f"{location}: row has no {key!r} (columns: {sorted(row)})")
+        for key in (prompt_key, answer_key):
+            if isinstance(row[key], (list, dict, bool)):
+                raise DataError(f"{location}: {key!r} is a {type(row[key]).__name__}, not a "
+                                "string or a number")
         prompt = str(row[prompt_key])
         raw_id = row.get(prompt_id_key)
         if raw_id is None:
             prompt_id = text_prompt_id(prompt)
         else:
-            try:
-                prompt_id = int(raw_id)
-            except (TypeError, ValueError):
+            prompt_id = _integer_id(raw_id)
+            if prompt_id is None:
                 raise DataError(f"{location}: {prompt_id_key} {raw_id!r} is not an "
                                 "integer") from None
         if prompt_id in seen:

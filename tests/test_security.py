@@ -407,3 +407,60 @@ def test_trainer_startup_errors_name_the_flag_or_file(tmp_path):
     for (name, (_, words)), result in zip(cases.items(), results):
         assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
         assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([{"prompt": "a", "answer": "1", "prompt_id": 1.1},
+      {"prompt": "b", "answer": "2", "prompt_id": 1.2}], "prompt_id 1.1 is not an integer"),
+    ([{"prompt": "a", "answer": ["1", "2"]}], "'answer' is a list"),
+    ([{"prompt": {"text": "a"}, "answer": "1"}], "'prompt' is a dict"),
+    ([{"prompt": "a", "answer": "1", "prompt_id": True}], "prompt_id True is not an integer"),
+])
+def test_prompt_file_values_of_the_wrong_kind_are_errors(tmp_path, rows, words):
+    from megatron_paced.data import DataError, load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=words.replace("[", r"\[").replace(".", r"\.")):
+        load_prompts(str(path))
+
+
+def test_converter_bad_input_is_named_before_writing(tmp_path):
+    """Converters: a truncated shard, a config.json that is no JSON or no object, an index
+    that points outside --hf-dir, --max-shard-gb nan: exit 2, one named error, nothing
+    written."""
+    from megatron_paced.testing.hf_models import make_tiny_hf_checkpoint
+
+    source = Path(make_tiny_hf_checkpoint(tmp_path / "hf", "qwen2"))
+    folders = {}
+
+    def variant(name):
+        folders[name] = tmp_path / name
+        shutil.copytree(source, folders[name])
+        return folders[name]
+
+    shard = sorted(variant("truncated").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    (variant("config-not-json") / "config.json").write_text("{oops")
+    (variant("config-a-list") / "config.json").write_text("[1]")
+    outside = variant("outside")
+    index = json.loads((outside / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../hf/" + index["weight_map"][first]
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    expected = {"truncated": f"{shard.name} is not a complete safetensors file",
+                "config-not-json": "config.json is not valid JSON",
+                "config-a-list": "config.json is not a JSON object",
+                "outside": "outside the folder"}
+    cases = [CliCase("tools.convert_hf_to_megatron", ["--hf-dir", str(folders[name]),
+                                                       "--save", str(tmp_path / f"out-{name}")])
+             for name in expected]
+    cases.append(CliCase("tools.convert_megatron_to_hf", ["--load", str(tmp_path), "--save",
+                                                          str(tmp_path / "out-nan"),
+                                                          "--max-shard-gb", "nan"]))
+    results = run_cli_cases(cases)
+    for (name, words), result in zip([*expected.items(), ("nan", "--max-shard-gb nan")],
+                                     results):
+        assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
+        assert not (tmp_path / f"out-{name}").exists(), name

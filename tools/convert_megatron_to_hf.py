@@ -15,6 +15,7 @@ from ``--tokenizer``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
     parser.add_argument("--quiet", action="store_true", help="no per-layer progress")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        parser.error(f"--max-shard-gb {args.max_shard_gb} must be a positive number")
     from megatron_paced.compat import enable_cpu_compat
     from megatron_paced.config import ConfigError
     from megatron_paced.convert import convert_megatron_to_hf
