@@ -8,7 +8,11 @@ Layout::
 
 A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and
 the ``latest`` file is replaced atomically after that, so a run killed at any moment leaves
-the previous checkpoint complete and pointed to. The optimizer state is saved
+the previous checkpoint complete and pointed to. Every iteration carries ``checksums.json``
+(size and SHA-256 of each file, hashed by the ranks in parallel); ``--load`` checks it first
+(each rank hashes its share of the files) and a corrupt, truncated or missing file, or an
+unusable ``latest`` file, is an error that names it and the newest intact iteration. The
+``.metadata`` pickle is read through an allow-list (``safe_unpickle.py``). The optimizer state is saved
 ``dp_reshardable`` and the log-Z table and replay by row, so a run resumes on another DP
 size (the model weights reshard over TP/PP too; the distributed optimizer's state does not, on
 megatron-core 0.16.1). Before loading, the saved model config is compared with this run's and
@@ -34,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -50,6 +55,7 @@ from megatron_paced.safe_unpickle import install_checkpoint_allow_list
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONTENTS = "contents.json"
+CHECKSUMS = "checksums.json"
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Model config fields that do not change the saved weights' shapes.
 _NOT_SHAPE = ("init_method_std", "max_position_embeddings", "make_vocab_size_divisible_by")
@@ -64,11 +70,100 @@ def iteration_dir(root: str, step: int) -> str:
 
 
 def latest_step(root: str) -> int | None:
+    """The iteration ``latest`` points at (None: no ``latest`` file); a ConfigError naming the
+    newest intact iteration when the file is garbled, empty or points at no folder."""
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return int(f.read().strip())
+    with open(path, "rb") as f:
+        text = f.read(64).decode(errors="replace").strip()
+    if not text.isdigit():
+        raise ConfigError(f"--load {root!r}: {LATEST} holds {text!r}, not an iteration number"
+                          f"; {_intact_hint(root)}")
+    step = int(text)
+    if not os.path.isdir(iteration_dir(root, step)):
+        raise ConfigError(f"--load {root!r}: {LATEST} points at iteration {step}, which has no "
+                          f"folder; {_intact_hint(root)}")
+    return step
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_of(path: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(folder, name), path)
+                  for folder, _, names in os.walk(path) for name in names if name != CHECKSUMS)
+
+
+def _write_checksums(path: str) -> None:
+    """``checksums.json`` of an iteration folder (collective: each rank hashes a share)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = _files_of(path)
+    mine = {name: {"size": os.path.getsize(os.path.join(path, name)),
+                   "sha256": _file_sha256(os.path.join(path, name))}
+            for name in files[rank::world]}
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        manifest = {name: entry for share in shares for name, entry in share.items()}
+        with open(os.path.join(path, CHECKSUMS), "w") as f:
+            json.dump(manifest, f, indent=0, sort_keys=True)
+
+
+def iteration_problem(path: str, *, hash_share: tuple[int, int] | None = (0, 1)) -> str | None:
+    """What is wrong with an iteration folder against its ``checksums.json`` (None: nothing,
+    or an older checkpoint without one): a missing file, a size or (for this share of the
+    files, ``(rank, world)``; None: sizes only) a hash that differs."""
+    manifest_path = os.path.join(path, CHECKSUMS)
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        names = sorted(manifest)
+        sizes = {name: int(manifest[name]["size"]) for name in names}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest_path} is unreadable"
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != sizes[name]:
+            return f"{file} has {os.path.getsize(file)} bytes, {sizes[name]} were written"
+    if hash_share is not None:
+        rank, world = hash_share
+        for name in names[rank::world]:
+            if _file_sha256(os.path.join(path, name)) != manifest[name].get("sha256"):
+                return f"{os.path.join(path, name)} does not match its checksum (corrupt)"
+    return None
+
+
+def _intact_hint(root: str, below: int | None = None) -> str:
+    """Which earlier iteration to resume from, for an error message."""
+    steps = sorted((int(name[5:]) for name in os.listdir(root) if name.startswith("iter_")
+                    and name[5:].isdigit() and (below is None or int(name[5:]) < below)),
+                   reverse=True)
+    for step in steps:
+        path = iteration_dir(root, step)
+        if os.path.isfile(os.path.join(path, CHECKSUMS)) and \
+                iteration_problem(path, hash_share=None) is None:
+            return (f"the newest intact iteration is {os.path.basename(path)} (write {step} "
+                    f"into {os.path.join(root, LATEST)} to resume from it)")
+    return "no earlier intact iteration was found"
+
+
+def verify_iteration(root: str, step: int) -> None:
+    """Raise a ConfigError when iteration ``step`` of ``root`` fails its checksums (this
+    process hashes its rank's share of the files; no collective)."""
+    share = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    problem = iteration_problem(iteration_dir(root, step), hash_share=share)
+    if problem:
+        raise ConfigError(f"--load {root!r}: {problem}; {_intact_hint(root, below=step)}")
 
 
 def _sharded_state(policy, paced: PacedState, counters: dict, is_loading: bool,
@@ -117,6 +212,9 @@ def _write_iteration(root: str, step: int, model_cfg, sharded_state: dict,
             json.dump(dataclasses.asdict(model_cfg), f, indent=1)
         with open(os.path.join(tmp, CONTENTS), "w") as f:
             json.dump({"contents": contents, "params_dtype": params_dtype}, f)
+    dist.barrier()
+    _write_checksums(tmp)
+    if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = os.path.join(root, f".{LATEST}.tmp")
@@ -239,8 +337,13 @@ def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None
     config_path = os.path.join(path, "model_config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"--load {root!r}: {path} is not a megatron-paced checkpoint")
-    with open(config_path) as f:
-        saved = json.load(f)
+    verify_iteration(root, step)
+    try:
+        with open(config_path) as f:
+            saved = json.load(f)
+    except ValueError:
+        raise ConfigError(f"--load {root!r}: {config_path} is not valid JSON; "
+                          f"{_intact_hint(root, below=step)}") from None
     check_metadata(root, path)
     ours = dataclasses.asdict(model_cfg)
     different = {k: (saved.get(k), v) for k, v in ours.items()

@@ -375,7 +375,9 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
                            max_shard_gb: float = 5.0, progress: bool = True) -> ModelConfig:
     """Megatron checkpoint folder (the latest iteration) -> HF folder. One process, no
     process group."""
-    from megatron_paced.checkpointing import check_metadata, iteration_dir, latest_step
+    from megatron_paced.checkpointing import (
+        check_metadata, iteration_dir, latest_step, verify_iteration,
+    )
     from megatron_paced.models.hf_mapping import megatron_to_hf
     from megatron_paced.safe_unpickle import install_checkpoint_allow_list
 
@@ -388,6 +390,7 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
         raise ConfigError(f"--load {load!r}: no latest_checkpointed_iteration.txt (not a "
                           "megatron-paced checkpoint, or an unfinished one)")
     path = iteration_dir(load, step)
+    verify_iteration(load, step)
     with open(os.path.join(path, "model_config.json")) as f:
         cfg = ModelConfig(**json.load(f))
     check_metadata(load, path)

@@ -59,6 +59,20 @@ def server(tmp_path_factory):
     process.stop()
 
 
+@pytest.fixture(scope="module")
+def converted_tiny(tmp_path_factory):
+    """A tiny Llama HF folder and its converted Megatron checkpoint (one conversion)."""
+    from megatron_paced.testing.hf_models import make_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("converted")
+    hf = make_tiny_hf_checkpoint(root / "hf", "llama")
+    converted = run_cli_cases([CliCase("tools.convert_hf_to_megatron",
+                                       ["--hf-dir", hf, "--save", str(root / "ckpt"),
+                                        "--quiet"])])[0]
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    return hf, root / "ckpt"
+
+
 def request(server, path: str, body=None, *, key: str | None = KEY, raw: bytes | None = None,
             headers: dict | None = None, method: str = "POST") -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -333,19 +347,22 @@ def test_server_startup_errors_are_one_line(tmp_path):
             (name, result.stderr[-1500:])
 
 
-def test_crafted_checkpoint_metadata_runs_no_code(tmp_path):
+def test_crafted_checkpoint_metadata_runs_no_code(converted_tiny, tmp_path):
     """A ``.metadata`` whose pickle would run a command: the trainer's --load and the
     Megatron->HF converter refuse it by name (exit 2, one line), and no command ran."""
-    from megatron_paced.testing.hf_models import make_tiny_hf_checkpoint
-
-    hf = make_tiny_hf_checkpoint(tmp_path / "hf", "llama")
-    converted = run_cli_cases([CliCase("tools.convert_hf_to_megatron",
-                                       ["--hf-dir", hf, "--save", str(tmp_path / "ckpt"),
-                                        "--quiet"])])[0]
-    assert converted.returncode == 0, converted.stderr[-2000:]
+    hf = converted_tiny[0]
+    shutil.copytree(converted_tiny[1], tmp_path / "ckpt")
     metadata = tmp_path / "ckpt" / "iter_0000000" / ".metadata"
     marker = tmp_path / "pwned"
     metadata.write_bytes(pickle.dumps(Marker(str(marker))))
+    # An attacker who can write the checkpoint can rewrite its checksums too.
+    import hashlib
+
+    manifest_path = metadata.parent / "checksums.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest[".metadata"] = {"size": metadata.stat().st_size,
+                             "sha256": hashlib.sha256(metadata.read_bytes()).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
     results = run_cli_cases([
         CliCase("megatron_paced.train", ["--hf-config", hf, "--load", str(tmp_path / "ckpt"),
                                          "--train-iters", "1"]),
@@ -464,3 +481,54 @@ def test_converter_bad_input_is_named_before_writing(tmp_path):
         assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
         assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
         assert not (tmp_path / f"out-{name}").exists(), name
+
+
+def test_damaged_checkpoints_are_named_with_the_newest_intact_iteration(converted_tiny,
+                                                                         tmp_path):
+    """Two iterations (the converter's iteration 0, copied as iteration 1); the newer one
+    damaged in each way: flipped bytes in a .distcp, a truncated .metadata, a
+    garbled or empty ``latest``, ``latest`` pointing at no folder. --load fails at start-up
+    with the problem and the intact iteration named; the files are left as they were."""
+    hf, ckpt = converted_tiny[0], tmp_path / "ckpt"
+    shutil.copytree(converted_tiny[1], ckpt)
+    shutil.copytree(ckpt / "iter_0000000", ckpt / "iter_0000001")  # checksums stay valid
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
+
+    def flip(root: Path) -> None:
+        distcp = sorted((root / "iter_0000001").glob("*.distcp"))[0]
+        data = bytearray(distcp.read_bytes())
+        for i in range(min(4096, len(data))):
+            data[i] ^= 0xFF
+        distcp.write_bytes(bytes(data))
+
+    def truncate(root: Path) -> None:
+        metadata = root / "iter_0000001" / ".metadata"
+        metadata.write_bytes(metadata.read_bytes()[:50])
+
+    def set_latest(text: str):
+        return lambda root: (root / "latest_checkpointed_iteration.txt").write_text(text)
+
+    damages = {
+        "flipped bytes": (flip, ".distcp does not match its checksum"),
+        "truncated .metadata": (truncate, ".metadata has 50 bytes"),
+        "garbled latest": (set_latest("x9"), "holds 'x9', not an iteration"),
+        "empty latest": (set_latest(""), "holds '', not an iteration"),
+        "latest at no folder": (set_latest("7"), "points at iteration 7"),
+    }
+    roots, before = {}, {}
+    for index, (name, (damage, _)) in enumerate(damages.items()):
+        roots[name] = tmp_path / f"damaged-{index}"
+        shutil.copytree(ckpt, roots[name])
+        damage(roots[name])
+        before[name] = sorted((str(p), p.stat().st_size) for p in roots[name].rglob("*"))
+    results = run_cli_cases([CliCase("megatron_paced.train", [
+        "--hf-config", hf, "--load", str(roots[name]), "--train-iters", "1"])
+        for name in damages])
+    for (name, (_, words)), result in zip(damages.items(), results):
+        assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
+        intact = "iter_0000001" if "latest" in name else "iter_0000000"
+        assert f"the newest intact iteration is {intact}" in result.stderr, \
+            (name, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
+        assert sorted((str(p), p.stat().st_size) for p in roots[name].rglob("*")) == \
+            before[name], name
