@@ -36,6 +36,9 @@ if [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} && ${NNODES} -gt 1 ]]; then
     exec srun --ntasks="${NNODES}" --kill-on-bad-exit=1 examples/tiny_cpu.sh "$@"
 fi
 NODE_RANK=${NODE_RANK:-${SLURM_PROCID:-0}}
+# shellcheck source=launch/port_check.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch/port_check.sh"
+[[ ${NODE_RANK} != 0 ]] || check_master_port "${MASTER_PORT}"
 
 exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${NPROC}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \

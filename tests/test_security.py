@@ -532,3 +532,27 @@ def test_damaged_checkpoints_are_named_with_the_newest_intact_iteration(converte
         assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])
         assert sorted((str(p), p.stat().st_size) for p in roots[name].rglob("*")) == \
             before[name], name
+
+
+def test_two_runs_on_one_master_port_fail_in_one_line():
+    """The launch scripts check MASTER_PORT on the node that hosts torchrun's store."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = str(busy.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    try:
+        for script in ("examples/tiny_cpu.sh", "examples/qwen2.5_1.5b_math.sh"):
+            result = subprocess.run(["bash", script], cwd=repo, capture_output=True, text=True,
+                                    timeout=60, env={**env, "MASTER_PORT": port,
+                                                     "NNODES": "1", "HF_DIR": "/nonexistent",
+                                                     "MEGATRON_CKPT": "/nonexistent"})
+            assert result.returncode == 2, (script, result.stderr[-1500:])
+            assert result.stderr.strip() == (f"error: MASTER_PORT {port} is in use on this "
+                                             "machine (another run?): set MASTER_PORT to a "
+                                             "free port"), (script, result.stderr[-1500:])
+    finally:
+        busy.close()

@@ -25,7 +25,7 @@ Transports:
   forming a process group outside the trainer's world (rank 0: the stage's sender; then every
   server's TP ranks), then per bucket ``/update_weights_from_distributed`` while the sender
   broadcasts each tensor -- NCCL between GPUs (disaggregated servers), gloo on a CPU run. One
-  group per pipeline stage (``paced-pp<N>`` on ``master_port + N``).
+  group per pipeline stage (``paced-pp<N>-<random>`` on ``master_port + N``).
 
 Usage::
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import datetime
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -241,7 +242,11 @@ class DistributedTransport(_Transport):
         self.master_port = master_port
         self.timeout_s = timeout_s
         self.group = None
-        self.group_name = f"paced-pp{ctx.pp_rank}"
+        # The group's store (torch's TCPStore) listens on every interface without a key; a
+        # random name per run keeps a stranger who finds the port from joining the group:
+        # its keys live under this prefix, which only the servers learn (through their
+        # authenticated /init_weights_update_group).
+        self.group_name = f"paced-pp{ctx.pp_rank}-{secrets.token_hex(8)}"
 
     def connect(self) -> None:
         """Form the group with every server's ranks (this stage's sender only)."""
