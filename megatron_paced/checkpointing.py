@@ -12,11 +12,11 @@ the previous checkpoint complete and pointed to. Every iteration carries ``check
 (size and SHA-256 of each file, hashed by the ranks in parallel); ``--load`` checks it first
 (each rank hashes its share of the files) and a corrupt, truncated or missing file, or an
 unusable ``latest`` file, is an error that names it and the newest intact iteration. The
-``.metadata`` pickle is read through an allow-list (``safe_unpickle.py``). The optimizer state is saved
-``dp_reshardable`` and the log-Z table and replay by row, so a run resumes on another DP
-size (the model weights reshard over TP/PP too; the distributed optimizer's state does not, on
-megatron-core 0.16.1). Before loading, the saved model config is compared with this run's and
-any difference is reported by field.
+``.metadata`` pickle is read through an allow-list (``safe_unpickle.py``). The optimizer
+state is saved ``dp_reshardable`` and the log-Z table and replay by row, so a run resumes on
+another DP size (the model weights reshard over TP/PP too; the distributed optimizer's state
+does not, on megatron-core 0.16.1). Before loading, the saved model config is compared with
+this run's and any difference is reported by field.
 
 A *model-only* checkpoint (``contents.json`` says ``["model"]``; what
 ``tools/convert_hf_to_megatron.py`` writes) holds just the weights: ``--load`` starts a new run

@@ -99,8 +99,6 @@ def loads_weight_payload(data: bytes) -> list[tuple[str, torch.Tensor]]:
     """A ``serialized_named_tensors`` entry -> ``[(name, tensor), ...]``; raises
     :class:`UnsafePickleError` for a global outside the allow-list, bytes that are no pickle,
     or anything but a list of (str, tensor) pairs."""
-    from multiprocessing.reduction import ForkingPickler  # noqa: F401 - registers reducers
-
     try:
         value = _AllowListUnpickler(io.BytesIO(data), _weight_payload_global,
                                     "the weight payload").load()

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_paced.rollout.serve import API_KEY_ENV
 from megatron_paced.testing.cli import CliCase, run_cli_cases
 from megatron_paced.utils import free_port
 

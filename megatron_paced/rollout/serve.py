@@ -31,8 +31,8 @@ and total tokens are bounded. Weight payloads are unpickled through an allow-lis
 tensor-rebuild functions (``megatron_paced/safe_unpickle.py``), and every weight update is a
 transaction: names, shapes, dtypes and finiteness are checked before anything is copied, so a
 failed update leaves the weights and ``weight_version`` as they were. A bad request is a 4xx
-with a message; a 500 is a bug. Model calls are serialized by one lock, so a weight update
-never interleaves with a generation.
+with a message (checked in ``rollout/requests.py``); a 500 is a bug. Model calls are
+serialized by one lock, so a weight update never interleaves with a generation.
 
 Usage::
 
@@ -53,13 +53,16 @@ import os
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
+from megatron_paced.rollout.requests import (
+    RequestError, ServerLimits, int_field, optional_version, parse_generate_request,
+    validate_hf_update, version_string,
+)
 from megatron_paced.utils import free_port
 
 API_KEY_ENV = "MEGATRON_PACED_API_KEY"
@@ -68,190 +71,6 @@ WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/resume_memory_occupation", "/init_weights_update_group",
                     "/update_weights_from_distributed", "/destroy_weights_update_group"}
 OPEN_ENDPOINTS = {"/health"}  # answered without a key even when the server has one
-# SGLang /generate fields this server does not implement: refused by name, never ignored.
-UNSUPPORTED_FIELDS = {"text", "input_embeds", "image_data", "audio_data", "video_data",
-                      "lora_path", "stream", "return_text_in_logprobs", "logprob_start_len",
-                      "top_logprobs_num", "token_ids_logprob", "custom_logit_processor",
-                      "return_hidden_states", "session_params", "bootstrap_host",
-                      "bootstrap_port", "bootstrap_room", "data_parallel_rank"}
-KNOWN_FIELDS = {"input_ids", "sampling_params", "return_logprob", "rid"}
-UNSUPPORTED_SAMPLING = {"regex", "json_schema", "ebnf", "structural_tag", "frequency_penalty",
-                        "presence_penalty", "repetition_penalty", "min_p", "min_new_tokens",
-                        "stop", "ignore_eos", "skip_special_tokens", "logit_bias",
-                        "spaces_between_special_tokens", "no_stop_trim", "custom_params"}
-KNOWN_SAMPLING = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "n",
-                  "sampling_seed"}
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may ask for (flags of the same names)."""
-
-    max_body_bytes: int = 256 << 20
-    max_n: int = 64
-    max_prompts_per_request: int = 1024
-    max_total_tokens: int = 1 << 20  # prompts x n x (prompt + max_new_tokens)
-    max_workers: int = 16
-    socket_timeout_s: float = 60.0
-    update_group_timeout_s: float = 60.0
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _int_field(value, name: str, *, low: int, high: int | None = None) -> int:
-    """An integer request field (not a bool, float or string) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"{name} must be an integer, not {value!r}"[:200])
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise RequestError(400, f"{name} {value} must be {bound}")
-    return value
-
-
-def _number_field(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
-        raise RequestError(400, f"{name} must be a finite number, not {value!r}"[:200])
-    return float(value)
-
-
-def _token_list(value, name: str, vocab_size: int) -> list[int]:
-    if not isinstance(value, list) or not value:
-        raise RequestError(400, f"{name} must be a non-empty list of token ids")
-    for token in value:
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
-            raise RequestError(400, f"{name}: {token!r} is not a token id in [0, "
-                                    f"{vocab_size})"[:200])
-    return value
-
-
-@dataclass
-class GenerateRequest:
-    prompts: list[list[int]]
-    single: bool
-    n: int
-    sampling: object  # SamplingParams
-    seed: int | None
-    rids: list | str | None
-    return_logprob: bool
-
-
-def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: int,
-                           limits: ServerLimits) -> GenerateRequest:
-    """Validate a /generate body completely (before any work) -> the request; a
-    :class:`RequestError` 400 naming the field otherwise."""
-    from megatron_paced.rollout.engine import SamplingParams
-
-    unsupported = sorted(set(body) & UNSUPPORTED_FIELDS)
-    if unsupported:
-        raise RequestError(400, f"{', '.join(unsupported)}: not supported by this server"
-                                + (" (it has no tokenizer: send input_ids)"
-                                   if "text" in unsupported else ""))
-    unknown = sorted(set(body) - KNOWN_FIELDS - UNSUPPORTED_FIELDS)
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown[:4]}"[:200])
-    input_ids = body.get("input_ids")
-    if input_ids is None:
-        raise RequestError(400, "this server needs input_ids (it has no tokenizer for text)")
-    if not isinstance(input_ids, list) or not input_ids:
-        raise RequestError(400, "input_ids must be a non-empty list of token ids, or a list "
-                                "of such lists")
-    single = not isinstance(input_ids[0], list)
-    prompts = [input_ids] if single else input_ids
-    if len(prompts) > limits.max_prompts_per_request:
-        raise RequestError(413, f"{len(prompts)} prompts in one request; at most "
-                                f"{limits.max_prompts_per_request} (--max-prompts-per-request)")
-    prompts = [_token_list(p, "input_ids" if single else f"input_ids[{i}]", vocab_size)
-               for i, p in enumerate(prompts)]
-    params = body.get("sampling_params")
-    if params is None:
-        params = {}
-    if isinstance(params, list):
-        if not params or any(p != params[0] for p in params):
-            raise RequestError(400, "per-prompt sampling_params must be identical here")
-        params = params[0]
-    if not isinstance(params, dict):
-        raise RequestError(400, "sampling_params must be an object")
-    refused = sorted(set(params) & UNSUPPORTED_SAMPLING)
-    if refused:
-        raise RequestError(400, f"sampling_params {', '.join(refused)}: not supported by this "
-                                "server")
-    unknown = sorted(set(params) - KNOWN_SAMPLING - UNSUPPORTED_SAMPLING)
-    if unknown:
-        raise RequestError(400, f"sampling_params: unknown field(s) {unknown[:4]}"[:200])
-    n = _int_field(params.get("n", 1), "sampling_params.n", low=1, high=limits.max_n)
-    seed = params.get("sampling_seed")
-    if seed is not None:
-        seed = _int_field(seed, "sampling_params.sampling_seed", low=0, high=(1 << 63) - 1)
-    sampling = SamplingParams()
-    if "temperature" in params:
-        sampling.temperature = _number_field(params["temperature"], "sampling_params.temperature")
-    if "top_p" in params:
-        sampling.top_p = _number_field(params["top_p"], "sampling_params.top_p")
-    if "top_k" in params:
-        sampling.top_k = _int_field(params["top_k"], "sampling_params.top_k", low=-1)
-    if "max_new_tokens" in params:
-        sampling.max_new_tokens = _int_field(params["max_new_tokens"],
-                                             "sampling_params.max_new_tokens", low=1)
-    if "stop_token_ids" in params and params["stop_token_ids"] is not None:
-        stop = params["stop_token_ids"]
-        sampling.stop_token_ids = [] if stop == [] else _token_list(
-            stop, "sampling_params.stop_token_ids", vocab_size)
-    try:
-        sampling.validate()
-    except ConfigError as err:
-        raise RequestError(400, f"sampling_params: {err}") from None
-    longest = max(len(p) for p in prompts)
-    if longest >= max_sequence_length:  # (completions stop at the maximum length)
-        raise RequestError(400, f"a prompt of {longest} tokens leaves no room under the "
-                                f"server's --max-sequence-length {max_sequence_length}")
-    total = n * sum(min(len(p) + sampling.max_new_tokens, max_sequence_length)
-                    for p in prompts)
-    if total > limits.max_total_tokens:
-        raise RequestError(413, f"the request asks for up to {total} tokens (prompts x n x "
-                                f"(prompt + max_new_tokens)); at most {limits.max_total_tokens} "
-                                "(--max-total-tokens)")
-    rids = body.get("rid")
-    if isinstance(rids, list):
-        if len(rids) != n * len(prompts) or not all(isinstance(r, str) for r in rids):
-            raise RequestError(400, f"rid: a list needs one string per output "
-                                    f"({n * len(prompts)}), got {len(rids)} entries")
-    elif rids is not None and not isinstance(rids, str):
-        raise RequestError(400, "rid must be a string or a list of strings")
-    return_logprob = body.get("return_logprob", False)
-    if not isinstance(return_logprob, bool):
-        raise RequestError(400, "return_logprob must be true or false")
-    return GenerateRequest(prompts, single, n, sampling, seed, rids, return_logprob)
-
-
-def validate_hf_update(hf: dict, model_cfg, *, complete: bool) -> None:
-    """Every tensor of a weight update names a tensor of this model, with its shape, a
-    floating dtype and finite values; with ``complete`` none is missing. Raises a 400
-    naming the first problem (nothing has been loaded yet)."""
-    from megatron_paced.models.hf_mapping import hf_param_shapes
-
-    shapes = hf_param_shapes(model_cfg)
-    for name, tensor in hf.items():
-        if not isinstance(name, str) or name not in shapes:
-            raise RequestError(400, f"{str(name)[:120]!r} is not a tensor of this model")
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise RequestError(400, f"{name}: not a floating-point tensor")
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise RequestError(400, f"{name}: shape {tuple(tensor.shape)}, the model's is "
-                                    f"{tuple(shapes[name])}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise RequestError(400, f"{name}: holds non-finite values (NaN or inf)")
-    if complete:
-        missing = [name for name in shapes if name not in hf]
-        if missing:
-            raise RequestError(400, f"the update misses {len(missing)} tensor(s) of the "
-                                    f"model, e.g. {missing[0]!r}")
-
-
 class RolloutService:
     """The model, its engine and the state the endpoints share."""
 
@@ -362,7 +181,7 @@ class RolloutService:
         return outputs[0] if request.single and n == 1 else outputs
 
     def update_weights_from_disk(self, body: dict):
-        version = _optional_version(body)  # checked before anything loads
+        version = optional_version(body)  # checked before anything loads
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise RequestError(400, "model_path must be a folder path")
@@ -374,7 +193,7 @@ class RolloutService:
                 "num_paused_requests": 0}
 
     def update_weights_from_tensor(self, body: dict):
-        version = _optional_version(body)  # checked before anything loads
+        version = optional_version(body)  # checked before anything loads
         import torch.multiprocessing as torch_mp
 
         from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
@@ -425,9 +244,9 @@ class RolloutService:
         if not isinstance(address, str) or not self._peer_allowed(address):
             raise RequestError(403, f"master_address {str(address)[:60]!r} is neither a "
                                     "loopback address nor in --allowed-peers")
-        port = _int_field(body["master_port"], "master_port", low=1, high=65535)
-        world_size = _int_field(body["world_size"], "world_size", low=2, high=1024)
-        rank = _int_field(body["rank_offset"], "rank_offset", low=1, high=world_size - 1)
+        port = int_field(body["master_port"], "master_port", low=1, high=65535)
+        world_size = int_field(body["world_size"], "world_size", low=2, high=1024)
+        rank = int_field(body["rank_offset"], "rank_offset", low=1, high=world_size - 1)
         if name in self.update_groups:  # formed again (a trainer or server restarted)
             close_update_group(self.update_groups.pop(name)[0])
         try:
@@ -451,7 +270,7 @@ class RolloutService:
             return False
 
     def update_weights_from_distributed(self, body: dict):
-        version = _optional_version(body)  # checked before anything loads
+        version = optional_version(body)  # checked before anything loads
         name = body.get("group_name", "weight_update_group")
         if name not in self.update_groups:
             raise RequestError(400, f"no weight-update group {name!r}: call "
@@ -508,24 +327,13 @@ class RolloutService:
     def update_weight_version(self, body: dict):
         if "new_version" not in body:
             raise RequestError(400, "new_version is required")
-        self.weight_version = _version(body["new_version"], "new_version")
+        self.weight_version = version_string(body["new_version"], "new_version")
         return {"success": True, "message": f"Weight version updated to {self.weight_version}",
                 "new_version": self.weight_version}
 
     def model_info(self):
         return {"model_path": self.model_path, "weight_version": self.weight_version,
                 "is_generation": True, "architecture": self.model_cfg.architecture}
-
-
-def _optional_version(body: dict) -> str | None:
-    value = body.get("weight_version")
-    return None if value is None else _version(value, "weight_version")
-
-
-def _version(value, name: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > 200:
-        raise RequestError(400, f"{name} must be a string or an integer")
-    return str(value)
 
 
 def make_handler(service: RolloutService, api_key: str | None):
