@@ -555,3 +555,32 @@ def test_two_runs_on_one_master_port_fail_in_one_line():
                                              "free port"), (script, result.stderr[-1500:])
     finally:
         busy.close()
+
+
+def test_the_server_lock_serves_requests_in_arrival_order():
+    """Fair scheduling: waiters get the model in the order they asked, and a thread that
+    releases it cannot jump the queue."""
+    import threading
+    import time
+
+    from megatron_paced.rollout.serve import FairLock
+
+    lock, order, arrived = FairLock(), [], []
+
+    def request(index: int) -> None:
+        arrived.append(index)
+        with lock:
+            order.append(index)
+
+    with lock:  # held while 8 requests queue up, one after another
+        threads = []
+        for index in range(8):
+            threads.append(threading.Thread(target=request, args=(index,)))
+            threads[-1].start()
+            while lock._next_ticket < index + 2:  # this one has taken its ticket
+                time.sleep(0.001)
+        with_the_lock_again = threading.Thread(target=request, args=(99,))
+    with_the_lock_again.start()  # asks after all 8: served last
+    for thread in [*threads, with_the_lock_again]:
+        thread.join(timeout=10)
+    assert order == [*range(8), 99]

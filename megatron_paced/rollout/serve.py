@@ -71,6 +71,29 @@ WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/resume_memory_occupation", "/init_weights_update_group",
                     "/update_weights_from_distributed", "/destroy_weights_update_group"}
 OPEN_ENDPOINTS = {"/health"}  # answered without a key even when the server has one
+class FairLock:
+    """A lock granted in the order it was asked for (``threading.Lock`` lets a thread that
+    has just released it take it again ahead of the waiters). Each request holds it for
+    one bounded call (the limits of :class:`ServerLimits`), so a waiter's delay is bounded by
+    the requests ahead of it."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._condition.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
+
+
 class RolloutService:
     """The model, its engine and the state the endpoints share."""
 
@@ -102,7 +125,7 @@ class RolloutService:
         self.allowed_peers = allowed_peers
         self.weight_version = "default"
         self.released = False
-        self.lock = threading.Lock()
+        self.lock = FairLock()  # first come, first served: no request starves
         self.num_requests = 0
         self.update_groups: dict[str, tuple[object, str]] = {}  # name -> (group, backend)
         if hf_dir:
