@@ -313,6 +313,8 @@ def check_metadata(root: str, path: str) -> None:
     from megatron_paced.safe_unpickle import load_checkpoint_pickle
 
     metadata = os.path.join(path, ".metadata")
+    if not os.path.isfile(metadata):
+        return  # listed in checksums.json when it should be there: verify_iteration's case
     try:
         with open(metadata, "rb") as f:
             load_checkpoint_pickle(f, metadata)
@@ -344,7 +346,6 @@ def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None
     except ValueError:
         raise ConfigError(f"--load {root!r}: {config_path} is not valid JSON; "
                           f"{_intact_hint(root, below=step)}") from None
-    check_metadata(root, path)
     ours = dataclasses.asdict(model_cfg)
     different = {k: (saved.get(k), v) for k, v in ours.items()
                  if k not in _NOT_SHAPE and not _same(saved.get(k), v)}
@@ -361,6 +362,7 @@ def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None
                 f"--load {root!r}: {path} was trained in {saved_dtype} and this run is {ours} "
                 f"({'--bf16' if ours == 'bfloat16' else '--no-bf16'}); its optimizer state does "
                 "not carry over: resume with the precision it was saved with")
+    check_metadata(root, path)
     return step
 
 
