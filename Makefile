@@ -31,8 +31,12 @@ demo: install
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) \
 		-m megatron_paced.train --config examples/demo.yaml $(ARGS)
 
+# Two pytest workers, each taking whole files (module fixtures stay in one process): the unit
+# tests and single-process phases fill the cores that a multi-process launch leaves idle
+# (docs/testing.md: 575 s against 683-796 s serially on the 2-core CI machine).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Unit tests only (no multi-process launches).
 test-fast: install

@@ -25,8 +25,9 @@ setup(
     extras_require={
         # accelerate and gguf: transformers reads the SmolLM2 GGUF file (tools/fetch_smollm2.py)
         # only with both installed.
-        "test": ["pytest>=8", "math-verify", "pyarrow", "transformers", "matplotlib",
-                 "accelerate", "gguf"],
+        # pytest-xdist: `make test` runs the suite on 2 workers (one file per worker at a time).
+        "test": ["pytest>=8", "pytest-xdist", "math-verify", "pyarrow", "transformers",
+                 "matplotlib", "accelerate", "gguf"],
         "plot": ["matplotlib"],
         "hf": ["transformers"],
         "wandb": ["wandb"],
