@@ -635,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.port_file)
-    print(f"megatron-paced rollout server on http://{args.host}:{port}"
+    host = f"[{args.host}]" if address.version == 6 else args.host
+    print(f"megatron-paced rollout server on http://{host}:{port}"
           + ("" if api_key else " (no key: weight updates off)"), flush=True)
     try:
         server.serve_forever()
