@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 
@@ -51,7 +52,7 @@ import torch.distributed as dist
 from megatron_paced.config import ConfigError
 from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX
 from megatron_paced.paced.state import PacedState, check_estimator
-from megatron_paced.safe_unpickle import install_checkpoint_allow_list
+from megatron_paced.safe_unpickle import install_checkpoint_allow_list, load_checkpoint_pickle
 
 LATEST = "latest_checkpointed_iteration.txt"
 CONTENTS = "contents.json"
@@ -308,10 +309,6 @@ def _same(a, b) -> bool:
 def check_metadata(root: str, path: str) -> None:
     """Read the iteration's torch ``.metadata`` through the allow-list (no collective): a
     crafted or damaged one is a ConfigError naming it, before any model is built."""
-    import pickle
-
-    from megatron_paced.safe_unpickle import load_checkpoint_pickle
-
     metadata = os.path.join(path, ".metadata")
     if not os.path.isfile(metadata):
         return  # listed in checksums.json when it should be there: verify_iteration's case

@@ -238,7 +238,6 @@ def load_full_params_(model: torch.nn.Module, full: dict[str, torch.Tensor], *, 
         if not bool(torch.isfinite(shard).all()):
             raise ValueError(f"{global_name}: holds non-finite values (NaN or inf)")
         shards[global_name] = (param, shard)
-    with torch.no_grad():
-        for param, shard in shards.values():
-            param.copy_(shard)
+    for param, shard in shards.values():
+        param.copy_(shard)
     return list(shards)

@@ -184,23 +184,32 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
     return GenerateRequest(prompts, single, n, sampling, seed, rids, return_logprob)
 
 
-def validate_hf_update(hf: dict, model_cfg, *, complete: bool) -> None:
-    """Every tensor of a weight update names a tensor of this model, with its shape, a
-    floating dtype and finite values; with ``complete`` none is missing. Raises a 400
-    naming the first problem (nothing has been loaded yet)."""
+def validate_update_shapes(named_shapes, model_cfg) -> dict[str, tuple[int, ...]]:
+    """Every ``(name, shape)`` of a weight update names a tensor of this model, with its
+    shape; raises a 400 naming the first that does not. Returns the model's HF shapes."""
     from megatron_paced.models.hf_mapping import hf_param_shapes
 
     shapes = hf_param_shapes(model_cfg)
-    for name, tensor in hf.items():
+    for name, shape in named_shapes:
         if not isinstance(name, str) or name not in shapes:
             raise RequestError(400, f"{str(name)[:120]!r} is not a tensor of this model")
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise RequestError(400, f"{name}: not a floating-point tensor")
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise RequestError(400, f"{name}: shape {tuple(tensor.shape)}, the model's is "
+        if not isinstance(shape, (list, tuple, torch.Size)) or \
+                tuple(shape) != tuple(shapes[name]):
+            raise RequestError(400, f"{name}: shape {str(shape)[:60]}, the model's is "
                                     f"{tuple(shapes[name])}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise RequestError(400, f"{name}: holds non-finite values (NaN or inf)")
+    return shapes
+
+
+def validate_hf_update(hf: dict, model_cfg, *, complete: bool) -> None:
+    """Every tensor of a weight update names a tensor of this model, with its shape and a
+    floating dtype; with ``complete`` none is missing. Raises a 400 naming the first problem
+    (nothing has been loaded yet; non-finite values are refused by ``load_full_params_``,
+    before it copies anything)."""
+    for name, tensor in hf.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise RequestError(400, f"{str(name)[:120]}: not a floating-point tensor")
+    shapes = validate_update_shapes(((name, tuple(t.shape)) for name, t in hf.items()),
+                                    model_cfg)
     if complete:
         missing = [name for name in shapes if name not in hf]
         if missing:

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from megatron_paced.config import ConfigError
 from megatron_paced.rollout.requests import (
     RequestError, ServerLimits, int_field, optional_version, parse_generate_request,
-    validate_hf_update, version_string,
+    validate_hf_update, validate_update_shapes, version_string,
 )
 from megatron_paced.utils import free_port
 
@@ -71,6 +71,8 @@ WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/resume_memory_occupation", "/init_weights_update_group",
                     "/update_weights_from_distributed", "/destroy_weights_update_group"}
 OPEN_ENDPOINTS = {"/health"}  # answered without a key even when the server has one
+
+
 class FairLock:
     """A lock granted in the order it was asked for (``threading.Lock`` lets a thread that
     has just released it take it again ahead of the waiters). Each request holds it for
@@ -216,11 +218,11 @@ class RolloutService:
                 "num_paused_requests": 0}
 
     def update_weights_from_tensor(self, body: dict):
-        version = optional_version(body)  # checked before anything loads
         import torch.multiprocessing as torch_mp
 
         from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
 
+        version = optional_version(body)  # checked before anything loads
         torch_mp.set_sharing_strategy("file_system")
         serialized = body.get("serialized_named_tensors")
         if not isinstance(serialized, list) or not serialized or \
@@ -308,16 +310,7 @@ class RolloutService:
         if not all(isinstance(k, torch.dtype) and k.is_floating_point for k in kinds):
             raise RequestError(400, f"dtypes {str(dtypes)[:100]}: not all are floating torch "
                                     "dtypes")
-        from megatron_paced.models.hf_mapping import hf_param_shapes
-
-        expected = hf_param_shapes(self.model_cfg)
-        for tensor_name, shape in zip(names, shapes):  # before anything is received
-            if not isinstance(tensor_name, str) or tensor_name not in expected:
-                raise RequestError(400, f"{str(tensor_name)[:120]!r} is not a tensor of this "
-                                        "model")
-            if not isinstance(shape, list) or tuple(shape) != tuple(expected[tensor_name]):
-                raise RequestError(400, f"{tensor_name}: shape {str(shape)[:60]}, the model's "
-                                        f"is {tuple(expected[tensor_name])}")
+        validate_update_shapes(zip(names, shapes), self.model_cfg)  # before any is received
         device = torch.device("cpu") if backend == "gloo" else self.ctx.device
         received = {}
         for tensor_name, kind, shape in zip(names, kinds, shapes):

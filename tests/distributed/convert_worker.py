@@ -71,9 +71,13 @@ def megatron_logits(ckpt: str, cfg, layout, input_ids: torch.Tensor) -> torch.Te
 def parse_layouts(text: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """``TPxPP`` or ``TPxPP:TPxPP`` (convert on the first, load on the second) -> the layout
     and the load layout (None: the previous layout)."""
-    convert, load = (tuple(int(x) for x in part.split("x")) if part else None
-                     for part in (text.partition(":")[::2]))
-    return convert, load
+    convert, _, load = text.partition(":")
+    return _layout(convert), _layout(load) if load else None
+
+
+def _layout(text: str) -> tuple[int, int]:
+    tp, pp = text.split("x")
+    return int(tp), int(pp)
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
