@@ -431,17 +431,20 @@ class CheckpointManager:
         """The latest iteration of ``root`` into the policy and PACED state; its counters."""
         return load_checkpoint(root, self.policy, self.paced)
 
-    def save(self, step: int, counters: dict) -> str:
+    def save(self, step: int, counters) -> str:
+        """``counters``: a dict, or a function that makes it (called only to save)."""
+        if callable(counters):
+            counters = counters()
         return save_checkpoint(self.save_dir, step, self.policy, self.paced, counters)
 
-    def save_if_due(self, step: int, counters: dict) -> bool:
+    def save_if_due(self, step: int, counters) -> bool:
         """Save at every ``save_interval``-th step; True if it saved."""
         due = bool(self.save_dir and self.save_interval and step % self.save_interval == 0)
         if due:
             self.save(step, counters)
         return due
 
-    def save_final(self, step: int, counters: dict) -> None:
+    def save_final(self, step: int, counters) -> None:
         """The end of the run: save, unless the interval just did."""
         if self.save_dir and (not self.save_interval or step % self.save_interval):
             self.save(step, counters)

@@ -106,8 +106,17 @@ class AlgorithmConfig:
     flowrl_weight_max: float = 10.0
     """FlowRL's importance weight exp(S_theta - S_old) is clipped above at this (the recipe:
     10)."""
+    old_log_probs: Literal["recompute", "engine"] = "recompute"
+    """The anchor S_old of the fresh samples: recompute (pi_old, the trainer's policy before
+    this step's update, by a forward pass) or engine (the generating weights' log-probs from
+    the rollout backend: pi_old itself when synchronous, the weights K steps older with
+    --max-staleness K). Their gap is logged as old_logprob_drift_* (docs/results.md)."""
     use_rollout_logprobs: bool = False
-    """pi_old from the rollout engine instead of a trainer recompute."""
+    """Deprecated spelling of --old-log-probs engine."""
+
+    @property
+    def anchor_from_engine(self) -> bool:
+        return self.old_log_probs == "engine" or self.use_rollout_logprobs
 
 
 @dataclass
@@ -481,6 +490,14 @@ def validate_startup(job: JobConfig, world_size: int):
         require(not job.batch.dynamic_sampling
                 or job.selection.prompt_selection == "uniform", "dynamic_sampling", True,
                 "draws fresh prompts each round: it needs --prompt-selection uniform")
+        if job.rollout.max_staleness:
+            require(not job.batch.dynamic_sampling, "max_staleness", job.rollout.max_staleness,
+                    "cannot be combined with --dynamic-sampling (its extra rounds depend on "
+                    "the step's own rewards); use 0")
+            require(parallel.pipeline_model_parallel_size == 1, "max_staleness",
+                    job.rollout.max_staleness,
+                    "needs --pipeline-model-parallel-size 1 (the weights of later stages "
+                    "are not pushed asynchronously yet); use 0")
         if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
         if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):

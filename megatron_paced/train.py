@@ -96,8 +96,11 @@ class Trainer:
     """Completions generated so far, all DP ranks (what sample efficiency counts)."""
 
     def counters(self) -> dict:
-        """What a checkpoint stores beside the weights, optimizer and PACED state."""
-        return {"step": self.step, "num_samples": self.num_samples}
+        """What a checkpoint stores beside the weights, optimizer and PACED state: the
+        counters and the rollouts already generated for later steps (--max-staleness;
+        collective: it waits for them)."""
+        return {"step": self.step, "num_samples": self.num_samples,
+                "pending_rollouts": self.collector.pending_state()}
 
     def prompt_ids_of(self, rows: list[int]) -> list:
         """The dataset's stable prompt ids of log-Z rows (what an error names)."""
@@ -155,7 +158,8 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
         num_samples_per_prompt=job.batch.num_samples_per_prompt,
         seq_length=task.max_prompt_tokens + job.sampling.max_new_tokens,
         dynamic_sampling=job.batch.dynamic_sampling,
-        dynamic_sampling_max_rounds=job.batch.dynamic_sampling_max_rounds)
+        dynamic_sampling_max_rounds=job.batch.dynamic_sampling_max_rounds,
+        max_staleness=job.rollout.max_staleness)
     checkpoints = CheckpointManager(job.checkpoint.save, job.checkpoint.save_interval, policy,
                                     PacedState(log_z, selector, replay,
                                                None if estimator is log_z else estimator))
@@ -185,23 +189,25 @@ def train_step(t: Trainer) -> dict:
     from megatron_paced.rl.old_log_probs import attach_old_log_probs, beta_kl_old_new
 
     start, step, job, ctx = time.perf_counter(), t.step + 1, t.job, t.ctx
-    groups = t.collector.collect(step)                               # select, generate, score
+    groups = t.collector.collect(step, job.train.train_iters)        # select, generate, score
     rows, rewards = groups.prompt_rows, groups.rewards
     replay_start = time.perf_counter()                               # replay offer/draw
     acc_est = t.estimator.acc_est(rows)  # before this step's update: the replay priority's
     t.estimator.observe(rows, rewards)   # the Beta posterior learns here; log Z by the loss
     replayed = offer_and_draw(t.replay, rows, acc_est, groups.fresh, rewards, step=step,
-                              version=t.step, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                              version=t.step - int(groups.staleness.max()),
+                              dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                               local_acc_est=t.log_z.owned_acc_est if job.replay.replay_rescore
                               else None)
     replay_seconds = time.perf_counter() - replay_start
     batch = build_train_batch(rows, groups.fresh, rewards, replayed,  # train batch
                               replay_updates_log_z=job.replay.replay_updates_log_z)
-    attach_old_log_probs(batch, num_fresh=groups.fresh.num_sequences, policy=t.policy,  # pi_old
-                         reference=t.reference, ctx=ctx, vocab_size=t.model_cfg.vocab_size,
-                         micro_batch_size=job.batch.micro_batch_size,
-                         recompute=not job.algorithm.use_rollout_logprobs,
-                         recompute_replayed=job.replay.replay_old_log_probs == "recompute")
+    kl_due = bool(job.logging.kl_interval and step % job.logging.kl_interval == 0)
+    drift = attach_old_log_probs(                                    # pi_old
+        batch, num_fresh=groups.fresh.num_sequences, policy=t.policy, reference=t.reference,
+        ctx=ctx, vocab_size=t.model_cfg.vocab_size, micro_batch_size=job.batch.micro_batch_size,
+        recompute=not job.algorithm.anchor_from_engine,
+        recompute_replayed=job.replay.replay_old_log_probs == "recompute", measure_drift=kl_due)
     if job.debug.inject_nan_at_step == step:  # fault injection (tests)
         batch.extras["rewards"][0] = float("nan")
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
@@ -211,8 +217,8 @@ def train_step(t: Trainer) -> dict:
                                                           job.algorithm.flowrl_log_z),
                            step=step,
                            prompt_ids_of=t.prompt_ids_of)
-    losses = result.metrics()
-    if job.logging.kl_interval and step % job.logging.kl_interval == 0:  # Prop. 4.1's premise
+    losses = {**result.metrics(), **drift, **staleness_metrics(groups, ctx, job.rollout)}
+    if kl_due:  # Prop. 4.1's premise
         losses["beta_kl_old_new"] = beta_kl_old_new(
             batch, num_fresh=groups.fresh.num_sequences, policy=t.policy, ctx=ctx,
             vocab_size=t.model_cfg.vocab_size, micro_batch_size=job.batch.micro_batch_size,
@@ -225,6 +231,20 @@ def train_step(t: Trainer) -> dict:
                        paced_seconds=(groups.selection_seconds + replay_seconds
                                       + result.log_z_seconds),
                        ctx=ctx, log_prompt_accuracy=job.logging.log_prompt_accuracy)
+
+
+def staleness_metrics(groups, ctx, rollout_cfg) -> dict:
+    """With --max-staleness: the mean and max staleness of the step's trained samples and
+    the samples dropped past the bound, over all DP ranks (collective); {} otherwise."""
+    if not rollout_cfg.max_staleness:
+        return {}
+    stats = torch.tensor([float(groups.staleness.sum()), float(groups.staleness.numel())],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, group=ctx.dp_group)
+    worst = groups.staleness.max().reshape(1).double()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+    return {"staleness_mean": float(stats[0] / stats[1]), "staleness_max": float(worst),
+            "num_dropped_stale": groups.num_dropped}
 
 
 def sample_rewards_of(trainer: Trainer):
@@ -349,6 +369,8 @@ def train(job: JobConfig, task=None) -> Trainer:
         counters = trainer.checkpoints.load(job.checkpoint.load)
         trainer.step = int(counters.get("step", 0))
         trainer.num_samples = int(counters.get("num_samples", 0))
+        trainer.collector.restore_pending(counters.get("pending_rollouts"),
+                                          f"--load {job.checkpoint.load!r}")
     if trainer.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(trainer)
     if trainer.reference is not None and cfg.train_iters:
@@ -388,11 +410,12 @@ def train(job: JobConfig, task=None) -> Trainer:
                   f"reward {record['reward_mean']:.3f}  "
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
                   f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
-        trainer.checkpoints.save_if_due(trainer.step, trainer.counters())
+        trainer.checkpoints.save_if_due(trainer.step, trainer.counters)
         if job.debug.exit_after_step is not None and trainer.step == job.debug.exit_after_step:
             dist.barrier()
             os._exit(17)
-    trainer.checkpoints.save_final(trainer.step, trainer.counters())
+    trainer.collector.drain()  # the last weight push
+    trainer.checkpoints.save_final(trainer.step, trainer.counters)
     if trainer.metrics.is_logger and history:
         print_summary(job, trainer.metrics.first_eval, history, trainer.num_samples)
     return trainer

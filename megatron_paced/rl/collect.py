@@ -33,6 +33,8 @@ from megatron_paced.rollout.engine import completions_to_batch
 # Dynamic-sampling round r of step s selects and samples as "step" s + r * this (no two
 # (step, round) pairs collide below 1e6 steps).
 DYNAMIC_ROUND_STRIDE = 1_000_003
+# A group dropped past the staleness bound at step s is generated again with seed s + this.
+STALE_SEED_OFFSET = 3 * 10**6
 
 
 @dataclass
@@ -54,6 +56,25 @@ class ScoredGroups:
     """Completions generated this step on all DP ranks (every dynamic-sampling round)."""
     selection_seconds: float
     """Time spent selecting prompts (PACED's bookkeeping), every round."""
+    staleness: torch.Tensor | None = None
+    """(P, G) optimizer steps between each sample's weights and pi_old ((step - 1) minus its
+    weight version): 0 for a synchronous step, at most --max-staleness."""
+    num_dropped: int = 0
+    """Samples past the staleness bound on all DP ranks, dropped (not trained) and generated
+    again on the latest weights."""
+
+
+@dataclass
+class RolloutJob:
+    """One step's rollouts, submitted ahead (--max-staleness): this rank's prompt rows and
+    the backend's future (on the ranks that ask it) until resolved into completions."""
+
+    step: int
+    rows: torch.Tensor
+    min_version: int
+    handle: object = None
+    completions: list | None = None
+    selection_seconds: float = 0.0
 
 
 def stop_error(step: int, err, problems) -> FloatingPointError:
@@ -78,13 +99,16 @@ class Collector:
     def __init__(self, task, rollout, selector, log_z, sampling, ctx, *,
                  num_prompts_per_step: int, num_samples_per_prompt: int,
                  seq_length: int, dynamic_sampling: bool = False,
-                 dynamic_sampling_max_rounds: int = 1) -> None:
+                 dynamic_sampling_max_rounds: int = 1, max_staleness: int = 0) -> None:
         self.task, self.rollout, self.selector, self.log_z = task, rollout, selector, log_z
         self.sampling, self.ctx, self.seq_length = sampling, ctx, seq_length
         self.num_prompts_per_step = num_prompts_per_step
         self.num_samples_per_prompt = num_samples_per_prompt
         self.dynamic_sampling = dynamic_sampling
         self.max_rounds = dynamic_sampling_max_rounds if dynamic_sampling else 1
+        self.max_staleness = max_staleness
+        self.jobs: dict[int, RolloutJob] = {}
+        self.last_submitted = -1  # the last step whose rollouts were submitted
 
     def select(self, step: int) -> torch.Tensor:
         """This DP rank's share of the globally selected prompts (log-Z rows)."""
@@ -121,8 +145,123 @@ class Collector:
             raise stop_error(step, "non-finite rewards from the verifier", problems)
         return rewards
 
-    def collect(self, step: int) -> ScoredGroups:
-        """The step's groups on this rank (collective over DP with dynamic sampling)."""
+    def asks_backend(self) -> bool:
+        """Whether this rank calls the backend (else its replica's first rank answers it)."""
+        return not self.rollout.asked_once_per_replica or (
+            self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0)
+
+    # ---- --max-staleness K >= 1 ----------------------------------------------------------
+    def submit(self, step: int) -> None:
+        """Select step ``step``'s prompts now and queue their rollouts on weights of version
+        ``step - K - 1`` (see :mod:`megatron_paced.rollout.async_rollout`)."""
+        start = time.perf_counter()
+        rows = self.select(step)
+        seconds = time.perf_counter() - start
+        job = RolloutJob(step, rows, step - self.max_staleness - 1, selection_seconds=seconds)
+        if self.asks_backend():
+            prompts = [self.task.prompt_tokens(self.task.problems[int(i)]) for i in rows]
+            job.handle = self.rollout.submit(prompts, n=self.num_samples_per_prompt,
+                                             sampling=self.sampling, seed=step,
+                                             min_version=job.min_version)
+        self.jobs[step] = job
+        self.last_submitted = step
+
+    def resolve(self, job: RolloutJob) -> list:
+        """The job's completions on every rank of the replica (waits for the backend)."""
+        from megatron_paced.parallel import broadcast_objects_in_replica
+
+        if job.completions is None:
+            answer = _Answer()
+            if job.handle is not None:
+                try:
+                    answer.completions = job.handle.result()
+                except FloatingPointError as err:
+                    answer.error = str(err)
+            if self.rollout.asked_once_per_replica:
+                answer = broadcast_objects_in_replica(answer, self.ctx)
+            if answer.error is not None:
+                raise stop_error(job.step, answer.error,
+                                 [self.task.problems[int(i)] for i in job.rows])
+            job.completions, job.handle = answer.completions, None
+        return job.completions
+
+    def collect_ahead(self, step: int, last_step: int) -> ScoredGroups:
+        """Step ``step``'s groups with rollouts submitted K steps ahead (up to
+        ``last_step``); a group with a sample past the bound is dropped, counted and
+        generated again on the latest weights (collective over DP)."""
+        bound = self.max_staleness
+        self.last_submitted = max(self.last_submitted, step - 1)
+        while self.last_submitted < min(step + bound, last_step):
+            self.submit(self.last_submitted + 1)
+        job = self.jobs.pop(step)
+        completions = list(self.resolve(job))
+        problems = [self.task.problems[int(i)] for i in job.rows]
+        staleness = staleness_of(completions, step, job.min_version)
+        stale = (staleness > bound).any(dim=1).nonzero().flatten().tolist()
+        num_dropped = len(stale) * self.num_samples_per_prompt
+        if stale:
+            again = self.generate([problems[i] for i in stale], self.num_samples_per_prompt,
+                                  step + STALE_SEED_OFFSET, step)
+            for i, group in zip(stale, again):
+                completions[i] = group
+            staleness = staleness_of(completions, step, step - 1)
+        rewards = self.score(problems, completions, step)
+        prompts = [self.task.prompt_tokens(p) for p in problems]
+        totals = torch.tensor([float(rewards.numel() + num_dropped), float(num_dropped)])
+        dist.all_reduce(totals, group=self.ctx.dp_group)
+        fresh = completions_to_batch(prompts, completions, self.seq_length)
+        return ScoredGroups(job.rows, problems, completions, fresh, rewards, int(totals[0]),
+                            job.selection_seconds, staleness, int(totals[1]))
+
+    def drain(self) -> None:
+        """Let the backend finish what it runs in the background."""
+        self.rollout.drain()
+
+    def pending_state(self) -> dict | None:
+        """The rollouts submitted for later steps, resolved, of every DP rank (collective):
+        what a checkpoint holds so that the resumed run trains on the same samples."""
+        if not self.max_staleness:
+            return None
+        mine = []
+        for step in sorted(self.jobs):
+            job = self.jobs[step]
+            mine.append({"step": step, "rows": job.rows.tolist(), "min_version": job.min_version,
+                         "selection_seconds": job.selection_seconds,
+                         "completions": [[[c.sample_index, c.token_ids, c.log_probs,
+                                           c.finish_reason, c.weight_version] for c in group]
+                                         for group in self.resolve(job)]})
+        every = [None] * self.ctx.dp_size
+        dist.all_gather_object(every, mine, group=self.ctx.dp_group)
+        return {"max_staleness": self.max_staleness, "dp_size": self.ctx.dp_size,
+                "jobs": every}
+
+    def restore_pending(self, state: dict | None, flag: str) -> None:
+        """Take back the rollouts a checkpoint holds (``flag`` names --load in errors)."""
+        from megatron_paced.config import ConfigError
+        from megatron_paced.rollout.engine import Completion
+
+        if not state or not any(state["jobs"]):
+            return
+        if state["dp_size"] != self.ctx.dp_size:
+            raise ConfigError(f"{flag}: the checkpoint holds rollouts generated ahead "
+                              f"(--max-staleness {state['max_staleness']}) for "
+                              f"{state['dp_size']} data-parallel ranks; resume it on "
+                              f"{state['dp_size']}, not {self.ctx.dp_size}")
+        for item in state["jobs"][self.ctx.dp_rank]:
+            completions = [[Completion(p, s, tokens, log_probs, finish, version)
+                            for s, tokens, log_probs, finish, version in group]
+                           for p, group in enumerate(item["completions"])]
+            self.jobs[item["step"]] = RolloutJob(item["step"], torch.tensor(item["rows"]),
+                                                 item["min_version"], None, completions,
+                                                 item["selection_seconds"])
+            self.last_submitted = max(self.last_submitted, item["step"])
+
+    # ---- one step, generated now ---------------------------------------------------------
+    def collect(self, step: int, last_step: int | None = None) -> ScoredGroups:
+        """The step's groups on this rank (collective over DP with dynamic sampling or
+        --max-staleness)."""
+        if self.max_staleness:
+            return self.collect_ahead(step, step if last_step is None else last_step)
         per_rank = self.num_prompts_per_step // self.ctx.dp_size
         collected, num_informative, num_generated, selection_seconds = [], 0, 0, 0.0
         for round_index in range(self.max_rounds):
@@ -155,4 +294,13 @@ class Collector:
         _, rows, problems, completions, rewards, prompts = zip(*collected)
         fresh = completions_to_batch(list(prompts), list(completions), self.seq_length)
         return ScoredGroups(torch.stack(rows), list(problems), list(completions), fresh,
-                            torch.stack(rewards), int(total.item()), selection_seconds)
+                            torch.stack(rewards), int(total.item()), selection_seconds,
+                            torch.zeros(len(rows), self.num_samples_per_prompt))
+
+
+def staleness_of(completions: list, step: int, scheduled_version: int) -> torch.Tensor:
+    """(P, G) ``(step - 1) - weight_version`` of each sample (the scheduled version where the
+    backend did not tag one)."""
+    return torch.tensor([[float(step - 1 - (scheduled_version if c.weight_version is None
+                                            else c.weight_version)) for c in group]
+                         for group in completions])

@@ -10,6 +10,10 @@ Usage::
     if not rollout.asked_once_per_replica or (ctx.tp_rank == 0 and ctx.pp_rank == 0):
         completions = rollout.generate(prompt_tokens, n=8, sampling=sampling, seed=step)
     rollout.sync_weights(policy.modules(), version=step)   # after each optimizer step
+
+With ``--max-staleness K >= 1`` the SGLang backend is asynchronous
+(:mod:`megatron_paced.rollout.async_rollout`): ``submit`` queues a generation and returns a
+future, ``sync_weights`` queues the push behind it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class RolloutConfig:
     sglang_api_key: Optional[str] = None
     """The servers' key (default: $MEGATRON_PACED_API_KEY, else one generated per run for the
     servers the trainer launches, handed to them through the environment)."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: step j trains on samples of the weights after step j - K - 1
+    (staleness K), generated while the K steps before it train (0: generate, then train).
+    SGLang servers generate in the background; the embedded engine generates K steps
+    ahead on the trainer's own cores (the same samples' staleness, no overlap)."""
     rollout_concurrency: int = 8
     """Requests in flight at once."""
     rollout_prompts_per_request: int = 32
@@ -75,6 +84,7 @@ class RolloutConfig:
                 "must be >= 1")
         require(self.rollout_prompts_per_request >= 1, "rollout_prompts_per_request",
                 self.rollout_prompts_per_request, "must be >= 1")
+        require(self.max_staleness >= 0, "max_staleness", self.max_staleness, "must be >= 0")
         require(self.rollout_max_retries >= 0, "rollout_max_retries", self.rollout_max_retries,
                 "must be >= 0")
 
@@ -86,6 +96,14 @@ class RolloutBackend(Protocol):
     """True: only the first rank of a model replica (TP rank 0, PP rank 0) calls
     :meth:`generate` and the trainer broadcasts the answer over the replica (SGLang servers);
     False: every rank of the replica calls it (the embedded engine's TP ranks cooperate)."""
+
+    def submit(self, prompts: list[list[int]], n: int, sampling, seed: int,
+               min_version: int | None = None):
+        """A future of :meth:`generate`'s answer, generated on weights of version >=
+        ``min_version`` (asynchronous backends run it in the background)."""
+
+    def drain(self) -> None:
+        """Wait for everything submitted (before a checkpoint)."""
 
     def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
         """``n`` completions (:class:`~megatron_paced.rollout.engine.Completion`) of each
@@ -107,6 +125,15 @@ class SGLangBackend:
 
     def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
         return self.client.generate(prompts, n=n, sampling=sampling, seed=seed)
+
+    def submit(self, prompts: list[list[int]], n: int, sampling, seed: int,
+               min_version: int | None = None):
+        from megatron_paced.rollout.engine import done_future
+
+        return done_future(self.generate(prompts, n, sampling, seed))
+
+    def drain(self) -> None:
+        """Nothing runs in the background."""
 
     def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
         self.transport.push(model[0], version=str(version))
@@ -178,5 +205,9 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
             client, model_cfg, ctx, backend="nccl" if ctx.device.type == "cuda" else "gloo",
             master_address=cfg.weight_sync_master_address,
             master_port=cfg.weight_sync_master_port, bucket_bytes=bucket)
+    if cfg.max_staleness:
+        from megatron_paced.rollout.async_rollout import AsyncSGLangBackend
+
+        return AsyncSGLangBackend(client, transport, ctx, timeout_s=cfg.rollout_timeout)
     client.on_restart = lambda server: transport.on_server_restart(model[0])
     return SGLangBackend(client, transport)

@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,16 @@ class Completion:
     token_ids: list[int]
     log_probs: list[float]
     finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+    weight_version: int | None = None
+    """The weights that generated it (the trainer's step after which they were pushed); None
+    when the backend did not say."""
+
+
+def done_future(value) -> Future:
+    """A future that already holds ``value`` (what a synchronous backend's submit returns)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -141,6 +152,15 @@ class EmbeddedEngine:
         """Nothing to copy: the engine generates from the trainer's own modules."""
         self.update_weights(version)
 
+    def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int,
+               min_version: int | None = None) -> Future:
+        """Generate now, on the trainer's weights as they are (so ``--max-staleness K``
+        generates step j's samples at the start of step j - K): a finished future."""
+        return done_future(self.generate(prompts, n, sampling, seed))
+
+    def drain(self) -> None:
+        """Nothing runs in the background."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seed: int) -> list[list[Completion]]:
@@ -159,6 +179,7 @@ class EmbeddedEngine:
                 for (p, s), completion in zip(chunk, self._generate_chunk(
                         [prompts[p] for p, _ in chunk], sampling, generator)):
                     completion.prompt_index, completion.sample_index = p, s
+                    completion.weight_version = self.weight_version
                     out[p][s] = completion
         finally:
             model.train(was_training)

@@ -17,8 +17,14 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
                                        receive each tensor by broadcast from rank 0, then load
     POST /destroy_weights_update_group
     GET  /get_server_info              {"tp_size": 1, ...}
-    POST /update_weight_version, /flush_cache, /release_memory_occupation,
+    POST /pause_generation             {"mode": abort | retract | in_place}: new /generate
+                                       requests wait (abort: are answered with
+                                       finish_reason abort) until /continue_generation; one
+                                       already generating finishes on its weights, tagged
+                                       with their version (meta_info.weight_version)
+    POST /continue_generation, /update_weight_version, /release_memory_occupation,
          /resume_memory_occupation
+    POST /flush_cache                  refused (400) while requests run or wait, as SGLang's
 
 Trust (``docs/security.md``): it binds to 127.0.0.1 unless told otherwise. Its key comes from
 the environment (``MEGATRON_PACED_API_KEY``) or ``--api-key-file``, never from argv by the
@@ -52,6 +58,7 @@ import math
 import os
 import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -67,6 +74,7 @@ from megatron_paced.utils import free_port
 
 API_KEY_ENV = "MEGATRON_PACED_API_KEY"
 WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
+                    "/pause_generation", "/continue_generation",
                     "/update_weight_version", "/release_memory_occupation",
                     "/resume_memory_occupation", "/init_weights_update_group",
                     "/update_weights_from_distributed", "/destroy_weights_update_group"}
@@ -101,7 +109,7 @@ class RolloutService:
 
     def __init__(self, model_cfg, *, seed: int, hf_dir: str | None, max_sequence_length: int,
                  max_batch_size: int, limits: ServerLimits = ServerLimits(),
-                 allowed_peers: tuple[str, ...] = ()) -> None:
+                 allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0) -> None:
         from megatron_paced.config import ParallelConfig
         from megatron_paced.models.gpt import build_gpt_model
         from megatron_paced.parallel import initialize_parallel
@@ -128,6 +136,9 @@ class RolloutService:
         self.weight_version = "default"
         self.released = False
         self.lock = FairLock()  # first come, first served: no request starves
+        self.gate = threading.Condition()  # pause_generation / continue_generation
+        self.paused, self.pause_mode, self.num_active = False, "abort", 0
+        self.generate_delay_s = generate_delay_s
         self.num_requests = 0
         self.update_groups: dict[str, tuple[object, str]] = {}  # name -> (group, backend)
         if hf_dir:
@@ -181,18 +192,43 @@ class RolloutService:
         if self.released:
             raise RequestError(400, "memory is released; call /resume_memory_occupation")
         prompts, n = request.prompts, request.n
-        with self.lock:
-            self.num_requests += 1
-            seed = self.num_requests if request.seed is None else request.seed
-            completions = self.engine.generate(prompts, n, request.sampling, seed=seed)
-            version = self.weight_version
-        rids = request.rids
+        with self.gate:  # a paused server holds new requests until /continue_generation
+            while self.paused and self.pause_mode != "abort":
+                self.gate.wait()
+            aborted = self.paused
+            self.num_active += not aborted
+        if aborted:
+            return self._outputs(request, None, self.weight_version)
+        try:
+            with self.lock:
+                if self.paused and self.pause_mode == "abort":  # paused while it waited
+                    return self._outputs(request, None, self.weight_version)
+                self.num_requests += 1
+                seed = self.num_requests if request.seed is None else request.seed
+                if self.generate_delay_s:
+                    time.sleep(self.generate_delay_s)
+                completions = self.engine.generate(prompts, n, request.sampling, seed=seed)
+                version = self.weight_version
+        finally:
+            with self.gate:
+                self.num_active -= not aborted
+                self.gate.notify_all()
+        return self._outputs(request, completions, version)
+
+    def _outputs(self, request, completions, version: str):
+        """SGLang's answer: the batch repeated n times; ``completions`` None: aborted."""
+        prompts, n, rids = request.prompts, request.n, request.rids
         outputs = []
         for sample in range(n):  # SGLang's order: the whole batch, n times
-            for index, per_prompt in enumerate(completions):
-                c = per_prompt[sample]
+            for index in range(len(prompts)):
                 position = sample * len(prompts) + index
                 rid = rids[position] if isinstance(rids, list) else (rids or f"req-{position}")
+                if completions is None:
+                    outputs.append({"text": "", "output_ids": [], "meta_info": {
+                        "id": rid, "finish_reason": {"type": "abort", "message": "paused"},
+                        "weight_version": version}})
+                    continue
+                c = completions[index][sample]
                 finish = ({"type": "stop", "matched": c.token_ids[-1]}
                           if c.finish_reason == "stop" else
                           {"type": "length", "length": len(c.token_ids)})
@@ -204,6 +240,33 @@ class RolloutService:
                                                      for lp, t in zip(c.log_probs, c.token_ids)]
                 outputs.append({"text": "", "output_ids": c.token_ids, "meta_info": meta})
         return outputs[0] if request.single and n == 1 else outputs
+
+    def pause_generation(self, body: dict):
+        """SGLang's /pause_generation: new requests wait (in_place, retract) or are aborted
+        (abort) until /continue_generation; a request already generating finishes on the
+        weights it started with and is tagged with their version."""
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise RequestError(400, f"mode {str(mode)[:30]!r}: choose abort, retract or "
+                                    "in_place")
+        with self.gate:
+            self.paused, self.pause_mode = True, mode
+            self.gate.notify_all()
+        return {"success": True, "message": f"paused ({mode})"}
+
+    def continue_generation(self, body: dict):
+        with self.gate:
+            self.paused = False
+            self.gate.notify_all()
+        return {"success": True, "message": "generation continues"}
+
+    def flush_cache(self, body: dict):
+        """As SGLang: refused while requests run or wait (the caller retries)."""
+        with self.gate:
+            if self.num_active:
+                raise RequestError(400, "Cache not flushed: there are running or waiting "
+                                        f"requests ({self.num_active})")
+        return {"success": True, "message": "flushed"}
 
     def update_weights_from_disk(self, body: dict):
         version = optional_version(body)  # checked before anything loads
@@ -448,6 +511,9 @@ def make_handler(service: RolloutService, api_key: str | None):
                     "/init_weights_update_group": service.init_weights_update_group,
                     "/update_weights_from_distributed": service.update_weights_from_distributed,
                     "/destroy_weights_update_group": service.destroy_weights_update_group,
+                    "/pause_generation": service.pause_generation,
+                    "/continue_generation": service.continue_generation,
+                    "/flush_cache": service.flush_cache,
                 }
                 if path in routes:
                     return self._reply(200, routes[path](body))
@@ -455,8 +521,6 @@ def make_handler(service: RolloutService, api_key: str | None):
                     return self._reply(200, service.model_info())
                 if path == "/get_server_info":
                     return self._reply(200, service.server_info())
-                if path == "/flush_cache":  # the embedded engine keeps no prefix cache
-                    return self._reply(200, {"success": True})
                 if path == "/release_memory_occupation":
                     service.released = True
                     return self._reply(200, {})
@@ -530,6 +594,8 @@ def _startup_checks(args) -> None:
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    if not (math.isfinite(args.debug_generate_delay) and args.debug_generate_delay >= 0):
+        raise ConfigError(f"--debug-generate-delay {args.debug_generate_delay} must be >= 0")
     if args.hf_dir and not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         raise ConfigError(f"--hf-dir {args.hf_dir!r} is not a folder with a config.json")
 
@@ -560,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="seed of random weights")
     parser.add_argument("--max-sequence-length", type=int, default=2048)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--debug-generate-delay", type=float, default=0.0,
+                        help="seconds each /generate waits before generating (a slow server, "
+                             "for tests of asynchronous rollouts)")
     defaults = ServerLimits()
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20,
                         help="largest request body")
@@ -620,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     service = RolloutService(model_cfg, seed=args.seed, hf_dir=args.hf_dir,
                              max_sequence_length=args.max_sequence_length,
                              max_batch_size=args.max_batch_size, limits=limits,
-                             allowed_peers=tuple(args.allowed_peers))
+                             allowed_peers=tuple(args.allowed_peers),
+                             generate_delay_s=args.debug_generate_delay)
     server.RequestHandlerClass = make_handler(service, api_key)
     port = server.server_address[1]
     if args.port_file:

@@ -40,8 +40,23 @@ from typing import Callable, Sequence
 from megatron_paced.rollout.engine import Completion, SamplingParams
 
 
+MAX_ABORTS_PER_REQUEST = 100  # then an aborted request counts as a failed attempt
+
+
 class RolloutError(RuntimeError):
     """Generation could not be completed (after retries and restarts)."""
+
+
+class AbortedRequest(RolloutError):
+    """The server aborted the request (``/pause_generation`` in abort mode): it is sent
+    again, with the same seed, once generation continues."""
+
+
+def parse_weight_version(version) -> int | None:
+    """The trainer step a server's ``weight_version`` names ("12" -> 12); None for a version
+    this trainer did not push (e.g. SGLang's "default")."""
+    text = str(version) if version is not None else ""
+    return int(text) if text.isdigit() else None
 
 
 def http_json(url: str, body: dict | None = None, *, timeout_s: float,
@@ -162,6 +177,7 @@ class SGLangClient:
         self.api_key = api_key
         self.on_restart = on_restart
         self.num_retries = 0
+        self.num_aborted = 0
 
     def url_of(self, server) -> str:
         return server.url if isinstance(server, ServerProcess) else server.rstrip("/")
@@ -228,7 +244,8 @@ class SGLangClient:
         body = self.request_body(chunk, prompts, n, sampling, seed, chunk_index)
         server = self.servers[chunk_index % len(self.servers)]
         last_error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        attempt = aborts = 0
+        while attempt <= self.max_retries:
             try:
                 outputs = self.post(server, "/generate", body)
                 return self._parse(outputs, chunk, n)
@@ -237,6 +254,12 @@ class SGLangClient:
                     raise RolloutError(f"server {self.url_of(server)} rejected a request: "
                                        f"{err.reason}") from None
                 last_error = err
+            except AbortedRequest as err:  # /pause_generation's abort mode: asked again
+                last_error, aborts = err, aborts + 1
+                self.num_aborted += 1
+                if aborts <= MAX_ABORTS_PER_REQUEST:
+                    time.sleep(0.05)
+                    continue
             except (OSError, urllib.error.URLError, ConnectionError) as err:
                 last_error = err
             self.num_retries += 1
@@ -245,6 +268,7 @@ class SGLangClient:
                     self.on_restart(server)
             else:
                 time.sleep(min(2.0 ** attempt * 0.5, 10.0))
+            attempt += 1
         raise RolloutError(f"prompts {chunk[0]}..{chunk[-1]} failed after {self.max_retries} "
                            f"retries on {self.url_of(server)}: {last_error}")
 
@@ -260,10 +284,13 @@ class SGLangClient:
             triples = meta.get("output_token_logprobs") or []
             token_ids = list(output.get("output_ids") or [t for _, t, _ in triples])
             finish = meta.get("finish_reason") or {}
+            if finish.get("type") == "abort":
+                raise AbortedRequest(f"request {meta.get('id')} was aborted")
             completions.append(Completion(
                 prompt_index=chunk[position % len(chunk)], sample_index=position // len(chunk),
                 token_ids=token_ids, log_probs=[float(lp) for lp, _, _ in triples],
-                finish_reason="stop" if finish.get("type") == "stop" else "length"))
+                finish_reason="stop" if finish.get("type") == "stop" else "length",
+                weight_version=parse_weight_version(meta.get("weight_version"))))
         return completions
 
     def close(self) -> None:

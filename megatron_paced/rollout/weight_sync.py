@@ -44,7 +44,9 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -78,54 +80,119 @@ def iter_hf_buckets(model, model_cfg, ctx,
         yield bucket
 
 
+@dataclass
+class PreparedPush:
+    """One version of the weights, ready to send without the trainer's collectives (on the
+    rank that applies it): what an asynchronous push queues behind the generation in flight,
+    and what a restarted server is given again."""
+
+    version: str
+    payload: object
+    """The transport's: request bodies (tensor), a folder (disk) or HF buckets (nccl)."""
+
+
+FLUSH_RETRY_S = 0.05
+
+
+def flush_cache(client, servers, *, timeout_s: float) -> None:
+    """``/flush_cache`` on each server, retried while it is refused because requests are still
+    running or waiting (SGLang answers 400 then)."""
+    import urllib.error
+
+    deadline = time.monotonic() + timeout_s
+    for server in servers:
+        while True:
+            try:
+                client.post(server, "/flush_cache")
+                break
+            except urllib.error.HTTPError as err:
+                if err.code != 400 or time.monotonic() > deadline:
+                    raise
+                time.sleep(FLUSH_RETRY_S)
+
+
 class _Transport:
+    keep_last = False
+    """Keep the last applied push (asynchronous rollouts): a restarted server is given it
+    again from the thread that found it dead, with no collective."""
+
     def __init__(self, client, model_cfg, ctx, *, bucket_bytes: int = 256 << 20) -> None:
         self.client = client
         self.model_cfg = model_cfg
         self.ctx = ctx
         self.bucket_bytes = bucket_bytes
         self.version: str | None = None
+        self.last_applied: PreparedPush | None = None
 
     @property
     def is_sender(self) -> bool:
         return self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0
 
     def push(self, model, version: str) -> None:
+        """Collective over the trainer: every server holds ``model`` as ``version`` after."""
         self._send(model, str(version))
         dist.barrier()
         if dist.get_rank() == 0:
-            self.client.post_all("/flush_cache")
-            for info in self.client.post_all("/get_model_info"):
-                if info.get("weight_version") != str(version):
-                    raise RuntimeError(f"a rollout server reports weight_version "
-                                       f"{info.get('weight_version')!r} after pushing {version!r}")
+            self.finish(str(version), self.client.servers)
         self.version = str(version)
 
+    def finish(self, version: str, servers) -> None:
+        """After the last bucket: flush (retried while requests run), then each server must
+        report ``version``."""
+        flush_cache(self.client, servers, timeout_s=self.client.timeout_s)
+        for server in servers:
+            info = self.client.post(server, "/get_model_info")
+            if info.get("weight_version") != str(version):
+                raise RuntimeError(f"a rollout server reports weight_version "
+                                   f"{info.get('weight_version')!r} after pushing {version!r}")
+
     def _send(self, model, version: str) -> None:
+        prepared = self.prepare(model, version)
+        if prepared is not None:
+            self.apply(prepared, self.client.servers)
+
+    def prepare(self, model, version: str) -> PreparedPush | None:
+        """Gather this version (collective over the trainer's ranks); the rank that applies it
+        gets the :class:`PreparedPush`, the others None."""
         raise NotImplementedError
 
-    def server_tp_sizes(self) -> list[int]:
+    def apply(self, prepared: PreparedPush, servers) -> None:
+        """Send a prepared version to ``servers`` (no trainer collective: any thread)."""
+        raise NotImplementedError
+
+    def server_tp_sizes(self, servers=None) -> list[int]:
         """Each server's tensor-parallel size (SGLang's /get_server_info), asked every time: a
         restarted server may come back with other arguments."""
         return [int(self.client.post(s, "/get_server_info").get("tp_size", 1))
-                for s in self.client.servers]
+                for s in (self.client.servers if servers is None else servers)]
 
     def on_server_restart(self, model) -> None:
         """A server came back empty: give it the current weights."""
         self.push(model, version=self.version)
 
+    def replay_last(self, server) -> None:
+        """A server came back empty during asynchronous rollouts: give it the last applied
+        version again (this thread, no collective)."""
+        if self.last_applied is None:
+            raise RuntimeError("a rollout server restarted before any weights were pushed")
+        self.apply(self.last_applied, [server])
+        self.finish(self.last_applied.version, [server])
+
 
 class DiskTransport(_Transport):
-    """HF safetensors in a folder, then ``/update_weights_from_disk``."""
+    """HF safetensors in a folder, then ``/update_weights_from_disk``. With
+    :attr:`keep_last`, one folder per version (the one being loaded must not be replaced
+    while a newer one is written)."""
 
     def __init__(self, client, model_cfg, ctx, *, directory: str, **kwargs) -> None:
         super().__init__(client, model_cfg, ctx, **kwargs)
         self.directory = directory
 
-    def _send(self, model, version: str) -> None:
+    def prepare(self, model, version: str) -> PreparedPush | None:
         from safetensors.torch import save_file
 
-        staging = f"{self.directory}.staging"
+        final = f"{self.directory}-v{version}" if self.keep_last else self.directory
+        staging = f"{final}.staging"
         if dist.get_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
@@ -138,18 +205,27 @@ class DiskTransport(_Transport):
                 save_file(dict(bucket), tmp)
                 os.replace(tmp, os.path.join(staging, name))
         dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            os.replace(staging, self.directory)
-            self.client.post_all("/update_weights_from_disk",
-                                 {"model_path": os.path.abspath(self.directory),
-                                  "weight_version": version, "flush_cache": True})
+        if dist.get_rank() != 0:
+            return None
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        return PreparedPush(version, os.path.abspath(final))
+
+    def apply(self, prepared: PreparedPush, servers) -> None:
+        for server in servers:
+            self.client.post(server, "/update_weights_from_disk",
+                             {"model_path": prepared.payload, "weight_version": prepared.version,
+                              "flush_cache": True})
+        if self.keep_last:
+            previous, self.last_applied = self.last_applied, prepared
+            if previous is not None and previous.payload != prepared.payload:
+                shutil.rmtree(previous.payload, ignore_errors=True)
 
 
 class TensorTransport(_Transport):
     """Buckets pickled into shared memory (CPU) or CUDA IPC handles (GPU), per request."""
 
-    def _send(self, model, version: str) -> None:
+    def prepare(self, model, version: str) -> PreparedPush | None:
         from multiprocessing.reduction import ForkingPickler
 
         import torch.multiprocessing as torch_mp
@@ -157,18 +233,25 @@ class TensorTransport(_Transport):
         torch_mp.set_sharing_strategy("file_system")
         buckets = list(iter_hf_buckets(model, self.model_cfg, self.ctx, self.bucket_bytes))
         if not self.is_sender:
-            return
-        tp_sizes = self.server_tp_sizes()
-        for index, bucket in enumerate(buckets):
+            return None
+        payload = []
+        for bucket in buckets:  # the tensors stay referenced while the payload lives
             shared = [(name, tensor.clone().share_memory_()) for name, tensor in bucket]
-            payload = base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode()
-            last = index == len(buckets) - 1
-            for server, tp_size in zip(self.client.servers, tp_sizes):
+            payload.append((base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode(),
+                            shared))
+        return PreparedPush(version, payload)
+
+    def apply(self, prepared: PreparedPush, servers) -> None:
+        tp_sizes = self.server_tp_sizes(servers)
+        for index, (encoded, _) in enumerate(prepared.payload):
+            last = index == len(prepared.payload) - 1
+            for server, tp_size in zip(servers, tp_sizes):
                 # SGLang's TP rank r reads entry r: one copy of the handles per rank.
                 self.client.post(server, "/update_weights_from_tensor", {
-                    "serialized_named_tensors": [payload] * tp_size, "flush_cache": last,
-                    "weight_version": version if last else None})
-            del shared  # the server copied the tensors before answering
+                    "serialized_named_tensors": [encoded] * tp_size, "flush_cache": last,
+                    "weight_version": prepared.version if last else None})
+        # The server copied the tensors before answering: kept only for a restarted server.
+        self.last_applied = prepared if self.keep_last else None
 
 
 def open_update_group(backend: str, address: str, port: int, rank: int, world_size: int,
@@ -279,6 +362,30 @@ class DistributedTransport(_Transport):
         if pending is not None and self.is_sender:
             self._send_bucket(pending, version)
 
+    def prepare(self, model, version: str) -> PreparedPush | None:
+        """The whole stage, gathered and copied (the policy steps on while it waits)."""
+        device = torch.device("cpu") if self.backend == "gloo" else self.ctx.device
+        buckets = [[(name, tensor.to(device, copy=True)) for name, tensor in bucket]
+                   for bucket in iter_hf_buckets(model, self.model_cfg, self.ctx,
+                                                 self.bucket_bytes)]
+        return PreparedPush(version, buckets) if self.is_sender else None
+
+    def apply(self, prepared: PreparedPush, servers) -> None:
+        """Every server of the group receives it (a broadcast reaches them all)."""
+        if self.group is None:
+            self.connect()
+        for index, bucket in enumerate(prepared.payload):
+            last = index == len(prepared.payload) - 1
+            self._send_bucket(bucket, prepared.version if last else None)
+        self.last_applied = prepared if self.keep_last else None
+
+    def replay_last(self, server) -> None:
+        if self.last_applied is None:
+            raise RuntimeError("a rollout server restarted before any weights were pushed")
+        self._leave_group()
+        self.apply(self.last_applied, self.client.servers)
+        self.finish(self.last_applied.version, self.client.servers)
+
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
         device = torch.device("cpu") if self.backend == "gloo" else self.ctx.device
         tensors = [tensor.to(device) for _, tensor in bucket]
@@ -298,16 +405,19 @@ class DistributedTransport(_Transport):
     def on_server_restart(self, model) -> None:
         """The restarted server lost the group: every server forms a new one."""
         if self.is_sender:
-            for server in self.client.servers:
-                try:
-                    self.client.post(server, "/destroy_weights_update_group",
-                                     {"group_name": self.group_name})
-                except Exception:  # noqa: BLE001 - the restarted one has no group to destroy
-                    pass
-            if self.group is not None:
-                close_update_group(self.group)
-            self.group = None
+            self._leave_group()
         super().on_server_restart(model)
+
+    def _leave_group(self) -> None:
+        for server in self.client.servers:
+            try:
+                self.client.post(server, "/destroy_weights_update_group",
+                                 {"group_name": self.group_name})
+            except Exception:  # noqa: BLE001 - the restarted one has no group to destroy
+                pass
+        if self.group is not None:
+            close_update_group(self.group)
+        self.group = None
 
 
 def _reachable_address(client) -> str:
