@@ -248,6 +248,9 @@ class DebugConfig:
     """Testing aid: exit with code 17 right after this step, as if killed."""
     inject_nan_at_step: Optional[int] = None
     """Fault injection: one reward in this step's loss becomes NaN (the run must stop)."""
+    kill_rollout_server_after_step: Optional[int] = None
+    """Fault injection: right after this step, kill the first rollout server this process
+    launched (SIGKILL; the client must restart it and lose nothing)."""
 
 
 TINY_MODEL = PRESETS["tiny"]  # the flags' defaults (the vocabulary: the arithmetic task's)

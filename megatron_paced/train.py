@@ -410,6 +410,8 @@ def train(job: JobConfig, task=None) -> Trainer:
                   f"reward {record['reward_mean']:.3f}  "
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
                   f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
+        if job.debug.kill_rollout_server_after_step == trainer.step:
+            kill_first_server(trainer.rollout)
         trainer.checkpoints.save_if_due(trainer.step, trainer.counters)
         if job.debug.exit_after_step is not None and trainer.step == job.debug.exit_after_step:
             dist.barrier()
@@ -419,6 +421,18 @@ def train(job: JobConfig, task=None) -> Trainer:
     if trainer.metrics.is_logger and history:
         print_summary(job, trainer.metrics.first_eval, history, trainer.num_samples)
     return trainer
+
+
+def kill_first_server(rollout) -> None:
+    """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout server
+    this process launched, if any."""
+    from megatron_paced.rollout.sglang_client import ServerProcess
+
+    launched = [s for s in getattr(getattr(rollout, "client", None), "servers", [])
+                if isinstance(s, ServerProcess) and s.process is not None]
+    if launched:
+        launched[0].process.kill()
+        launched[0].process.wait()
 
 
 def save_base_policy(trainer: Trainer) -> Trainer:

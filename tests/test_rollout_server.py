@@ -15,7 +15,11 @@ pytestmark = pytest.mark.distributed
 EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
             "tensor_push_changes_outputs", "nccl_push_changes_outputs",
             "killed_server_restarts_and_batch_completes", "weight_updates_need_the_api_key",
-            "distributed_updates_refuse_unknown_groups", "release_and_resume_memory"]
+            "distributed_updates_refuse_unknown_groups", "release_and_resume_memory",
+            "paused_server_holds_requests_until_continue",
+            "abort_mode_answers_abort_and_the_client_asks_again",
+            "async_push_waits_for_the_generations_queued_before_it",
+            "async_killed_server_is_given_its_weights_again"]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced-hybrid         ... with --log-z-param hybrid (the head + a per-prompt residual,
                          shrunk toward the head as if the head were worth 4 visits)
     paced-hybrid-k0      ... with --log-z-residual-prior 0 (the residual unshrunk)
+    paced-stale1, -2     ... with --max-staleness 1 or 2 (each step trains on samples of the
+                         weights 1 or 2 steps older than pi_old: the cost of asynchronous
+                         rollouts in samples)
     paced-oracle         ... selecting by the policy's exact accuracy (--acc-estimator
                          oracle): the upper bound of any accuracy-driven selection
     paced-beta           ... selecting by a per-prompt Beta posterior of the success rate
@@ -108,6 +111,14 @@ METHODS = {
                         ["--algo", "paced", "--prompt-selection", "paced-greedy",
                          "--replay-per-step", "16", "--replay-size", "128",
                          "--log-z-param", "hybrid", "--log-z-residual-prior", "0"]),
+    "paced-stale1": ("PACED-RL, --max-staleness 1",
+                     ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                      "--replay-per-step", "16", "--replay-size", "128",
+                      "--max-staleness", "1"]),
+    "paced-stale2": ("PACED-RL, --max-staleness 2",
+                     ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                      "--replay-per-step", "16", "--replay-size", "128",
+                      "--max-staleness", "2"]),
     "paced-oracle": ("PACED-RL, oracle selection",
                      ["--algo", "paced", "--prompt-selection", "paced-greedy",
                       "--replay-per-step", "16", "--replay-size", "128",
@@ -130,7 +141,7 @@ METHODS = {
 # The comparison the paper's claim rests on: PACED-RL between uniform selection (GRPO's) and
 # the oracle, against a free estimate that is no partition function, and FlowRL.
 DEFAULT_METHODS = ["paced", "paced-oracle", "paced-beta", "grpo", "flowrl"]
-HAS_LOG_Z = {"paced", "paced-no-selection", "paced-no-replay", "paced-explore",
+HAS_LOG_Z = {"paced", "paced-stale1", "paced-stale2", "paced-no-selection", "paced-no-replay", "paced-explore",
              "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta",
              "grpo-mopps"}
 # (FlowRL's log Z, its ProjZ head, estimates no accuracy: no probe.)

@@ -193,7 +193,7 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
                           prompts_per_request=cfg.rollout_prompts_per_request,
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
-                          api_key=api_key)
+                          api_key=api_key, server_offset=ctx.dp_rank)
     bucket = cfg.weight_sync_bucket_mb << 20
     if cfg.weight_sync == "tensor":
         transport = TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)

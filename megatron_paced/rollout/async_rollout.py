@@ -40,6 +40,7 @@ import queue
 import secrets
 import threading
 import time
+import urllib.error
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -141,10 +142,15 @@ class AsyncSGLangBackend(SGLangBackend):
         if self.error is not None:
             raise self.error
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the worker thread after what is queued (the servers keep running)."""
         if self.worker is not None:
             self.queue.put(None)
             self.worker.join(timeout=self.timeout_s)
+            self.worker = None
+
+    def close(self) -> None:
+        self.stop()
         super().close()
 
     # ---- the worker thread ----------------------------------------------------------------
@@ -178,16 +184,36 @@ class AsyncSGLangBackend(SGLangBackend):
         self._wait(lambda: all(self.store.add(self._key(f"generated/{rank}"), 0)
                                >= op.after_generations for rank in self.generators),
                    f"the generations before the push of step {op.prepared.version}")
-        servers = self.client.servers
-        for server in servers:  # SGLang 0.5: pause -> update -> flush -> continue
-            self.client.post(server, "/pause_generation", {"mode": "retract"})
-        self.transport.apply(op.prepared, servers)
-        self.transport.finish(op.prepared.version, servers)
-        for server in servers:
-            self.client.post(server, "/continue_generation", {})
+        for attempt in range(self.client.max_retries + 1):
+            try:
+                self._push(op.prepared)
+                break
+            except OSError as err:  # urllib's errors too; a refusal (4xx) is final
+                refused = isinstance(err, urllib.error.HTTPError) and err.code < 500
+                if refused or attempt == self.client.max_retries or not self._restart_dead():
+                    raise
         self.applied_version = int(op.prepared.version)
         self.store.set(self._key("applied"), op.prepared.version)
         return None
+
+    def _push(self, prepared) -> None:
+        servers = self.client.servers
+        for server in servers:  # SGLang 0.5: pause -> update -> flush -> continue
+            self.client.post(server, "/pause_generation", {"mode": "retract"})
+        self.transport.apply(prepared, servers)
+        self.transport.finish(prepared.version, servers)
+        for server in servers:
+            self.client.post(server, "/continue_generation", {})
+
+    def _restart_dead(self) -> bool:
+        """Restart the servers this rank launched that died; True if one was."""
+        from megatron_paced.rollout.sglang_client import ServerProcess
+
+        restarted = [s for s in self.client.servers
+                     if isinstance(s, ServerProcess) and s.restart_if_dead()]
+        if restarted:
+            self.transport.forget_servers()
+        return bool(restarted)
 
     def _applied(self) -> int:
         if self.is_pusher:

@@ -109,7 +109,8 @@ class RolloutService:
 
     def __init__(self, model_cfg, *, seed: int, hf_dir: str | None, max_sequence_length: int,
                  max_batch_size: int, limits: ServerLimits = ServerLimits(),
-                 allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0) -> None:
+                 allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0,
+                 weight_version_lag: int = 0) -> None:
         from megatron_paced.config import ParallelConfig
         from megatron_paced.models.gpt import build_gpt_model
         from megatron_paced.parallel import initialize_parallel
@@ -139,6 +140,7 @@ class RolloutService:
         self.gate = threading.Condition()  # pause_generation / continue_generation
         self.paused, self.pause_mode, self.num_active = False, "abort", 0
         self.generate_delay_s = generate_delay_s
+        self.weight_version_lag = weight_version_lag
         self.num_requests = 0
         self.update_groups: dict[str, tuple[object, str]] = {}  # name -> (group, backend)
         if hf_dir:
@@ -213,7 +215,13 @@ class RolloutService:
             with self.gate:
                 self.num_active -= not aborted
                 self.gate.notify_all()
-        return self._outputs(request, completions, version)
+        return self._outputs(request, completions, self._tag(version))
+
+    def _tag(self, version: str) -> str:
+        """The version a generation is tagged with (--debug-weight-version-lag: older)."""
+        if self.weight_version_lag and version.isdigit():
+            return str(int(version) - self.weight_version_lag)
+        return version
 
     def _outputs(self, request, completions, version: str):
         """SGLang's answer: the batch repeated n times; ``completions`` None: aborted."""
@@ -629,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug-generate-delay", type=float, default=0.0,
                         help="seconds each /generate waits before generating (a slow server, "
                              "for tests of asynchronous rollouts)")
+    parser.add_argument("--debug-weight-version-lag", type=int, default=0,
+                        help="tag generations as this many weight versions older than they "
+                             "are (fault injection: samples past a trainer's staleness bound)")
     defaults = ServerLimits()
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20,
                         help="largest request body")
@@ -690,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                              max_sequence_length=args.max_sequence_length,
                              max_batch_size=args.max_batch_size, limits=limits,
                              allowed_peers=tuple(args.allowed_peers),
-                             generate_delay_s=args.debug_generate_delay)
+                             generate_delay_s=args.debug_generate_delay,
+                             weight_version_lag=args.debug_weight_version_lag)
     server.RequestHandlerClass = make_handler(service, api_key)
     port = server.server_address[1]
     if args.port_file:

@@ -147,6 +147,8 @@ class ServerProcess:
             if self.alive():
                 return False
             self.num_restarts += 1
+            print(f"rollout server {self.url} exited with code {self.process.returncode}; "
+                  f"restarting it (restart {self.num_restarts})", file=sys.stderr, flush=True)
             self.start()
             return True
 
@@ -166,7 +168,8 @@ class SGLangClient:
     def __init__(self, servers: Sequence[ServerProcess | str], *, concurrency: int = 8,
                  prompts_per_request: int = 32, timeout_s: float = 600.0, max_retries: int = 3,
                  api_key: str | None = None,
-                 on_restart: Callable[[ServerProcess], None] | None = None) -> None:
+                 on_restart: Callable[[ServerProcess], None] | None = None,
+                 server_offset: int = 0) -> None:
         if not servers:
             raise ValueError("--sglang-url or a launched server is required")
         self.servers = list(servers)
@@ -176,6 +179,9 @@ class SGLangClient:
         self.max_retries = max_retries
         self.api_key = api_key
         self.on_restart = on_restart
+        self.server_offset = server_offset
+        """Request i goes to server (i + server_offset) % servers: clients of different DP
+        ranks (offset = dp_rank) start on different servers."""
         self.num_retries = 0
         self.num_aborted = 0
 
@@ -242,7 +248,7 @@ class SGLangClient:
     def _run_chunk(self, chunk_index: int, chunk: list[int], prompts, n: int,
                    sampling: SamplingParams, seed: int) -> list[Completion]:
         body = self.request_body(chunk, prompts, n, sampling, seed, chunk_index)
-        server = self.servers[chunk_index % len(self.servers)]
+        server = self.servers[(chunk_index + self.server_offset) % len(self.servers)]
         last_error: Exception | None = None
         attempt = aborts = 0
         while attempt <= self.max_retries:

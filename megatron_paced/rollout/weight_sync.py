@@ -170,6 +170,9 @@ class _Transport:
         """A server came back empty: give it the current weights."""
         self.push(model, version=self.version)
 
+    def forget_servers(self) -> None:
+        """A server restarted: drop what the transport holds with the servers (nothing)."""
+
     def replay_last(self, server) -> None:
         """A server came back empty during asynchronous rollouts: give it the last applied
         version again (this thread, no collective)."""
@@ -223,34 +226,37 @@ class DiskTransport(_Transport):
 
 
 class TensorTransport(_Transport):
-    """Buckets pickled into shared memory (CPU) or CUDA IPC handles (GPU), per request."""
+    """Buckets pickled into shared memory (CPU) or CUDA IPC handles (GPU), per request. A
+    prepared push holds the tensors (copies with :attr:`keep_last`, the policy steps on);
+    each apply shares fresh copies: a handle is opened once (a restarted server could not
+    open the one the first server read)."""
 
     def prepare(self, model, version: str) -> PreparedPush | None:
+        buckets = list(iter_hf_buckets(model, self.model_cfg, self.ctx, self.bucket_bytes))
+        if not self.is_sender:
+            return None
+        if self.keep_last:
+            buckets = [[(name, tensor.clone()) for name, tensor in bucket]
+                       for bucket in buckets]
+        return PreparedPush(version, buckets)
+
+    def apply(self, prepared: PreparedPush, servers) -> None:
         from multiprocessing.reduction import ForkingPickler
 
         import torch.multiprocessing as torch_mp
 
         torch_mp.set_sharing_strategy("file_system")
-        buckets = list(iter_hf_buckets(model, self.model_cfg, self.ctx, self.bucket_bytes))
-        if not self.is_sender:
-            return None
-        payload = []
-        for bucket in buckets:  # the tensors stay referenced while the payload lives
-            shared = [(name, tensor.clone().share_memory_()) for name, tensor in bucket]
-            payload.append((base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode(),
-                            shared))
-        return PreparedPush(version, payload)
-
-    def apply(self, prepared: PreparedPush, servers) -> None:
         tp_sizes = self.server_tp_sizes(servers)
-        for index, (encoded, _) in enumerate(prepared.payload):
+        for index, bucket in enumerate(prepared.payload):
+            shared = [(name, tensor.clone().share_memory_()) for name, tensor in bucket]
+            encoded = base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode()
             last = index == len(prepared.payload) - 1
             for server, tp_size in zip(servers, tp_sizes):
                 # SGLang's TP rank r reads entry r: one copy of the handles per rank.
                 self.client.post(server, "/update_weights_from_tensor", {
                     "serialized_named_tensors": [encoded] * tp_size, "flush_cache": last,
                     "weight_version": prepared.version if last else None})
-        # The server copied the tensors before answering: kept only for a restarted server.
+            del shared  # the server copied the tensors before answering
         self.last_applied = prepared if self.keep_last else None
 
 
@@ -407,6 +413,10 @@ class DistributedTransport(_Transport):
         if self.is_sender:
             self._leave_group()
         super().on_server_restart(model)
+
+    def forget_servers(self) -> None:
+        """The restarted server lost the group: the next apply forms a new one."""
+        self._leave_group()
 
     def _leave_group(self) -> None:
         for server in self.client.servers:

@@ -12,7 +12,12 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
    restart hook forms a new weight-update group and re-pushes the current weights, and the
    batch completes with every (prompt, sample) exactly once and the right log-probs;
 4. the API key: weight updates without it are refused (401); a weight-update group that was
-   never formed, or NCCL on a CPU server, is refused (400).
+   never formed, or NCCL on a CPU server, is refused (400);
+5. /pause_generation holds new requests until /continue_generation (abort mode answers
+   them aborted, and the client asks again: every slot filled once); the asynchronous
+   backend applies a push only after the generation queued before it (tagged with the old
+   version, the next with the new one), and a server killed under it is restarted, given
+   the last applied weights again, and the request completes.
 
     torchrun --nproc-per-node 1 -m tests.distributed.rollout_worker --out DIR
 """
@@ -20,6 +25,7 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
 from __future__ import annotations
 
 import argparse
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -64,6 +70,86 @@ def train_step(policy, cfg, ctx, seed: int) -> None:
     forward_backward(policy.model, SequenceBatch(tokens, mask), nll_loss, ctx,
                      vocab_size=cfg.vocab_size, micro_batch_size=4)
     policy.step()
+
+
+def tokens(outputs) -> list:
+    return [[c.token_ids for c in row] for row in outputs]
+
+
+def check_pause_and_async(checks, client, server, policy, engine, cfg, ctx, sample,
+                          greedy) -> None:
+    """/pause_generation and /continue_generation; the asynchronous backend's order of
+    generations and pushes, and a server killed under it."""
+    from megatron_paced.rollout.async_rollout import AsyncSGLangBackend
+    from megatron_paced.rollout.weight_sync import flush_cache
+
+    def in_thread(function):
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(value=function()), daemon=True)
+        thread.start()
+        return thread, box
+
+    with checks.check("paused_server_holds_requests_until_continue"):
+        client.post(server, "/pause_generation", {"mode": "retract"})
+        thread, box = in_thread(lambda: client.generate(PROMPTS[:2], n=1, sampling=greedy,
+                                                        seed=0))
+        thread.join(0.5)
+        assert thread.is_alive(), "a paused server generated"
+        flush_cache(client, [server], timeout_s=5)  # the held request has not started
+        client.post(server, "/continue_generation", {})
+        thread.join(60)
+        assert len(box["value"]) == 2
+    with checks.check("abort_mode_answers_abort_and_the_client_asks_again"):
+        client.post(server, "/pause_generation", {"mode": "abort"})
+        aborted_before = client.num_aborted
+        thread, box = in_thread(lambda: client.generate(PROMPTS, n=2, sampling=sample, seed=5))
+        thread.join(0.5)
+        assert thread.is_alive() and client.num_aborted > aborted_before
+        client.post(server, "/continue_generation", {})
+        thread.join(60)
+        slots = sorted((c.prompt_index, c.sample_index) for row in box["value"] for c in row)
+        assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(2)]
+    async_client = SGLangClient([server], concurrency=2, prompts_per_request=2, timeout_s=120,
+                                api_key=API_KEY)
+    backend = AsyncSGLangBackend(async_client, TensorTransport(async_client, cfg, ctx,
+                                                               bucket_bytes=64 << 10),
+                                 ctx, timeout_s=120)
+    try:
+        with checks.check("async_push_waits_for_the_generations_queued_before_it"):
+            backend.sync_weights(policy.modules(), 10)
+            before = engine.generate(PROMPTS, n=1, sampling=greedy, seed=0)
+            first = backend.submit(PROMPTS, n=1, sampling=greedy, seed=0, min_version=10)
+            train_step(policy, cfg, ctx, seed=7)
+            backend.sync_weights(policy.modules(), 11)  # queued behind `first`
+            second = backend.submit(PROMPTS, n=1, sampling=greedy, seed=0, min_version=11)
+            after = engine.generate(PROMPTS, n=1, sampling=greedy, seed=0)
+            old, new = first.result(), second.result()
+            assert {c.weight_version for row in old for c in row} == {10}
+            assert {c.weight_version for row in new for c in row} == {11}
+            assert tokens(old) == tokens(before) and tokens(new) == tokens(after)
+            assert tokens(before) != tokens(after)
+        with checks.check("async_killed_server_is_given_its_weights_again"):
+            post, killed = async_client.post, []
+
+            def post_then_kill(target, path, body=None, **kwargs):
+                answer = post(target, path, body, **kwargs)
+                if path == "/generate" and not killed:
+                    killed.append(True)
+                    server.process.kill()
+                    server.process.wait()
+                return answer
+
+            async_client.post = post_then_kill
+            outputs = backend.submit(PROMPTS, n=4, sampling=sample, seed=12,
+                                     min_version=11).result()
+            async_client.post = post
+            assert killed and server.num_restarts == 2
+            slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
+            assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
+            assert {c.weight_version for row in outputs for c in row} == {11}
+            check_log_probs(outputs, policy, cfg, ctx)  # the weights of version 11
+    finally:
+        backend.stop()
 
 
 def main() -> None:
@@ -171,6 +257,7 @@ def main() -> None:
                 assert "released" in str(err), err
             client.resume_memory()
             assert len(client.generate(PROMPTS[:1], n=1, sampling=greedy, seed=0)) == 1
+        check_pause_and_async(checks, client, server, policy, engine, cfg, ctx, sample, greedy)
     finally:
         client.close()
     checks.write(args.out / "checks.json")

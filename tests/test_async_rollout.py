@@ -1,0 +1,114 @@
+"""Asynchronous rollouts (--max-staleness) end to end: paced-train on DP2 with two launched
+rollout servers (the project's, SGLang's API) that are slowed down, so that generation lags
+training. The staleness bound holds at every step (the trainer waits; nothing is trained past
+it); every (prompt, sample) is trained once (num_samples counts each step's groups once); a
+server killed mid-flight is restarted, given the weights it held and asked again, and the run
+equals the uninterrupted one; so does a run killed after a step and resumed from the
+checkpoint before it. Samples tagged past the bound are dropped, counted and generated again.
+The same schedule runs on the embedded engine (no server)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import pytest
+
+from megatron_paced.testing.distributed import launch_workers
+
+pytestmark = pytest.mark.distributed
+
+SHAPE = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
+         "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17 "
+         "--max-sequence-length 64")
+COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
+          "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
+          "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
+          "--save-interval", "2", "--max-new-tokens", "6", "--train-iters", "4"]
+TIMINGS = ("step_time_s", "paced_overhead_s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _servers(delay: float, *extra: str) -> list[str]:
+    return ["--rollout-backend", "sglang", "--sglang-launch-command",
+            f"{sys.executable} -m megatron_paced.rollout.serve", "--sglang-server-args",
+            f"{SHAPE} --debug-generate-delay {delay} {' '.join(extra)}",
+            "--sglang-base-port", str(_free_port())]
+
+
+def _train(args, nprocs=2, expect=0):
+    result = launch_workers("megatron_paced.train", nprocs=nprocs, args=args, timeout_s=600)
+    assert result.returncode == expect or (expect and result.returncode != 0), \
+        result.output[-5000:]
+    return result
+
+
+def _metrics(path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(path)]
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
+
+
+def test_bound_exactly_once_server_kill_and_resume_on_dp2(tmp_path):
+    """K = 1, DP2, two servers that sleep 0.3 s per request."""
+    full, killed, resumed = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
+    servers = ["--max-staleness", "1", "--sglang-num-servers", "2"]
+    _train(COMMON + servers + _servers(0.3) + ["--save", str(full)])
+    rows = _metrics(full / "metrics.jsonl")
+    assert sorted(rows) == [1, 2, 3, 4]
+    # Step 1 trains on the first push's samples (staleness 0), every later step on the
+    # weights one step older than pi_old: never more, although generation lags.
+    assert [rows[s]["staleness_max"] for s in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [rows[s]["staleness_mean"] for s in rows] == [0.0, 1.0, 1.0, 1.0]
+    # Each step's 4 x 4 (prompt, sample) slots trained once; none dropped.
+    assert [rows[s]["num_samples"] for s in rows] == [16, 32, 48, 64]
+    assert all(rows[s]["num_dropped_stale"] == 0 for s in rows)
+    # The anchor's drift: ~0 on fresh weights, the one-step policy change after.
+    assert rows[1]["old_logprob_drift_abs"] < 1e-5 < rows[2]["old_logprob_drift_abs"]
+
+    result = _train(COMMON + servers + _servers(0.3) + [
+        "--save", str(killed), "--kill-rollout-server-after-step", "2"])
+    assert "restarting it (restart 1)" in result.output, result.output[-3000:]
+    assert _metrics(killed / "metrics.jsonl") == rows  # nothing lost, nothing twice
+
+    _train(COMMON + servers + _servers(0.3) + ["--save", str(resumed), "--exit-after-step",
+                                                "3"], expect=17)
+    assert (resumed / "latest_checkpointed_iteration.txt").read_text() == "2"
+    _train(COMMON + servers + _servers(0.3) + ["--save", str(resumed), "--load",
+                                                str(resumed)])
+    assert _metrics(resumed / "metrics.jsonl") == rows
+
+
+def test_samples_past_the_bound_are_dropped_counted_and_regenerated(tmp_path):
+    """A server that tags its samples one version older than they are: at K = 1 the samples
+    of steps 3 and 4 (weights 1 and 2, tagged 0 and 1) look two steps stale, so each of
+    their groups is dropped (counted) and generated again on the latest weights (tagged one
+    step stale). Steps 1 and 2 (weights 0, tagged -1: no version this trainer pushed) count
+    as scheduled."""
+    save = tmp_path / "lagging"
+    _train(COMMON + ["--max-staleness", "1", "--save", str(save)]
+           + _servers(0.0, "--debug-weight-version-lag", "1"), nprocs=1)
+    rows = _metrics(save / "metrics.jsonl")
+    assert [rows[s]["num_dropped_stale"] for s in rows] == [0, 0, 16, 16]
+    # Dropped samples are generated samples too; no trained one is past the bound.
+    assert [rows[s]["num_samples"] for s in rows] == [16, 32, 64, 96]
+    assert [rows[s]["staleness_max"] for s in rows] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_embedded_engine_generates_ahead(tmp_path):
+    """K = 2 on the embedded engine (no overlap, the same schedule): step j trains on the
+    weights after step j - 3, anchored on them (--old-log-probs engine), with the drift to
+    pi_old measured every step (--kl-interval 1)."""
+    full = tmp_path / "full"
+    _train(COMMON + ["--max-staleness", "2", "--old-log-probs", "engine", "--kl-interval", "1",
+                     "--save", str(full)], nprocs=1)
+    rows = _metrics(full / "metrics.jsonl")
+    assert [rows[s]["staleness_max"] for s in rows] == [0.0, 1.0, 2.0, 2.0]
+    assert [rows[s]["num_samples"] for s in rows] == [16, 32, 48, 64]
+    assert rows[1]["old_logprob_drift_abs"] < 1e-5 < rows[3]["old_logprob_drift_abs"]
+    assert abs(rows[1]["kl_old_theta"]) < 1e-5  # the engine's anchor is pi_old at step 1
