@@ -140,3 +140,27 @@ def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
     picks = [select_prompts(acc, 8, SelectionConfig(), seed=0, step=s, tie_uniforms=tie)
              for s in range(3)]
     assert all(torch.equal(picks[0], p) for p in picks)
+
+
+@pytest.mark.parametrize("rule", ["paced-greedy", "paced-soft"])
+def test_prompts_in_flight_are_excluded_the_same_by_both_paths(rule):
+    """--max-staleness: the prompts selected for steps still in flight are kept out of the
+    paced part; the all-reduce path and the pool path (large tables) pick the same rows,
+    the best ones outside the exclusion; an exclusion leaving too few prompts is ignored."""
+    table = ShardedLogZ(200, beta=0.05, init_acc=0.5, lr=0.5)
+    table.apply_gradients(torch.arange(200), torch.linspace(-8, 8, 200))  # spread estimates
+    exclude = torch.arange(90, 110)  # the 20 nearest tau = 0.5
+    picks = {}
+    for gather_max in (10**6, 0):
+        cfg = SelectionConfig(prompt_selection=rule, selection_gather_max=gather_max,
+                              selection_temperature=0.05)
+        selector = PromptSelector(cfg, seed=5)
+        picks[gather_max] = selector.select(table, 10, step=3, exclude=exclude)
+        assert not set(picks[gather_max].tolist()) & set(exclude.tolist())
+        assert selector.select(table, 10, step=3, exclude=torch.arange(195)).tolist() == \
+            selector.select(table, 10, step=3).tolist()  # 5 left < 10: ignored
+    assert picks[10**6].tolist() == picks[0].tolist()
+    if rule == "paced-greedy":
+        distance = (table.gather_acc_est() - 0.5).abs()
+        distance[exclude] = math.inf
+        assert set(picks[0].tolist()) == set(torch.topk(-distance, 10).indices.tolist())

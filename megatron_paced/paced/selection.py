@@ -185,10 +185,21 @@ def _top_excluding(keys, ids, k, excluded: torch.Tensor):
     return _top(keys[keep], ids[keep], k)
 
 
+def usable_exclusion(exclude: torch.Tensor | None, num_prompts: int, num: int) -> torch.Tensor:
+    """The prompts to keep out of the paced part: ``exclude`` (those in flight), unless too
+    few prompts would remain, then none."""
+    if exclude is None or num_prompts - len(exclude) < num:
+        return torch.zeros(0, dtype=torch.int64)
+    return exclude.to(torch.int64)
+
+
 def select_prompts(acc_est: torch.Tensor, num: int, cfg: SelectionConfig, *, seed: int,
-                   step: int, tie_uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """The single-process selection over a full (num_prompts,) estimate vector."""
+                   step: int, tie_uniforms: torch.Tensor | None = None,
+                   exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The single-process selection over a full (num_prompts,) estimate vector; the paced
+    part never picks a prompt of ``exclude`` (see :meth:`PromptSelector.select`)."""
     num_prompts = len(acc_est)
+    exclude = usable_exclusion(exclude, num_prompts, num)
     uniform_ids = uniform_part(num_prompts, num, cfg, seed=seed, step=step)
     n_uniform = len(uniform_ids)
     if n_uniform == num:
@@ -199,7 +210,7 @@ def select_prompts(acc_est: torch.Tensor, num: int, cfg: SelectionConfig, *, see
             if cfg.prompt_selection == "paced-soft" else None)
     keys = paced_keys(acc_est, tie_uniforms, cfg, soft)
     ids = torch.arange(num_prompts, dtype=torch.int64)
-    _, paced_ids = _top_excluding(keys, ids, num - n_uniform, uniform_ids)
+    _, paced_ids = _top_excluding(keys, ids, num - n_uniform, torch.cat([uniform_ids, exclude]))
     return torch.cat([uniform_ids, paced_ids])
 
 
@@ -261,46 +272,55 @@ class PromptSelector:
         self._tie: torch.Tensor | None = None
         self._pool: _GreedyPool | None = None
 
-    def select(self, table, num: int, step: int) -> torch.Tensor:
+    def select(self, table, num: int, step: int,
+               exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's ``num`` prompts (log-Z rows). ``exclude``: rows the paced rule must not
+        pick, the same on every rank (with --max-staleness, the prompts selected for the
+        steps still in flight: their estimates have not learned from them yet, and the rule
+        would pick them again); ignored when fewer than ``num`` prompts would remain."""
         cfg, seed = self.cfg, self.seed
+        exclude = usable_exclusion(exclude, table.num_prompts, num)
         if getattr(table, "scores_change_every_step", False) and cfg.prompt_selection != "uniform":
-            return self._select_from_candidates(table, num, step)
+            return self._select_from_candidates(table, num, step, exclude)
         if table.num_prompts <= cfg.selection_gather_max:
             if self._tie is None:
                 self._tie = block_uniforms(0, table.num_prompts, seed=seed, step=-1,
                                            stream=TIE_STREAM)
             return select_prompts(table.gather_acc_est(), num, cfg, seed=seed, step=step,
-                                  tie_uniforms=self._tie)
+                                  tie_uniforms=self._tie, exclude=exclude)
         uniform_ids = uniform_part(table.num_prompts, num, cfg, seed=seed, step=step)
         n_uniform = len(uniform_ids)
         if n_uniform == num:
             return uniform_ids
+        k = num + len(exclude)  # the local top-k keeps the global top-num outside exclude
         if cfg.prompt_selection == "paced-greedy":
             if self._pool is None:
                 tie = block_uniforms(table.row_start, table.row_end, seed=seed, step=-1,
                                      stream=TIE_STREAM)
                 self._pool = _GreedyPool(table, cfg, tie)
             self._pool.refresh()
-            local_keys, local_ids = self._pool.candidates(num)
+            local_keys, local_ids = self._pool.candidates(k)
         else:
             soft = block_uniforms(table.row_start, table.row_end, seed=seed, step=step,
                                   stream=SOFT_STREAM)
             keys = paced_keys(table.local_acc_est(), soft, cfg, soft)
             ids = torch.arange(table.row_start, table.row_end, dtype=torch.int64)
-            local_keys, local_ids = _top(keys, ids, num)
-        cand_keys, cand_ids = self._gather_candidates(local_keys, local_ids, num)
-        _, paced_ids = _top_excluding(cand_keys, cand_ids, num - n_uniform, uniform_ids)
+            local_keys, local_ids = _top(keys, ids, k)
+        cand_keys, cand_ids = self._gather_candidates(local_keys, local_ids, k)
+        _, paced_ids = _top_excluding(cand_keys, cand_ids, num - n_uniform,
+                                      torch.cat([uniform_ids, exclude]))
         return torch.cat([uniform_ids, paced_ids])
 
-    def _select_from_candidates(self, table, num: int, step: int) -> torch.Tensor:
+    def _select_from_candidates(self, table, num: int, step: int,
+                                exclude: torch.Tensor) -> torch.Tensor:
         """A seeded uniform pool scored through ``table.acc_est`` (collective)."""
         cfg, seed = self.cfg, self.seed
         uniform_ids = uniform_part(table.num_prompts, num, cfg, seed=seed, step=step)
         n_uniform = len(uniform_ids)
-        size = min(table.num_prompts, max(cfg.selection_candidates, num))
+        size = min(table.num_prompts, max(cfg.selection_candidates, num + len(exclude)))
         pool = draw_uniform_ids(table.num_prompts, size, seed=seed, step=step,
                                 stream=CANDIDATE_STREAM)
-        pool = pool[~torch.isin(pool, uniform_ids)]
+        pool = pool[~torch.isin(pool, torch.cat([uniform_ids, exclude]))]
         position = torch.arange(len(pool), dtype=torch.float64) / max(len(pool), 1)
         soft = None
         if cfg.prompt_selection == "paced-soft":

@@ -72,6 +72,8 @@ class RolloutJob:
     step: int
     rows: torch.Tensor
     min_version: int
+    global_rows: torch.Tensor
+    """Every DP rank's rows of the step (kept out of the selections made while in flight)."""
     handle: object = None
     completions: list | None = None
     selection_seconds: float = 0.0
@@ -110,11 +112,16 @@ class Collector:
         self.jobs: dict[int, RolloutJob] = {}
         self.last_submitted = -1  # the last step whose rollouts were submitted
 
-    def select(self, step: int) -> torch.Tensor:
-        """This DP rank's share of the globally selected prompts (log-Z rows)."""
-        chosen = self.selector.select(self.log_z, self.num_prompts_per_step, step)
+    def select(self, step: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """This DP rank's share of the globally selected prompts (log-Z rows); ``exclude``:
+        global rows the paced rule must not pick."""
+        chosen = self.select_global(step, exclude)
         per_rank = len(chosen) // self.ctx.dp_size
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+
+    def select_global(self, step: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Every DP rank's prompts of ``step`` (the same on each rank)."""
+        return self.selector.select(self.log_z, self.num_prompts_per_step, step, exclude=exclude)
 
     def generate(self, problems: list, n: int, seed: int, step: int,
                  prompts: list[list[int]] | None = None) -> list:
@@ -155,9 +162,14 @@ class Collector:
         """Select step ``step``'s prompts now and queue their rollouts on weights of version
         ``step - K - 1`` (see :mod:`megatron_paced.rollout.async_rollout`)."""
         start = time.perf_counter()
-        rows = self.select(step)
+        in_flight = [job.global_rows for job in self.jobs.values()]
+        chosen = self.select_global(step, torch.cat(in_flight) if in_flight else
+                                    torch.zeros(0, dtype=torch.int64))
+        per_rank = len(chosen) // self.ctx.dp_size
+        rows = chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
         seconds = time.perf_counter() - start
-        job = RolloutJob(step, rows, step - self.max_staleness - 1, selection_seconds=seconds)
+        job = RolloutJob(step, rows, step - self.max_staleness - 1, chosen,
+                         selection_seconds=seconds)
         if self.asks_backend():
             prompts = [self.task.prompt_tokens(self.task.problems[int(i)]) for i in rows]
             job.handle = self.rollout.submit(prompts, n=self.num_samples_per_prompt,
@@ -226,6 +238,7 @@ class Collector:
         for step in sorted(self.jobs):
             job = self.jobs[step]
             mine.append({"step": step, "rows": job.rows.tolist(), "min_version": job.min_version,
+                         "global_rows": job.global_rows.tolist(),
                          "selection_seconds": job.selection_seconds,
                          "completions": [[[c.sample_index, c.token_ids, c.log_probs,
                                            c.finish_reason, c.weight_version] for c in group]
@@ -251,9 +264,10 @@ class Collector:
             completions = [[Completion(p, s, tokens, log_probs, finish, version)
                             for s, tokens, log_probs, finish, version in group]
                            for p, group in enumerate(item["completions"])]
-            self.jobs[item["step"]] = RolloutJob(item["step"], torch.tensor(item["rows"]),
-                                                 item["min_version"], None, completions,
-                                                 item["selection_seconds"])
+            self.jobs[item["step"]] = RolloutJob(
+                item["step"], torch.tensor(item["rows"], dtype=torch.int64), item["min_version"],
+                torch.tensor(item["global_rows"], dtype=torch.int64), None, completions,
+                item["selection_seconds"])
             self.last_submitted = max(self.last_submitted, item["step"])
 
     # ---- one step, generated now ---------------------------------------------------------
