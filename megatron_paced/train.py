@@ -190,6 +190,7 @@ def train_step(t: Trainer) -> dict:
 
     start, step, job, ctx = time.perf_counter(), t.step + 1, t.job, t.ctx
     groups = t.collector.collect(step, job.train.train_iters)        # select, generate, score
+    rollout_seconds = time.perf_counter() - start  # with --max-staleness: the wait
     rows, rewards = groups.prompt_rows, groups.rewards
     replay_start = time.perf_counter()                               # replay offer/draw
     acc_est = t.estimator.acc_est(rows)  # before this step's update: the replay priority's
@@ -227,7 +228,7 @@ def train_step(t: Trainer) -> dict:
     t.rollout.sync_weights(t.policy.modules(), step)                 # weight sync
     return step_record(step, t.num_samples, rewards, acc_est, losses,  # metrics
                        num_replayed=len(replayed) * ctx.dp_size,
-                       step_seconds=time.perf_counter() - start,
+                       step_seconds=time.perf_counter() - start, rollout_seconds=rollout_seconds,
                        paced_seconds=(groups.selection_seconds + replay_seconds
                                       + result.log_z_seconds),
                        ctx=ctx, log_prompt_accuracy=job.logging.log_prompt_accuracy)

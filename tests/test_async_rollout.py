@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 
 import pytest
 
@@ -26,7 +27,7 @@ COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--mic
           "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
           "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
           "--save-interval", "2", "--max-new-tokens", "6", "--train-iters", "4"]
-TIMINGS = ("step_time_s", "paced_overhead_s")
+TIMINGS = ("step_time_s", "rollout_time_s", "paced_overhead_s")
 
 
 def _free_port() -> int:
@@ -35,11 +36,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _servers(delay: float, *extra: str) -> list[str]:
+def _servers(delay: float, *extra: str, port: int | None = None) -> list[str]:
     return ["--rollout-backend", "sglang", "--sglang-launch-command",
             f"{sys.executable} -m megatron_paced.rollout.serve", "--sglang-server-args",
             f"{SHAPE} --debug-generate-delay {delay} {' '.join(extra)}",
-            "--sglang-base-port", str(_free_port())]
+            "--sglang-base-port", str(port or _free_port())]
+
+
+def _serving(port: int, within_s: float) -> bool:
+    """Whether something still accepts connections on ``port`` after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
 
 
 def _train(args, nprocs=2, expect=0):
@@ -76,9 +90,12 @@ def test_bound_exactly_once_server_kill_and_resume_on_dp2(tmp_path):
     assert "restarting it (restart 1)" in result.output, result.output[-3000:]
     assert _metrics(killed / "metrics.jsonl") == rows  # nothing lost, nothing twice
 
-    _train(COMMON + servers + _servers(0.3) + ["--save", str(resumed), "--exit-after-step",
-                                                "3"], expect=17)
+    port = _free_port()
+    _train(COMMON + servers + _servers(0.3, port=port) + ["--save", str(resumed),
+                                                           "--exit-after-step", "3"], expect=17)
     assert (resumed / "latest_checkpointed_iteration.txt").read_text() == "2"
+    # The trainer ended without its atexit hooks: its servers notice and exit.
+    assert not _serving(port, within_s=10) and not _serving(port + 1, within_s=1)
     _train(COMMON + servers + _servers(0.3) + ["--save", str(resumed), "--load",
                                                 str(resumed)])
     assert _metrics(resumed / "metrics.jsonl") == rows

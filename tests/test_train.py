@@ -14,7 +14,7 @@ COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--mic
           "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
           "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
           "--save-interval", "2", "--max-new-tokens", "6"]
-TIMINGS = ("step_time_s", "paced_overhead_s")
+TIMINGS = ("step_time_s", "rollout_time_s", "paced_overhead_s")
 # The calibration probe and the KL measurement every 2 steps: their figures must resume too.
 PROBES = ["--log-z-param", "hybrid", "--calibration-interval", "2", "--calibration-prompts", "4",
           "--calibration-samples", "4", "--kl-interval", "2"]

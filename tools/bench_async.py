@@ -81,17 +81,18 @@ def summarize(rows: list[dict], warmup: int) -> dict:
             "num_dropped_stale": sum(r.get("num_dropped_stale", 0) for r in timed),
             "old_logprob_drift_abs": mean("old_logprob_drift_abs"),
             "old_logprob_drift_kl": mean("old_logprob_drift_kl"),
-            "reward_mean": mean("reward_mean")}
+            "reward_mean": mean("reward_mean"), "rollout_time_s": mean("rollout_time_s")}
 
 
 def table(results: dict) -> str:
     sync = results.get("0", {}).get("steps_per_s")
-    lines = ["| --max-staleness | steps/s | s/step | vs K=0 | staleness mean / max | dropped "
-             "| drift |logp| per token | reward |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| --max-staleness | steps/s | s/step | of which rollouts | vs K=0 "
+             "| staleness mean / max | dropped | drift |logp| per token | reward |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, r in sorted(results.items(), key=lambda item: int(item[0])):
         ratio = f"{r['steps_per_s'] / sync:.2f}x" if sync else "-"
-        lines.append(f"| {k} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.3f} | {ratio} "
+        lines.append(f"| {k} | {r['steps_per_s']:.3f} | {1 / r['steps_per_s']:.3f} "
+                     f"| {r['rollout_time_s']:.3f} | {ratio} "
                      f"| {r['staleness_mean'] or 0:.2f} / {r['staleness_max'] or 0:.0f} "
                      f"| {r['num_dropped_stale']} | {r['old_logprob_drift_abs']:.2e} "
                      f"| {r['reward_mean']:.3f} |")

@@ -83,10 +83,12 @@ def dp_mean(values: list[float], ctx) -> list[float]:
 
 def step_record(step: int, num_samples: int, rewards: torch.Tensor, acc_est: torch.Tensor,
                 losses: dict, *, num_replayed: int, step_seconds: float, paced_seconds: float,
-                ctx, log_prompt_accuracy: bool = False) -> dict:
+                ctx, log_prompt_accuracy: bool = False, rollout_seconds: float = 0.0) -> dict:
     """A step's metrics.jsonl row (collective over DP): this rank's (P, G) ``rewards`` and the
     (P,) ``acc_est`` (beta * log_z before the step's update) of its prompts, averaged over DP;
-    ``losses`` from the optimization stage; ``num_replayed`` over all ranks.
+    ``losses`` from the optimization stage; ``num_replayed`` over all ranks;
+    ``rollout_seconds`` the step's time in select -> generate -> score (with --max-staleness,
+    mostly the wait for rollouts that did not finish while the step before trained).
 
     ``acc_est_mae`` is |acc_est - the accuracy of one group of G| on the *selected* prompts:
     mostly that group's binomial noise (0.14 for a perfect estimate at G = 8 under greedy
@@ -99,7 +101,7 @@ def step_record(step: int, num_samples: int, rewards: torch.Tensor, acc_est: tor
     record = {"step": step, "num_samples": num_samples, "reward_mean": reward_mean,
               "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
               "num_replayed": num_replayed, "step_time_s": step_seconds,
-              "paced_overhead_s": paced_seconds}
+              "rollout_time_s": rollout_seconds, "paced_overhead_s": paced_seconds}
     if log_prompt_accuracy:
         record.update(gather_prompt_accuracy(acc_est, acc_obs, ctx))
     return record

@@ -26,6 +26,9 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
          /resume_memory_occupation
     POST /flush_cache                  refused (400) while requests run or wait, as SGLang's
 
+A server launched by the trainer (``$MEGATRON_PACED_PARENT_PID`` set) exits when the trainer
+is gone, however it ended.
+
 Trust (``docs/security.md``): it binds to 127.0.0.1 unless told otherwise. Its key comes from
 the environment (``MEGATRON_PACED_API_KEY``) or ``--api-key-file``, never from argv by the
 trainer (which generates one per run for the servers it launches). Without a key, weight
@@ -73,6 +76,7 @@ from megatron_paced.rollout.requests import (
 from megatron_paced.utils import free_port
 
 API_KEY_ENV = "MEGATRON_PACED_API_KEY"
+PARENT_PID_ENV = "MEGATRON_PACED_PARENT_PID"  # set by the trainer that launches the server
 WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/pause_generation", "/continue_generation",
                     "/update_weight_version", "/release_memory_occupation",
@@ -608,6 +612,25 @@ def _startup_checks(args) -> None:
         raise ConfigError(f"--hf-dir {args.hf_dir!r} is not a folder with a config.json")
 
 
+def exit_with_parent(pid: int, interval_s: float = 1.0) -> threading.Thread:
+    """Exit this process once ``pid`` (the trainer that launched it) is gone: a trainer
+    killed with SIGKILL, or ended by os._exit, leaves no server behind."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # alive, another user's (pid reused): keep serving
+                pass
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     import socket
 
@@ -696,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         server = Server((str(address), args.port), BaseHTTPRequestHandler, limits.max_workers)
     except OSError as err:
         return fail(f"--host {args.host} --port {args.port}: cannot bind ({err.strerror})")
+    if os.environ.get(PARENT_PID_ENV, "").isdigit():
+        exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     service = RolloutService(model_cfg, seed=args.seed, hf_dir=args.hf_dir,
                              max_sequence_length=args.max_sequence_length,

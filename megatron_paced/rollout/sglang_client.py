@@ -99,10 +99,10 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
-        from megatron_paced.rollout.serve import API_KEY_ENV
+        from megatron_paced.rollout.serve import API_KEY_ENV, PARENT_PID_ENV
 
         command = self.command + ["--host", self.host, "--port", str(self.port)]
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **(self.env or {}), PARENT_PID_ENV: str(os.getpid())}
         if self.api_key:
             # The key goes through the environment, never argv (visible in ps), except to
             # SGLang's own launcher, which reads it from argv only (docs/security.md).
