@@ -92,11 +92,12 @@ def test_diverged_update_stops_at_the_next_rollout(tmp_path):
 
 
 @pytest.mark.distributed
-def test_tp2_run_with_a_launched_rollout_server_and_group_weight_sync(tmp_path):
-    """--rollout-backend sglang against the project's server (SGLang's API): one server for
+def test_tp2_run_with_launched_rollout_servers_and_group_weight_sync(tmp_path):
+    """--rollout-backend sglang against the project's server (SGLang's API): two servers for
     the node, asked once per replica; --weight-sync nccl (gloo here) pushes the policy before
     the first step, so the server's log-probs are the trainer's (kl_old_theta ~ 0 with
-    --use-rollout-logprobs)."""
+    --use-rollout-logprobs); asynchronous (--max-staleness 1): the pushes go over the group
+    from the trainer's rollout thread, in order."""
     import socket
     import sys
 
@@ -111,11 +112,14 @@ def test_tp2_run_with_a_launched_rollout_server_and_group_weight_sync(tmp_path):
                      f"{sys.executable} -m megatron_paced.rollout.serve",
                      "--sglang-server-args", f"{shape} --max-sequence-length 64",
                      "--sglang-base-port", str(port), "--weight-sync", "nccl",
-                     "--use-rollout-logprobs"])
+                     "--use-rollout-logprobs", "--max-staleness", "1",
+                     "--sglang-num-servers", "2"])
     rows = _metrics(save / "metrics.jsonl")
     assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
     assert abs(rows[1]["kl_old_theta"]) < 1e-4, rows[1]
-    assert [p.name for p in save.glob("sglang-*.log")] == ["sglang-0.log"]
+    assert [rows[1]["staleness_max"], rows[2]["staleness_max"]] == [0.0, 1.0]
+    assert sorted(p.name for p in save.glob("sglang-*.log")) == ["sglang-0.log",
+                                                                 "sglang-1.log"]
 
 
 @pytest.mark.distributed

@@ -12,6 +12,12 @@ Usage::
 
     python tools/bench_async.py --out runs/bench_async                 # K = 0, 1, 2
     python tools/bench_async.py --out runs/bench_async --staleness 0 1 --steps 40
+    python tools/bench_async.py --out runs/bench_async_engine --base runs/bench_async/base \
+        --train-args "--old-log-probs engine"                          # no recompute pass
+
+The overlap can save at most the shorter of generation and training: the ratio is bounded
+by (generation + training) / max(generation, training), read off the K = 0 row (its
+"of which rollouts" column is the generation).
 """
 
 from __future__ import annotations
@@ -108,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--weight-sync", default="tensor", choices=["tensor", "disk"])
     parser.add_argument("--train-args", default="", help="more paced-train flags")
+    parser.add_argument("--base", help="the base policy (default OUT/base, made if missing)")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup_steps:
         parser.error(f"--steps {args.steps} must exceed --warmup-steps {args.warmup_steps}")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "base")
+    base = args.base or os.path.join(args.out, "base")
     if not os.path.isfile(os.path.join(base, "latest_checkpointed_iteration.txt")):
         print("base policy (the demo's SFT warm start) ...", flush=True)
         seconds = run(train_command(args, "--train-iters", "0", "--save", base),

@@ -18,6 +18,8 @@ started with ``--load`` from one base policy and differing only in the flags of
     paced-stale1, -2     ... with --max-staleness 1 or 2 (each step trains on samples of the
                          weights 1 or 2 steps older than pi_old: the cost of asynchronous
                          rollouts in samples)
+    paced-stale1-engine  ... with --max-staleness 1 --old-log-probs engine (anchored on the
+                         generating weights' log-probs instead of pi_old's recompute)
     paced-oracle         ... selecting by the policy's exact accuracy (--acc-estimator
                          oracle): the upper bound of any accuracy-driven selection
     paced-beta           ... selecting by a per-prompt Beta posterior of the success rate
@@ -119,6 +121,10 @@ METHODS = {
                      ["--algo", "paced", "--prompt-selection", "paced-greedy",
                       "--replay-per-step", "16", "--replay-size", "128",
                       "--max-staleness", "2"]),
+    "paced-stale1-engine": ("PACED-RL, --max-staleness 1, engine anchor",
+                            ["--algo", "paced", "--prompt-selection", "paced-greedy",
+                             "--replay-per-step", "16", "--replay-size", "128",
+                             "--max-staleness", "1", "--old-log-probs", "engine"]),
     "paced-oracle": ("PACED-RL, oracle selection",
                      ["--algo", "paced", "--prompt-selection", "paced-greedy",
                       "--replay-per-step", "16", "--replay-size", "128",
@@ -141,8 +147,8 @@ METHODS = {
 # The comparison the paper's claim rests on: PACED-RL between uniform selection (GRPO's) and
 # the oracle, against a free estimate that is no partition function, and FlowRL.
 DEFAULT_METHODS = ["paced", "paced-oracle", "paced-beta", "grpo", "flowrl"]
-HAS_LOG_Z = {"paced", "paced-stale1", "paced-stale2", "paced-no-selection", "paced-no-replay", "paced-explore",
-             "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta",
+HAS_LOG_Z = {"paced", "paced-stale1", "paced-stale2", "paced-stale1-engine",
+             "paced-no-selection", "paced-no-replay", "paced-explore", "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta",
              "grpo-mopps"}
 # (FlowRL's log Z, its ProjZ head, estimates no accuracy: no probe.)
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
