@@ -148,8 +148,8 @@ METHODS = {
 # the oracle, against a free estimate that is no partition function, and FlowRL.
 DEFAULT_METHODS = ["paced", "paced-oracle", "paced-beta", "grpo", "flowrl"]
 HAS_LOG_Z = {"paced", "paced-stale1", "paced-stale2", "paced-stale1-engine",
-             "paced-no-selection", "paced-no-replay", "paced-explore", "paced-rescore", "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta",
-             "grpo-mopps"}
+             "paced-no-selection", "paced-no-replay", "paced-explore", "paced-rescore",
+             "paced-head", "paced-hybrid", "paced-hybrid-k0", "paced-beta", "grpo-mopps"}
 # (FlowRL's log Z, its ProjZ head, estimates no accuracy: no probe.)
 # The calibration probe of methods with a log-Z table: twice per 80-step run, 32 training
 # prompts x 16 samples (not trained on, not counted as samples; rl/calibration.py).

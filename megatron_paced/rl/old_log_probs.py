@@ -7,10 +7,10 @@ the fresh rows' are replaced by a recompute with the current policy (which is pi
 not stepped yet; with ``--max-staleness K`` the samples came from the weights K steps older,
 and the anchor is still pi_old); ``--old-log-probs engine`` keeps the generating weights'
 as the anchor. The gap between the two is measured on the fresh rows (the train/inference
-drift, :func:`log_prob_drift`); so are the replayed rows' unless ``--replay-old-log-probs generation`` (they then keep
-the log-probs of the older policy that generated them, a different anchor). With a reference
-model (FlowRL, GRPO with a KL term) ``extras["ref_log_probs"]`` holds its log-probs of every
-row. Both are forward passes through Megatron's schedule (no grad), on every PP stage.
+drift, :func:`log_prob_drift`). The replayed rows are recomputed too unless
+``--replay-old-log-probs generation`` (they then keep the log-probs of the older policy that
+generated them, a different anchor). With a reference model (FlowRL, GRPO with a KL term)
+``extras["ref_log_probs"]`` holds its log-probs of every row. Both are forward passes through Megatron's schedule (no grad), on every PP stage.
 
 After the optimizer step, :func:`beta_kl_old_new` measures the premise of Proposition 4.1
 (``beta * KL(pi_old || pi_theta)`` small; the paper reports below 4e-3) on the step's fresh
