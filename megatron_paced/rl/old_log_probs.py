@@ -10,7 +10,8 @@ as the anchor. The gap between the two is measured on the fresh rows (the train/
 drift, :func:`log_prob_drift`). The replayed rows are recomputed too unless
 ``--replay-old-log-probs generation`` (they then keep the log-probs of the older policy that
 generated them, a different anchor). With a reference model (FlowRL, GRPO with a KL term)
-``extras["ref_log_probs"]`` holds its log-probs of every row. Both are forward passes through Megatron's schedule (no grad), on every PP stage.
+``extras["ref_log_probs"]`` holds its log-probs of every row. Both are forward passes through
+Megatron's schedule (no grad), on every PP stage.
 
 After the optimizer step, :func:`beta_kl_old_new` measures the premise of Proposition 4.1
 (``beta * KL(pi_old || pi_theta)`` small; the paper reports below 4e-3) on the step's fresh
