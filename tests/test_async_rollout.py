@@ -103,17 +103,16 @@ def test_bound_exactly_once_server_kill_and_resume_on_dp2(tmp_path):
 
 def test_samples_past_the_bound_are_dropped_counted_and_regenerated(tmp_path):
     """A server that tags its samples one version older than they are: at K = 1 the samples
-    of steps 3 and 4 (weights 1 and 2, tagged 0 and 1) look two steps stale, so each of
-    their groups is dropped (counted) and generated again on the latest weights (tagged one
-    step stale). Steps 1 and 2 (weights 0, tagged -1: no version this trainer pushed) count
-    as scheduled."""
+    of steps 2 to 4 (weights 0, 1, 2, tagged -1, 0, 1) look two steps stale, so each of their
+    groups is dropped (counted) and generated again on the latest weights (tagged one step
+    stale). Step 1's (weights 0, tagged -1) look one step stale: kept."""
     save = tmp_path / "lagging"
     _train(COMMON + ["--max-staleness", "1", "--save", str(save)]
            + _servers(0.0, "--debug-weight-version-lag", "1"), nprocs=1)
     rows = _metrics(save / "metrics.jsonl")
-    assert [rows[s]["num_dropped_stale"] for s in rows] == [0, 0, 16, 16]
+    assert [rows[s]["num_dropped_stale"] for s in rows] == [0, 16, 16, 16]
     # Dropped samples are generated samples too; no trained one is past the bound.
-    assert [rows[s]["num_samples"] for s in rows] == [16, 32, 64, 96]
+    assert [rows[s]["num_samples"] for s in rows] == [16, 48, 80, 112]
     assert [rows[s]["staleness_max"] for s in rows] == [1.0, 1.0, 1.0, 1.0]
 
 

@@ -98,6 +98,7 @@ class AsyncSGLangBackend(SGLangBackend):
         self.store = c10d._get_default_store()
         self.num_submitted = 0
         self.latest_version: int | None = None
+        self.first_version: int | None = None  # the run's first push (its start or resume)
         self.applied_version: int | None = None  # rank 0: the version the servers hold
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue()
@@ -114,6 +115,9 @@ class AsyncSGLangBackend(SGLangBackend):
         pushed); its future gives the completions."""
         if min_version is None:
             min_version = self.latest_version if self.latest_version is not None else 0
+        # Never before the run's first push: a server holds no weights of this run until then.
+        min_version = max(min_version, self.first_version if self.first_version is not None
+                          else 0)
         future: Future = Future()
         self.num_submitted += 1
         self.queue.put(_Generate(prompts, n, sampling, seed, min_version, future))
@@ -128,6 +132,8 @@ class AsyncSGLangBackend(SGLangBackend):
         submitted so far; returns without waiting for it."""
         prepared = self.transport.prepare(model[0], str(version))
         self.latest_version = int(version)
+        if self.first_version is None:
+            self.first_version = int(version)
         self.transport.version = str(version)
         if self.is_pusher:
             self.queue.put(_Push(prepared, self.num_submitted, Future()))

@@ -223,7 +223,7 @@ class RolloutService:
 
     def _tag(self, version: str) -> str:
         """The version a generation is tagged with (--debug-weight-version-lag: older)."""
-        if self.weight_version_lag and version.isdigit():
+        if self.weight_version_lag and version.lstrip("-").isdigit():
             return str(int(version) - self.weight_version_lag)
         return version
 

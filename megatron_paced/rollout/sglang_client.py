@@ -56,7 +56,7 @@ def parse_weight_version(version) -> int | None:
     """The trainer step a server's ``weight_version`` names ("12" -> 12); None for a version
     this trainer did not push (e.g. SGLang's "default")."""
     text = str(version) if version is not None else ""
-    return int(text) if text.isdigit() else None
+    return int(text) if text.lstrip("-").isdigit() and text.count("-") <= 1 else None
 
 
 def http_json(url: str, body: dict | None = None, *, timeout_s: float,
