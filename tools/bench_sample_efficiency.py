@@ -86,6 +86,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+PACED = ["--algo", "paced", "--prompt-selection", "paced-greedy", "--replay-per-step", "16",
+         "--replay-size", "128"]  # PACED-RL's flags, which the variants below add to
 METHODS = {
     "paced": ("PACED-RL", ["--algo", "paced", "--prompt-selection", "paced-greedy",
                            "--replay-per-step", "16", "--replay-size", "128"]),
@@ -113,18 +115,10 @@ METHODS = {
                         ["--algo", "paced", "--prompt-selection", "paced-greedy",
                          "--replay-per-step", "16", "--replay-size", "128",
                          "--log-z-param", "hybrid", "--log-z-residual-prior", "0"]),
-    "paced-stale1": ("PACED-RL, --max-staleness 1",
-                     ["--algo", "paced", "--prompt-selection", "paced-greedy",
-                      "--replay-per-step", "16", "--replay-size", "128",
-                      "--max-staleness", "1"]),
-    "paced-stale2": ("PACED-RL, --max-staleness 2",
-                     ["--algo", "paced", "--prompt-selection", "paced-greedy",
-                      "--replay-per-step", "16", "--replay-size", "128",
-                      "--max-staleness", "2"]),
+    "paced-stale1": ("PACED-RL, --max-staleness 1", [*PACED, "--max-staleness", "1"]),
+    "paced-stale2": ("PACED-RL, --max-staleness 2", [*PACED, "--max-staleness", "2"]),
     "paced-stale1-engine": ("PACED-RL, --max-staleness 1, engine anchor",
-                            ["--algo", "paced", "--prompt-selection", "paced-greedy",
-                             "--replay-per-step", "16", "--replay-size", "128",
-                             "--max-staleness", "1", "--old-log-probs", "engine"]),
+                            [*PACED, "--max-staleness", "1", "--old-log-probs", "engine"]),
     "paced-oracle": ("PACED-RL, oracle selection",
                      ["--algo", "paced", "--prompt-selection", "paced-greedy",
                       "--replay-per-step", "16", "--replay-size", "128",

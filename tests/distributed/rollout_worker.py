@@ -25,6 +25,7 @@ Started with torchrun (world 1; the policy lives in this process, the server in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import urllib.error
 from pathlib import Path
@@ -70,6 +71,27 @@ def train_step(policy, cfg, ctx, seed: int) -> None:
     forward_backward(policy.model, SequenceBatch(tokens, mask), nll_loss, ctx,
                      vocab_size=cfg.vocab_size, micro_batch_size=4)
     policy.step()
+
+
+@contextlib.contextmanager
+def killed_after_first_generation(client, server):
+    """Within: the server is killed right after the client's first /generate answer (the
+    yielded list says whether it was)."""
+    post, killed = client.post, []
+
+    def post_then_kill(target, path, body=None, **kwargs):
+        answer = post(target, path, body, **kwargs)
+        if path == "/generate" and not killed:
+            killed.append(True)
+            server.process.kill()
+            server.process.wait()
+        return answer
+
+    client.post = post_then_kill
+    try:
+        yield killed
+    finally:
+        client.post = post
 
 
 def tokens(outputs) -> list:
@@ -129,20 +151,9 @@ def check_pause_and_async(checks, client, server, policy, engine, cfg, ctx, samp
             assert tokens(old) == tokens(before) and tokens(new) == tokens(after)
             assert tokens(before) != tokens(after)
         with checks.check("async_killed_server_is_given_its_weights_again"):
-            post, killed = async_client.post, []
-
-            def post_then_kill(target, path, body=None, **kwargs):
-                answer = post(target, path, body, **kwargs)
-                if path == "/generate" and not killed:
-                    killed.append(True)
-                    server.process.kill()
-                    server.process.wait()
-                return answer
-
-            async_client.post = post_then_kill
-            outputs = backend.submit(PROMPTS, n=4, sampling=sample, seed=12,
-                                     min_version=11).result()
-            async_client.post = post
+            with killed_after_first_generation(async_client, server) as killed:
+                outputs = backend.submit(PROMPTS, n=4, sampling=sample, seed=12,
+                                         min_version=11).result()
             assert killed and server.num_restarts == 2
             slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
             assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
@@ -207,20 +218,8 @@ def main() -> None:
         with checks.check("killed_server_restarts_and_batch_completes"):
             sync = transports["nccl"]
             client.on_restart = lambda s: sync.on_server_restart(policy.modules()[0])
-            post = client.post
-            killed = []
-
-            def post_then_kill(target, path, body=None, **kwargs):
-                answer = post(target, path, body, **kwargs)
-                if path == "/generate" and not killed:
-                    killed.append(True)
-                    server.process.kill()
-                    server.process.wait()
-                return answer
-
-            client.post = post_then_kill
-            outputs = client.generate(PROMPTS, n=4, sampling=sample, seed=11)
-            client.post = post
+            with killed_after_first_generation(client, server) as killed:
+                outputs = client.generate(PROMPTS, n=4, sampling=sample, seed=11)
             assert killed and server.num_restarts == 1 and client.num_retries >= 1
             slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
             assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
