@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.staleness:
         save = os.path.join(args.out, f"staleness{k}")
         command = train_command(
-            args, "--load", base, "--train-iters", str(args.steps), "--save", save,
+            args, "--load", base, "--sft-warmup-iters", "0", "--train-iters", str(args.steps),
+            "--save", save,
             "--rollout-backend", "sglang", "--sglang-launch-command", server,
             "--sglang-server-args", server_flags(base), "--sglang-base-port", str(free_port()),
             "--weight-sync", args.weight_sync, "--max-staleness", str(k),
