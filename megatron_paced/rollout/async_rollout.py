@@ -14,7 +14,8 @@ Each generating rank (TP rank 0, PP rank 0 of each DP replica) runs one worker t
 FIFO of operations; global rank 0 also applies the pushes::
 
     generate(prompts, n, seed, min_version)   wait for the version, POST /generate (retried)
-    push(prepared weights)     [rank 0]       wait for the generations before it, then
+    push(prepared weights)     [rank 0]       wait for the generations each rank submitted
+                                              before it (their counts, in the store), then
                                               /pause_generation -> update -> /flush_cache
                                               (retried while requests run) -> check
                                               weight_version -> /continue_generation
@@ -65,9 +66,6 @@ class _Generate:
 @dataclass
 class _Push:
     prepared: object
-    after_generations: int
-    """Generations every generating rank must have finished first (all ranks submit the
-    same sequence, so rank 0's own count)."""
     future: Future
 
 
@@ -135,8 +133,12 @@ class AsyncSGLangBackend(SGLangBackend):
         if self.first_version is None:
             self.first_version = int(version)
         self.transport.version = str(version)
+        if self.is_generator:  # what the push must wait for on this rank (counts may differ:
+            # a rank that generates a stale group again submits once more)
+            self.store.set(self._key(f"before/{version}/{dist.get_rank()}"),
+                           str(self.num_submitted))
         if self.is_pusher:
-            self.queue.put(_Push(prepared, self.num_submitted, Future()))
+            self.queue.put(_Push(prepared, Future()))
 
     def drain(self) -> None:
         """Wait until every queued operation on this rank has run (raises its error)."""
@@ -187,9 +189,9 @@ class AsyncSGLangBackend(SGLangBackend):
             completions = self.client.generate(op.prompts, op.n, op.sampling, op.seed)
             self.store.add(self._key(f"generated/{dist.get_rank()}"), 1)
             return completions
-        self._wait(lambda: all(self.store.add(self._key(f"generated/{rank}"), 0)
-                               >= op.after_generations for rank in self.generators),
-                   f"the generations before the push of step {op.prepared.version}")
+        version = op.prepared.version
+        self._wait(lambda: all(self._finished_before(version, rank) for rank in self.generators),
+                   f"the generations before the push of step {version}")
         for attempt in range(self.client.max_retries + 1):
             try:
                 self._push(op.prepared)
@@ -201,6 +203,13 @@ class AsyncSGLangBackend(SGLangBackend):
         self.applied_version = int(op.prepared.version)
         self.store.set(self._key("applied"), op.prepared.version)
         return None
+
+    def _finished_before(self, version: str, rank: int) -> bool:
+        """Whether ``rank`` finished every generation it submitted before this push."""
+        before = self._key(f"before/{version}/{rank}")
+        if not self.store.check([before]):
+            return False
+        return self.store.add(self._key(f"generated/{rank}"), 0) >= int(self.store.get(before))
 
     def _push(self, prepared) -> None:
         servers = self.client.servers
