@@ -112,38 +112,45 @@ class Collector:
         self.jobs: dict[int, RolloutJob] = {}
         self.last_submitted = -1  # the last step whose rollouts were submitted
 
-    def select(self, step: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """This DP rank's share of the globally selected prompts (log-Z rows); ``exclude``:
-        global rows the paced rule must not pick."""
-        chosen = self.select_global(step, exclude)
+    def select(self, step: int) -> torch.Tensor:
+        """This DP rank's share of the globally selected prompts (log-Z rows)."""
+        return self.share_of(self.selector.select(self.log_z, self.num_prompts_per_step, step))
+
+    def share_of(self, chosen: torch.Tensor) -> torch.Tensor:
+        """This DP rank's share of the prompts every rank selected alike."""
         per_rank = len(chosen) // self.ctx.dp_size
         return chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
 
-    def select_global(self, step: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Every DP rank's prompts of ``step`` (the same on each rank)."""
-        return self.selector.select(self.log_z, self.num_prompts_per_step, step, exclude=exclude)
+    def asks_backend(self) -> bool:
+        """Whether this rank calls the backend (else its replica's first rank answers it)."""
+        return not self.rollout.asked_once_per_replica or (
+            self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0)
+
+    def in_replica(self, produce, step: int, problems: list) -> list:
+        """``produce()``'s completions, called on the ranks that ask the backend and sent to
+        the rest of the replica; a non-finite value stops every rank at ``step``."""
+        from megatron_paced.parallel import broadcast_objects_in_replica
+
+        answer = _Answer()
+        if self.asks_backend():
+            try:
+                answer.completions = produce()
+            except FloatingPointError as err:
+                answer.error = str(err)
+        if self.rollout.asked_once_per_replica:
+            answer = broadcast_objects_in_replica(answer, self.ctx)
+        if answer.error is not None:
+            raise stop_error(step, answer.error, problems)
+        return answer.completions
 
     def generate(self, problems: list, n: int, seed: int, step: int,
                  prompts: list[list[int]] | None = None) -> list:
         """``n`` completions of each problem (``step``: the step an error names; ``prompts``:
         the problems' tokens, if the caller has them)."""
-        from megatron_paced.parallel import broadcast_objects_in_replica
-
         if prompts is None:
             prompts = [self.task.prompt_tokens(p) for p in problems]
-        once = self.rollout.asked_once_per_replica
-        answer = _Answer()
-        if not once or (self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0):
-            try:
-                answer.completions = self.rollout.generate(prompts, n=n, sampling=self.sampling,
-                                                           seed=seed)
-            except FloatingPointError as err:
-                answer.error = str(err)
-        if once:
-            answer = broadcast_objects_in_replica(answer, self.ctx)
-        if answer.error is not None:
-            raise stop_error(step, answer.error, problems)
-        return answer.completions
+        return self.in_replica(lambda: self.rollout.generate(prompts, n=n, sampling=self.sampling,
+                                                             seed=seed), step, problems)
 
     def score(self, problems: list, completions: list, step: int) -> torch.Tensor:
         """(P, G) rewards in [0, 1] from the task's verifier."""
@@ -152,21 +159,15 @@ class Collector:
             raise stop_error(step, "non-finite rewards from the verifier", problems)
         return rewards
 
-    def asks_backend(self) -> bool:
-        """Whether this rank calls the backend (else its replica's first rank answers it)."""
-        return not self.rollout.asked_once_per_replica or (
-            self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0)
-
     # ---- --max-staleness K >= 1 ----------------------------------------------------------
     def submit(self, step: int) -> None:
         """Select step ``step``'s prompts now and queue their rollouts on weights of version
         ``step - K - 1`` (see :mod:`megatron_paced.rollout.async_rollout`)."""
         start = time.perf_counter()
         in_flight = [job.global_rows for job in self.jobs.values()]
-        chosen = self.select_global(step, torch.cat(in_flight) if in_flight else
-                                    torch.zeros(0, dtype=torch.int64))
-        per_rank = len(chosen) // self.ctx.dp_size
-        rows = chosen[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+        chosen = self.selector.select(self.log_z, self.num_prompts_per_step, step,
+                                      exclude=torch.cat(in_flight) if in_flight else None)
+        rows = self.share_of(chosen)
         seconds = time.perf_counter() - start
         job = RolloutJob(step, rows, step - self.max_staleness - 1, chosen,
                          selection_seconds=seconds)
@@ -180,21 +181,11 @@ class Collector:
 
     def resolve(self, job: RolloutJob) -> list:
         """The job's completions on every rank of the replica (waits for the backend)."""
-        from megatron_paced.parallel import broadcast_objects_in_replica
-
         if job.completions is None:
-            answer = _Answer()
-            if job.handle is not None:
-                try:
-                    answer.completions = job.handle.result()
-                except FloatingPointError as err:
-                    answer.error = str(err)
-            if self.rollout.asked_once_per_replica:
-                answer = broadcast_objects_in_replica(answer, self.ctx)
-            if answer.error is not None:
-                raise stop_error(job.step, answer.error,
-                                 [self.task.problems[int(i)] for i in job.rows])
-            job.completions, job.handle = answer.completions, None
+            job.completions = self.in_replica(
+                lambda: job.handle.result(), job.step,
+                [self.task.problems[int(i)] for i in job.rows])
+            job.handle = None
         return job.completions
 
     def collect_ahead(self, step: int, last_step: int) -> ScoredGroups:
