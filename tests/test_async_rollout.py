@@ -37,9 +37,12 @@ def _free_port() -> int:
 
 
 def _servers(delay: float, *extra: str, port: int | None = None) -> list[str]:
+    """Servers that sample from their requests' seeds (as SGLang with
+    --enable-deterministic-inference), so that runs can be compared sample for sample."""
     return ["--rollout-backend", "sglang", "--sglang-launch-command",
             f"{sys.executable} -m megatron_paced.rollout.serve", "--sglang-server-args",
-            f"{SHAPE} --debug-generate-delay {delay} {' '.join(extra)}",
+            f"{SHAPE} --enable-deterministic-inference --debug-generate-delay {delay} "
+            f"{' '.join(extra)}",
             "--sglang-base-port", str(port or _free_port())]
 
 

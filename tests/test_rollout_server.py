@@ -12,7 +12,8 @@ from megatron_paced.testing.distributed import launch_and_read_checks
 
 pytestmark = pytest.mark.distributed
 
-EXPECTED = ["server_log_probs_equal_trainer", "disk_push_changes_outputs",
+EXPECTED = ["server_log_probs_equal_trainer", "tempered_sampling_returns_the_policy_log_probs",
+            "disk_push_changes_outputs",
             "tensor_push_changes_outputs", "nccl_push_changes_outputs",
             "killed_server_restarts_and_batch_completes", "weight_updates_need_the_api_key",
             "distributed_updates_refuse_unknown_groups", "release_and_resume_memory",

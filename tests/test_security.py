@@ -49,7 +49,10 @@ def server(tmp_path_factory):
                                           "--max-sequence-length", str(SEQ),
                                           "--max-n", "8", "--max-prompts-per-request", "16",
                                           "--max-total-tokens", "4096", "--max-body-mb", "1",
-                                          "--socket-timeout", "5"),
+                                          "--socket-timeout", "5",
+                                          # the payload checks, not the session's refusal
+                                          # (tests/test_sglang_contract.py)
+                                          "--weight-update-session", "none"),
                             port=free_port(), startup_timeout_s=120, api_key=KEY,
                             log_path=str(folder / "server.log"),
                             env={"OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
@@ -151,7 +154,10 @@ BAD_GENERATE = [
     ("temperature NaN", {"input_ids": PROMPT, "sampling_params": {"temperature": "nan"}}, 400,
      "temperature must be a finite number"),
     ("short rid list", {"input_ids": [PROMPT, PROMPT], "rid": ["a"]}, 400,
-     "one string per output (2)"),
+     "rids length mismatch with the batch_size"),
+    ("rid per sample", {"input_ids": [PROMPT, PROMPT], "rid": ["a", "b", "c", "d"],
+                        "sampling_params": {"n": 2}}, 400,
+     "rids length mismatch with the batch_size"),
     ("sampling_params string", {"input_ids": PROMPT, "sampling_params": "fast"}, 400,
      "sampling_params must be an object"),
     ("regex", {"input_ids": PROMPT, "sampling_params": {"regex": "a+"}}, 400,

@@ -139,6 +139,12 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
         sglang = [line for line in sruns if "sglang.launch_server" in line]
         assert len(sglang) == 1 and "--overlap" in sglang[0] and "--tp 8" in sglang[0]
         assert f"--nodelist={','.join(nodes[-len(urls):])}" in sglang[0]
+        # Servers on the cluster network have a key; the weights are staged where they
+        # can read them.
+        assert "--host 0.0.0.0" in sglang[0] and "--api-key " in sglang[0], sglang[0]
+        assert "SGLANG_RETURN_ORIGINAL_LOGPROB=1" in sglang[0], sglang[0]
+        assert job.rollout.weight_sync_dir and job.rollout.weight_sync_dir.endswith(
+            "weight-staging")
 
 
 @pytest.mark.parametrize("script,env,nodes,message", [

@@ -123,6 +123,53 @@ def test_tp2_run_with_launched_rollout_servers_and_group_weight_sync(tmp_path):
 
 
 @pytest.mark.distributed
+def test_two_nodes_pp2_disk_sync_reaches_every_nodes_server(tmp_path):
+    """Two torchrun agents on loopback (two "nodes", one process each: PP2 with a stage per
+    node), each launching its own server, --weight-sync disk into one --weight-sync-dir: both
+    stages' senders write into the one staging folder, rank 0 pushes it to both nodes'
+    servers, each must report the version (else the run stops with the server's URL), and
+    generation uses both."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    shape = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
+             "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17")
+    save, staging = tmp_path / "two-nodes", tmp_path / "staging"
+    staging.mkdir()
+    master, base = free_port(), free_port()
+    args = COMMON + ["--train-iters", "2", "--save", str(save), "--pipeline-model-parallel-size",
+                     "2", "--rollout-backend", "sglang", "--sglang-launch-command",
+                     f"{sys.executable} -m megatron_paced.rollout.serve",
+                     "--sglang-server-args", f"{shape} --max-sequence-length 64",
+                     "--sglang-base-port", str(base), "--weight-sync", "disk",
+                     "--weight-sync-dir", str(staging), "--rollout-prompts-per-request", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+         str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+         str(master), "-m", "megatron_paced.train", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in range(2)]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-4000:] + outputs[1][-3000:]
+    rows = _metrics(save / "metrics.jsonl")
+    assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
+    logs = sorted(save.glob("sglang-*.log"))
+    assert [p.name for p in logs] == ["sglang-0.log", "sglang-1.log"]  # one per node
+    for log in logs:  # both nodes' servers were pushed every version and generated
+        text = log.read_text()
+        assert text.count("POST /update_weights_from_disk 200") == 3, text[-2000:]  # 0, 1, 2
+        assert "POST /generate 200" in text, text[-2000:]
+    assert not list(staging.glob("*/weights.staging")), "a staging folder was left half-made"
+
+
+@pytest.mark.distributed
 def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
     """DAPO-style dynamic sampling on DP2: rounds of fresh prompts until each rank has groups
     whose rewards differ; num_samples counts all completions generated, so it grows faster

@@ -34,10 +34,17 @@ mkdir -p "${SAVE}"
 ROLLOUT_ARGS=(--rollout-backend embedded)
 if (( SGLANG_NODES > 0 )); then
     SGLANG_HOSTS=("${NODES[@]:NUM_TRAIN_NODES}")
-    srun --nodes="${SGLANG_NODES}" --ntasks-per-node=1 --overlap \
+    # The servers listen on the cluster network: a key per job (or MEGATRON_PACED_API_KEY)
+    # guards /generate and the weight-update endpoints (SGLang takes it from argv only).
+    MEGATRON_PACED_API_KEY=${MEGATRON_PACED_API_KEY:-$(python -c 'import secrets; print(secrets.token_urlsafe(32))')}
+    export MEGATRON_PACED_API_KEY
+    # SGLANG_RETURN_ORIGINAL_LOGPROB=1: log-probs of the temperature-1 policy (pi_old), not
+    # of the temperature-scaled logits SGLang returns by default.
+    srun --nodes="${SGLANG_NODES}" --ntasks-per-node=1 \
+        --overlap --export=ALL,SGLANG_RETURN_ORIGINAL_LOGPROB=1 \
         --nodelist="$(IFS=,; echo "${SGLANG_HOSTS[*]}")" --output="${SAVE}/sglang-%N.log" \
         python -m sglang.launch_server --model-path "${HF_DIR}" --tp "${SGLANG_TP}" \
-        --host 0.0.0.0 --port "${SGLANG_PORT}" &
+        --host 0.0.0.0 --port "${SGLANG_PORT}" --api-key "${MEGATRON_PACED_API_KEY}" &
     SGLANG_PID=$!
     trap 'kill "${SGLANG_PID}" 2>/dev/null || true' EXIT
     URLS=()
@@ -52,10 +59,10 @@ if (( SGLANG_NODES > 0 )); then
             sleep 10
         done
     done
-    # DiskTransport stages the pushed weights under TMPDIR: shared with the SGLang nodes.
+    # The pushed weights are staged on a file system the SGLang nodes share.
     mkdir -p "${WEIGHT_STAGING_DIR}"
-    export TMPDIR=${WEIGHT_STAGING_DIR}
-    ROLLOUT_ARGS=(--rollout-backend sglang --sglang-url "${URLS[@]}" --weight-sync disk)
+    ROLLOUT_ARGS=(--rollout-backend sglang --sglang-url "${URLS[@]}" --weight-sync disk
+                  --weight-sync-dir "${WEIGHT_STAGING_DIR}")
 fi
 
 # One torchrun per training node; its node rank is its task rank in this step.

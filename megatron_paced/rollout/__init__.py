@@ -26,7 +26,7 @@ from typing import Literal, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from megatron_paced.config import require
+from megatron_paced.config import ConfigError, require
 
 
 @dataclass
@@ -45,7 +45,8 @@ class RolloutConfig:
     sglang_num_servers: int = 1
     """Servers to launch (one per node or GPU group)."""
     sglang_base_port: int = 30000
-    """Port of the first launched server; the next ones count up."""
+    """Port of the first launched server; server i of node k listens on base + k *
+    --sglang-num-servers + i."""
     sglang_api_key: Optional[str] = None
     """The servers' key (default: $MEGATRON_PACED_API_KEY, else one generated per run for the
     servers the trainer launches, handed to them through the environment)."""
@@ -66,6 +67,9 @@ class RolloutConfig:
     """How weights reach SGLang: tensor (colocated, /update_weights_from_tensor), disk
     (/update_weights_from_disk), nccl (disaggregated: a broadcast over a weight-update group,
     /update_weights_from_distributed; gloo on a CPU run)."""
+    weight_sync_dir: Optional[str] = None
+    """Folder under which --weight-sync disk stages each version (default: the temporary
+    folder of rank 0's node; with several nodes, one on a file system every node shares)."""
     weight_sync_bucket_mb: int = 256
     """Size bound of one weight-sync bucket."""
     weight_sync_master_address: Optional[str] = None
@@ -168,28 +172,23 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     if cfg.rollout_backend == "embedded":
         return EmbeddedEngine(model, ctx, vocab_size=model_cfg.vocab_size,
                               max_sequence_length=max_sequence_length)
-    from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess
+    from megatron_paced.rollout.sglang_client import SGLangClient
     from megatron_paced.rollout.weight_sync import (
-        DiskTransport, DistributedTransport, TensorTransport, staging_directory,
+        DiskTransport, DistributedTransport, TensorTransport, shared_staging_directory,
     )
 
     servers: list = list(cfg.sglang_url)
     api_key = run_api_key(cfg)
-    if not servers:  # launched by the first process of each node; the others attach to them
-        command = shlex.split(cfg.sglang_launch_command) + shlex.split(cfg.sglang_server_args)
-        ports = [cfg.sglang_base_port + index for index in range(cfg.sglang_num_servers)]
-        launcher = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        if launcher and log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-        for index, port in enumerate(ports if launcher else []):
-            log = os.path.join(log_dir, f"sglang-{index}.log") if log_dir else None
-            server = ServerProcess(command, port=port, log_path=log, api_key=api_key)
-            server.start()  # returns once /health answers
-            servers.append(server)
-        if dist.is_initialized():
-            dist.barrier()
-        if not launcher:
-            servers = [f"http://127.0.0.1:{port}" for port in ports]
+    num_nodes = node_count()
+    if cfg.weight_sync == "tensor" and num_nodes > 1:
+        raise ConfigError(f"--weight-sync tensor with {num_nodes} nodes: CUDA IPC reaches only "
+                          "the servers of the pushing node; use --weight-sync disk (with "
+                          "--weight-sync-dir on a shared file system) or nccl")
+    if cfg.weight_sync == "disk" and num_nodes > 1 and not cfg.weight_sync_dir:
+        raise ConfigError(f"--weight-sync disk with {num_nodes} nodes needs --weight-sync-dir "
+                          "on a file system every node and server shares")
+    if not servers:
+        servers = launch_servers(cfg, api_key=api_key, log_dir=log_dir, num_nodes=num_nodes)
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
                           prompts_per_request=cfg.rollout_prompts_per_request,
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
@@ -198,7 +197,8 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     if cfg.weight_sync == "tensor":
         transport = TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)
     elif cfg.weight_sync == "disk":
-        transport = DiskTransport(client, model_cfg, ctx, directory=staging_directory(),
+        transport = DiskTransport(client, model_cfg, ctx,
+                                  directory=shared_staging_directory(cfg.weight_sync_dir),
                                   bucket_bytes=bucket)
     else:
         transport = DistributedTransport(
@@ -211,3 +211,78 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
         return AsyncSGLangBackend(client, transport, ctx, timeout_s=cfg.rollout_timeout)
     client.on_restart = lambda server: transport.on_server_restart(model[0])
     return SGLangBackend(client, transport)
+
+
+def node_count() -> int:
+    """Nodes of this torchrun job (its agents: ``GROUP_WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+
+
+def server_gpu_count(server_args: list[str]) -> int:
+    """GPUs one launched SGLang server takes: its --tp-size x --dp-size (1 where unset)."""
+    def value(*names: str) -> int:
+        for index, arg in enumerate(server_args):
+            for name in names:
+                if arg == name and index + 1 < len(server_args):
+                    return int(server_args[index + 1])
+                if arg.startswith(name + "="):
+                    return int(arg.split("=", 1)[1])
+        return 1
+
+    return value("--tp-size", "--tp", "--tensor-parallel-size") * \
+        value("--dp-size", "--dp", "--data-parallel-size")
+
+
+def per_server_args(server_args: list[str], index: int) -> list[str]:
+    """Server ``index``'s arguments on its node: its own GPUs (``--base-gpu-id``, counted
+    from the one the user gave, else 0), so that N servers do not all land on GPUs
+    0..tp-1."""
+    args = list(server_args)
+    base = 0
+    for position, arg in enumerate(args):
+        if arg == "--base-gpu-id" and position + 1 < len(args):
+            base = int(args[position + 1])
+            del args[position:position + 2]
+            break
+        if arg.startswith("--base-gpu-id="):
+            base = int(arg.split("=", 1)[1])
+            del args[position]
+            break
+    return args + ["--base-gpu-id", str(base + index * server_gpu_count(server_args))]
+
+
+def launch_servers(cfg: RolloutConfig, *, api_key: str | None, log_dir: str | None,
+                   num_nodes: int) -> list:
+    """Start ``--sglang-num-servers`` servers on every node (by its first process) and return
+    every node's servers, the same list on every rank (collective when distributed): this
+    node's as :class:`ServerProcess` on the launching rank, URLs elsewhere. With several
+    nodes the servers listen on all interfaces (with the run's key) and are named by host."""
+    import socket
+
+    from megatron_paced.rollout.sglang_client import ServerProcess
+
+    command = shlex.split(cfg.sglang_launch_command)
+    server_args = shlex.split(cfg.sglang_server_args)
+    node_rank = int(os.environ.get("GROUP_RANK", "0") or 0)
+    ports = [cfg.sglang_base_port + node_rank * cfg.sglang_num_servers + index
+             for index in range(cfg.sglang_num_servers)]
+    launcher = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    host = "127.0.0.1" if num_nodes == 1 else "0.0.0.0"
+    advertised = "127.0.0.1" if num_nodes == 1 else socket.gethostname()
+    if launcher and log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    launched = []
+    for index, port in enumerate(ports if launcher else []):
+        log = os.path.join(log_dir, f"sglang-{node_rank * len(ports) + index}.log") \
+            if log_dir else None
+        server = ServerProcess(command + per_server_args(server_args, index), host=host,
+                               port=port, log_path=log, api_key=api_key)
+        server.start()  # returns once /health answers
+        launched.append(server)
+    urls = [[f"http://{advertised}:{port}" for port in ports] if launcher else []]
+    if dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, urls[0])
+        urls = gathered
+    local = {f"http://{advertised}:{s.port}": s for s in launched}
+    return [local.get(url, url) for node_urls in urls for url in node_urls]

@@ -215,7 +215,7 @@ class AsyncSGLangBackend(SGLangBackend):
         servers = self.client.servers
         for server in servers:  # SGLang 0.5: pause -> update -> flush -> continue
             self.client.post(server, "/pause_generation", {"mode": "retract"})
-        self.transport.apply(prepared, servers)
+        self.transport.apply_in_session(prepared, servers)
         self.transport.finish(prepared.version, servers)
         for server in servers:
             self.client.post(server, "/continue_generation", {})

@@ -103,9 +103,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
-                  generator: torch.Generator) -> torch.Tensor:
-    """One token per row from (b, V) logits under the sampling settings; NaN or +inf logits
-    (a diverged policy) raise FloatingPointError."""
+                  generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One token per row from (b, V) logits under the sampling settings (``generator``: one
+    for the batch, or one per row); NaN or +inf logits (a diverged policy) raise
+    FloatingPointError."""
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
         raise FloatingPointError("non-finite logits while sampling (the policy's weights hold "
                                  "NaN or inf)")
@@ -116,6 +117,9 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams,
     scaled = filter_logits(logits.float().cpu() / sampling.temperature, sampling.top_k,
                            sampling.top_p)
     probs = torch.softmax(scaled, dim=-1)
+    if isinstance(generator, list):  # one seed per row
+        return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g)[:, 0]
+                          for row, g in enumerate(generator)]).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
@@ -162,8 +166,34 @@ class EmbeddedEngine:
         """Nothing runs in the background."""
 
     @torch.no_grad()
+    def generate_seeded(self, prompts: list[list[int]], sampling: SamplingParams,
+                        seeds: list[int], *, tempered_log_probs: bool = False
+                        ) -> list[Completion]:
+        """One completion per row, each sampled with its own seed (rows with the same prompt
+        and seed are the same completion), as SGLang's deterministic inference samples;
+        ``tempered_log_probs``: log-probs of the temperature-scaled logits, as SGLang returns
+        them by default."""
+        sampling.validate()
+        out: list[Completion] = []
+        model = self.model[0]
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(prompts), self.max_batch_size):
+                generators = [torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+                              for seed in seeds[start:start + self.max_batch_size]]
+                out += self._generate_chunk(prompts[start:start + self.max_batch_size],
+                                            sampling, generators, tempered_log_probs)
+        finally:
+            model.train(was_training)
+        for row, completion in enumerate(out):
+            completion.prompt_index, completion.sample_index = row, 0
+            completion.weight_version = self.weight_version
+        return out
+
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
-                 seed: int) -> list[list[Completion]]:
+                 seed: int, *, tempered_log_probs: bool = False) -> list[list[Completion]]:
         sampling.validate()
         require(n >= 1, "num_samples_per_prompt", n, "must be >= 1")
         rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
@@ -177,7 +207,8 @@ class EmbeddedEngine:
                 generator = torch.Generator().manual_seed(
                     (seed * 1_000_003 + chunk_index) & ((1 << 63) - 1))
                 for (p, s), completion in zip(chunk, self._generate_chunk(
-                        [prompts[p] for p, _ in chunk], sampling, generator)):
+                        [prompts[p] for p, _ in chunk], sampling, generator,
+                        tempered_log_probs)):
                     completion.prompt_index, completion.sample_index = p, s
                     completion.weight_version = self.weight_version
                     out[p][s] = completion
@@ -186,7 +217,7 @@ class EmbeddedEngine:
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams,
-                        generator: torch.Generator) -> list[Completion]:
+                        generator, tempered_log_probs: bool = False) -> list[Completion]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = self.ctx.device
@@ -219,7 +250,10 @@ class EmbeddedEngine:
             if self.ctx.tp_size > 1:
                 dist.broadcast(sampled, src=dist.get_global_rank(self.ctx.tp_group, 0),
                                group=self.ctx.tp_group)
-            token_log_probs = torch.log_softmax(logits, -1).gather(-1, sampled[:, None])[:, 0]
+            scale = sampling.temperature if tempered_log_probs and sampling.temperature > 0 \
+                else 1.0
+            token_log_probs = torch.log_softmax(logits / scale, -1).gather(
+                -1, sampled[:, None])[:, 0]
             next_tokens = torch.where(t < prompt_len, tokens[:, t], sampled)
             # One device-to-host copy per step (per-element reads would each wait on the GPU).
             sampled_host, log_probs_host = sampled.tolist(), token_log_probs.tolist()

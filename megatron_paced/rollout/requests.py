@@ -91,9 +91,31 @@ class GenerateRequest:
     single: bool
     n: int
     sampling: object  # SamplingParams
-    seed: int | None
+    seeds: list[int | None]
+    """Each prompt's ``sampling_seed`` (its n copies share it, as in SGLang)."""
     rids: list | str | None
     return_logprob: bool
+
+    @property
+    def seed(self) -> int | None:
+        return self.seeds[0]
+
+
+RID_LENGTH_MESSAGE = "The specified rids length mismatch with the batch_size for batch processing."
+"""SGLang's own words (``io_struct.GenerateReqInput._normalize_rid``)."""
+
+
+def sglang_normalization(body: dict) -> None:
+    """Run SGLang's own ``GenerateReqInput.normalize_batch_and_arguments`` on the body where
+    the installed wheel allows it (:mod:`megatron_paced.rollout.sglang_source`); its
+    ValueError is SGLang's 400."""
+    from megatron_paced.rollout.sglang_source import normalize_generate
+
+    known = {k: v for k, v in body.items() if k in KNOWN_FIELDS}
+    try:
+        normalize_generate(known)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        raise RequestError(400, str(err)[:300]) from None
 
 
 def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: int,
@@ -126,12 +148,20 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
     params = body.get("sampling_params")
     if params is None:
         params = {}
-    if isinstance(params, list):
-        if not params or any(p != params[0] for p in params):
-            raise RequestError(400, "per-prompt sampling_params must be identical here")
-        params = params[0]
-    if not isinstance(params, dict):
-        raise RequestError(400, "sampling_params must be an object")
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    if not per_prompt or not all(isinstance(p, dict) for p in per_prompt):
+        raise RequestError(400, "sampling_params must be an object or a list of objects")
+    if len(per_prompt) != len(prompts):
+        raise RequestError(400, f"sampling_params: a list needs one object per prompt "
+                                f"({len(prompts)}), got {len(per_prompt)}")
+
+    def without_seed(p: dict) -> dict:
+        return {k: v for k, v in p.items() if k != "sampling_seed"}
+
+    if any(without_seed(p) != without_seed(per_prompt[0]) for p in per_prompt):
+        raise RequestError(400, "per-prompt sampling_params may differ only in sampling_seed "
+                                "here")
+    params = per_prompt[0]
     refused = sorted(set(params) & UNSUPPORTED_SAMPLING)
     if refused:
         raise RequestError(400, f"sampling_params {', '.join(refused)}: not supported by this "
@@ -140,9 +170,9 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
     if unknown:
         raise RequestError(400, f"sampling_params: unknown field(s) {unknown[:4]}"[:200])
     n = int_field(params.get("n", 1), "sampling_params.n", low=1, high=limits.max_n)
-    seed = params.get("sampling_seed")
-    if seed is not None:
-        seed = int_field(seed, "sampling_params.sampling_seed", low=0, high=(1 << 63) - 1)
+    seeds = [None if p.get("sampling_seed") is None else
+             int_field(p["sampling_seed"], "sampling_params.sampling_seed", low=-(1 << 63),
+                       high=(1 << 63) - 1) for p in per_prompt]
     sampling = SamplingParams()
     if "temperature" in params:
         sampling.temperature = _number_field(params["temperature"], "sampling_params.temperature")
@@ -172,16 +202,21 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
                                 f"(prompt + max_new_tokens)); at most {limits.max_total_tokens} "
                                 "(--max-total-tokens)")
     rids = body.get("rid")
-    if isinstance(rids, list):
-        if len(rids) != n * len(prompts) or not all(isinstance(r, str) for r in rids):
-            raise RequestError(400, f"rid: a list needs one string per output "
-                                    f"({n * len(prompts)}), got {len(rids)} entries")
+    if isinstance(rids, list):  # one per prompt: SGLang expands it over the n samples
+        if len(rids) != len(prompts):
+            raise RequestError(400, RID_LENGTH_MESSAGE)
+        if not all(isinstance(r, str) for r in rids):
+            raise RequestError(400, "The rid should be a string or a list of strings.")
+        if len(set(rids)) != len(rids):
+            raise RequestError(400, f"Duplicate request IDs detected within the request: "
+                                    f"{sorted(r for r in set(rids) if rids.count(r) > 1)[:4]}")
     elif rids is not None and not isinstance(rids, str):
-        raise RequestError(400, "rid must be a string or a list of strings")
+        raise RequestError(400, "The rid should be a string or a list of strings.")
     return_logprob = body.get("return_logprob", False)
     if not isinstance(return_logprob, bool):
         raise RequestError(400, "return_logprob must be true or false")
-    return GenerateRequest(prompts, single, n, sampling, seed, rids, return_logprob)
+    sglang_normalization(body)  # SGLang's own code has the last word where it is installed
+    return GenerateRequest(prompts, single, n, sampling, seeds, rids, return_logprob)
 
 
 def validate_update_shapes(named_shapes, model_cfg) -> dict[str, tuple[int, ...]]:

@@ -4,10 +4,13 @@ It lets the SGLang client, the weight sync and the fault handling run against a 
 on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's schema
 (``sglang/srt/managers/io_struct.py``); token ids only (no server-side tokenizer):
 
-    GET  /health, /health_generate, /get_model_info
+    GET  /health, /health_generate, /model_info (and the deprecated /get_model_info)
     POST /generate                     input_ids (one list or a batch), sampling_params
-                                       (with ``n``), return_logprob, rid; answers in
-                                       SGLang's order (the batch repeated n times)
+                                       (with ``n``; a list per prompt), return_logprob, rid
+                                       (one per prompt); answers prompt-major, as SGLang's
+                                       tokenizer manager: output i * n + j is sample j of
+                                       prompt i, with meta_info.prompt_tokens and
+                                       weight_versions spans
     POST /update_weights_from_disk     {"model_path": HF safetensors folder, "weight_version"}
     POST /update_weights_from_tensor   {"serialized_named_tensors": [base64 of a pickled
                                        [(hf_name, tensor), ...] in shared memory], ...}
@@ -16,7 +19,12 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
     POST /update_weights_from_distributed  {"names", "dtypes", "shapes", "group_name", ...}:
                                        receive each tensor by broadcast from rank 0, then load
     POST /destroy_weights_update_group
-    GET  /get_server_info              {"tp_size": 1, ...}
+    GET  /server_info, /get_server_info  {"tp_size": 1, "base_gpu_id", ...}
+    POST /begin_weight_update, /end_weight_update
+                                       SGLang's weight-update session: tensor and distributed
+                                       updates are refused outside one (0.5.21-0.5.23;
+                                       ``--weight-update-session none``: a server without
+                                       the endpoints, 404)
     POST /pause_generation             {"mode": abort | retract | in_place}: new /generate
                                        requests wait (abort: are answered with
                                        finish_reason abort) until /continue_generation; one
@@ -24,7 +32,15 @@ on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's 
                                        with their version (meta_info.weight_version)
     POST /continue_generation, /update_weight_version, /release_memory_occupation,
          /resume_memory_occupation
-    POST /flush_cache                  refused (400) while requests run or wait, as SGLang's
+    GET|POST /flush_cache              plain text, as SGLang's: 200 "Cache flushed...", 400
+                                       while requests run or wait
+
+Sampling as SGLang's (``layers/sampler.py``): ``sampling_seed`` acts only with
+``--enable-deterministic-inference``, and then the n copies of a prompt share it; log-probs
+are of the temperature-scaled logits unless ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``. Where the
+sglang wheel is installed (without its dependencies), every /generate body also goes
+through SGLang's own ``GenerateReqInput.normalize_batch_and_arguments``
+(:mod:`megatron_paced.rollout.sglang_source`).
 
 A server launched by the trainer (``$MEGATRON_PACED_PARENT_PID`` set) exits when the trainer
 is gone, however it ended.
@@ -63,6 +79,8 @@ import sys
 import threading
 import time
 import traceback
+import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -81,8 +99,22 @@ WEIGHT_ENDPOINTS = {"/update_weights_from_disk", "/update_weights_from_tensor",
                     "/pause_generation", "/continue_generation",
                     "/update_weight_version", "/release_memory_occupation",
                     "/resume_memory_occupation", "/init_weights_update_group",
-                    "/update_weights_from_distributed", "/destroy_weights_update_group"}
+                    "/update_weights_from_distributed", "/destroy_weights_update_group",
+                    "/begin_weight_update", "/end_weight_update"}
 OPEN_ENDPOINTS = {"/health"}  # answered without a key even when the server has one
+
+
+FLUSH_DONE = ("Cache flushed.\nPlease check backend logs for more details. (When there are "
+              "running or waiting requests, the operation will not be performed.)\n")
+FLUSH_FAILED = "Flush cache failed.\n"  # SGLang's answer when the message is empty
+
+
+@dataclass
+class TextAnswer:
+    """A plain-text answer (SGLang's ``Response(content=...)``: no JSON)."""
+
+    status: int
+    text: str
 
 
 class FairLock:
@@ -114,7 +146,8 @@ class RolloutService:
     def __init__(self, model_cfg, *, seed: int, hf_dir: str | None, max_sequence_length: int,
                  max_batch_size: int, limits: ServerLimits = ServerLimits(),
                  allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0,
-                 weight_version_lag: int = 0) -> None:
+                 weight_version_lag: int = 0, deterministic: bool = False,
+                 weight_update_session: bool = True, base_gpu_id: int = 0) -> None:
         from megatron_paced.config import ParallelConfig
         from megatron_paced.models.gpt import build_gpt_model
         from megatron_paced.parallel import initialize_parallel
@@ -128,6 +161,8 @@ class RolloutService:
                 del os.environ[name]
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(base_gpu_id)
         self.ctx = initialize_parallel(ParallelConfig(), seed=seed)
         self.model_cfg = model_cfg
         self.model = build_gpt_model(model_cfg, self.ctx, seed=seed)
@@ -146,6 +181,12 @@ class RolloutService:
         self.generate_delay_s = generate_delay_s
         self.weight_version_lag = weight_version_lag
         self.num_requests = 0
+        self.deterministic = deterministic
+        self.tempered_log_probs = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() \
+            not in ("1", "true")  # read once at start, as SGLang's sampler does
+        self.weight_update_session = weight_update_session
+        self.session_open = False
+        self.base_gpu_id = base_gpu_id
         self.update_groups: dict[str, tuple[object, str]] = {}  # name -> (group, backend)
         if hf_dir:
             self.load_hf_dir(hf_dir)
@@ -210,16 +251,30 @@ class RolloutService:
                 if self.paused and self.pause_mode == "abort":  # paused while it waited
                     return self._outputs(request, None, self.weight_version)
                 self.num_requests += 1
-                seed = self.num_requests if request.seed is None else request.seed
                 if self.generate_delay_s:
                     time.sleep(self.generate_delay_s)
-                completions = self.engine.generate(prompts, n, request.sampling, seed=seed)
+                completions = self._sample(request)
                 version = self.weight_version
         finally:
             with self.gate:
                 self.num_active -= not aborted
                 self.gate.notify_all()
         return self._outputs(request, completions, self._tag(version))
+
+    def _sample(self, request) -> list[list]:
+        """The completions, [prompt][sample]. With --enable-deterministic-inference each
+        output is sampled from its prompt's seed (SGLang uses 42 where none is given), so
+        the n copies of a prompt are the same; without it seeds are ignored."""
+        prompts, n = request.prompts, request.n
+        tempered = self.tempered_log_probs
+        if not self.deterministic:
+            return self.engine.generate(prompts, n, request.sampling, seed=self.num_requests,
+                                        tempered_log_probs=tempered)
+        rows = [prompt for prompt in prompts for _ in range(n)]
+        seeds = [42 if seed is None else seed for seed in request.seeds for _ in range(n)]
+        flat = self.engine.generate_seeded(rows, request.sampling, seeds,
+                                           tempered_log_probs=tempered)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _tag(self, version: str) -> str:
         """The version a generation is tagged with (--debug-weight-version-lag: older)."""
@@ -228,17 +283,25 @@ class RolloutService:
         return version
 
     def _outputs(self, request, completions, version: str):
-        """SGLang's answer: the batch repeated n times; ``completions`` None: aborted."""
+        """SGLang's answer, prompt-major (``TokenizerManager._handle_batch_request``: for
+        each prompt, its n samples); ``completions`` None: aborted. With n > 1 SGLang gives
+        each sample a fresh rid."""
         prompts, n, rids = request.prompts, request.n, request.rids
         outputs = []
-        for sample in range(n):  # SGLang's order: the whole batch, n times
-            for index in range(len(prompts)):
-                position = sample * len(prompts) + index
-                rid = rids[position] if isinstance(rids, list) else (rids or f"req-{position}")
+        for index in range(len(prompts)):
+            for sample in range(n):
+                if n > 1:
+                    rid = uuid.uuid4().hex
+                elif isinstance(rids, list):
+                    rid = rids[index]
+                elif isinstance(rids, str):
+                    rid = rids if request.single else f"{rids}_{index}"
+                else:
+                    rid = uuid.uuid4().hex
                 if completions is None:
                     outputs.append({"text": "", "output_ids": [], "meta_info": {
                         "id": rid, "finish_reason": {"type": "abort", "message": "paused"},
-                        "weight_version": version}})
+                        "prompt_tokens": len(prompts[index]), "weight_version": version}})
                     continue
                 c = completions[index][sample]
                 finish = ({"type": "stop", "matched": c.token_ids[-1]}
@@ -246,7 +309,9 @@ class RolloutService:
                           {"type": "length", "length": len(c.token_ids)})
                 meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompts[index]),
                         "completion_tokens": len(c.token_ids), "cached_tokens": 0,
-                        "weight_version": version}
+                        "weight_version": version,
+                        "weight_versions": [{"version": version, "start": 0,
+                                             "end": len(c.token_ids)}]}
                 if request.return_logprob:
                     meta["output_token_logprobs"] = [[lp, t, None]
                                                      for lp, t in zip(c.log_probs, c.token_ids)]
@@ -272,13 +337,46 @@ class RolloutService:
             self.gate.notify_all()
         return {"success": True, "message": "generation continues"}
 
-    def flush_cache(self, body: dict):
-        """As SGLang: refused while requests run or wait (the caller retries)."""
+    def flush_cache(self, body: dict) -> "TextAnswer":
+        """As SGLang's handler (``entrypoints/http_server.py``): plain text, 400 while
+        requests run or wait (the caller retries)."""
         with self.gate:
             if self.num_active:
-                raise RequestError(400, "Cache not flushed: there are running or waiting "
-                                        f"requests ({self.num_active})")
-        return {"success": True, "message": "flushed"}
+                return TextAnswer(400, FLUSH_FAILED)
+        return TextAnswer(200, FLUSH_DONE)
+
+    def _require_session(self, endpoint: str) -> None:
+        if self.weight_update_session and not self.session_open:
+            raise RequestError(400, f"{endpoint} must run between begin_weight_update() and "
+                                    "end_weight_update()")
+
+    def begin_weight_update(self, body: dict):
+        if not self.weight_update_session:
+            raise RequestError(404, "no endpoint /begin_weight_update")
+        if self.session_open:
+            raise RequestError(400, "a weight-update session is already open; call "
+                                    "end_weight_update() first")
+        self.session_open = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body: dict):
+        if not self.weight_update_session:
+            raise RequestError(404, "no endpoint /end_weight_update")
+        if not self.session_open:
+            raise RequestError(400, "no weight-update session is open; call "
+                                    "begin_weight_update() first")
+        self.session_open = False
+        return {"success": True, "message": "Success"}
+
+    def _flush_after_update(self, body: dict) -> None:
+        """0.5.23: an update asked to flush fails (the weights stay updated) when it cannot."""
+        if body.get("flush_cache", True):
+            with self.gate:
+                busy = self.num_active
+            if busy:
+                raise RequestError(400, "Weights were updated, but the cache was not flushed "
+                                        "because requests are still running or queued. "
+                                        "Retract or finish them, then call /flush_cache.")
 
     def update_weights_from_disk(self, body: dict):
         version = optional_version(body)  # checked before anything loads
@@ -289,6 +387,7 @@ class RolloutService:
             count = self.load_hf_dir(path)
             self._set_version(version)
             self.model_path = path
+        self._flush_after_update(body)
         return {"success": True, "message": f"loaded {count} parameters from {path}",
                 "num_paused_requests": 0}
 
@@ -298,6 +397,7 @@ class RolloutService:
         from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
 
         version = optional_version(body)  # checked before anything loads
+        self._require_session("update_weights_from_tensor")
         torch_mp.set_sharing_strategy("file_system")
         serialized = body.get("serialized_named_tensors")
         if not isinstance(serialized, list) or not serialized or \
@@ -322,6 +422,7 @@ class RolloutService:
         with self.lock:
             count = self.load_hf_tensors(hf, complete=False)
             self._set_version(version)
+        self._flush_after_update(body)
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def init_weights_update_group(self, body: dict):
@@ -371,6 +472,7 @@ class RolloutService:
 
     def update_weights_from_distributed(self, body: dict):
         version = optional_version(body)  # checked before anything loads
+        self._require_session("update_weights_from_distributed")
         name = body.get("group_name", "weight_update_group")
         if name not in self.update_groups:
             raise RequestError(400, f"no weight-update group {name!r}: call "
@@ -395,6 +497,7 @@ class RolloutService:
         with self.lock:
             count = self.load_hf_tensors(received, complete=False)
             self._set_version(version)
+        self._flush_after_update(body)
         return {"success": True, "message": f"loaded {count} parameters"}
 
     def destroy_weights_update_group(self, body: dict):
@@ -408,8 +511,11 @@ class RolloutService:
         return {"success": True, "message": f"left {name}"}
 
     def server_info(self):
+        """A few of SGLang's resolved server arguments (flat, as ``ServerArgs.resolved_dict``)."""
         return {"tp_size": 1, "dp_size": 1, "model_path": self.model_path,
-                "weight_version": self.weight_version}
+                "base_gpu_id": self.base_gpu_id,
+                "enable_deterministic_inference": self.deterministic,
+                "weight_version": self.weight_version, "version": "megatron-paced"}
 
     def _set_version(self, version: str | None) -> None:
         if version is not None:
@@ -438,9 +544,17 @@ def make_handler(service: RolloutService, api_key: str | None):
             pass
 
         def _reply(self, status: int, payload=None) -> None:
-            data = b"" if payload is None else json.dumps(payload).encode()
+            if isinstance(payload, TextAnswer):
+                status, data, kind = payload.status, payload.text.encode(), \
+                    "text/plain; charset=utf-8"
+            else:
+                data = b"" if payload is None else json.dumps(payload).encode()
+                kind = "application/json"
+            path = self.path.split("?", 1)[0]
+            if not path.startswith("/health"):  # a line per request (the trainer's log file)
+                print(f"{self.command} {path[:100]} {status}", file=sys.stderr, flush=True)
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             if status >= 400:
                 self.send_header("Connection", "close")
@@ -526,12 +640,14 @@ def make_handler(service: RolloutService, api_key: str | None):
                     "/pause_generation": service.pause_generation,
                     "/continue_generation": service.continue_generation,
                     "/flush_cache": service.flush_cache,
+                    "/begin_weight_update": service.begin_weight_update,
+                    "/end_weight_update": service.end_weight_update,
                 }
                 if path in routes:
                     return self._reply(200, routes[path](body))
                 if path in ("/get_model_info", "/model_info"):
                     return self._reply(200, service.model_info())
-                if path == "/get_server_info":
+                if path in ("/server_info", "/get_server_info"):
                     return self._reply(200, service.server_info())
                 if path == "/release_memory_occupation":
                     service.released = True
@@ -606,6 +722,8 @@ def _startup_checks(args) -> None:
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"--{flag.replace('_', '-')} {value} must be a positive number")
+    if args.base_gpu_id < 0:
+        raise ConfigError(f"--base-gpu-id {args.base_gpu_id} must be >= 0")
     if not (math.isfinite(args.debug_generate_delay) and args.debug_generate_delay >= 0):
         raise ConfigError(f"--debug-generate-delay {args.debug_generate_delay} must be >= 0")
     if args.hf_dir and not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
@@ -657,6 +775,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="seed of random weights")
     parser.add_argument("--max-sequence-length", type=int, default=2048)
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--enable-deterministic-inference", action="store_true",
+                        help="honour sampling_params.sampling_seed (as SGLang's flag: the n "
+                             "copies of a prompt then share it); without it seeds are ignored")
+    parser.add_argument("--weight-update-session", choices=["required", "none"],
+                        default="required",
+                        help="required: tensor and distributed updates only between "
+                             "/begin_weight_update and /end_weight_update (SGLang 0.5.21-"
+                             "0.5.23); none: a server without those endpoints (404)")
+    parser.add_argument("--base-gpu-id", type=int, default=0,
+                        help="the GPU this server uses (SGLang's flag; ignored on the CPU)")
     parser.add_argument("--debug-generate-delay", type=float, default=0.0,
                         help="seconds each /generate waits before generating (a slow server, "
                              "for tests of asynchronous rollouts)")
@@ -727,7 +855,10 @@ def main(argv: list[str] | None = None) -> int:
                              max_batch_size=args.max_batch_size, limits=limits,
                              allowed_peers=tuple(args.allowed_peers),
                              generate_delay_s=args.debug_generate_delay,
-                             weight_version_lag=args.debug_weight_version_lag)
+                             weight_version_lag=args.debug_weight_version_lag,
+                             deterministic=args.enable_deterministic_inference,
+                             weight_update_session=args.weight_update_session == "required",
+                             base_gpu_id=args.base_gpu_id)
     server.RequestHandlerClass = make_handler(service, api_key)
     port = server.server_address[1]
     if args.port_file:

@@ -2,17 +2,32 @@
 
 :class:`ServerProcess` starts ``python -m sglang.launch_server`` (or any command that serves
 SGLang's native API, such as ``python -m megatron_paced.rollout.serve``) with the user's
-arguments passed through plus ``--host``/``--port``, waits until ``/health`` answers,
-restarts it when it dies, and stops it on exit.
+arguments passed through plus ``--host``/``--port``, in an environment without the trainer's
+torchrun variables (:func:`server_environment`), waits until ``/health`` answers, restarts it
+when it dies, and stops it on exit.
 
-:class:`SGLangClient` implements the rollout interface over HTTP. A call to ``generate`` is
-cut into requests of ``prompts_per_request`` prompts (each ``input_ids`` with
-``sampling_params.n``, ``return_logprob`` and one ``rid`` per row), at most ``concurrency``
-in flight, spread over the servers. A request that fails (connection refused or reset,
-timeout, HTTP 5xx) is retried up to ``max_retries`` times; if its server process has died
-it is restarted first and ``on_restart(server)`` runs (the weight sync re-pushes the current
-weights there). Every (prompt, sample) slot is filled exactly once or the call raises
-:class:`RolloutError` naming what is missing: no prompt is lost or duplicated.
+:class:`SGLangClient` implements the rollout interface over HTTP, as SGLang 0.5.21-0.5.23
+answer it (``sglang/srt/managers/io_struct.py``, ``managers/tokenizer_manager.py``,
+``entrypoints/http_server.py``):
+
+* A call to ``generate`` is cut into requests of ``prompts_per_request`` prompts: a batch of
+  ``input_ids`` with ``sampling_params.n``, ``return_logprob`` and one ``rid`` per prompt
+  (``GenerateReqInput._normalize_rid``: a list as long as the batch, else 400).
+* SGLang answers prompt-major: output ``i * n + j`` is sample ``j`` of prompt ``i``
+  (``TokenizerManager._handle_batch_request`` expands ``for i in batch: for _ in range(n)``);
+  each output's ``meta_info.prompt_tokens`` is checked against its prompt's length.
+* ``sampling_seed`` acts only on a server started with ``--enable-deterministic-inference``
+  (``layers/sampler.py``), and there the ``n`` copies of a prompt share it, so they would all
+  be the same. Against such a server (``/server_info`` says so) each (prompt, sample) is its
+  own row with ``n = 1`` and its own seed; against any other, no seed is sent.
+* ``meta_info.weight_versions`` (0.5.23: the spans of weights that sampled the tokens) gives
+  the completion's version as the oldest span's; ``weight_version`` otherwise.
+
+A request that fails (connection refused or reset, timeout, HTTP 5xx) is retried up to
+``max_retries`` times; if its server process has died it is restarted first and
+``on_restart(server)`` runs (the weight sync re-pushes the current weights there). Every
+(prompt, sample) slot is filled exactly once or the call raises :class:`RolloutError` naming
+what is missing: no prompt is lost or duplicated.
 
 Usage::
 
@@ -28,6 +43,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -59,10 +75,25 @@ def parse_weight_version(version) -> int | None:
     return int(text) if text.lstrip("-").isdigit() and text.count("-") <= 1 else None
 
 
+def oldest_weight_version(meta: dict) -> int | None:
+    """The oldest weights that sampled a completion: SGLang 0.5.23 reports the spans of
+    versions over its tokens (``meta_info.weight_versions``, ``utils/weight_versions.py``;
+    ``weight_version`` is the last span's), older servers one ``weight_version``. Staleness
+    counts from the oldest."""
+    spans = meta.get("weight_versions") or []
+    versions = [parse_weight_version(span.get("version")) for span in spans
+                if isinstance(span, dict)]
+    versions = [v for v in versions if v is not None]
+    if versions:
+        return min(versions)
+    return parse_weight_version(meta.get("weight_version"))
+
+
 def http_json(url: str, body: dict | None = None, *, timeout_s: float,
               api_key: str | None = None, method: str | None = None):
-    """POST (or GET without a body) JSON; returns the decoded answer or raises on HTTP errors
-    with the server's message."""
+    """POST (or GET without a body) JSON; returns the decoded answer, or the text of an
+    answer that is not JSON (SGLang's ``/flush_cache`` answers plain text), or raises on
+    HTTP errors with the server's message."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"))
     request.add_header("Content-Type", "application/json")
@@ -71,11 +102,44 @@ def http_json(url: str, body: dict | None = None, *, timeout_s: float,
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             raw = response.read()
+            content_type = response.headers.get("Content-Type") or ""
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")[:500]
         raise urllib.error.HTTPError(err.url, err.code, f"{err.reason}: {detail}", err.headers,
                                      None) from None
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    if "json" in content_type:
+        return json.loads(raw)
+    text = raw.decode(errors="replace")
+    try:  # a JSON answer without its Content-Type
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# What torchrun and its elastic agent put in a worker's environment. A server launched from
+# a worker must not inherit them: SGLang's own init_process_group (tcp://, env://) and its
+# weight-update group would meet the trainer's store or rank instead of their own.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE")
+TORCHRUN_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
+RETURN_ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
+
+
+def server_environment(base: dict[str, str], extra: dict[str, str] | None = None) -> dict:
+    """The environment of a launched server: ``base`` without torchrun's variables, with
+    ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (SGLang otherwise returns log-probs of the
+    temperature-scaled logits, ``layers/sampler.py``; the trainer's pi_old is the policy at
+    temperature 1), then ``extra`` (which may set any of them again on purpose)."""
+    env = {name: value for name, value in base.items()
+           if name not in TORCHRUN_VARIABLES and not name.startswith(TORCHRUN_PREFIXES)}
+    env[RETURN_ORIGINAL_LOGPROB_ENV] = "1"
+    env.update(extra or {})
+    return env
 
 
 class ServerProcess:
@@ -102,7 +166,8 @@ class ServerProcess:
         from megatron_paced.rollout.serve import API_KEY_ENV, PARENT_PID_ENV
 
         command = self.command + ["--host", self.host, "--port", str(self.port)]
-        env = {**os.environ, **(self.env or {}), PARENT_PID_ENV: str(os.getpid())}
+        env = server_environment(dict(os.environ), {**(self.env or {}),
+                                                    PARENT_PID_ENV: str(os.getpid())})
         if self.api_key:
             # The key goes through the environment, never argv (visible in ps), except to
             # SGLang's own launcher, which reads it from argv only (docs/security.md).
@@ -182,6 +247,10 @@ class SGLangClient:
         self.server_offset = server_offset
         """Request i goes to server (i + server_offset) % servers: clients of different DP
         ranks (offset = dp_rank) start on different servers."""
+        self.rid_prefix = f"paced-{secrets.token_hex(4)}"
+        """Unique per client: SGLang keys its in-flight requests by rid, and the clients of
+        several DP ranks share servers."""
+        self._server_info: dict[str, dict] = {}
         self.num_retries = 0
         self.num_aborted = 0
 
@@ -194,6 +263,36 @@ class SGLangClient:
 
     def post_all(self, path: str, body: dict | None = None) -> list:
         return [self.post(server, path, body) for server in self.servers]
+
+    def get_newer(self, server, path: str, deprecated: str):
+        """GET ``path``, or ``deprecated`` from a server that predates it (404)."""
+        try:
+            return self.post(server, path)
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+        return self.post(server, deprecated)
+
+    def server_info(self, server) -> dict:
+        """SGLang's ``/server_info`` (its resolved server arguments: ``tp_size``,
+        ``enable_deterministic_inference``, ...), cached per server until it restarts."""
+        url = self.url_of(server)
+        if url not in self._server_info:
+            info = self.get_newer(server, "/server_info", "/get_server_info")
+            self._server_info[url] = info if isinstance(info, dict) else {}
+        return self._server_info[url]
+
+    def model_info(self, server) -> dict:
+        """``/model_info`` (``/get_model_info`` is deprecated in 0.5.23): ``weight_version``."""
+        info = self.get_newer(server, "/model_info", "/get_model_info")
+        return info if isinstance(info, dict) else {}
+
+    def forget_server_info(self, server=None) -> None:
+        """A server restarted (maybe with other arguments): ask it again."""
+        if server is None:
+            self._server_info.clear()
+        else:
+            self._server_info.pop(self.url_of(server), None)
 
     def release_memory(self) -> None:
         """Colocated servers give their GPU memory (weights, KV cache) back for training."""
@@ -233,28 +332,49 @@ class SGLangClient:
         return results  # type: ignore[return-value]
 
     @staticmethod
+    def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+        """The seed of one (prompt, sample) on a deterministic server: a function of the
+        call's seed and the slot alone, so the samples do not depend on how the call was cut
+        into requests."""
+        return (seed * 1_000_003 + prompt_index * 1_009 + sample_index) & ((1 << 63) - 1)
+
+    @staticmethod
     def request_body(chunk: list[int], prompts, n: int, sampling: SamplingParams, seed: int,
-                     chunk_index: int) -> dict:
-        """The /generate body of one request: SGLang's GenerateReqInput schema."""
-        return {
-            "input_ids": [prompts[p] for p in chunk],
-            "sampling_params": {**sampling.to_sglang(), "n": n,
-                                "sampling_seed": seed * 100_003 + chunk_index},
-            "return_logprob": True,
-            "rid": [f"s{seed}-p{chunk[i % len(chunk)]}-n{i // len(chunk)}"
-                    for i in range(len(chunk) * n)],
-        }
+                     chunk_index: int, *, deterministic: bool = False,
+                     rid_prefix: str = "paced") -> tuple[dict, list[tuple[int, int]]]:
+        """The /generate body of one request (SGLang's ``GenerateReqInput``) and the
+        (prompt, sample) slot of each of its outputs, in SGLang's output order."""
+        params = sampling.to_sglang()
+        if not deterministic:  # n samples of each prompt; SGLang answers prompt-major
+            slots = [(p, j) for p in chunk for j in range(n)]
+            return {"input_ids": [prompts[p] for p in chunk],
+                    "sampling_params": {**params, "n": n}, "return_logprob": True,
+                    "rid": [f"{rid_prefix}-s{seed}-c{chunk_index}-p{p}" for p in chunk]}, slots
+        # One row per (prompt, sample), each with its own seed: SGLang's n copies of a
+        # prompt would share one seed and so be the same completion.
+        slots = [(p, j) for p in chunk for j in range(n)]
+        return {"input_ids": [prompts[p] for p, _ in slots],
+                "sampling_params": [{**params, "n": 1,
+                                     "sampling_seed": SGLangClient.sample_seed(seed, p, j)}
+                                    for p, j in slots],
+                "return_logprob": True,
+                "rid": [f"{rid_prefix}-s{seed}-c{chunk_index}-p{p}-n{j}" for p, j in slots]}, \
+            slots
 
     def _run_chunk(self, chunk_index: int, chunk: list[int], prompts, n: int,
                    sampling: SamplingParams, seed: int) -> list[Completion]:
-        body = self.request_body(chunk, prompts, n, sampling, seed, chunk_index)
         server = self.servers[(chunk_index + self.server_offset) % len(self.servers)]
         last_error: Exception | None = None
         attempt = aborts = 0
         while attempt <= self.max_retries:
             try:
+                deterministic = bool(self.server_info(server).get(
+                    "enable_deterministic_inference"))
+                body, slots = self.request_body(chunk, prompts, n, sampling, seed, chunk_index,
+                                                deterministic=deterministic,
+                                                rid_prefix=self.rid_prefix)
                 outputs = self.post(server, "/generate", body)
-                return self._parse(outputs, chunk, n)
+                return self._parse(outputs, slots, prompts)
             except urllib.error.HTTPError as err:
                 if err.code < 500:
                     raise RolloutError(f"server {self.url_of(server)} rejected a request: "
@@ -270,6 +390,7 @@ class SGLangClient:
                 last_error = err
             self.num_retries += 1
             if isinstance(server, ServerProcess) and server.restart_if_dead():
+                self.forget_server_info(server)
                 if self.on_restart is not None:
                     self.on_restart(server)
             else:
@@ -279,24 +400,35 @@ class SGLangClient:
                            f"retries on {self.url_of(server)}: {last_error}")
 
     @staticmethod
-    def _parse(outputs, chunk: list[int], n: int) -> list[Completion]:
+    def _parse(outputs, slots: list[tuple[int, int]], prompts) -> list[Completion]:
+        """Completions of one answer; output k fills ``slots[k]``. An output whose
+        ``prompt_tokens`` is not its prompt's length means the server ordered its outputs
+        otherwise than SGLang: refused, never scored against another prompt."""
         if isinstance(outputs, dict):
             outputs = [outputs]
-        if len(outputs) != len(chunk) * n:
-            raise RolloutError(f"expected {len(chunk) * n} outputs, got {len(outputs)}")
+        if not isinstance(outputs, list) or len(outputs) != len(slots):
+            raise RolloutError(f"expected {len(slots)} outputs, got "
+                               f"{len(outputs) if isinstance(outputs, list) else outputs!r}")
         completions = []
-        for position, output in enumerate(outputs):  # SGLang: the batch, repeated n times
+        for (prompt_index, sample_index), output in zip(slots, outputs):
             meta = output["meta_info"]
-            triples = meta.get("output_token_logprobs") or []
-            token_ids = list(output.get("output_ids") or [t for _, t, _ in triples])
             finish = meta.get("finish_reason") or {}
             if finish.get("type") == "abort":
                 raise AbortedRequest(f"request {meta.get('id')} was aborted")
+            reported = meta.get("prompt_tokens")
+            if reported is not None and reported != len(prompts[prompt_index]):
+                raise RolloutError(
+                    f"output for prompt {prompt_index} sample {sample_index} reports "
+                    f"{reported} prompt tokens, the prompt has {len(prompts[prompt_index])}: "
+                    "the server does not answer in SGLang's order (output i * n + j is sample "
+                    "j of prompt i)")
+            triples = meta.get("output_token_logprobs") or []
+            token_ids = list(output.get("output_ids") or [t for _, t, _ in triples])
             completions.append(Completion(
-                prompt_index=chunk[position % len(chunk)], sample_index=position // len(chunk),
+                prompt_index=prompt_index, sample_index=sample_index,
                 token_ids=token_ids, log_probs=[float(lp) for lp, _, _ in triples],
                 finish_reason="stop" if finish.get("type") == "stop" else "length",
-                weight_version=parse_weight_version(meta.get("weight_version"))))
+                weight_version=oldest_weight_version(meta)))
         return completions
 
     def close(self) -> None:

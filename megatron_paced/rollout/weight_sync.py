@@ -10,8 +10,15 @@ One interface, one class per transport (after slime's pause -> flush -> send -> 
    parameter and is never sent.
 2. The HF tensors go out in size-bounded buckets (all parts of one Megatron parameter in the
    same bucket), by the ranks that hold TP rank 0 and DP rank 0 of each pipeline stage.
-3. ``/flush_cache``; then each server's ``/get_model_info`` must report the new
-   ``weight_version``, or the push raises.
+3. ``/flush_cache`` (retried while requests run; SGLang answers it in plain text); then each
+   server's ``/model_info`` must report the new ``weight_version``, or the push raises.
+
+Tensor and distributed updates run inside SGLang's weight-update session
+(``/begin_weight_update`` ... ``/end_weight_update``; 0.5.21 and 0.5.23 refuse them
+outside one, ``managers/scheduler_components/weight_updater.py``; a server without the
+endpoints, 404, is updated without). The updates themselves carry ``flush_cache: false``:
+0.5.21 asserts inside its scheduler when that flush fails, 0.5.23 fails the update; the
+separate, retried ``/flush_cache`` afterwards is safe on both.
 
 Transports:
 
@@ -37,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import os
 import secrets
@@ -94,6 +102,34 @@ class PreparedPush:
 FLUSH_RETRY_S = 0.05
 
 
+@contextlib.contextmanager
+def weight_update_session(client, servers):
+    """SGLang's weight-update session around tensor and distributed updates:
+    ``/begin_weight_update`` on each server, then ``/end_weight_update`` (also when an update
+    failed: a session left open refuses the next begin). A server that has no such endpoint
+    (404) is updated without one; one whose session a failed push left open is closed
+    first."""
+    import urllib.error
+
+    opened = []
+    for server in servers:
+        try:
+            client.post(server, "/begin_weight_update", {})
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                continue
+            if err.code != 400 or "already open" not in str(err):
+                raise
+            client.post(server, "/end_weight_update", {})
+            client.post(server, "/begin_weight_update", {})
+        opened.append(server)
+    try:
+        yield
+    finally:
+        for server in opened:
+            client.post(server, "/end_weight_update", {})
+
+
 def flush_cache(client, servers, *, timeout_s: float) -> None:
     """``/flush_cache`` on each server, retried while it is refused because requests are still
     running or waiting (SGLang answers 400 then)."""
@@ -112,6 +148,8 @@ def flush_cache(client, servers, *, timeout_s: float) -> None:
 
 
 class _Transport:
+    uses_session = True
+    """Its updates run inside SGLang's /begin_weight_update ... /end_weight_update."""
     keep_last = False
     """Keep the last applied push (asynchronous rollouts): a restarted server is given it
     again from the thread that found it dead, with no collective."""
@@ -129,22 +167,38 @@ class _Transport:
         return self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0
 
     def push(self, model, version: str) -> None:
-        """Collective over the trainer: every server holds ``model`` as ``version`` after."""
-        self._send(model, str(version))
-        dist.barrier()
-        if dist.get_rank() == 0:
+        """Collective over the trainer: every server holds ``model`` as ``version`` after.
+        Rank 0 holds one weight-update session over every stage's sends."""
+        first = dist.get_rank() == 0
+        with self.session(self.client.servers) if first else contextlib.nullcontext():
+            dist.barrier()  # the session is open before any stage sends
+            self._send(model, str(version))
+            dist.barrier()
+        if first:
             self.finish(str(version), self.client.servers)
         self.version = str(version)
+
+    def session(self, servers):
+        """The weight-update session this transport's updates need (none for disk)."""
+        if not self.uses_session:
+            return contextlib.nullcontext()
+        return weight_update_session(self.client, servers)
+
+    def apply_in_session(self, prepared: PreparedPush, servers) -> None:
+        """:meth:`apply` inside the session (no trainer collective: any thread)."""
+        with self.session(servers):
+            self.apply(prepared, servers)
 
     def finish(self, version: str, servers) -> None:
         """After the last bucket: flush (retried while requests run), then each server must
         report ``version``."""
         flush_cache(self.client, servers, timeout_s=self.client.timeout_s)
         for server in servers:
-            info = self.client.post(server, "/get_model_info")
+            info = self.client.model_info(server)
             if info.get("weight_version") != str(version):
-                raise RuntimeError(f"a rollout server reports weight_version "
-                                   f"{info.get('weight_version')!r} after pushing {version!r}")
+                raise RuntimeError(f"rollout server {self.client.url_of(server)} reports "
+                                   f"weight_version {info.get('weight_version')!r} after "
+                                   f"pushing {version!r}")
 
     def _send(self, model, version: str) -> None:
         prepared = self.prepare(model, version)
@@ -161,9 +215,9 @@ class _Transport:
         raise NotImplementedError
 
     def server_tp_sizes(self, servers=None) -> list[int]:
-        """Each server's tensor-parallel size (SGLang's /get_server_info), asked every time: a
-        restarted server may come back with other arguments."""
-        return [int(self.client.post(s, "/get_server_info").get("tp_size", 1))
+        """Each server's tensor-parallel size (SGLang's ``/server_info``; asked again after a
+        restart: a restarted server may come back with other arguments)."""
+        return [int(self.client.server_info(s).get("tp_size") or 1)
                 for s in (self.client.servers if servers is None else servers)]
 
     def on_server_restart(self, model) -> None:
@@ -178,14 +232,17 @@ class _Transport:
         version again (this thread, no collective)."""
         if self.last_applied is None:
             raise RuntimeError("a rollout server restarted before any weights were pushed")
-        self.apply(self.last_applied, [server])
+        self.apply_in_session(self.last_applied, [server])
         self.finish(self.last_applied.version, [server])
 
 
 class DiskTransport(_Transport):
     """HF safetensors in a folder, then ``/update_weights_from_disk``. With
     :attr:`keep_last`, one folder per version (the one being loaded must not be replaced
-    while a newer one is written)."""
+    while a newer one is written). ``directory`` must be the same on every rank (each
+    pipeline stage's sender writes its files there): :func:`shared_staging_directory`."""
+
+    uses_session = False  # SGLang loads from disk without a session
 
     def __init__(self, client, model_cfg, ctx, *, directory: str, **kwargs) -> None:
         super().__init__(client, model_cfg, ctx, **kwargs)
@@ -218,7 +275,7 @@ class DiskTransport(_Transport):
         for server in servers:
             self.client.post(server, "/update_weights_from_disk",
                              {"model_path": prepared.payload, "weight_version": prepared.version,
-                              "flush_cache": True})
+                              "flush_cache": False})  # flushed by finish(), retried
         if self.keep_last:
             previous, self.last_applied = self.last_applied, prepared
             if previous is not None and previous.payload != prepared.payload:
@@ -241,23 +298,31 @@ class TensorTransport(_Transport):
         return PreparedPush(version, buckets)
 
     def apply(self, prepared: PreparedPush, servers) -> None:
-        from multiprocessing.reduction import ForkingPickler
-
         import torch.multiprocessing as torch_mp
 
         torch_mp.set_sharing_strategy("file_system")
         tp_sizes = self.server_tp_sizes(servers)
         for index, bucket in enumerate(prepared.payload):
             shared = [(name, tensor.clone().share_memory_()) for name, tensor in bucket]
-            encoded = base64.b64encode(bytes(ForkingPickler.dumps(shared))).decode()
             last = index == len(prepared.payload) - 1
             for server, tp_size in zip(servers, tp_sizes):
-                # SGLang's TP rank r reads entry r: one copy of the handles per rank.
                 self.client.post(server, "/update_weights_from_tensor", {
-                    "serialized_named_tensors": [encoded] * tp_size, "flush_cache": last,
+                    "serialized_named_tensors": serialize_per_rank(shared, tp_size),
+                    "flush_cache": False,  # flushed by finish(), retried
                     "weight_version": prepared.version if last else None})
             del shared  # the server copied the tensors before answering
         self.last_applied = prepared if self.keep_last else None
+
+
+def serialize_per_rank(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int) -> list[str]:
+    """``serialized_named_tensors`` for a server of ``tp_size`` ranks: rank r deserializes
+    entry r (``TpModelWorker.deserialize_own_rank``), and each entry is its own pickling, as
+    SGLang's ``MultiprocessingSerializer`` makes them per rank: a CUDA IPC handle's reference
+    count is kept per deserialization, so ranks must not share one payload."""
+    from multiprocessing.reduction import ForkingPickler
+
+    return [base64.b64encode(bytes(ForkingPickler.dumps(named_tensors))).decode()
+            for _ in range(tp_size)]
 
 
 def open_update_group(backend: str, address: str, port: int, rank: int, world_size: int,
@@ -389,7 +454,7 @@ class DistributedTransport(_Transport):
         if self.last_applied is None:
             raise RuntimeError("a rollout server restarted before any weights were pushed")
         self._leave_group()
-        self.apply(self.last_applied, self.client.servers)
+        self.apply_in_session(self.last_applied, self.client.servers)
         self.finish(self.last_applied.version, self.client.servers)
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
@@ -398,7 +463,7 @@ class DistributedTransport(_Transport):
         body = {"names": [name for name, _ in bucket],
                 "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
                 "shapes": [list(t.shape) for t in tensors], "group_name": self.group_name,
-                "flush_cache": version is not None, "weight_version": version}
+                "flush_cache": False, "weight_version": version}  # flushed by finish()
 
         def broadcast() -> None:
             for tensor in tensors:
@@ -440,6 +505,19 @@ def _reachable_address(client) -> str:
     return socket.getfqdn()
 
 
-def staging_directory(prefix: str = "paced-weights-") -> str:
-    """A fresh folder for :class:`DiskTransport` under the system temporary directory."""
-    return os.path.join(tempfile.mkdtemp(prefix=prefix), "weights")
+def staging_directory(prefix: str = "paced-weights-", parent: str | None = None) -> str:
+    """A fresh folder for :class:`DiskTransport` under ``parent`` (default: the system
+    temporary directory)."""
+    return os.path.join(tempfile.mkdtemp(prefix=prefix, dir=parent), "weights")
+
+
+def shared_staging_directory(parent: str | None = None) -> str:
+    """One staging folder for the whole trainer: made by rank 0 and broadcast, so that the
+    senders of every pipeline stage write into the folder the servers are told to load
+    (collective when distributed). With several nodes, ``parent`` must be on a file system
+    every node and server shares."""
+    paths = [staging_directory(parent=parent) if not dist.is_initialized() or
+             dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(paths, src=0)
+    return paths[0]

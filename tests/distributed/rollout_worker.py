@@ -42,7 +42,7 @@ from megatron_paced.parallel import initialize_parallel
 from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
 from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess, serve_command
 from megatron_paced.rollout.weight_sync import (
-    DiskTransport, DistributedTransport, TensorTransport,
+    DiskTransport, DistributedTransport, TensorTransport, weight_update_session,
 )
 from megatron_paced.testing.distributed import CheckRecorder
 from megatron_paced.utils import free_port
@@ -193,6 +193,13 @@ def main() -> None:
             assert all(len(row) == 3 for row in outputs)
             assert len({tuple(c.token_ids) for c in outputs[0]}) > 1
             check_log_probs(outputs, policy, cfg, ctx)
+        with checks.check("tempered_sampling_returns_the_policy_log_probs"):
+            # SGLang returns log-probs of the temperature-scaled logits unless
+            # SGLANG_RETURN_ORIGINAL_LOGPROB=1, which launched servers get (pi_old is the
+            # temperature-1 policy).
+            warm = SamplingParams(temperature=0.6, max_new_tokens=6, stop_token_ids=[3])
+            check_log_probs(client.generate(PROMPTS, n=2, sampling=warm, seed=2), policy, cfg,
+                            ctx)
         transports = {
             "disk": DiskTransport(client, cfg, ctx, directory=str(args.out / "weights"),
                                   bucket_bytes=64 << 10),
@@ -207,7 +214,7 @@ def main() -> None:
                 before = client.generate(PROMPTS, n=1, sampling=greedy, seed=0)
                 train_step(policy, cfg, ctx, seed=step)
                 transport.push(policy.modules()[0], version=f"v{step}")
-                info = client.post(server, "/get_model_info")
+                info = client.model_info(server)
                 assert info["weight_version"] == f"v{step}", info
                 after = client.generate(PROMPTS, n=1, sampling=greedy, seed=0)
                 local = engine.generate(PROMPTS, n=1, sampling=greedy, seed=0)
@@ -224,7 +231,7 @@ def main() -> None:
             slots = sorted((c.prompt_index, c.sample_index) for row in outputs for c in row)
             assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(4)]
             check_log_probs(outputs, policy, cfg, ctx)  # the restarted server got the weights
-            assert client.post(server, "/get_model_info")["weight_version"] == "v3"
+            assert client.model_info(server)["weight_version"] == "v3"
         with checks.check("weight_updates_need_the_api_key"):
             unauthenticated = SGLangClient([server], api_key=None, timeout_s=30)
             try:
@@ -232,7 +239,7 @@ def main() -> None:
                 raise AssertionError("accepted a weight update without the API key")
             except urllib.error.HTTPError as err:
                 assert err.code == 401
-            assert client.post(server, "/get_model_info")["weight_version"] == "v3"
+            assert client.model_info(server)["weight_version"] == "v3"
         with checks.check("distributed_updates_refuse_unknown_groups"):
             for path, body, message in (
                     ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"],
@@ -243,7 +250,8 @@ def main() -> None:
                 if "GPU" in message and ctx.device.type == "cuda":
                     continue
                 try:
-                    client.post(server, path, body)
+                    with weight_update_session(client, [server]):
+                        client.post(server, path, body)
                     raise AssertionError(f"{path} accepted {body}")
                 except urllib.error.HTTPError as err:
                     assert err.code == 400 and message in str(err), err
