@@ -501,6 +501,19 @@ def validate_startup(job: JobConfig, world_size: int):
                     job.rollout.max_staleness,
                     "needs --pipeline-model-parallel-size 1 (the weights of later stages "
                     "are not pushed asynchronously yet); use 0")
+        rollout = job.rollout
+        if rollout.rollout_backend == "sglang" and rollout.sglang_url and \
+                job.sampling.temperature not in (0.0, 1.0) and \
+                not rollout.sglang_original_logprobs:
+            uses = [flag for flag, on in (
+                ("--old-log-probs engine", job.algorithm.anchor_from_engine),
+                ("--replay-old-log-probs generation",
+                 job.replay.replay_old_log_probs == "generation")) if on]
+            require(not uses, "sglang_original_logprobs", False,
+                    f"{' and '.join(uses)} at --temperature {job.sampling.temperature} would "
+                    "anchor the loss on SGLang's log-probs of the temperature-scaled logits: "
+                    "start the --sglang-url servers with SGLANG_RETURN_ORIGINAL_LOGPROB=1 and "
+                    "pass --sglang-original-logprobs (or use --old-log-probs recompute)")
         if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
         if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):

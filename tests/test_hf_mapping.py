@@ -75,3 +75,24 @@ def test_bad_names():
         hf_to_megatron(hf, cfg, padded_vocab_size=512)
     with pytest.raises(KeyError, match="unexpected Hugging Face tensor 'model.rotary.inv_freq'"):
         hf_to_megatron({"model.rotary.inv_freq": torch.zeros(1)}, cfg, padded_vocab_size=512)
+
+
+def test_te_and_local_spec_parameter_names_agree():
+    """Megatron-Core's TE spec fuses the norms into the next linear
+    (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``,
+    gpt_layer_specs.py); the local spec names them ``input_layernorm`` and
+    ``pre_mlp_layernorm`` and maps them to TE's names in its sharded_state_dict_keys_map, so
+    checkpoints agree; parameter dicts compared across hosts go through these names."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_paced.models.gpt import TE_TO_LOCAL_NAMES, canonical_param_name
+
+    local = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    keys_map = local.submodules.sharded_state_dict_keys_map
+    assert {f".{v}": f".{k}" for k, v in keys_map.items()} == TE_TO_LOCAL_NAMES
+    fused = "module.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    assert canonical_param_name(fused) == "module.decoder.layers.3.input_layernorm.weight"
+    assert canonical_param_name("decoder.layers.0.mlp.linear_fc1.layer_norm_bias") == \
+        "decoder.layers.0.pre_mlp_layernorm.bias"
+    assert canonical_param_name("decoder.layers.0.mlp.linear_fc1.weight") == \
+        "decoder.layers.0.mlp.linear_fc1.weight"

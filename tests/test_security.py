@@ -423,9 +423,20 @@ def test_trainer_startup_errors_name_the_flag_or_file(tmp_path):
         "save-interval -1": (["--save-interval", "-1"], "--save-interval -1: must be >= 0"),
         "eval of 0 prompts": (["--eval-interval", "1", "--eval-num-prompts", "0"],
                               "--eval-num-prompts 0: must be >= 1"),
+        # SGLang's log-probs are of the temperature-scaled logits unless the attached
+        # servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (layers/sampler.py).
+        "engine anchor at T 0.7 from attached servers": (
+            ["--rollout-backend", "sglang", "--sglang-url", "http://127.0.0.1:9",
+             "--temperature", "0.7", "--old-log-probs", "engine"],
+            "--sglang-original-logprobs False: --old-log-probs engine at --temperature 0.7"),
+        "disk sync on two nodes without a shared folder": (
+            ["--rollout-backend", "sglang", "--weight-sync", "disk"],
+            "needs --weight-sync-dir"),
     }
-    results = run_cli_cases([CliCase("megatron_paced.train", ["--allow-random-init", *argv])
-                             for argv, _ in cases.values()])
+    two_nodes = {"disk sync on two nodes without a shared folder"}  # GROUP_WORLD_SIZE 2
+    results = run_cli_cases([CliCase("megatron_paced.train", ["--allow-random-init", *argv],
+                                     env={"GROUP_WORLD_SIZE": "2"} if name in two_nodes else {})
+                             for name, (argv, _) in cases.items()])
     for (name, (_, words)), result in zip(cases.items(), results):
         assert result.returncode == 2 and words in result.stderr, (name, result.stderr[-1500:])
         assert "Traceback" not in result.stderr, (name, result.stderr[-1500:])

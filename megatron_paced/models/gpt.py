@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,33 @@ def transformer_engine_available() -> bool:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+    except ImportError as err:
+        if getattr(err, "name", "") not in ("transformer_engine", None):
+            warnings.warn(f"Transformer Engine is installed but does not import ({err}); "
+                          "using Megatron's local layer spec (slower, no FP8)", stacklevel=2)
+        return False
+    except Exception as err:  # noqa: BLE001 - a TE build that does not match this torch/CUDA
+        warnings.warn(f"Transformer Engine is installed but does not import "
+                      f"({type(err).__name__}: {err}); using Megatron's local layer spec "
+                      "(slower, no FP8)", stacklevel=2)
         return False
     return True
+
+
+# The same weights under Megatron's two layer specs: TE fuses the norms into the next linear
+# (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec); the local spec's
+# ``sharded_state_dict_keys_map`` already writes checkpoints under TE's names, so
+# checkpoints agree, and these names make parameter dicts agree too.
+TE_TO_LOCAL_NAMES = {".self_attention.linear_qkv.layer_norm_": ".input_layernorm.",
+                     ".mlp.linear_fc1.layer_norm_": ".pre_mlp_layernorm."}
+
+
+def canonical_param_name(name: str) -> str:
+    """A parameter's name under the local spec, whichever spec built the model."""
+    for te_part, local_part in TE_TO_LOCAL_NAMES.items():
+        if te_part in name:
+            return name.replace(te_part, local_part)
+    return name
 
 
 def _leave_uninitialized(weight: torch.Tensor) -> None:

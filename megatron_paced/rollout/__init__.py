@@ -26,7 +26,7 @@ from typing import Literal, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from megatron_paced.config import ConfigError, require
+from megatron_paced.config import require
 
 
 @dataclass
@@ -50,6 +50,11 @@ class RolloutConfig:
     sglang_api_key: Optional[str] = None
     """The servers' key (default: $MEGATRON_PACED_API_KEY, else one generated per run for the
     servers the trainer launches, handed to them through the environment)."""
+    sglang_original_logprobs: bool = False
+    """The --sglang-url servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, so their log-probs
+    are of the temperature-1 policy (SGLang otherwise returns those of the temperature-scaled
+    logits). Servers the trainer launches always get it; attached ones must say so before
+    their log-probs anchor a loss at --temperature != 1."""
     max_staleness: int = 0
     """Asynchronous rollouts: step j trains on samples of the weights after step j - K - 1
     (staleness K), generated while the K steps before it train (0: generate, then train).
@@ -82,6 +87,13 @@ class RolloutConfig:
         if self.rollout_backend == "sglang":
             require(self.sglang_num_servers >= 1 or bool(self.sglang_url), "sglang_num_servers",
                     self.sglang_num_servers, "must be >= 1 (or pass --sglang-url)")
+            num_nodes = node_count()
+            require(self.weight_sync != "tensor" or num_nodes == 1, "weight_sync", "tensor",
+                    f"with {num_nodes} nodes: CUDA IPC reaches only the servers of the pushing "
+                    "node; use disk (with --weight-sync-dir on a shared file system) or nccl")
+            require(self.weight_sync != "disk" or num_nodes == 1 or bool(self.weight_sync_dir),
+                    "weight_sync", "disk", f"with {num_nodes} nodes needs --weight-sync-dir on "
+                    "a file system every node and server shares")
         require(0 <= self.weight_sync_master_port < 65536, "weight_sync_master_port",
                 self.weight_sync_master_port, "must be a port number (0: a free one)")
         require(self.rollout_concurrency >= 1, "rollout_concurrency", self.rollout_concurrency,
@@ -180,13 +192,6 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     servers: list = list(cfg.sglang_url)
     api_key = run_api_key(cfg)
     num_nodes = node_count()
-    if cfg.weight_sync == "tensor" and num_nodes > 1:
-        raise ConfigError(f"--weight-sync tensor with {num_nodes} nodes: CUDA IPC reaches only "
-                          "the servers of the pushing node; use --weight-sync disk (with "
-                          "--weight-sync-dir on a shared file system) or nccl")
-    if cfg.weight_sync == "disk" and num_nodes > 1 and not cfg.weight_sync_dir:
-        raise ConfigError(f"--weight-sync disk with {num_nodes} nodes needs --weight-sync-dir "
-                          "on a file system every node and server shares")
     if not servers:
         servers = launch_servers(cfg, api_key=api_key, log_dir=log_dir, num_nodes=num_nodes)
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,

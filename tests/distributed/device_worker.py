@@ -37,6 +37,7 @@ from megatron_paced.config import OptimizerConfig, ParallelConfig
 from megatron_paced.forward_backward import compute_log_probs, compute_logits, forward_backward
 from megatron_paced.losses import paced_loss_fn
 from megatron_paced.models.config import PRESETS
+from megatron_paced.models.gpt import canonical_param_name
 from megatron_paced.models.policy import build_policy
 from megatron_paced.parallel import initialize_parallel
 from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
@@ -64,7 +65,9 @@ def train_step(policy, ctx) -> dict:
     logs = forward_backward(policy.model, batch, functools.partial(paced_loss_fn, beta=BETA),
                             ctx, vocab_size=MODEL.vocab_size, micro_batch_size=4)
     module = policy.modules()[0]
-    grads = {n: p.main_grad.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    # By the local spec's names: a TE model's fused norms compare with the CPU's.
+    grads = {canonical_param_name(n): p.main_grad.detach().float().cpu().clone()
+             for n, p in module.named_parameters()}
     main_grad_dtypes = sorted({str(p.main_grad.dtype) for p in module.parameters()})
     result = policy.step()
     return {
@@ -73,7 +76,8 @@ def train_step(policy, ctx) -> dict:
         "grads": grads, "main_grad_dtypes": main_grad_dtypes,
         "log_z_grad": log_z.grad.detach().clone(),
         "grad_norm": float(result.grad_norm),
-        "params": {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()},
+        "params": {canonical_param_name(n): p.detach().float().cpu().clone()
+                   for n, p in module.named_parameters()},
     }
 
 
