@@ -274,3 +274,60 @@ def test_sglang_pins_agree_with_torch():
     torch_pin = [r for r in requires("sglang") if re.match(r"torch\s*==", r)]
     assert torch_pin and torch_pin[0].split("==")[1].split(";")[0].strip() == \
         SUPPORTED_SGLANG[installed], torch_pin
+
+
+# ---- the trainer against a stand-in written from SGLang's source (tests/helpers) -------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("version, weight_sync", [("0.5.21", "tensor"), ("0.5.23", "disk")])
+def test_trainer_trains_against_sglang_behaviour(tmp_path, version, weight_sync):
+    """paced-train attached with --sglang-url to tests/helpers/sglang_standin.py, which
+    answers every arithmetic prompt with its right sum, in SGLang's order, through SGLang's
+    own request normalization: every completion is scored against its own prompt (reward 1
+    at every step; the old sample-major reading scored 2-3 of every 4 against another
+    prompt), one rid per prompt, the weights pushed inside the weight-update session before
+    each step, the cache flushed through its plain-text answer, the version checked."""
+    import subprocess
+    import sys
+
+    from megatron_paced.testing.distributed import launch_workers
+    from megatron_paced.utils import free_port
+
+    _io_struct()
+    port, log = free_port(), tmp_path / "requests.jsonl"
+    standin = subprocess.Popen([sys.executable, "-m", "tests.helpers.sglang_standin", "--port",
+                                str(port), "--version", version, "--log", str(log)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        save = tmp_path / "run"
+        result = launch_workers("megatron_paced.train", nprocs=1, timeout_s=300, args=[
+            "--num-prompts-per-step", "4", "--num-samples-per-prompt", "3",
+            "--micro-batch-size", "6", "--task-num-prompts", "32", "--task-max-digits", "2",
+            "--sft-warmup-iters", "0", "--allow-random-init", "--replay-per-step", "0",
+            "--train-iters", "2", "--max-new-tokens", "6", "--save", str(save),
+            "--rollout-backend", "sglang", "--sglang-url", f"http://127.0.0.1:{port}",
+            "--weight-sync", weight_sync, "--rollout-prompts-per-request", "2"])
+    finally:
+        standin.kill()
+        standin.wait()
+    assert result.returncode == 0, result.output[-5000:]
+    rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    assert [row["reward_mean"] for row in rows] == [1.0, 1.0], rows
+    requests = [json.loads(line) for line in open(log)]
+    generates = [r for r in requests if r["path"] == "/generate"]
+    assert len(generates) == 4 and all(len(r["rid"]) == len(r["prompts"]) == 2 and r["n"] == 3
+                                       for r in generates)
+    assert [r["weight_version"] for r in generates] == ["0", "0", "1", "1"]
+    updates = [r for r in requests if r["path"].startswith("/update_weights_from_")]
+    assert {r["weight_version"] for r in updates} == {"0", "1", "2"}
+    assert not any(r["flush_cache"] for r in updates)  # flushed separately, retried
+    if weight_sync == "tensor":  # inside begin/end, one payload per server rank
+        paths = [r["path"] for r in requests if r["path"] != "/generate"]
+        first = paths.index("/begin_weight_update")
+        assert paths[first + 1].startswith("/update_weights_from_tensor") and \
+            "/end_weight_update" in paths[first:]
+        assert all(r["entries"] == 1 and r["tensors"] >= 1 for r in updates)
+    else:
+        assert all(r["files"] >= 1 for r in updates)
+    assert any(r["path"] == "/flush_cache" for r in requests)
