@@ -17,6 +17,13 @@
 # .whl-a in one call and .whl-b in the next, while the machine is still warm (ignored paths
 # that a call does not carry stay there), then run `tools/gpu_check.sh smollm2 $OUT`.
 # Everything installs into /tmp/site (PYTHONPATH); the image's own packages stay untouched.
+#
+# `tests` covers, on the GPU, the CUDA side of SGLang's weight-update protocol as the project's
+# server speaks it (tests/test_device.py: CUDA-IPC tensor pushes, one payload per server rank,
+# inside /begin_weight_update ... /end_weight_update; gradients and parameters compared by
+# spec-independent names). What needs SGLang itself or Transformer Engine on a GPU, which
+# these device images do not have and cannot carry (SGLang's kernels are hundreds of MB), is
+# listed with its reason in docs/sglang.md ("Only on a GPU with SGLang installed").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
