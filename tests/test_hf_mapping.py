@@ -96,3 +96,34 @@ def test_te_and_local_spec_parameter_names_agree():
         "decoder.layers.0.pre_mlp_layernorm.bias"
     assert canonical_param_name("decoder.layers.0.mlp.linear_fc1.weight") == \
         "decoder.layers.0.mlp.linear_fc1.weight"
+
+
+def test_a_transformer_engine_that_does_not_import_is_said(monkeypatch):
+    """A TE install that fails to import (a build for another torch or CUDA) falls back to
+    the local spec with a warning, not silently."""
+    import sys
+    import types
+
+    import torch
+
+    from megatron_paced.models import gpt
+
+    broken = types.ModuleType("transformer_engine")
+    broken.__path__ = []  # a package whose submodule import fails
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "transformer_engine.pytorch":
+                raise OSError("libtransformer_engine.so: undefined symbol")
+            return None
+
+    monkeypatch.setitem(sys.modules, "transformer_engine", broken)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpt.transformer_engine_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Transformer Engine is installed but does not "
+                                             "import.*undefined symbol"):
+            assert gpt.transformer_engine_available() is False
+    finally:
+        gpt.transformer_engine_available.cache_clear()

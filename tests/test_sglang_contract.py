@@ -331,3 +331,35 @@ def test_trainer_trains_against_sglang_behaviour(tmp_path, version, weight_sync)
     else:
         assert all(r["files"] >= 1 for r in updates)
     assert any(r["path"] == "/flush_cache" for r in requests)
+
+
+def test_weight_update_session_with_and_without_the_endpoints():
+    """Servers of the range open a session (begin, the updates, end, also when an update
+    fails); a server without the endpoints (404) is updated without one; a session a failed
+    push left open is closed and opened again."""
+    import urllib.error
+
+    from megatron_paced.rollout.weight_sync import weight_update_session
+
+    class Client:
+        def __init__(self, answers):
+            self.answers, self.calls = answers, []
+
+        def post(self, server, path, body=None):
+            self.calls.append((server, path))
+            code = self.answers.get((server, path))
+            if code:
+                self.answers.pop((server, path))  # answered once
+                raise urllib.error.HTTPError(path, code, "already open" if code == 400
+                                             else "Not Found", {}, None)
+
+    client = Client({("old", "/begin_weight_update"): 404,
+                     ("stuck", "/begin_weight_update"): 400})
+    with pytest.raises(RuntimeError, match="update failed"):
+        with weight_update_session(client, ["new", "old", "stuck"]):
+            client.calls.append(("all", "update"))
+            raise RuntimeError("update failed")
+    assert client.calls == [("new", "/begin_weight_update"), ("old", "/begin_weight_update"),
+                            ("stuck", "/begin_weight_update"), ("stuck", "/end_weight_update"),
+                            ("stuck", "/begin_weight_update"), ("all", "update"),
+                            ("new", "/end_weight_update"), ("stuck", "/end_weight_update")]
