@@ -81,9 +81,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = No
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        help_text = docs.get(f.name, "")
-        if default is not None:
-            help_text += f" (default: {default})"
+        # argparse fills %(default)s when it prints: the default the run uses, also after
+        # parser.set_defaults (a preset's shape, a YAML file).
+        help_text = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)

@@ -1,4 +1,4 @@
-"""A paced-train job's configuration: the flags, their sources, and the start-up checks.
+"""A paced-train job's configuration: the flags and their sources.
 
 The trainer's own settings are split by concern, each its own flag group: ``TrainConfig``
 (steps, seed, precision, warm start), ``AlgorithmConfig``, ``BatchConfig``,
@@ -11,21 +11,19 @@ Every component has its own typed config dataclass (those above; ``TaskConfig``,
 ``ReplayConfig``, ``RolloutConfig`` beside their components); each becomes a group of
 Megatron-style flags. :func:`parse_args` reads them, in rising order of precedence, from the
 tiny built-in model, ``--model PRESET`` or ``--hf-config``, ``--config FILE.yaml`` and the
-command line. :func:`validate_startup` runs every check that needs no process group, so that
-bad input fails before any work, naming the flag, file or line.
+command line; :func:`megatron_paced.validation.validate_startup` checks them.
 
 Usage::
 
     job = parse_args(["--config", "examples/demo.yaml", "--train-iters", "20"])
     job.train.train_iters, job.model.hidden_size      # typed: a JobConfig of dataclasses
-    task = validate_startup(job, world_size=2)       # raises ConfigError
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -344,10 +342,17 @@ def read_yaml_flags(parser: argparse.ArgumentParser, path: str) -> dict:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> JobConfig:
-    """Flags. Defaults come, in rising order, from the tiny built-in model, ``--model PRESET``
-    or ``--hf-config config.json``, then ``--config FILE.yaml`` (unknown keys are an error),
-    then the command line."""
+TINY_MODEL_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "replay_per_step": 0}
+"""Where the built-in tiny model (no --model, no --hf-config) departs from the paper's
+settings, which a real model keeps: it learns its 1-2 digit sums in minutes only at these."""
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, its defaults set as a run with ``argv`` uses them: in rising order, the
+    dataclasses' (the paper's settings), the tiny built-in model's shape and
+    :data:`TINY_MODEL_DEFAULTS` unless ``--model PRESET`` or ``--hf-config config.json`` gives
+    a real model's shape, then ``--config FILE.yaml`` (unknown keys are an error). ``--help``
+    prints these, so ``paced-train --model qwen2.5-7b --help`` shows the 7B run's."""
     from megatron_paced.models.config import resolve_model_config
     from megatron_paced.tasks.arithmetic import CharTokenizer
 
@@ -359,9 +364,13 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                         "shape sets the model flags' defaults")
     for title, cls in CONFIGS.items():
         add_flags(parser, cls, title)
-    parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
-                        lr=1e-3, weight_decay=0.0, replay_per_step=0, prompt_selection=None)
-    pre, _ = parser.parse_known_args(argv)
+    selection = next(a for a in parser._actions if a.dest == "prompt_selection")
+    selection.help = selection.help.replace(
+        "(default: %(default)s)", "(default: paced-greedy where the run trains a log-Z table, "
+        "--algo paced or flowrl with --flowrl-log-z table; uniform otherwise)")
+    pre_argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in
+                ("-h", "--help")]
+    pre, _ = parser.parse_known_args(pre_argv)
     values: dict = {}
     if pre.config:
         values = read_yaml_flags(parser, pre.config)
@@ -371,8 +380,16 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
             parser.set_defaults(**vars(resolve_model_config(model, hf_config)))
         except (ConfigError, OSError, ValueError) as err:
             parser.error(str(err))
-    parser.set_defaults(**values)
-    args = parser.parse_args(argv)
+    else:
+        parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
+                            **TINY_MODEL_DEFAULTS)
+    parser.set_defaults(prompt_selection=None, **values)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> JobConfig:
+    """The run's configuration from its flags (defaults: :func:`build_parser`)."""
+    args = build_parser(argv).parse_args(argv)
     if args.prompt_selection is None:  # GRPO and FlowRL's head train no log-Z table
         args.prompt_selection = ("uniform" if not trains_log_z_table(args.algo,
                                                                      args.flowrl_log_z)
@@ -384,146 +401,3 @@ def trains_log_z_table(algo: str, flowrl_log_z: str = "table") -> bool:
     """Whether ``--algo`` trains the per-prompt log-Z table (PACED-RL; FlowRL unless its log Z
     is its ProjZ head)."""
     return algo == "paced" or (algo == "flowrl" and flowrl_log_z == "table")
-
-
-def validate_algorithm(algo: "AlgorithmConfig", job: "JobConfig") -> None:
-    """The loss's flags, and the selection and log-Z forms it can work with."""
-    from megatron_paced.losses import check_beta
-
-    check_beta(algo.beta)
-    require(algo.flowrl_proj_z_layers >= 1, "flowrl_proj_z_layers", algo.flowrl_proj_z_layers,
-            "must be >= 1")
-    require(0.0 <= algo.flowrl_proj_z_dropout < 1.0, "flowrl_proj_z_dropout",
-            algo.flowrl_proj_z_dropout, "must be in [0, 1)")
-    require(math.isfinite(algo.flowrl_reward_scale), "flowrl_reward_scale",
-            algo.flowrl_reward_scale, "must be finite")
-    require(algo.flowrl_weight_max > 0, "flowrl_weight_max", algo.flowrl_weight_max,
-            "must be > 0")
-    if trains_log_z_table(algo.algo, algo.flowrl_log_z) or \
-            job.selection.acc_estimator != "log-z":
-        return
-    what = "GRPO" if algo.algo == "grpo" else "FlowRL with --flowrl-log-z proj-z"
-    if job.selection.prompt_selection != "uniform":
-        raise ConfigError(
-            f"--prompt-selection {job.selection.prompt_selection} with --algo {algo.algo}: "
-            f"{what} trains no log-Z table, so every estimate stays at --target-acc and the "
-            "paced rule would pick the same prompts every step; use --prompt-selection "
-            f"uniform (the default for {what})")
-    if job.log_z.log_z_param != "table":
-        raise ConfigError(f"--log-z-param {job.log_z.log_z_param} with --algo {algo.algo}: "
-                          f"{what} trains no PACED log Z; leave --log-z-param at table")
-
-
-def validate_batch(job: "JobConfig", dp_size: int) -> int:
-    """Check the batch arithmetic and the step counts; returns the global batch in sequences."""
-    batch, replay, train = job.batch, job.replay, job.train
-    validate_algorithm(job.algorithm, job)
-    for name in ("num_samples_per_prompt", "num_prompts_per_step", "micro_batch_size"):
-        require(getattr(batch, name) >= 1, name, getattr(batch, name), "must be >= 1")
-    require(train.train_iters >= 0, "train_iters", train.train_iters, "must be >= 0")
-    require(train.train_iters > 0 or (train.sft_warmup_iters > 0 and job.checkpoint.save),
-            "train_iters", 0, "runs no RL step: it needs --sft-warmup-iters > 0 and --save (it "
-            "writes the warm-started policy as a base checkpoint)")
-    require(batch.num_prompts_per_step % dp_size == 0, "num_prompts_per_step",
-            batch.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
-    require(replay.replay_per_step % dp_size == 0, "replay_per_step",
-            replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
-    total = batch.num_prompts_per_step * batch.num_samples_per_prompt + replay.replay_per_step
-    if batch.global_batch_size is not None and batch.global_batch_size != total:
-        raise ConfigError(
-            f"--global-batch-size {batch.global_batch_size} contradicts --num-prompts-per-step "
-            f"{batch.num_prompts_per_step} x --num-samples-per-prompt "
-            f"{batch.num_samples_per_prompt} + --replay-per-step {replay.replay_per_step} "
-            f"= {total}")
-    require((total // dp_size) % batch.micro_batch_size == 0, "micro_batch_size",
-            batch.micro_batch_size,
-            f"must divide the {total // dp_size} sequences per data-parallel rank "
-            f"({total} per step over {dp_size} ranks)")
-    if job.selection.acc_estimator == "oracle" or job.eval.eval_train_accuracy:
-        name = "acc_estimator" if job.selection.acc_estimator == "oracle" else \
-            "eval_train_accuracy"
-        require(job.task.task == "arithmetic", name, "oracle",
-                f"needs --task arithmetic (one answer string per prompt), not {job.task.task}")
-        require(job.sampling.temperature == 1.0 and job.sampling.top_p == 1.0,
-                name, "oracle", "reads the accuracy of sampling at --temperature 1 --top-p 1")
-    if job.selection.acc_estimator == "oracle":
-        require(job.eval.calibration_interval == 0, "calibration_interval",
-                job.eval.calibration_interval, "the oracle is exact: nothing to probe (use 0)")
-    require(job.eval.eval_k >= 1, "eval_k", job.eval.eval_k, "must be >= 1")
-    require(job.eval.eval_final_k >= 0, "eval_final_k", job.eval.eval_final_k, "must be >= 0")
-    for name in ("eval_interval", "calibration_interval", "eval_train_interval"):
-        require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")
-    require(job.logging.kl_interval >= 0, "kl_interval", job.logging.kl_interval,
-            "must be >= 0")
-    require(job.eval.calibration_prompts >= 1, "calibration_prompts",
-            job.eval.calibration_prompts, "must be >= 1")
-    require(job.eval.calibration_samples >= 2, "calibration_samples",
-            job.eval.calibration_samples, "must be >= 2 (the probe's noise estimate divides "
-            "by M - 1)")
-    require(batch.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds",
-            batch.dynamic_sampling_max_rounds, "must be >= 1")
-    return total
-
-
-def validate_startup(job: JobConfig, world_size: int):
-    """Every check that needs no process group, so bad flags fail before any work; returns
-    the task (its prompts are read and tokenized here)."""
-    from megatron_paced.checkpointing import check_loadable
-    from megatron_paced.tasks import build_task, check_task_fits_model
-
-    parallel, model_cfg, train_cfg = job.parallel, job.model, job.train
-    parallel.validate(world_size=world_size)
-    model_cfg.validate(parallel)
-    for name in ("task", "data", "optimizer", "log_z", "selection", "replay", "rollout",
-                 "sampling", "checkpoint", "eval"):
-        getattr(job, name).validate()
-    validate_batch(job, parallel.data_parallel_size(world_size))
-    if job.checkpoint.load:
-        check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype)
-    task = build_task(job.task, job.data, seed=train_cfg.seed,
-                      eval_num_prompts=job.eval.eval_num_prompts)
-    try:
-        flag = (f"--tokenizer {job.task.tokenizer}" if job.task.tokenizer
-                else "the arithmetic task's tokenizer")
-        check_task_fits_model(task, model_cfg, job.sampling.max_new_tokens, flag)
-        require(job.batch.num_prompts_per_step <= len(task.problems), "num_prompts_per_step",
-                job.batch.num_prompts_per_step,
-                f"must be <= the {len(task.problems)} training prompts of --task "
-                f"{job.task.task}")
-        require(not job.batch.dynamic_sampling
-                or job.selection.prompt_selection == "uniform", "dynamic_sampling", True,
-                "draws fresh prompts each round: it needs --prompt-selection uniform")
-        if job.rollout.max_staleness:
-            require(not job.batch.dynamic_sampling, "max_staleness", job.rollout.max_staleness,
-                    "cannot be combined with --dynamic-sampling (its extra rounds depend on "
-                    "the step's own rewards); use 0")
-            require(parallel.pipeline_model_parallel_size == 1, "max_staleness",
-                    job.rollout.max_staleness,
-                    "needs --pipeline-model-parallel-size 1 (the weights of later stages "
-                    "are not pushed asynchronously yet); use 0")
-        rollout = job.rollout
-        if rollout.rollout_backend == "sglang" and rollout.sglang_url and \
-                job.sampling.temperature not in (0.0, 1.0) and \
-                not rollout.sglang_original_logprobs:
-            uses = [flag for flag, on in (
-                ("--old-log-probs engine", job.algorithm.anchor_from_engine),
-                ("--replay-old-log-probs generation",
-                 job.replay.replay_old_log_probs == "generation")) if on]
-            require(not uses, "sglang_original_logprobs", False,
-                    f"{' and '.join(uses)} at --temperature {job.sampling.temperature} would "
-                    "anchor the loss on SGLang's log-probs of the temperature-scaled logits: "
-                    "start the --sglang-url servers with SGLANG_RETURN_ORIGINAL_LOGPROB=1 and "
-                    "pass --sglang-original-logprobs (or use --old-log-probs recompute)")
-        if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
-            task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
-        if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
-            raise ConfigError(
-                "the policy would start from random weights (no --load, --sft-warmup-iters 0), "
-                "and RL from random weights learns nothing: start from a checkpoint (--load "
-                "DIR, e.g. tools/convert_hf_to_megatron.py output), warm-start the built-in "
-                "task (--sft-warmup-iters 1000), or run the demo (--config examples/demo.yaml); "
-                "--allow-random-init runs it anyway")
-    except ConfigError:
-        task.close()
-        raise
-    return task

@@ -43,13 +43,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError
-from megatron_paced.job import JobConfig, parse_args, trains_log_z_table, validate_startup
+from megatron_paced.job import JobConfig, parse_args, trains_log_z_table
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.rl.batch import build_train_batch
 from megatron_paced.rl.collect import Collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
 from megatron_paced.rl.metrics import MetricsLog, print_summary, step_record
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
+from megatron_paced.validation import validate_startup
 
 if TYPE_CHECKING:
     from megatron_paced.checkpointing import CheckpointManager

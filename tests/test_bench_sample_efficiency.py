@@ -130,7 +130,8 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
 def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
     """Each method's flags on the CPU task, as the benchmark passes them, through paced-train's
     parser and start-up validation (batch arithmetic, selection and replay settings)."""
-    from megatron_paced.job import parse_args, validate_startup
+    from megatron_paced.job import parse_args
+    from megatron_paced.validation import validate_startup
 
     args = bench.parse_args(["--out", str(tmp_path)])
     for args.cpu_task in bench.CPU_TASKS:

@@ -157,3 +157,38 @@ def test_gpu_runs_send_host_tensors_over_gloo():
         "cpu:gloo,cuda:nccl"
     assert _backend(ParallelConfig(distributed_backend="gloo"), cuda=True) == "gloo"
     assert _backend(ParallelConfig(), cuda=False) == "gloo"
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "qwen2.5-7b"], ["--algo", "grpo"]])
+def test_help_shows_the_defaults_the_run_uses(argv, capsys):
+    """For every flag, the default `paced-train ... --help` prints is the value a run with
+    the same other flags and no such flag parses to (a real model keeps the paper's lr,
+    weight decay and replay; the tiny built-in one has its own)."""
+    import dataclasses
+
+    from megatron_paced.job import build_parser, parse_args
+
+    job = parse_args(argv + ["--allow-random-init"])
+    parsed = {f.name: getattr(section, f.name) for section in vars(job).values()
+              if dataclasses.is_dataclass(section) for f in dataclasses.fields(section)}
+    parser = build_parser(argv + ["--help"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--help"])
+    printed = "".join(capsys.readouterr().out.split())  # wrapping may break at hyphens
+    formatter = parser._get_formatter()
+    checked = 0
+    for action in parser._actions:
+        given = any(option in argv for option in action.option_strings)
+        if action.dest not in parsed or action.dest == "allow_random_init" or given:
+            continue
+        shown = " ".join(formatter._expand_help(action).split())  # what --help prints
+        assert "".join(shown.split()) in printed, action.dest
+        if action.dest == "prompt_selection":
+            expected = "paced-greedy" if job.algorithm.algo == "paced" else "uniform"
+            assert parsed["prompt_selection"] == expected and expected in shown
+            continue
+        assert shown.endswith(f"(default: {parsed[action.dest]})"), (action.dest, shown)
+        checked += 1
+    assert checked > 100
+    if argv[:1] == ["--model"]:
+        assert (job.optimizer.lr, job.optimizer.weight_decay) == (1e-6, 0.1)

@@ -186,7 +186,7 @@ def test_paced_train_starts_from_converted_smollm2_on_gsm8k(conversions, tmp_pat
         "--task", "gsm8k", "--max-prompt-length", "160", "--on-long-prompt", "skip",
         "--num-prompts-per-step", "2", "--num-samples-per-prompt", "2",
         "--micro-batch-size", "4", "--max-new-tokens", "12", "--train-iters", "1",
-        "--lr", "1e-6", "--save", str(save)])
+        "--lr", "1e-6", "--replay-per-step", "0", "--save", str(save)])
     assert result.returncode == 0, result.output[-4000:]
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["num_samples"] == 4

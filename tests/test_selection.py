@@ -103,7 +103,8 @@ def test_grpo_selects_uniformly_by_default_and_refuses_a_paced_rule():
     """GRPO (and FlowRL with its own ProjZ head) trains no log-Z table: every row stays at
     tau, so a paced rule would return the same tie order every step (the same prompts
     forever)."""
-    from megatron_paced.job import parse_args, validate_batch
+    from megatron_paced.job import parse_args
+    from megatron_paced.validation import validate_batch
 
     assert parse_args(["--algo", "grpo"]).selection.prompt_selection == "uniform"
     assert parse_args([]).selection.prompt_selection == "paced-greedy"

@@ -102,7 +102,8 @@ def _run_script(tmp_path, script: str, env: dict, nodes: list[str]):
                          ids=[f"{s}-{'-'.join(e) or 'default'}" for s, e, _, _ in LAUNCHES])
 def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env, nodes,
                                                           expected):
-    from megatron_paced.job import parse_args, validate_batch
+    from megatron_paced.job import parse_args
+    from megatron_paced.validation import validate_batch
 
     world_size, tp, pp, urls = expected
     result, log_dir = _run_script(tmp_path, script, env, nodes)
