@@ -113,7 +113,7 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
     from megatron_paced.checkpointing import CheckpointManager
     from megatron_paced.models.policy import build_policy, build_reference
     from megatron_paced.paced.state import PacedState
-    from megatron_paced.paced.log_z import build_log_z_table
+    from megatron_paced.paced.learned_log_z import build_log_z_table
     from megatron_paced.paced.replay import DistributedReplay
     from megatron_paced.paced.selection import PromptSelector
     from megatron_paced.parallel import initialize_parallel

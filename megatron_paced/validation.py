@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 from megatron_paced.config import ConfigError, require
-from megatron_paced.job import JobConfig, trains_log_z_table
+from megatron_paced.job import AlgorithmConfig, JobConfig, trains_log_z_table
 
 
-def validate_algorithm(algo: "AlgorithmConfig", job: "JobConfig") -> None:
+def validate_algorithm(algo: AlgorithmConfig, job: JobConfig) -> None:
     """The loss's flags, and the selection and log-Z forms it can work with."""
     from megatron_paced.losses import check_beta
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_paced.forward_backward import SequenceBatch
-from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ, build_log_z_table
+from megatron_paced.paced.learned_log_z import build_log_z_table
+from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ
 
 
 def test_lookup_and_per_prompt_mean_sgd_step():
@@ -208,7 +209,6 @@ def test_flags_and_init_default_to_tau():
     import argparse
 
     from megatron_paced.config import add_flags, from_args
-    from megatron_paced.paced.log_z import build_log_z_table
     from megatron_paced.paced.replay import ReplayConfig
     from megatron_paced.paced.selection import SelectionConfig
 

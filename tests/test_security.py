@@ -580,7 +580,7 @@ def test_the_server_lock_serves_requests_in_arrival_order():
     import threading
     import time
 
-    from megatron_paced.rollout.serve import FairLock
+    from megatron_paced.rollout.service import FairLock
 
     lock, order, arrived = FairLock(), [], []
 

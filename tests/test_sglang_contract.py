@@ -4,7 +4,8 @@ behaviour, both read from the installed sglang wheel (``pip install --no-deps sg
 
 From SGLang 0.5.21-0.5.23's source:
 
-* ``sglang/api/v1/api_types.py`` ``GenerateRequest.from_json_value``: the JSON contract gate.
+* ``sglang/api/v1/api_types.py`` ``GenerateRequest.from_json_value``: the JSON contract gate
+  (0.5.23 only; the Makefile installs 0.5.23).
 * ``sglang/srt/managers/io_struct.py`` ``GenerateReqInput.normalize_batch_and_arguments``:
   a ``rid`` list has one entry per prompt (``_normalize_rid``, else 400); executed from the
   wheel by :mod:`megatron_paced.rollout.sglang_source`.
@@ -163,6 +164,10 @@ def test_servers_of_a_node_get_their_own_gpus():
         [["--base-gpu-id", "0"], ["--base-gpu-id", "2"], ["--base-gpu-id", "4"]]
     assert per_server_args(["--tp-size=4", "--dp-size", "2", "--base-gpu-id", "8"], 1) == \
         ["--tp-size=4", "--dp-size", "2", "--base-gpu-id", "16"]
+    # SGLang's compute_world_size: (1 with DP attention, else dp) x tp x pp; x --gpu-id-step.
+    assert per_server_args(["--tp", "2", "--pp-size", "2"], 1)[-1] == "4"
+    assert per_server_args(["--tp", "2", "--dp", "2", "--enable-dp-attention"], 1)[-1] == "2"
+    assert per_server_args(["--tp", "2", "--gpu-id-step", "2"], 1)[-1] == "4"
 
 
 def test_tensor_payload_is_serialized_once_per_rank():
@@ -232,7 +237,7 @@ def test_project_server_answers_as_sglang(sglang_like_server):
     assert client.server_info(server)["enable_deterministic_inference"] is False
     # /flush_cache: plain text, 400 while a request runs, 200 after.
     status, kind, raw = _raw(server, "/flush_cache")
-    assert status == 200 and kind.startswith("text/plain") and raw.startswith(b"Cache flushed")
+    assert status == 200 and kind is None and raw.startswith(b"Cache flushed")  # not JSON
     assert isinstance(http_json(server.url + "/flush_cache", timeout_s=30, api_key="k"), str)
     busy = threading.Thread(target=lambda: client.generate(
         PROMPTS[:1], n=1, sampling=SamplingParams(max_new_tokens=2), seed=0))
@@ -240,7 +245,18 @@ def test_project_server_answers_as_sglang(sglang_like_server):
     time.sleep(0.15)  # the request waits out --debug-generate-delay
     status, kind, raw = _raw(server, "/flush_cache")
     busy.join()
-    assert status == 400 and kind.startswith("text/plain") and b"Flush cache failed" in raw
+    assert status == 400 and kind is None and b"Flush cache failed" in raw
+    # A rid still in flight is refused (tokenizer_manager.py), as is a method SGLang's route
+    # does not take.
+    slow = threading.Thread(target=lambda: _raw(server, "/generate", {
+        "input_ids": [[1, 2]], "rid": ["dup"], "sampling_params": {"max_new_tokens": 1}}))
+    slow.start()
+    time.sleep(0.15)
+    status, _, raw = _raw(server, "/generate", {"input_ids": [[1, 2]], "rid": ["dup"]})
+    slow.join()
+    assert status == 400 and b"Duplicate request ID detected: dup" in raw
+    assert _raw(server, "/generate", method="GET")[0] == 405
+    assert _raw(server, "/model_info", {}, method="POST")[0] == 405
     # Tensor updates only inside the weight-update session.
     update = {"serialized_named_tensors": ["AAAA"], "weight_version": "x"}
     status, _, raw = _raw(server, "/update_weights_from_tensor", update)
@@ -363,3 +379,28 @@ def test_weight_update_session_with_and_without_the_endpoints():
                             ("stuck", "/begin_weight_update"), ("stuck", "/end_weight_update"),
                             ("stuck", "/begin_weight_update"), ("all", "update"),
                             ("new", "/end_weight_update"), ("stuck", "/end_weight_update")]
+
+
+def test_a_retried_request_gets_fresh_rids():
+    """SGLang keeps a dropped request's rid until the scheduler answers its abort and
+    refuses the same rid meanwhile: each attempt of a request carries new rids."""
+    def output(token):
+        return {"output_ids": [token], "meta_info": {
+            "prompt_tokens": 2, "finish_reason": {"type": "stop"},
+            "output_token_logprobs": [[-0.1, token, None]], "weight_version": "1"}}
+
+    client = SGLangClient(["http://127.0.0.1:9"], max_retries=2, timeout_s=5)
+    bodies = []
+
+    def post(server, path, body=None, **kwargs):
+        if path != "/generate":
+            return {"tp_size": 1}  # /server_info
+        bodies.append(body)
+        if len(bodies) == 1:
+            raise ConnectionResetError("dropped")
+        return [output(5), output(6)]
+
+    client.post = post
+    out = client.generate([[1, 2]], n=2, sampling=SamplingParams(), seed=0)
+    assert [c.token_ids for c in out[0]] == [[5], [6]]
+    assert len(bodies) == 2 and not set(bodies[0]["rid"]) & set(bodies[1]["rid"])

@@ -150,7 +150,8 @@ def bench(args) -> dict:
     from megatron_paced.config import OptimizerConfig, ParallelConfig
     from megatron_paced.models.config import resolve_model_config
     from megatron_paced.models.policy import build_policy, build_reference
-    from megatron_paced.paced.log_z import LogZConfig, build_log_z_table
+    from megatron_paced.paced.learned_log_z import build_log_z_table
+    from megatron_paced.paced.log_z import LogZConfig
     from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, offer_and_draw
     from megatron_paced.paced.selection import PromptSelector, SelectionConfig
     from megatron_paced.parallel import initialize_parallel

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.paced.head import LogZHead
-from megatron_paced.paced.log_z import ShardedLogZ, row_block_tensor
+from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ, row_block_tensor
 
 CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
 
@@ -197,3 +197,24 @@ class LearnedLogZ(ShardedLogZ):
         self.head.load_state_dict(state["head"]["model"])
         self.head.optimizer.load_state_dict(state["head"]["optimizer"])
         self.num_updates = int(state["head"]["num_updates"])
+
+
+def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_acc: float,
+                      dp_group: dist.ProcessGroup | None = None, hidden_size: int = 0,
+                      seed: int = 0) -> ShardedLogZ:
+    """log Z from its flags: the table, or with ``--log-z-param head|hybrid`` a
+    :class:`LearnedLogZ` (its features are set later,
+    from the base policy). ``--log-z-init-acc`` defaults to ``--target-acc`` (tau)."""
+    cfg.validate()
+    init_acc = target_acc if cfg.log_z_init_acc is None else cfg.log_z_init_acc
+    kwargs = dict(beta=beta, init_acc=init_acc, lr=cfg.log_z_lr, optimizer=cfg.log_z_optimizer,
+                  dp_group=dp_group, min_step=cfg.log_z_min_step)
+    if cfg.log_z_param == "table":
+        return ShardedLogZ(num_prompts, **kwargs)
+    return LearnedLogZ(num_prompts, param=cfg.log_z_param,
+                       feature_dim=cfg.log_z_feature_dim or hidden_size,
+                       width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
+                       head_lr=cfg.log_z_head_lr, fit_steps=cfg.log_z_head_fit_steps,
+                       window=cfg.log_z_head_window, fit_rows=cfg.log_z_head_fit_rows,
+                       residual_prior=cfg.log_z_residual_prior,
+                       seed=seed, **kwargs)

@@ -345,26 +345,3 @@ class ShardedLogZ:
                 value, torch.Tensor) else value
             getattr(self, name).copy_(value.reshape(-1))
         self._updated_rows = None
-
-
-def build_log_z_table(num_prompts: int, cfg: LogZConfig, *, beta: float, target_acc: float,
-                      dp_group: dist.ProcessGroup | None = None, hidden_size: int = 0,
-                      seed: int = 0) -> ShardedLogZ:
-    """log Z from its flags: the table, or with ``--log-z-param head|hybrid`` a
-    :class:`~megatron_paced.paced.learned_log_z.LearnedLogZ` (its features are set later,
-    from the base policy). ``--log-z-init-acc`` defaults to ``--target-acc`` (tau)."""
-    cfg.validate()
-    init_acc = target_acc if cfg.log_z_init_acc is None else cfg.log_z_init_acc
-    kwargs = dict(beta=beta, init_acc=init_acc, lr=cfg.log_z_lr, optimizer=cfg.log_z_optimizer,
-                  dp_group=dp_group, min_step=cfg.log_z_min_step)
-    if cfg.log_z_param == "table":
-        return ShardedLogZ(num_prompts, **kwargs)
-    from megatron_paced.paced.learned_log_z import LearnedLogZ
-
-    return LearnedLogZ(num_prompts, param=cfg.log_z_param,
-                       feature_dim=cfg.log_z_feature_dim or hidden_size,
-                       width=cfg.log_z_head_width, num_layers=cfg.log_z_head_layers,
-                       head_lr=cfg.log_z_head_lr, fit_steps=cfg.log_z_head_fit_steps,
-                       window=cfg.log_z_head_window, fit_rows=cfg.log_z_head_fit_rows,
-                       residual_prior=cfg.log_z_residual_prior,
-                       seed=seed, **kwargs)

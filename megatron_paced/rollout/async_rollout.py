@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from megatron_paced.rollout import SGLangBackend
+from megatron_paced.rollout.sglang_backend import SGLangBackend
 from megatron_paced.rollout.sglang_client import RolloutError
 
 POLL_S = 0.002
@@ -75,7 +75,7 @@ class _Barrier:
 
 
 class AsyncSGLangBackend(SGLangBackend):
-    """:class:`~megatron_paced.rollout.SGLangBackend` whose requests run in a worker thread,
+    """:class:`~megatron_paced.rollout.sglang_backend.SGLangBackend` whose requests run in a worker thread,
     ordered against the weight pushes as the module docstring says."""
 
     def __init__(self, client, transport, ctx, *, timeout_s: float) -> None:
@@ -213,12 +213,17 @@ class AsyncSGLangBackend(SGLangBackend):
 
     def _push(self, prepared) -> None:
         servers = self.client.servers
-        for server in servers:  # SGLang 0.5: pause -> update -> flush -> continue
-            self.client.post(server, "/pause_generation", {"mode": "retract"})
-        self.transport.apply_in_session(prepared, servers)
-        self.transport.finish(prepared.version, servers)
-        for server in servers:
-            self.client.post(server, "/continue_generation", {})
+        try:
+            for server in servers:  # SGLang 0.5: pause -> update -> flush -> continue
+                self.client.post(server, "/pause_generation", {"mode": "retract"})
+            self.transport.apply_in_session(prepared, servers)
+            self.transport.finish(prepared.version, servers)
+        finally:  # a failed push must not leave --sglang-url servers paused for good
+            for server in servers:
+                try:
+                    self.client.post(server, "/continue_generation", {})
+                except OSError:  # a dead server: restarted (unpaused) by the retry
+                    pass
 
     def _restart_dead(self) -> bool:
         """Restart the servers this rank launched that died; True if one was."""
@@ -228,6 +233,8 @@ class AsyncSGLangBackend(SGLangBackend):
                      if isinstance(s, ServerProcess) and s.restart_if_dead()]
         if restarted:
             self.transport.forget_servers()
+            for server in restarted:
+                self.client.forget_server_info(server)
         return bool(restarted)
 
     def _applied(self) -> int:

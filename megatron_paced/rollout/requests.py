@@ -52,6 +52,20 @@ class ServerLimits:
     update_group_timeout_s: float = 60.0
 
 
+FLUSH_DONE = ("Cache flushed.\nPlease check backend logs for more details. (When there are "
+              "running or waiting requests, the operation will not be performed.)\n")
+FLUSH_FAILED = "Flush cache failed.\n"  # SGLang's answer when the message is empty
+
+
+@dataclass
+class TextAnswer:
+    """A plain-text answer (SGLang's ``Response(content=...)``: no JSON)."""
+
+    status: int
+    text: str
+
+
+
 class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

@@ -20,7 +20,7 @@ answer it (``sglang/srt/managers/io_struct.py``, ``managers/tokenizer_manager.py
   (``layers/sampler.py``), and there the ``n`` copies of a prompt share it, so they would all
   be the same. Against such a server (``/server_info`` says so) each (prompt, sample) is its
   own row with ``n = 1`` and its own seed; against any other, no seed is sent.
-* ``meta_info.weight_versions`` (0.5.23: the spans of weights that sampled the tokens) gives
+* ``meta_info.weight_versions`` (the spans of weights that sampled the tokens) gives
   the completion's version as the oldest span's; ``weight_version`` otherwise.
 
 A request that fails (connection refused or reset, timeout, HTTP 5xx) is retried up to
@@ -163,7 +163,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
-        from megatron_paced.rollout.serve import API_KEY_ENV, PARENT_PID_ENV
+        from megatron_paced.rollout.http_api import API_KEY_ENV, PARENT_PID_ENV
 
         command = self.command + ["--host", self.host, "--port", str(self.port)]
         env = server_environment(dict(os.environ), {**(self.env or {}),
@@ -370,9 +370,11 @@ class SGLangClient:
             try:
                 deterministic = bool(self.server_info(server).get(
                     "enable_deterministic_inference"))
-                body, slots = self.request_body(chunk, prompts, n, sampling, seed, chunk_index,
-                                                deterministic=deterministic,
-                                                rid_prefix=self.rid_prefix)
+                # A fresh rid per attempt: SGLang keeps a dropped request's rid until its
+                # abort is answered and refuses the same rid again meanwhile (400).
+                body, slots = self.request_body(
+                    chunk, prompts, n, sampling, seed, chunk_index, deterministic=deterministic,
+                    rid_prefix=f"{self.rid_prefix}-a{attempt}.{aborts}")
                 outputs = self.post(server, "/generate", body)
                 return self._parse(outputs, slots, prompts)
             except urllib.error.HTTPError as err:
@@ -389,8 +391,8 @@ class SGLangClient:
             except (OSError, urllib.error.URLError, ConnectionError) as err:
                 last_error = err
             self.num_retries += 1
+            self.forget_server_info(server)  # it may have come back with other arguments
             if isinstance(server, ServerProcess) and server.restart_if_dead():
-                self.forget_server_info(server)
                 if self.on_restart is not None:
                     self.on_restart(server)
             else:

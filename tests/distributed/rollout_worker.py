@@ -41,8 +41,9 @@ from megatron_paced.models.policy import build_policy
 from megatron_paced.parallel import initialize_parallel
 from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
 from megatron_paced.rollout.sglang_client import SGLangClient, ServerProcess, serve_command
+from megatron_paced.rollout.update_group import DistributedTransport
 from megatron_paced.rollout.weight_sync import (
-    DiskTransport, DistributedTransport, TensorTransport, weight_update_session,
+    DiskTransport, TensorTransport, weight_update_session,
 )
 from megatron_paced.testing.distributed import CheckRecorder
 from megatron_paced.utils import free_port

@@ -100,6 +100,8 @@ class StandIn:
             return 400, {"success": False, "message": f"{path.strip('/')} must run between "
                                                       "begin_weight_update() and "
                                                       "end_weight_update()"}
+        if path == "/update_weights_from_distributed":
+            return 400, {"success": False, "message": "this stand-in has no update group"}
         if path == "/update_weights_from_disk":
             files = [f for f in os.listdir(body["model_path"]) if f.endswith(".safetensors")]
             detail = {"files": len(files)}

@@ -1,0 +1,43 @@
+"""The synchronous SGLang backend: the /generate client
+(:mod:`~megatron_paced.rollout.sglang_client`) and the weight transport
+(:mod:`~megatron_paced.rollout.weight_sync`) behind the rollout interface. The asynchronous one
+(``--max-staleness K``) extends it (:mod:`~megatron_paced.rollout.async_rollout`).
+
+Usage::
+
+    backend = SGLangBackend(SGLangClient(urls), TensorTransport(client, model_cfg, ctx))
+    backend.sync_weights(policy.modules(), version=0)
+    completions = backend.generate(prompts, n=8, sampling=sampling, seed=step)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_paced.rollout.engine import done_future
+
+
+class SGLangBackend:
+    """SGLang servers (or the project's rollout server) behind :class:`~megatron_paced.rollout.backend.RolloutBackend`: the
+    /generate client, and the weight transport that pushes the policy into the servers."""
+
+    asked_once_per_replica = True
+
+    def __init__(self, client, transport) -> None:
+        self.client, self.transport = client, transport
+
+    def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
+        return self.client.generate(prompts, n=n, sampling=sampling, seed=seed)
+
+    def submit(self, prompts: list[list[int]], n: int, sampling, seed: int,
+               min_version: int | None = None):
+        return done_future(self.generate(prompts, n, sampling, seed))
+
+    def drain(self) -> None:
+        """Nothing runs in the background."""
+
+    def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
+        self.transport.push(model[0], version=str(version))
+
+    def close(self) -> None:
+        self.client.close()
