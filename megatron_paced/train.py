@@ -48,7 +48,7 @@ from megatron_paced.models.config import ModelConfig
 from megatron_paced.rl.batch import build_train_batch
 from megatron_paced.rl.collect import Collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
-from megatron_paced.rl.metrics import MetricsLog, print_summary, step_record
+from megatron_paced.rl.metrics import MetricsLog, print_summary, staleness_metrics, step_record
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
 from megatron_paced.validation import validate_startup
 
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from megatron_paced.paced.replay import DistributedReplay
     from megatron_paced.paced.selection import PromptSelector
     from megatron_paced.parallel import ParallelContext
+    from megatron_paced.tasks import Task
     from megatron_paced.rollout import RolloutBackend
 
 
@@ -75,7 +76,7 @@ class Trainer:
 
     job: JobConfig
     ctx: ParallelContext
-    task: object
+    task: "Task"
     """The task: problems, eval problems, prompt tokens, verifier (megatron_paced.tasks)."""
     model_cfg: ModelConfig
     policy: Policy
@@ -235,20 +236,6 @@ def train_step(t: Trainer) -> dict:
                        ctx=ctx, log_prompt_accuracy=job.logging.log_prompt_accuracy)
 
 
-def staleness_metrics(groups, ctx, rollout_cfg) -> dict:
-    """With --max-staleness: the mean and max staleness of the step's trained samples and
-    the samples dropped past the bound, over all DP ranks (collective); {} otherwise."""
-    if not rollout_cfg.max_staleness:
-        return {}
-    stats = torch.tensor([float(groups.staleness.sum()), float(groups.staleness.numel())],
-                         dtype=torch.float64)
-    dist.all_reduce(stats, group=ctx.dp_group)
-    worst = groups.staleness.max().reshape(1).double()
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ctx.dp_group)
-    return {"staleness_mean": float(stats[0] / stats[1]), "staleness_max": float(worst),
-            "num_dropped_stale": groups.num_dropped}
-
-
 def sample_rewards_of(trainer: Trainer):
     """(problems, n, seed) -> (P, n) rewards of n fresh completions each, not trained on."""
     collector, step = trainer.collector, trainer.step + 1  # the step an error would name
@@ -302,41 +289,10 @@ def calibrate(trainer: Trainer) -> dict:
 def prepare_log_z_features(trainer: Trainer) -> None:
     """The learned log-Z head's prompt features, from the policy as it starts RL (the base
     policy), unless a checkpoint brought them (:mod:`megatron_paced.paced.features`)."""
-    from megatron_paced.checkpointing import iteration_dir, latest_step
-    from megatron_paced.paced.features import (feature_cache_dir, log_z_features, prompts_digest,
-                                               sharded_prompts_digest)
+    from megatron_paced.paced.features import set_log_z_features
 
-    log_z, job, task = trainer.log_z, trainer.job, trainer.task
-    if getattr(log_z, "features", True) is not None:  # a table, or loaded with the checkpoint
-        return
-    cfg = job.log_z
-
-    def prompts_of_rows(start: int, end: int) -> list[list[int]]:
-        return [task.prompt_tokens(task.problems[row]) for row in range(start, end)]
-
-    heldout = [task.prompt_tokens(problem) for problem in task.eval_problems]
-    cache_dir = None
-    if cfg.log_z_feature_cache:
-        load = job.checkpoint.load
-        step = latest_step(load) if load else None
-        loaded = iteration_dir(load, step) if step is not None else None
-        base = ({"load": os.path.realpath(loaded), "written": os.path.getmtime(loaded)}
-                if loaded else
-                {"seed": job.train.seed, "sft_warmup_iters": job.train.sft_warmup_iters,
-                 "sft_lr": job.train.sft_lr})
-        identity = {"model": dataclasses.asdict(trainer.model_cfg), "base": base,
-                    "step": trainer.step, "pooling": cfg.log_z_feature_pooling,
-                    "dim": log_z.feature_dim, "seed": job.train.seed,
-                    "prompts": sharded_prompts_digest(prompts_of_rows, log_z.row_start,
-                                                      log_z.row_end, trainer.ctx.dp_group),
-                    "heldout": prompts_digest(heldout)}
-        cache_dir = feature_cache_dir(cfg.log_z_feature_cache, identity)
-    local, heldout_features = log_z_features(
-        trainer.policy.model, prompts_of_rows, heldout, trainer.ctx, row_start=log_z.row_start,
-        row_end=log_z.row_end, num_prompts=log_z.num_prompts, dim=log_z.feature_dim,
-        pooling=cfg.log_z_feature_pooling, micro_batch_size=job.batch.micro_batch_size,
-        seed=job.train.seed, cache_dir=cache_dir)
-    log_z.set_features(local, heldout_features)
+    set_log_z_features(trainer.log_z, trainer.task, trainer.policy.model, job=trainer.job,
+                       model_cfg=trainer.model_cfg, ctx=trainer.ctx, step=trainer.step)
 
 
 def sft_warmup(trainer: Trainer) -> None:
@@ -413,6 +369,8 @@ def train(job: JobConfig, task=None) -> Trainer:
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
                   f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
         if job.debug.kill_rollout_server_after_step == trainer.step:
+            from megatron_paced.rollout.sglang_backend import kill_first_server
+
             kill_first_server(trainer.rollout)
         trainer.checkpoints.save_if_due(trainer.step, trainer.counters)
         if job.debug.exit_after_step is not None and trainer.step == job.debug.exit_after_step:
@@ -423,18 +381,6 @@ def train(job: JobConfig, task=None) -> Trainer:
     if trainer.metrics.is_logger and history:
         print_summary(job, trainer.metrics.first_eval, history, trainer.num_samples)
     return trainer
-
-
-def kill_first_server(rollout) -> None:
-    """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout server
-    this process launched, if any."""
-    from megatron_paced.rollout.sglang_client import ServerProcess
-
-    launched = [s for s in getattr(getattr(rollout, "client", None), "servers", [])
-                if isinstance(s, ServerProcess) and s.process is not None]
-    if launched:
-        launched[0].process.kill()
-        launched[0].process.wait()
 
 
 def save_base_policy(trainer: Trainer) -> Trainer:

@@ -216,3 +216,45 @@ def log_z_features(model: list[torch.nn.Module], prompts_of_rows, heldout_prompt
             os.replace(tmp, cache_dir)
         dist.barrier()
     return local, heldout
+
+
+def set_log_z_features(log_z, task, model, *, job, model_cfg, ctx, step: int) -> None:
+    """Give a learned log Z (``log_z.features is None``) its prompt features from ``model``
+    (the policy as RL starts), from ``--log-z-feature-cache`` when a cache of the same base
+    model, prompts and settings exists (its identity: the loaded checkpoint or the warm
+    start's settings, the model shape, the step, pooling, width, seed and the prompts'
+    digests). A table, or a head whose checkpoint brought its features, is left as it is."""
+    import dataclasses
+
+    from megatron_paced.checkpointing import iteration_dir, latest_step
+
+    if getattr(log_z, "features", True) is not None:  # a table, or loaded with the checkpoint
+        return
+    cfg = job.log_z
+
+    def prompts_of_rows(start: int, end: int) -> list[list[int]]:
+        return [task.prompt_tokens(task.problems[row]) for row in range(start, end)]
+
+    heldout = [task.prompt_tokens(problem) for problem in task.eval_problems]
+    cache_dir = None
+    if cfg.log_z_feature_cache:
+        load = job.checkpoint.load
+        step = latest_step(load) if load else None
+        loaded = iteration_dir(load, step) if step is not None else None
+        base = ({"load": os.path.realpath(loaded), "written": os.path.getmtime(loaded)}
+                if loaded else
+                {"seed": job.train.seed, "sft_warmup_iters": job.train.sft_warmup_iters,
+                 "sft_lr": job.train.sft_lr})
+        identity = {"model": dataclasses.asdict(model_cfg), "base": base,
+                    "step": step, "pooling": cfg.log_z_feature_pooling,
+                    "dim": log_z.feature_dim, "seed": job.train.seed,
+                    "prompts": sharded_prompts_digest(prompts_of_rows, log_z.row_start,
+                                                      log_z.row_end, ctx.dp_group),
+                    "heldout": prompts_digest(heldout)}
+        cache_dir = feature_cache_dir(cfg.log_z_feature_cache, identity)
+    local, heldout_features = log_z_features(
+        model, prompts_of_rows, heldout, ctx, row_start=log_z.row_start,
+        row_end=log_z.row_end, num_prompts=log_z.num_prompts, dim=log_z.feature_dim,
+        pooling=cfg.log_z_feature_pooling, micro_batch_size=job.batch.micro_batch_size,
+        seed=job.train.seed, cache_dir=cache_dir)
+    log_z.set_features(local, heldout_features)

@@ -164,3 +164,17 @@ def _without_secrets(config):
         return {key: _without_secrets(value) for key, value in config.items()
                 if "api_key" not in str(key)}
     return config
+
+
+def staleness_metrics(groups, ctx, rollout_cfg) -> dict:
+    """With --max-staleness: the mean and max staleness of the step's trained samples and
+    the samples dropped past the bound, over all DP ranks (collective); {} otherwise."""
+    if not rollout_cfg.max_staleness:
+        return {}
+    stats = torch.tensor([float(groups.staleness.sum()), float(groups.staleness.numel())],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, group=ctx.dp_group)
+    worst = groups.staleness.max().reshape(1).double()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+    return {"staleness_mean": float(stats[0] / stats[1]), "staleness_max": float(worst),
+            "num_dropped_stale": groups.num_dropped}

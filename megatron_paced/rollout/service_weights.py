@@ -67,6 +67,15 @@ class WeightEndpoints:
                                         "because requests are still running or queued. "
                                         "Retract or finish them, then call /flush_cache.")
 
+    def _load_update(self, hf: dict, body: dict, version: str | None) -> dict:
+        """Load a partial update, then (0.5.23) fail it if it cannot flush, before the new
+        version is set: /model_info keeps the old one when an update fails."""
+        with self.lock:
+            count = self.load_hf_tensors(hf, complete=False)
+            self._flush_after_update(body)
+            self._set_version(version)
+        return {"success": True, "message": f"loaded {count} parameters"}
+
     def update_weights_from_disk(self, body: dict):
         version = optional_version(body)  # checked before anything loads
         path = body.get("model_path")
@@ -108,11 +117,7 @@ class WeightEndpoints:
         except (UnsafePickleError, RuntimeError, OSError) as err:
             raise RequestError(400, f"serialized_named_tensors[0] refused: {err}"[:300]) \
                 from None
-        with self.lock:
-            count = self.load_hf_tensors(hf, complete=False)
-            self._flush_after_update(body)  # 0.5.23: fails, /model_info keeps its version
-            self._set_version(version)
-        return {"success": True, "message": f"loaded {count} parameters"}
+        return self._load_update(hf, body, version)
 
     def init_weights_update_group(self, body: dict):
         from megatron_paced.rollout.update_group import close_update_group, open_update_group
@@ -183,11 +188,7 @@ class WeightEndpoints:
             tensor = torch.empty(shape, dtype=kind, device=device)
             dist.broadcast(tensor, group=group, group_src=0)
             received[tensor_name] = tensor
-        with self.lock:
-            count = self.load_hf_tensors(received, complete=False)
-            self._flush_after_update(body)  # 0.5.23: fails, /model_info keeps its version
-            self._set_version(version)
-        return {"success": True, "message": f"loaded {count} parameters"}
+        return self._load_update(received, body, version)
 
     def destroy_weights_update_group(self, body: dict):
         from megatron_paced.rollout.update_group import close_update_group

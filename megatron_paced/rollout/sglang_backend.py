@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_paced.rollout.engine import done_future
+from megatron_paced.rollout.sglang_client import ServerProcess
 
 
 class SGLangBackend:
@@ -41,3 +42,13 @@ class SGLangBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def kill_first_server(rollout) -> None:
+    """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout server
+    this process launched, if any."""
+    launched = [s for s in getattr(getattr(rollout, "client", None), "servers", [])
+                if isinstance(s, ServerProcess) and s.process is not None]
+    if launched:
+        launched[0].process.kill()
+        launched[0].process.wait()

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_paced.config import ConfigError
 from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.tasks.base import TaskConfig
 
 
 class CharTokenizer:
@@ -154,3 +156,44 @@ class AdditionTask:
             mask[row, len(prompt_ids): len(ids)] = 1.0
         extras = {"num_digits": torch.tensor([p.num_digits for p in problems])}
         return SequenceBatch(tokens, mask, extras)
+
+
+class ArithmeticTask:
+    """The built-in addition task (character tokenizer, exact reward)."""
+
+    def __init__(self, cfg: TaskConfig, *, seed: int, eval_num_prompts: int) -> None:
+        self.tokenizer = CharTokenizer()
+        self.task = AdditionTask(cfg.task_min_digits, cfg.task_max_digits,
+                                 tuple(cfg.task_operations))
+        seed = seed if cfg.task_seed is None else cfg.task_seed
+        try:
+            self.problems = self.task.sample(cfg.task_num_prompts, seed=seed)
+            train_prompts = {p.prompt for p in self.problems}
+            self.eval_problems = self.task.sample(eval_num_prompts, seed=seed + 1,
+                                                  exclude=train_prompts)
+        except ValueError as err:
+            raise ConfigError(f"--task-num-prompts {cfg.task_num_prompts} + --eval-num-prompts "
+                              f"{eval_num_prompts}: {err} (the held-out prompts are disjoint "
+                              "from the training ones)") from None
+        self.heldout_prompts = frozenset(p.prompt for p in self.eval_problems)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.stop_token_ids = [self.tokenizer.eos_id]
+        self.max_prompt_tokens = self.task.max_sequence_length
+
+    def prompt_tokens(self, problem) -> list[int]:
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)]
+
+    def score(self, problems, completions) -> torch.Tensor:
+        """(P, G) exact-match rewards, decoded up to the end token."""
+        eos = self.tokenizer.eos_id
+        return torch.tensor([[self.task.verify(p, self.tokenizer.decode(
+            [t for t in c.token_ids if t != eos])) for c in row]
+            for p, row in zip(problems, completions)])
+
+    def supervised_batch(self, num: int, seed: int, seq_length: int):
+        """Reference answers of ``num`` problems drawn from all but the held-out prompts."""
+        return self.task.to_batch(self.task.sample(num, seed=seed, exclude=self.heldout_prompts),
+                                  self.tokenizer, seq_length)
+
+    def close(self) -> None:
+        pass
