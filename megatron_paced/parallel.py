@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_paced.compat import enable_cpu_compat
 from megatron_paced.config import ParallelConfig
+from megatron_paced.utils import free_port
 
 
 @dataclass
@@ -162,7 +163,10 @@ def initialize_parallel(
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            # A world of one meets nobody: a free port, so that two plain `python` runs on
+            # one machine (a converter beside a trainer) do not both claim 29500.
+            os.environ["MASTER_PORT"] = "29500" if world_size > 1 else str(free_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
