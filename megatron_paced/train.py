@@ -106,7 +106,7 @@ class Trainer:
 
     def prompt_ids_of(self, rows: list[int]) -> list:
         """The dataset's stable prompt ids of log-Z rows (what an error names)."""
-        return [getattr(self.task.problems[row], "prompt_id", row) for row in rows]
+        return [self.task.problems[row].prompt_id for row in rows]
 
 
 def build_trainer(job: JobConfig, task=None) -> Trainer:
@@ -263,7 +263,7 @@ def train_accuracy(trainer: Trainer) -> dict:
     from megatron_paced.paced.estimators import OracleAccuracy
 
     job = trainer.job
-    oracle = trainer.estimator if isinstance(trainer.estimator, OracleAccuracy) else \
+    oracle = trainer.estimator if trainer.estimator.name == "oracle" else \
         OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
                        max_new_tokens=job.sampling.max_new_tokens,
                        micro_batch_size=job.batch.micro_batch_size,

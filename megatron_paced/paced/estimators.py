@@ -48,6 +48,7 @@ class BetaPosteriorTable(ShardedLogZ):
     """Per-prompt Beta posteriors of the success rate, this DP rank's block of rows."""
 
     _STATE = ("alpha", "beta_post", "visits")
+    name = "beta-posterior"
 
     def __init__(self, num_prompts: int, *, prior: float = 1.0, decay: float = 1.0,
                  dp_group=None) -> None:
@@ -91,6 +92,7 @@ class BetaPosteriorTable(ShardedLogZ):
 class OracleAccuracy:
     """The policy's exact accuracy of any prompt of a one-answer task (see the module)."""
 
+    name = "oracle"
     scores_change_every_step = True
     """Selection scores a candidate pool each step (the policy changed)."""
 

@@ -228,7 +228,7 @@ def set_log_z_features(log_z, task, model, *, job, model_cfg, ctx, step: int) ->
 
     from megatron_paced.checkpointing import iteration_dir, latest_step
 
-    if getattr(log_z, "features", True) is not None:  # a table, or loaded with the checkpoint
+    if not log_z.needs_features:  # a table, or features loaded with the checkpoint
         return
     cfg = job.log_z
 

@@ -65,6 +65,11 @@ class LearnedLogZ(ShardedLogZ):
 
     _STATE = ShardedLogZ._STATE + ("anchor", "last_update")
     scores_change_every_step = True
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether its prompt features are still to be set (none came with a checkpoint)."""
+        return self.features is None
     """Every row's estimate moves when the head trains: selection scores a candidate pool."""
 
     def __init__(self, num_prompts: int, *, param: str, feature_dim: int, beta: float,

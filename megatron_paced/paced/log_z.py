@@ -162,7 +162,13 @@ def row_block_tensor(key: str, data: torch.Tensor, *, row_start: int, num_prompt
 
 
 class ShardedLogZ:
-    """This DP rank's block of the log-Z table, with its optimizer state."""
+    """This DP rank's block of the log-Z table, with its optimizer state; an
+    :class:`~megatron_paced.paced.estimator.AccuracyEstimator` (``beta * log_z``)."""
+
+    name = "log-z"
+    scores_change_every_step = False
+    param = "table"
+    needs_features = False
 
     def __init__(self, num_prompts: int, *, beta: float, init_acc: float, lr: float,
                  optimizer: str = "sgd", dp_group: dist.ProcessGroup | None = None,

@@ -280,7 +280,7 @@ class PromptSelector:
         would pick them again); ignored when fewer than ``num`` prompts would remain."""
         cfg, seed = self.cfg, self.seed
         exclude = usable_exclusion(exclude, table.num_prompts, num)
-        if getattr(table, "scores_change_every_step", False) and cfg.prompt_selection != "uniform":
+        if table.scores_change_every_step and cfg.prompt_selection != "uniform":
             return self._select_from_candidates(table, num, step, exclude)
         if table.num_prompts <= cfg.selection_gather_max:
             if self._tie is None:

@@ -29,14 +29,12 @@ from megatron_paced.paced.log_z import ShardedLogZ
 
 def log_z_param_of(table) -> str:
     """table, head or hybrid (--log-z-param)."""
-    return getattr(table, "param", "table")
+    return table.param
 
 
 def estimator_name_of(estimator, table) -> str:
-    """log-z, beta-posterior or oracle (--acc-estimator)."""
-    if estimator is None or estimator is table:
-        return "log-z"
-    return "beta-posterior" if isinstance(estimator, ShardedLogZ) else "oracle"
+    """log-z, beta-posterior or oracle (--acc-estimator): the estimator's declared name."""
+    return (table if estimator is None else estimator).name
 
 
 def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),

@@ -23,7 +23,8 @@ class Task(Protocol):
     :class:`~megatron_paced.tasks.dataset.DatasetTask`."""
 
     problems: list
-    """The training prompts; row i is the log-Z table's row i."""
+    """The training prompts, each with a stable integer ``prompt_id``; row i is the log-Z
+    table's row i."""
     eval_problems: list
     """Held-out prompts (never trained on, nor seen by the warm start)."""
     vocab_size: int
