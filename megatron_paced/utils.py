@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: derived RNG seeds and free ports.
+"""Small helpers shared across the package: derived RNG seeds, free ports, and an
+environment without torchrun's variables.
 
 ``derive_seed`` is splitmix64 over a tuple of ints: every random draw of the run (a selection
 step's tie-breaking, a replay draw, ...) seeds its own generator from (run seed, step, stream,
@@ -34,3 +35,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+# What torchrun and its elastic agent put in a worker's environment. A server started from a
+# worker must not inherit them: its own init_process_group (tcp://, env://) and weight-update
+# group would meet the trainer's store or rank instead of their own.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+                      "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
+
+
+def is_torchrun_variable(name: str) -> bool:
+    return name in TORCHRUN_VARIABLES or name.startswith(TORCHRUN_PREFIXES)

@@ -165,7 +165,6 @@ class EmbeddedEngine:
     def drain(self) -> None:
         """Nothing runs in the background."""
 
-    @torch.no_grad()
     def generate_seeded(self, prompts: list[list[int]], sampling: SamplingParams,
                         seeds: list[int], *, tempered_log_probs: bool = False
                         ) -> list[Completion]:
@@ -173,47 +172,52 @@ class EmbeddedEngine:
         and seed are the same completion), as SGLang's deterministic inference samples;
         ``tempered_log_probs``: log-probs of the temperature-scaled logits, as SGLang returns
         them by default."""
+        def generators(chunk_index: int, start: int, end: int) -> list[torch.Generator]:
+            return [torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+                    for seed in seeds[start:end]]
+
         sampling.validate()
-        out: list[Completion] = []
-        model = self.model[0]
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(prompts), self.max_batch_size):
-                generators = [torch.Generator().manual_seed(seed & ((1 << 63) - 1))
-                              for seed in seeds[start:start + self.max_batch_size]]
-                out += self._generate_chunk(prompts[start:start + self.max_batch_size],
-                                            sampling, generators, tempered_log_probs)
-        finally:
-            model.train(was_training)
+        out = self._generate_rows(prompts, sampling, generators, tempered_log_probs)
         for row, completion in enumerate(out):
             completion.prompt_index, completion.sample_index = row, 0
-            completion.weight_version = self.weight_version
         return out
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seed: int, *, tempered_log_probs: bool = False) -> list[list[Completion]]:
         sampling.validate()
         require(n >= 1, "num_samples_per_prompt", n, "must be >= 1")
         rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
+
+        def generator(chunk_index: int, start: int, end: int) -> torch.Generator:
+            return torch.Generator().manual_seed((seed * 1_000_003 + chunk_index)
+                                                 & ((1 << 63) - 1))
+
         out: list[list[Completion]] = [[None] * n for _ in prompts]  # type: ignore[list-item]
+        for (p, s), completion in zip(rows, self._generate_rows(
+                [prompts[p] for p, _ in rows], sampling, generator, tempered_log_probs)):
+            completion.prompt_index, completion.sample_index = p, s
+            out[p][s] = completion
+        return out
+
+    @torch.no_grad()
+    def _generate_rows(self, rows: list[list[int]], sampling: SamplingParams, generator_of,
+                       tempered_log_probs: bool) -> list[Completion]:
+        """A completion of each row, in order, in chunks of ``max_batch_size`` rows (chunk k,
+        rows [start, end), sampled with ``generator_of(k, start, end)``), in eval mode."""
+        out: list[Completion] = []
         model = self.model[0]
         was_training = model.training
         model.eval()
         try:
             for chunk_index, start in enumerate(range(0, len(rows), self.max_batch_size)):
-                chunk = rows[start:start + self.max_batch_size]
-                generator = torch.Generator().manual_seed(
-                    (seed * 1_000_003 + chunk_index) & ((1 << 63) - 1))
-                for (p, s), completion in zip(chunk, self._generate_chunk(
-                        [prompts[p] for p, _ in chunk], sampling, generator,
-                        tempered_log_probs)):
-                    completion.prompt_index, completion.sample_index = p, s
-                    completion.weight_version = self.weight_version
-                    out[p][s] = completion
+                end = min(start + self.max_batch_size, len(rows))
+                out += self._generate_chunk(rows[start:end], sampling,
+                                            generator_of(chunk_index, start, end),
+                                            tempered_log_probs)
         finally:
             model.train(was_training)
+        for completion in out:
+            completion.weight_version = self.weight_version
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams,

@@ -50,7 +50,7 @@ def method_allowed(path: str, method: str) -> bool:
         return method in ("GET", "POST")
     if path in POST_OR_PUT:
         return method in ("POST", "PUT")
-    return method == "POST" or path not in WEIGHT_ENDPOINTS | {"/update_weight_version"}
+    return method == "POST" or path not in WEIGHT_ENDPOINTS  # the other routes take POST
 
 
 def make_handler(service: "RolloutService", api_key: str | None):

@@ -65,7 +65,6 @@ class TextAnswer:
     text: str
 
 
-
 class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

@@ -25,7 +25,7 @@ from megatron_paced.rollout.requests import (
     RequestError, ServerLimits, parse_generate_request, validate_hf_update, version_string,
 )
 from megatron_paced.rollout.service_weights import WeightEndpoints
-from megatron_paced.utils import free_port
+from megatron_paced.utils import free_port, is_torchrun_variable
 
 
 class FairLock:
@@ -51,7 +51,6 @@ class FairLock:
             self._condition.notify_all()
 
 
-
 class RolloutService(WeightEndpoints):
     """The model, its engine and the state the endpoints share."""
 
@@ -68,8 +67,7 @@ class RolloutService(WeightEndpoints):
         # The server is a world of one, even when started from a torchrun-launched trainer
         # whose rendezvous variables it inherits.
         for name in list(os.environ):
-            if name.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_")) or name in (
-                    "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            if is_torchrun_variable(name):
                 del os.environ[name]
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

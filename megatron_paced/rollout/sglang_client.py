@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from megatron_paced.rollout.engine import Completion, SamplingParams
+from megatron_paced.utils import is_torchrun_variable
 
 
 MAX_ABORTS_PER_REQUEST = 100  # then an aborted request counts as a failed attempt
@@ -76,10 +77,10 @@ def parse_weight_version(version) -> int | None:
 
 
 def oldest_weight_version(meta: dict) -> int | None:
-    """The oldest weights that sampled a completion: SGLang 0.5.23 reports the spans of
-    versions over its tokens (``meta_info.weight_versions``, ``utils/weight_versions.py``;
-    ``weight_version`` is the last span's), older servers one ``weight_version``. Staleness
-    counts from the oldest."""
+    """The oldest weights that sampled a completion: SGLang (0.5.21 and 0.5.23) reports the
+    spans of versions over its tokens (``meta_info.weight_versions``,
+    ``utils/weight_versions.py``; ``weight_version`` is the last span's), a server without
+    spans one ``weight_version``. Staleness counts from the oldest."""
     spans = meta.get("weight_versions") or []
     versions = [parse_weight_version(span.get("version")) for span in spans
                 if isinstance(span, dict)]
@@ -118,25 +119,16 @@ def http_json(url: str, body: dict | None = None, *, timeout_s: float,
         return text
 
 
-# What torchrun and its elastic agent put in a worker's environment. A server launched from
-# a worker must not inherit them: SGLang's own init_process_group (tcp://, env://) and its
-# weight-update group would meet the trainer's store or rank instead of their own.
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
-                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
-                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID",
-                      "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE")
-TORCHRUN_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
 RETURN_ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
 
 
 def server_environment(base: dict[str, str], extra: dict[str, str] | None = None) -> dict:
-    """The environment of a launched server: ``base`` without torchrun's variables, with
+    """The environment of a launched server: ``base`` without torchrun's variables
+    (:func:`~megatron_paced.utils.is_torchrun_variable`), with
     ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (SGLang otherwise returns log-probs of the
     temperature-scaled logits, ``layers/sampler.py``; the trainer's pi_old is the policy at
     temperature 1), then ``extra`` (which may set any of them again on purpose)."""
-    env = {name: value for name, value in base.items()
-           if name not in TORCHRUN_VARIABLES and not name.startswith(TORCHRUN_PREFIXES)}
+    env = {name: value for name, value in base.items() if not is_torchrun_variable(name)}
     env[RETURN_ORIGINAL_LOGPROB_ENV] = "1"
     env.update(extra or {})
     return env
@@ -283,16 +275,13 @@ class SGLangClient:
         return self._server_info[url]
 
     def model_info(self, server) -> dict:
-        """``/model_info`` (``/get_model_info`` is deprecated in 0.5.23): ``weight_version``."""
+        """``/model_info`` (``/get_model_info`` is deprecated since 0.5.21): ``weight_version``."""
         info = self.get_newer(server, "/model_info", "/get_model_info")
         return info if isinstance(info, dict) else {}
 
-    def forget_server_info(self, server=None) -> None:
+    def forget_server_info(self, server) -> None:
         """A server restarted (maybe with other arguments): ask it again."""
-        if server is None:
-            self._server_info.clear()
-        else:
-            self._server_info.pop(self.url_of(server), None)
+        self._server_info.pop(self.url_of(server), None)
 
     def release_memory(self) -> None:
         """Colocated servers give their GPU memory (weights, KV cache) back for training."""
@@ -345,14 +334,13 @@ class SGLangClient:
         """The /generate body of one request (SGLang's ``GenerateReqInput``) and the
         (prompt, sample) slot of each of its outputs, in SGLang's output order."""
         params = sampling.to_sglang()
-        if not deterministic:  # n samples of each prompt; SGLang answers prompt-major
-            slots = [(p, j) for p in chunk for j in range(n)]
+        slots = [(p, j) for p in chunk for j in range(n)]  # SGLang answers prompt-major
+        if not deterministic:  # n samples of each prompt
             return {"input_ids": [prompts[p] for p in chunk],
                     "sampling_params": {**params, "n": n}, "return_logprob": True,
                     "rid": [f"{rid_prefix}-s{seed}-c{chunk_index}-p{p}" for p in chunk]}, slots
         # One row per (prompt, sample), each with its own seed: SGLang's n copies of a
         # prompt would share one seed and so be the same completion.
-        slots = [(p, j) for p in chunk for j in range(n)]
         return {"input_ids": [prompts[p] for p, _ in slots],
                 "sampling_params": [{**params, "n": 1,
                                      "sampling_seed": SGLangClient.sample_seed(seed, p, j)}
