@@ -387,21 +387,19 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
-def load_checkpoint(root: str, policy, paced: PacedState) -> dict:
-    """Load the latest iteration into policy, optimizer and PACED state; returns counters.
-    Selection settings that differ from the checkpoint's are reported (rank 0, stderr)."""
+def load_checkpoint(root: str, policy, paced: PacedState, step: int) -> dict:
+    """Load iteration ``step`` of ``root`` (as :func:`check_loadable` found and verified it)
+    into policy, optimizer and PACED state; returns counters. Selection settings that differ
+    from the checkpoint's are reported (rank 0, stderr)."""
     from megatron.core import dist_checkpointing
 
-    step = check_loadable(root, policy.model_cfg)
-    if step is None:
-        return {}
     path = iteration_dir(root, step)
     if checkpoint_contents(path) == ["model"]:
         load_model_weights(path, policy.modules()[0], policy.model_cfg, policy.ctx)
         return {"model_only": True}
     _materialize_optimizer_state(policy.optimizer)
     common = dist_checkpointing.load_common_state_dict(path)
-    saved_param = common["paced"]["log_z_meta"].get("param", "table")  # older: a table
+    saved_param = common["paced"]["log_z_meta"]["param"]
     check_estimator(common["paced"]["log_z_meta"], paced.log_z, paced.estimator)
     template = _sharded_state(policy, paced, {}, is_loading=True, saved_param=saved_param)
     loaded = dist_checkpointing.load(template, iteration_dir(root, step))
@@ -427,9 +425,11 @@ class CheckpointManager:
         self.save_dir, self.save_interval = save_dir, save_interval
         self.policy, self.paced = policy, paced
 
-    def load(self, root: str) -> dict:
-        """The latest iteration of ``root`` into the policy and PACED state; its counters."""
-        return load_checkpoint(root, self.policy, self.paced)
+    def load(self, root: str, step: int | None = None) -> dict:
+        """Iteration ``step`` of ``root`` (default: the latest, checked and verified here)
+        into the policy and PACED state; its counters ({} where ``root`` holds none)."""
+        step = check_loadable(root, self.policy.model_cfg) if step is None else step
+        return {} if step is None else load_checkpoint(root, self.policy, self.paced, step)
 
     def save(self, step: int, counters) -> str:
         """``counters``: a dict, or a function that makes it (called only to save)."""

@@ -1,8 +1,8 @@
 """Run a batch of sequences through Megatron's pipeline schedule: log-probs, losses, gradients.
 
 A :class:`SequenceBatch` is this data-parallel rank's share of the step: right-padded token
-ids, a mask of the completion tokens to score, and any per-sequence tensors a loss needs
-(rewards, old log-probs, prompt ids). :func:`forward_backward` cuts it into micro-batches and
+ids and a mask of the completion tokens to score; a subclass names the per-sequence tensors
+a loss needs (:class:`~megatron_paced.rl.batch.RLBatch`: rewards, old log-probs, log Z). :func:`forward_backward` cuts it into micro-batches and
 hands them to ``get_forward_backward_func()`` -- the no-pipelining loop for PP1, 1F1B for
 PP > 1 -- so PP works unchanged. On the last stage each micro-batch's vocab-parallel logits
 become token log-probs (:mod:`megatron_paced.logprobs`) and go to a loss with Megatron's
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
@@ -47,14 +47,16 @@ LossFn = Callable[[torch.Tensor, "SequenceBatch"], tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class SequenceBatch:
-    """Sequences of one step on one DP rank; every tensor's first dimension is the sequence."""
+    """Sequences of one step on one DP rank; every tensor's first dimension is the sequence.
+
+    A subclass adds named per-sequence tensors (:class:`~megatron_paced.rl.batch.RLBatch`,
+    :class:`~megatron_paced.rollout.engine.RolloutBatch`); slicing, moving and sharding
+    carry every tensor field along (a field left ``None`` stays ``None``)."""
 
     tokens: torch.Tensor
     """(B, T) int64 token ids, prompt then completion, right-padded."""
     completion_mask: torch.Tensor
     """(B, T) float, 1 on the completion tokens whose log-probs count."""
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-sequence tensors for the loss, each with first dimension B."""
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.tokens.shape != self.completion_mask.shape:
@@ -62,10 +64,15 @@ class SequenceBatch:
                 f"tokens {tuple(self.tokens.shape)} and completion_mask "
                 f"{tuple(self.completion_mask.shape)} must both be (B, T)"
             )
-        for name, value in self.extras.items():
+        for name, value in self.tensors().items():
             if value.shape[0] != self.tokens.shape[0]:
-                raise ValueError(f"extras[{name!r}] has {value.shape[0]} rows, tokens "
-                                 f"{self.tokens.shape[0]}")
+                raise ValueError(f"{type(self).__name__}.{name} has {value.shape[0]} rows, "
+                                 f"tokens {self.tokens.shape[0]}")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The batch's per-sequence tensors by field name (``None`` fields left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
 
     @property
     def num_sequences(self) -> int:
@@ -75,15 +82,18 @@ class SequenceBatch:
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
+    def sequences(self) -> "SequenceBatch":
+        """Only the tokens and the mask (what a forward pass reads)."""
+        return SequenceBatch(self.tokens, self.completion_mask)
+
     def rows(self, start: int, stop: int) -> "SequenceBatch":
-        return SequenceBatch(self.tokens[start:stop], self.completion_mask[start:stop],
-                             {k: v[start:stop] for k, v in self.extras.items()})
+        """Rows ``[start, stop)`` of every tensor, as the same kind of batch."""
+        return dataclasses.replace(
+            self, **{name: value[start:stop] for name, value in self.tensors().items()})
 
     def to(self, device: torch.device) -> "SequenceBatch":
         return dataclasses.replace(
-            self, tokens=self.tokens.to(device), completion_mask=self.completion_mask.to(device),
-            extras={k: v.to(device) for k, v in self.extras.items()},
-        )
+            self, **{name: value.to(device) for name, value in self.tensors().items()})
 
     def shard_for_dp(self, dp_rank: int, dp_size: int) -> "SequenceBatch":
         """This DP rank's contiguous share of a global batch (B must divide by dp_size)."""
@@ -176,8 +186,8 @@ def _loss_on_last_stage(logits: torch.Tensor, micro_batch: SequenceBatch, *, los
         from megatron_paced.models.proj_z import prompt_log_z
 
         log_z = prompt_log_z(proj_z, hidden.pop(0), micro_batch.completion_mask, ctx)
-        micro_batch = dataclasses.replace(micro_batch,
-                                          extras={**micro_batch.extras, "log_z": log_z})
+        if "log_z" in {f.name for f in dataclasses.fields(micro_batch)}:  # an RL batch
+            micro_batch = dataclasses.replace(micro_batch, log_z=log_z)
     token_log_probs = next_token_log_probs(
         logits, micro_batch.tokens, tp_group=ctx.tp_group,
         vocab_start=ctx.tp_rank * logits.shape[-1], vocab_size=vocab_size,
@@ -198,8 +208,8 @@ def forward_backward(
     """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
     micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
     model (DDP grad buffers) unless ``forward_only``. A model whose last stage carries
-    FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` extra
-    from the head, in place of the batch's."""
+    FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` from
+    the head, in place of the batch's."""
     from megatron_paced.models.proj_z import has_proj_z
 
     last_chunk = unwrap_model(model[-1])

@@ -32,16 +32,16 @@ GRPO (group-normalized advantages, PPO-clipped ratio, optional k3 KL to the refe
     loss   = mean over completion tokens of l_t           (token-level, as in DAPO)
 
 The Megatron adapters (``paced_loss_fn`` ...) take the micro-batch's (b, T) token log-probs
-and a :class:`~megatron_paced.forward_backward.SequenceBatch` whose ``extras`` hold the
-per-sequence inputs, and return ``(loss_sum, num_items, logs)``: Megatron divides the model
+and the micro-batch's :class:`~megatron_paced.rl.batch.RLBatch` (its named per-sequence
+tensors), and return ``(loss_sum, num_items, logs)``: Megatron divides the model
 gradients once by the global ``num_items`` (sequences for the TB losses, tokens for GRPO and
-the NLL). The ``log_z`` extra is a leaf tensor requiring grad; its gradient is the raw
+the NLL). The batch's ``log_z`` is a leaf tensor requiring grad; its gradient is the raw
 per-sample ``d loss_sum / d log_z = 2 delta`` (the log-Z table normalizes per prompt).
 
 Usage::
 
     loss_fn = functools.partial(paced_loss_fn, beta=0.05)
-    forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=..., micro_batch_size=2)
+    policy.forward_backward(batch, loss_fn)        # batch: an RLBatch with log_z set
 """
 
 from __future__ import annotations
@@ -127,17 +127,17 @@ def paced_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, beta: float,
                   token_mean: bool = False):
     """PACED-RL TB loss in Megatron's contract (normalizer: sequences).
 
-    Extras: ``log_z`` (b,) leaf requiring grad, ``old_log_probs`` (b, T), ``rewards`` (b,).
+    Reads ``log_z`` (b,) leaf requiring grad, ``old_log_probs`` (b, T), ``rewards`` (b,).
     Logs the per-sample ``delta`` and the sample estimate of KL(pi_old || pi_theta).
     """
     mask = micro_batch.completion_mask
-    extras = micro_batch.extras
     log_probs = (token_log_probs * mask).sum(-1)
-    old_log_probs = (extras["old_log_probs"] * mask).sum(-1)
+    old_log_probs = (micro_batch.old_log_probs * mask).sum(-1)
     if token_mean:
         lengths = mask.sum(-1).clamp(min=1)
         log_probs, old_log_probs = log_probs / lengths, old_log_probs / lengths
-    delta = paced_tb_delta(extras["log_z"], log_probs, old_log_probs, extras["rewards"], beta)
+    delta = paced_tb_delta(micro_batch.log_z, log_probs, old_log_probs, micro_batch.rewards,
+                           beta)
     _check_finite("PACED loss residual", delta.detach())
     loss_sum = (delta ** 2).sum()
     return loss_sum, _num(delta.numel(), delta), {
@@ -151,38 +151,37 @@ def flowrl_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, reward_scale: 
                    reward: str = "advantage", weight_max: float = 10.0):
     """FlowRL loss in Megatron's contract (normalizer: sequences).
 
-    Extras: ``log_z`` (b,), ``old_log_probs``, ``ref_log_probs`` (b, T), ``advantages``
+    Reads ``log_z`` (b,), ``old_log_probs``, ``ref_log_probs`` (b, T), ``advantages``
     (``reward="advantage"``) or ``rewards`` (``"reward"``) (b,).
     """
     mask = micro_batch.completion_mask
-    extras = micro_batch.extras
     lengths = mask.sum(-1).clamp(min=1)
     log_probs = (token_log_probs * mask).sum(-1)
-    old_log_probs = (extras["old_log_probs"] * mask).sum(-1)
-    ref_log_probs = (extras["ref_log_probs"] * mask).sum(-1)
-    log_rewards = reward_scale * extras["advantages" if reward == "advantage" else "rewards"]
+    old_log_probs = (micro_batch.old_log_probs * mask).sum(-1)
+    ref_log_probs = (micro_batch.ref_log_probs * mask).sum(-1)
+    log_rewards = reward_scale * (micro_batch.advantages if reward == "advantage"
+                                  else micro_batch.rewards)
     delta, weight = flowrl_delta_and_weight(
-        extras["log_z"], log_probs / lengths, ref_log_probs / lengths,
+        micro_batch.log_z, log_probs / lengths, ref_log_probs / lengths,
         log_probs - old_log_probs, log_rewards, weight_max)
     _check_finite("FlowRL loss residual", delta.detach())
     loss_sum = (weight * delta ** 2).sum()
     return loss_sum, _num(delta.numel(), delta), {
         "loss_sum": loss_sum.detach().clone(), "num_sequences": _num(delta.numel(), delta),
-        "log_z_sum": extras["log_z"].detach().float().sum()}
+        "log_z_sum": micro_batch.log_z.detach().float().sum()}
 
 
 def grpo_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, clip_low: float = 0.2,
                  clip_high: float = 0.2, kl_coef: float = 0.0):
     """GRPO loss in Megatron's contract (normalizer: completion tokens).
 
-    Extras: ``old_log_probs`` (b, T), ``advantages`` (b,), and ``ref_log_probs`` (b, T) when
+    Reads ``old_log_probs`` (b, T), ``advantages`` (b,), and ``ref_log_probs`` (b, T) when
     ``kl_coef > 0``.
     """
     mask = micro_batch.completion_mask
-    extras = micro_batch.extras
     per_token = grpo_token_losses(
-        token_log_probs, extras["old_log_probs"], extras["advantages"], clip_low=clip_low,
-        clip_high=clip_high, ref_token_log_probs=extras.get("ref_log_probs"), kl_coef=kl_coef)
+        token_log_probs, micro_batch.old_log_probs, micro_batch.advantages, clip_low=clip_low,
+        clip_high=clip_high, ref_token_log_probs=micro_batch.ref_log_probs, kl_coef=kl_coef)
     loss_sum = (per_token * mask).sum()
     _check_finite("GRPO loss", loss_sum.detach())
     num_tokens = mask.sum().to(torch.int)

@@ -12,7 +12,8 @@ in the log-Z table's all-to-all. Each stage is a function of :mod:`megatron_pace
 :mod:`megatron_paced.paced`) over the :class:`Trainer`'s components. Every
 ``--calibration-interval`` steps a probe measures ``beta * log_z`` against many-sample
 accuracy. Metrics go to ``<save>/metrics.jsonl`` (and wandb), and checkpoints through
-``dist_checkpointing`` (:mod:`megatron_paced.checkpointing`).
+``dist_checkpointing`` (:mod:`megatron_paced.checkpointing`). The :class:`Trainer` is built
+once, steps, and is closed at the end (servers stopped, wandb finished, staging removed).
 
 The built-in task (``--task arithmetic``) is multi-digit addition with prompts of 1 to
 ``--task-max-digits`` digits, so that a tiny model sees every difficulty; ``--sft-warmup-iters``
@@ -37,31 +38,39 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from megatron_paced.checkpointing import CheckpointManager, save_model_checkpoint
 from megatron_paced.config import ConfigError
 from megatron_paced.job import JobConfig, parse_args, trains_log_z_table
+from megatron_paced.losses import nll_loss
 from megatron_paced.models.config import ModelConfig
+from megatron_paced.models.policy import Policy, Reference, build_policy, build_reference
+from megatron_paced.paced.estimator import AccuracyEstimator
+from megatron_paced.paced.estimators import BetaPosteriorTable, OracleAccuracy
+from megatron_paced.paced.features import set_log_z_features
+from megatron_paced.paced.learned_log_z import build_log_z_table
+from megatron_paced.paced.log_z import ShardedLogZ
+from megatron_paced.paced.replay import DistributedReplay, offer_and_draw
+from megatron_paced.paced.selection import PromptSelector
+from megatron_paced.paced.state import PacedState
+from megatron_paced.parallel import ParallelContext, initialize_parallel
 from megatron_paced.rl.batch import build_train_batch
-from megatron_paced.rl.collect import Collector
+from megatron_paced.rl.calibration import calibration_probe
+from megatron_paced.rl.collect import Collector, build_collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
+from megatron_paced.rl.faults import FaultInjection
 from megatron_paced.rl.metrics import MetricsLog, print_summary, staleness_metrics, step_record
+from megatron_paced.rl.old_log_probs import attach_old_log_probs, beta_kl_old_new
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
-from megatron_paced.validation import validate_startup
-
-if TYPE_CHECKING:
-    from megatron_paced.checkpointing import CheckpointManager
-    from megatron_paced.models.policy import Policy, Reference
-    from megatron_paced.paced.log_z import ShardedLogZ
-    from megatron_paced.paced.replay import DistributedReplay
-    from megatron_paced.paced.selection import PromptSelector
-    from megatron_paced.parallel import ParallelContext
-    from megatron_paced.tasks import Task
-    from megatron_paced.rollout import RolloutBackend
-
+from megatron_paced.rl.reference import prepare_reference
+from megatron_paced.rollout import RolloutBackend, build_rollout
+from megatron_paced.rollout.engine import SamplingParams
+from megatron_paced.tasks import Task, build_task
+from megatron_paced.validation import Startup, validate_startup
 
 # Seeds of draws that are not a training step's own (dynamic-sampling rounds: rl/collect.py):
 # evaluation after step s samples with seed EVAL_SEED_OFFSET + s, and SFT step i draws its
@@ -72,18 +81,19 @@ SFT_SEED_STRIDE = 7
 
 @dataclass
 class Trainer:
-    """The run's components, built once by :func:`build_trainer`, and its two counters."""
+    """The run's components, built once by :func:`build_trainer`, its two counters, and
+    :meth:`close` for the end of the run."""
 
     job: JobConfig
     ctx: ParallelContext
-    task: "Task"
+    task: Task
     """The task: problems, eval problems, prompt tokens, verifier (megatron_paced.tasks)."""
     model_cfg: ModelConfig
     policy: Policy
     reference: Reference | None
     """The KL reference (FlowRL, GRPO with --grpo-kl-coef > 0), else None."""
     log_z: ShardedLogZ
-    estimator: object
+    estimator: AccuracyEstimator
     """What selection, replay priorities and the probe read as accuracy (--acc-estimator):
     log_z itself, a Beta posterior table or the oracle (megatron_paced.paced.estimators)."""
     selector: PromptSelector
@@ -93,6 +103,7 @@ class Trainer:
     loss_fn: Callable
     checkpoints: CheckpointManager
     metrics: MetricsLog
+    faults: FaultInjection
     step: int = 0
     num_samples: int = 0
     """Completions generated so far, all DP ranks (what sample efficiency counts)."""
@@ -108,20 +119,23 @@ class Trainer:
         """The dataset's stable prompt ids of log-Z rows (what an error names)."""
         return [self.task.problems[row].prompt_id for row in rows]
 
+    def resume(self, step: int) -> None:
+        """Load iteration ``step`` of --load (checked and verified at start-up)."""
+        load = self.job.checkpoint.load
+        counters = self.checkpoints.load(load, step)
+        self.step = int(counters.get("step", 0))
+        self.num_samples = int(counters.get("num_samples", 0))
+        self.collector.restore_pending(counters.get("pending_rollouts"), f"--load {load!r}")
 
-def build_trainer(job: JobConfig, task=None) -> Trainer:
+    def close(self) -> None:
+        """The end of the run: stop the servers it launched, remove its weight staging,
+        finish wandb."""
+        self.rollout.close()
+        self.metrics.close()
+
+
+def build_trainer(job: JobConfig, task: Task | None = None) -> Trainer:
     """Initialize the process groups and build every component from the job's configs."""
-    from megatron_paced.checkpointing import CheckpointManager
-    from megatron_paced.models.policy import build_policy, build_reference
-    from megatron_paced.paced.state import PacedState
-    from megatron_paced.paced.learned_log_z import build_log_z_table
-    from megatron_paced.paced.replay import DistributedReplay
-    from megatron_paced.paced.selection import PromptSelector
-    from megatron_paced.parallel import initialize_parallel
-    from megatron_paced.rollout import build_rollout
-    from megatron_paced.rollout.engine import SamplingParams
-    from megatron_paced.tasks import build_task
-
     cfg, algo, sel = job.train, job.algorithm, job.selection
     if cfg.deterministic_mode:  # before the first CUDA call reads the variables
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -133,14 +147,15 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
                               eval_num_prompts=job.eval.eval_num_prompts)
     num_prompts = len(task.problems)
     proj_z = algo.algo == "flowrl" and algo.flowrl_log_z == "proj-z"  # FlowRL's own log Z
+    micro = job.batch.micro_batch_size
     policy = build_policy(job.model, job.optimizer, ctx, seed=cfg.seed,
                           params_dtype=cfg.params_dtype,
                           proj_z_layers=algo.flowrl_proj_z_layers if proj_z else 0,
-                          proj_z_dropout=algo.flowrl_proj_z_dropout)
+                          proj_z_dropout=algo.flowrl_proj_z_dropout, micro_batch_size=micro)
     reference = None
     if algo.algo == "flowrl" or (algo.algo == "grpo" and algo.grpo_kl_coef > 0):
         reference = build_reference(job.model, ctx, seed=cfg.seed, copy_from=policy,
-                                    params_dtype=cfg.params_dtype)
+                                    params_dtype=cfg.params_dtype, micro_batch_size=micro)
     log_z = build_log_z_table(num_prompts, job.log_z, beta=algo.beta,
                               target_acc=sel.target_acc, dp_group=ctx.dp_group,
                               hidden_size=job.model.hidden_size, seed=cfg.seed)
@@ -154,7 +169,7 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
     sampling = SamplingParams(temperature=job.sampling.temperature, top_p=job.sampling.top_p,
                               max_new_tokens=job.sampling.max_new_tokens,
                               stop_token_ids=task.stop_token_ids)
-    collector = Collector(
+    collector = build_collector(
         task, rollout, selector, estimator, sampling, ctx,
         num_prompts_per_step=job.batch.num_prompts_per_step,
         num_samples_per_prompt=job.batch.num_samples_per_prompt,
@@ -166,30 +181,23 @@ def build_trainer(job: JobConfig, task=None) -> Trainer:
                                     PacedState(log_z, selector, replay,
                                                None if estimator is log_z else estimator))
     return Trainer(job, ctx, task, job.model, policy, reference, log_z, estimator, selector,
-                   replay,
-                   rollout, collector, loss_fn_for(algo), checkpoints,
-                   MetricsLog(job.checkpoint.save, is_logger=dist.get_rank() == 0))
+                   replay, rollout, collector, loss_fn_for(algo), checkpoints,
+                   MetricsLog(job.checkpoint.save, is_logger=dist.get_rank() == 0),
+                   FaultInjection(job.debug))
 
 
-def build_estimator(sel, log_z, task, policy, ctx, job):
+def build_estimator(sel, log_z, task, policy, ctx, job) -> AccuracyEstimator:
     """--acc-estimator's object: log_z, a Beta posterior table or the oracle."""
-    from megatron_paced.paced.estimators import BetaPosteriorTable, OracleAccuracy
-
     if sel.acc_estimator == "beta-posterior":
         return BetaPosteriorTable(len(task.problems), prior=sel.beta_posterior_prior,
                                   decay=sel.beta_posterior_decay, dp_group=ctx.dp_group)
     if sel.acc_estimator == "oracle":
-        return OracleAccuracy(task, policy, ctx, max_new_tokens=job.sampling.max_new_tokens,
-                              micro_batch_size=job.batch.micro_batch_size,
-                              vocab_size=job.model.vocab_size)
+        return OracleAccuracy(task, policy, ctx, max_new_tokens=job.sampling.max_new_tokens)
     return log_z
 
 
 def train_step(t: Trainer) -> dict:
     """One RL step on this rank (collective); returns its metrics.jsonl row."""
-    from megatron_paced.paced.replay import offer_and_draw
-    from megatron_paced.rl.old_log_probs import attach_old_log_probs, beta_kl_old_new
-
     start, step, job, ctx = time.perf_counter(), t.step + 1, t.job, t.ctx
     groups = t.collector.collect(step, job.train.train_iters)        # select, generate, score
     rollout_seconds = time.perf_counter() - start  # with --max-staleness: the wait
@@ -206,26 +214,21 @@ def train_step(t: Trainer) -> dict:
     batch = build_train_batch(rows, groups.fresh, rewards, replayed,  # train batch
                               replay_updates_log_z=job.replay.replay_updates_log_z)
     kl_due = bool(job.logging.kl_interval and step % job.logging.kl_interval == 0)
-    drift = attach_old_log_probs(                                    # pi_old
-        batch, num_fresh=groups.fresh.num_sequences, policy=t.policy, reference=t.reference,
-        ctx=ctx, vocab_size=t.model_cfg.vocab_size, micro_batch_size=job.batch.micro_batch_size,
-        recompute=not job.algorithm.anchor_from_engine,
+    num_fresh = groups.fresh.num_sequences
+    batch, drift = attach_old_log_probs(                             # pi_old
+        batch, num_fresh=num_fresh, policy=t.policy, reference=t.reference,
+        dp_group=ctx.dp_group, recompute=not job.algorithm.anchor_from_engine,
         recompute_replayed=job.replay.replay_old_log_probs == "recompute", measure_drift=kl_due)
-    if job.debug.inject_nan_at_step == step:  # fault injection (tests)
-        batch.extras["rewards"][0] = float("nan")
+    batch = t.faults.before_optimize(batch, step)
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
-                           vocab_size=t.model_cfg.vocab_size,
-                           micro_batch_size=job.batch.micro_batch_size,
                            train_log_z=trains_log_z_table(job.algorithm.algo,
                                                           job.algorithm.flowrl_log_z),
-                           step=step,
-                           prompt_ids_of=t.prompt_ids_of)
+                           step=step, prompt_ids_of=t.prompt_ids_of)
     losses = {**result.metrics(), **drift, **staleness_metrics(groups, ctx, job.rollout)}
     if kl_due:  # Prop. 4.1's premise
-        losses["beta_kl_old_new"] = beta_kl_old_new(
-            batch, num_fresh=groups.fresh.num_sequences, policy=t.policy, ctx=ctx,
-            vocab_size=t.model_cfg.vocab_size, micro_batch_size=job.batch.micro_batch_size,
-            beta=job.algorithm.beta)
+        losses["beta_kl_old_new"] = beta_kl_old_new(batch, num_fresh=num_fresh, policy=t.policy,
+                                                    dp_group=ctx.dp_group,
+                                                    beta=job.algorithm.beta)
     t.step, t.num_samples = step, t.num_samples + groups.num_generated
     t.rollout.sync_weights(t.policy.modules(), step)                 # weight sync
     return step_record(step, t.num_samples, rewards, acc_est, losses,  # metrics
@@ -260,22 +263,15 @@ def evaluate(trainer: Trainer, eval_k: int | None = None) -> dict:
 def train_accuracy(trainer: Trainer) -> dict:
     """``train_acc_exact``: the policy's exact mean accuracy over every training prompt (the
     oracle of megatron_paced.paced.estimators; collective)."""
-    from megatron_paced.paced.estimators import OracleAccuracy
-
-    job = trainer.job
     oracle = trainer.estimator if trainer.estimator.name == "oracle" else \
         OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
-                       max_new_tokens=job.sampling.max_new_tokens,
-                       micro_batch_size=job.batch.micro_batch_size,
-                       vocab_size=job.model.vocab_size)
+                       max_new_tokens=trainer.job.sampling.max_new_tokens)
     return {"train_acc_exact": float(oracle.acc_est(
         torch.arange(len(trainer.task.problems))).mean())}
 
 
 def calibrate(trainer: Trainer) -> dict:
-    """The calibration probe of beta * log_z (:mod:`megatron_paced.rl.calibration`)."""
-    from megatron_paced.rl.calibration import calibration_probe
-
+    """The calibration probe of the accuracy estimate (:mod:`megatron_paced.rl.calibration`)."""
     cfg = trainer.job.eval
     return calibration_probe(trainer.estimator, sample_rewards_of(trainer),
                              trainer.task.problems,
@@ -286,20 +282,8 @@ def calibrate(trainer: Trainer) -> dict:
                              per_prompt=trainer.job.logging.log_prompt_accuracy)
 
 
-def prepare_log_z_features(trainer: Trainer) -> None:
-    """The learned log-Z head's prompt features, from the policy as it starts RL (the base
-    policy), unless a checkpoint brought them (:mod:`megatron_paced.paced.features`)."""
-    from megatron_paced.paced.features import set_log_z_features
-
-    set_log_z_features(trainer.log_z, trainer.task, trainer.policy.model, job=trainer.job,
-                       model_cfg=trainer.model_cfg, ctx=trainer.ctx, step=trainer.step)
-
-
 def sft_warmup(trainer: Trainer) -> None:
     """Supervised steps on the reference answers (the base policy of the built-in task)."""
-    from megatron_paced.forward_backward import forward_backward
-    from megatron_paced.losses import nll_loss
-
     cfg, job, ctx, policy = trainer.job.train, trainer.job, trainer.ctx, trainer.policy
     saved_lrs = [group["lr"] for group in policy.optimizer.param_groups]
     for group in policy.optimizer.param_groups:
@@ -309,32 +293,27 @@ def sft_warmup(trainer: Trainer) -> None:
                                               seed=cfg.seed * SFT_SEED_STRIDE + step,
                                               seq_length=trainer.collector.seq_length)
         policy.zero_grad()
-        forward_backward(policy.model, batch.shard_for_dp(ctx.dp_rank, ctx.dp_size), nll_loss,
-                         ctx, vocab_size=trainer.model_cfg.vocab_size,
-                         micro_batch_size=job.batch.micro_batch_size)
+        policy.forward_backward(batch.shard_for_dp(ctx.dp_rank, ctx.dp_size), nll_loss)
         policy.step()
     for group, lr in zip(policy.optimizer.param_groups, saved_lrs):
         group["lr"] = lr
 
 
-def train(job: JobConfig, task=None) -> Trainer:
-    from megatron_paced.checkpointing import check_loadable
-
-    cfg = job.train
-    trainer = build_trainer(job, task)
-    load = job.checkpoint.load
-    if load and check_loadable(load, trainer.model_cfg, cfg.params_dtype) is not None:
-        counters = trainer.checkpoints.load(job.checkpoint.load)
-        trainer.step = int(counters.get("step", 0))
-        trainer.num_samples = int(counters.get("num_samples", 0))
-        trainer.collector.restore_pending(counters.get("pending_rollouts"),
-                                          f"--load {job.checkpoint.load!r}")
+def prepare(trainer: Trainer, resume_step: int | None) -> None:
+    """Everything before the first RL step: resume, warm start, the KL reference, the
+    learned log Z's features, wandb, the servers' first weights, the step-0 evaluation."""
+    job, cfg = trainer.job, trainer.job.train
+    if resume_step is not None:
+        trainer.resume(resume_step)
     if trainer.step == 0 and cfg.sft_warmup_iters:
         sft_warmup(trainer)
     if trainer.reference is not None and cfg.train_iters:
-        load_or_save_reference(trainer)
-    if cfg.train_iters:
-        prepare_log_z_features(trainer)
+        prepare_reference(trainer.reference, trainer.policy, step=trainer.step,
+                          load=job.checkpoint.load, save=job.checkpoint.save,
+                          algo=job.algorithm.algo)
+    if cfg.train_iters:  # the learned log Z's features, from the policy as it starts RL
+        set_log_z_features(trainer.log_z, trainer.task, trainer.policy.model, job=job,
+                           model_cfg=trainer.model_cfg, ctx=trainer.ctx, step=trainer.step)
     trainer.metrics.resume_at(trainer.step)
     if job.logging.wandb_project:
         trainer.metrics.start_wandb(job.logging.wandb_project, dataclasses.asdict(job))
@@ -343,8 +322,11 @@ def train(job: JobConfig, task=None) -> Trainer:
     if job.eval.eval_interval and trainer.step == 0:
         trainer.metrics.first_eval = {"step": 0, "num_samples": 0, **evaluate(trainer)}
         trainer.metrics.log(trainer.metrics.first_eval)
-    if cfg.train_iters == 0:  # the warm start alone: a base policy for RL runs to --load
-        return save_base_policy(trainer)
+
+
+def run(trainer: Trainer) -> None:
+    """The RL steps to --train-iters, with their evaluations, probes, logs and checkpoints."""
+    job, cfg = trainer.job, trainer.job.train
     history: list[dict] = []
     start_step, started = trainer.step, time.perf_counter()
     while trainer.step < cfg.train_iters:
@@ -356,7 +338,7 @@ def train(job: JobConfig, task=None) -> Trainer:
                 trainer.step % job.eval.eval_train_interval == 0:
             record.update(train_accuracy(trainer))
         interval = job.eval.calibration_interval
-        probed = job.algorithm.algo != "grpo" or trainer.estimator is not trainer.log_z
+        probed = job.algorithm.algo != "grpo" or trainer.estimator.name != "log-z"
         if interval and trainer.step % interval == 0 and probed:
             record.update(calibrate(trainer))
         trainer.metrics.log(record)
@@ -368,25 +350,32 @@ def train(job: JobConfig, task=None) -> Trainer:
                   f"reward {record['reward_mean']:.3f}  "
                   f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
                   f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
-        if job.debug.kill_rollout_server_after_step == trainer.step:
-            from megatron_paced.rollout.sglang_backend import kill_first_server
-
-            kill_first_server(trainer.rollout)
+        trainer.faults.after_step(trainer.step, trainer.rollout)
         trainer.checkpoints.save_if_due(trainer.step, trainer.counters)
-        if job.debug.exit_after_step is not None and trainer.step == job.debug.exit_after_step:
-            dist.barrier()
-            os._exit(17)
+        trainer.faults.after_save(trainer.step)
     trainer.collector.drain()  # the last weight push
     trainer.checkpoints.save_final(trainer.step, trainer.counters)
     if trainer.metrics.is_logger and history:
         print_summary(job, trainer.metrics.first_eval, history, trainer.num_samples)
+
+
+def train(job: JobConfig, startup: Startup) -> Trainer:
+    """Build, prepare and run the job; the trainer is closed at the end, whatever happened.
+    ``startup``: what :func:`~megatron_paced.validation.validate_startup` found."""
+    trainer = build_trainer(job, startup.task)
+    try:
+        prepare(trainer, startup.resume_step)
+        if job.train.train_iters == 0:  # the warm start alone: a base policy for RL runs
+            save_base_policy(trainer)
+        else:
+            run(trainer)
+    finally:
+        trainer.close()
     return trainer
 
 
-def save_base_policy(trainer: Trainer) -> Trainer:
+def save_base_policy(trainer: Trainer) -> None:
     """Save the warm-started policy, weights only (--train-iters 0)."""
-    from megatron_paced.checkpointing import save_model_checkpoint
-
     cfg, job = trainer.job.train, trainer.job
     save_model_checkpoint(job.checkpoint.save, trainer.policy.modules()[0], trainer.model_cfg)
     if trainer.metrics.is_logger:
@@ -395,45 +384,18 @@ def save_base_policy(trainer: Trainer) -> Trainer:
         print(f"base policy after {cfg.sft_warmup_iters} warm-start steps saved in "
               f"{job.checkpoint.save}"
               + (f" ({shown})" if shown else ""), flush=True)
-    return trainer
-
-
-def load_or_save_reference(trainer: Trainer) -> None:
-    """The KL reference is the policy at RL step 0 (after --load and the SFT warm start); it is
-    saved once as ``<save>/reference`` (weights only) and reloaded from ``<load>/reference``
-    when a run resumes."""
-    from megatron_paced.checkpointing import (
-        check_loadable, iteration_dir, load_model_weights, save_model_checkpoint,
-    )
-
-    job = trainer.job
-    if trainer.step == 0:
-        trainer.reference.copy_from(trainer.policy)
-    else:
-        root = os.path.join(job.checkpoint.load, "reference")
-        step = check_loadable(root, trainer.model_cfg) if os.path.isdir(root) else None
-        if step is None:
-            raise ConfigError(f"--load {job.checkpoint.load!r}: resuming --algo "
-                              f"{job.algorithm.algo} needs the KL "
-                              f"reference saved at step 0 in {root}")
-        load_model_weights(iteration_dir(root, step), trainer.reference.model[0],
-                           trainer.model_cfg, trainer.ctx)
-    save, load = job.checkpoint.save, job.checkpoint.load
-    if save and (trainer.step == 0 or os.path.abspath(save) != os.path.abspath(load)):
-        save_model_checkpoint(os.path.join(save, "reference"), trainer.reference.model[0],
-                              trainer.model_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
     job = parse_args(argv)
     try:
-        task = validate_startup(job, int(os.environ.get("WORLD_SIZE", "1")))
+        startup = validate_startup(job, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"paced-train: error: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     try:
-        train(job, task)
+        train(job, startup)
     except ConfigError as err:  # found on reading --load, by every rank alike
         print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -441,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
         return 3
     finally:
-        task.close()
+        startup.task.close()
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -7,12 +7,14 @@ the others are its parts, also used by tools that check a layout without a run.
 Usage::
 
     job = parse_args(["--config", "examples/demo.yaml"])
-    task = validate_startup(job, world_size=2)       # raises ConfigError
+    startup = validate_startup(job, world_size=2)    # raises ConfigError
+    startup.task, startup.resume_step                # the task; the --load iteration or None
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from megatron_paced.config import ConfigError, require
 from megatron_paced.job import AlgorithmConfig, JobConfig, trains_log_z_table
@@ -97,9 +99,19 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
     return total
 
 
-def validate_startup(job: JobConfig, world_size: int):
-    """Every check that needs no process group, so bad flags fail before any work; returns
-    the task (its prompts are read and tokenized here)."""
+@dataclass
+class Startup:
+    """What the start-up checks found."""
+
+    task: object
+    """The task (its prompts read and tokenized)."""
+    resume_step: int | None
+    """The --load iteration to resume from, checked and verified (None: a fresh start)."""
+
+
+def validate_startup(job: JobConfig, world_size: int) -> Startup:
+    """Every check that needs no process group, so bad flags fail before any work; the
+    checkpoint of --load is verified here, once (each process hashes its share)."""
     from megatron_paced.checkpointing import check_loadable
     from megatron_paced.tasks import build_task, check_task_fits_model
 
@@ -110,8 +122,9 @@ def validate_startup(job: JobConfig, world_size: int):
                  "sampling", "checkpoint", "eval"):
         getattr(job, name).validate()
     validate_batch(job, parallel.data_parallel_size(world_size))
+    resume_step = None
     if job.checkpoint.load:
-        check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype)
+        resume_step = check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype)
     task = build_task(job.task, job.data, seed=train_cfg.seed,
                       eval_num_prompts=job.eval.eval_num_prompts)
     try:
@@ -158,4 +171,4 @@ def validate_startup(job: JobConfig, world_size: int):
     except ConfigError:
         task.close()
         raise
-    return task
+    return Startup(task, resume_step)

@@ -9,41 +9,25 @@ The same schedule runs on the embedded engine (no server)."""
 
 from __future__ import annotations
 
-import json
 import socket
-import sys
 import time
 
 import pytest
 
-from megatron_paced.testing.distributed import launch_workers
+from tests.helpers.train_runs import (
+    COMMON, free_port, read_metrics, rollout_server_flags, run_train,
+)
 
 pytestmark = pytest.mark.distributed
 
-SHAPE = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
-         "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17 "
-         "--max-sequence-length 64")
-COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
-          "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
-          "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
-          "--save-interval", "2", "--max-new-tokens", "6", "--train-iters", "4"]
-TIMINGS = ("step_time_s", "rollout_time_s", "paced_overhead_s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+FOUR_STEPS = [*COMMON, "--train-iters", "4"]
 
 
 def _servers(delay: float, *extra: str, port: int | None = None) -> list[str]:
     """Servers that sample from their requests' seeds (as SGLang with
     --enable-deterministic-inference), so that runs can be compared sample for sample."""
-    return ["--rollout-backend", "sglang", "--sglang-launch-command",
-            f"{sys.executable} -m megatron_paced.rollout.serve", "--sglang-server-args",
-            f"{SHAPE} --enable-deterministic-inference --debug-generate-delay {delay} "
-            f"{' '.join(extra)}",
-            "--sglang-base-port", str(port or _free_port())]
+    return rollout_server_flags(f"--enable-deterministic-inference --debug-generate-delay "
+                                f"{delay} {' '.join(extra)}", port=port)
 
 
 def _serving(port: int, within_s: float) -> bool:
@@ -59,24 +43,12 @@ def _serving(port: int, within_s: float) -> bool:
         time.sleep(0.2)
 
 
-def _train(args, nprocs=2, expect=0):
-    result = launch_workers("megatron_paced.train", nprocs=nprocs, args=args, timeout_s=600)
-    assert result.returncode == expect or (expect and result.returncode != 0), \
-        result.output[-5000:]
-    return result
-
-
-def _metrics(path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(path)]
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
-
-
 def test_bound_exactly_once_server_kill_and_resume_on_dp2(tmp_path):
     """K = 1, DP2, two servers that sleep 0.3 s per request."""
     full, killed, resumed = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
     servers = ["--max-staleness", "1", "--sglang-num-servers", "2"]
-    _train(COMMON + servers + _servers(0.3) + ["--save", str(full)])
-    rows = _metrics(full / "metrics.jsonl")
+    run_train(FOUR_STEPS + servers + _servers(0.3) + ["--save", str(full)])
+    rows = read_metrics(full / "metrics.jsonl", check_order=False)
     assert sorted(rows) == [1, 2, 3, 4]
     # Step 1 trains on the first push's samples (staleness 0), every later step on the
     # weights one step older than pi_old: never more, although generation lags.
@@ -88,20 +60,22 @@ def test_bound_exactly_once_server_kill_and_resume_on_dp2(tmp_path):
     # The anchor's drift: ~0 on fresh weights, the one-step policy change after.
     assert rows[1]["old_logprob_drift_abs"] < 1e-5 < rows[2]["old_logprob_drift_abs"]
 
-    result = _train(COMMON + servers + _servers(0.3) + [
+    result = run_train(FOUR_STEPS + servers + _servers(0.3) + [
         "--save", str(killed), "--kill-rollout-server-after-step", "2"])
     assert "restarting it (restart 1)" in result.output, result.output[-3000:]
-    assert _metrics(killed / "metrics.jsonl") == rows  # nothing lost, nothing twice
+    # Nothing lost, nothing twice.
+    assert read_metrics(killed / "metrics.jsonl", check_order=False) == rows
 
-    port = _free_port()
-    _train(COMMON + servers + _servers(0.3, port=port) + ["--save", str(resumed),
-                                                           "--exit-after-step", "3"], expect=17)
+    port = free_port()
+    run_train(FOUR_STEPS + servers + _servers(0.3, port=port) + ["--save", str(resumed),
+                                                                 "--exit-after-step", "3"],
+              expect=17)
     assert (resumed / "latest_checkpointed_iteration.txt").read_text() == "2"
     # The trainer ended without its atexit hooks: its servers notice and exit.
     assert not _serving(port, within_s=10) and not _serving(port + 1, within_s=1)
-    _train(COMMON + servers + _servers(0.3) + ["--save", str(resumed), "--load",
-                                                str(resumed)])
-    assert _metrics(resumed / "metrics.jsonl") == rows
+    run_train(FOUR_STEPS + servers + _servers(0.3) + ["--save", str(resumed), "--load",
+                                                      str(resumed)])
+    assert read_metrics(resumed / "metrics.jsonl", check_order=False) == rows
 
 
 def test_samples_past_the_bound_are_dropped_counted_and_regenerated(tmp_path):
@@ -110,9 +84,9 @@ def test_samples_past_the_bound_are_dropped_counted_and_regenerated(tmp_path):
     groups is dropped (counted) and generated again on the latest weights (tagged one step
     stale). Step 1's (weights 0, tagged -1) look one step stale: kept."""
     save = tmp_path / "lagging"
-    _train(COMMON + ["--max-staleness", "1", "--save", str(save)]
-           + _servers(0.0, "--debug-weight-version-lag", "1"), nprocs=1)
-    rows = _metrics(save / "metrics.jsonl")
+    run_train(FOUR_STEPS + ["--max-staleness", "1", "--save", str(save)]
+              + _servers(0.0, "--debug-weight-version-lag", "1"), nprocs=1)
+    rows = read_metrics(save / "metrics.jsonl", check_order=False)
     assert [rows[s]["num_dropped_stale"] for s in rows] == [0, 16, 16, 16]
     # Dropped samples are generated samples too; no trained one is past the bound.
     assert [rows[s]["num_samples"] for s in rows] == [16, 48, 80, 112]
@@ -124,9 +98,9 @@ def test_embedded_engine_generates_ahead(tmp_path):
     weights after step j - 3, anchored on them (--old-log-probs engine), with the drift to
     pi_old measured every step (--kl-interval 1)."""
     full = tmp_path / "full"
-    _train(COMMON + ["--max-staleness", "2", "--old-log-probs", "engine", "--kl-interval", "1",
-                     "--save", str(full)], nprocs=1)
-    rows = _metrics(full / "metrics.jsonl")
+    run_train(FOUR_STEPS + ["--max-staleness", "2", "--old-log-probs", "engine", "--kl-interval",
+                            "1", "--save", str(full)], nprocs=1)
+    rows = read_metrics(full / "metrics.jsonl", check_order=False)
     assert [rows[s]["staleness_max"] for s in rows] == [0.0, 1.0, 2.0, 2.0]
     assert [rows[s]["num_samples"] for s in rows] == [16, 32, 48, 64]
     assert rows[1]["old_logprob_drift_abs"] < 1e-5 < rows[3]["old_logprob_drift_abs"]

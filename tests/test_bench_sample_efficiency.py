@@ -1,6 +1,7 @@
-"""tools/bench_sample_efficiency.py: its analysis on known curves, pass@k, and (slow) the
-whole pipeline reduced to 1 seed and 2 steps: base policy, four methods, results, plots; every
-method's flags through the trainer's start-up checks."""
+"""tools/bench_sample_efficiency.py: its analysis (tools/sample_efficiency_analysis.py) on
+known curves, pass@k, and (slow) the whole pipeline reduced to 1 seed and 2 steps: base
+policy, four methods, results, plots; every method's flags (tools/sample_efficiency_runs.py)
+through the trainer's start-up checks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from megatron_paced.rl.evaluate import pass_at_k
 from tests.conftest import run_python
 from tools import bench_sample_efficiency as bench
+from tools import sample_efficiency_analysis as analysis
+from tools import sample_efficiency_runs as runs
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -34,33 +37,33 @@ def _run(seed, accuracies, samples_per_step=100):
 def test_reaching_the_target_uses_the_smoothed_curve():
     # A one-evaluation spike does not count; a sustained rise does (centered 3-point mean).
     run = _run(1, [0.3, 0.3, 0.6, 0.3, 0.3, 0.5, 0.5, 0.5])
-    assert bench.smoothed([0.3, 0.6, 0.3]) == pytest.approx([0.3, 0.4, 0.45])
-    hit = bench.first_reaching(run["curve"], 0.45)
+    assert analysis.smoothed([0.3, 0.6, 0.3]) == pytest.approx([0.3, 0.4, 0.45])
+    hit = analysis.first_reaching(run["curve"], 0.45)
     assert hit["step"] == 30 and hit["num_samples"] == 3000
-    assert bench.first_reaching(run["curve"], 0.3)["step"] == 0  # the base already
-    assert bench.first_reaching(run["curve"], 0.9) is None
+    assert analysis.first_reaching(run["curve"], 0.3)["step"] == 0  # the base already
+    assert analysis.first_reaching(run["curve"], 0.9) is None
 
 
 def test_ratio_pairs_seeds_and_flags_unreached_targets():
     fast = [_run(s, [0.3, 0.5, 0.5, 0.5, 0.5]) for s in (1, 2)]
     slow = [_run(1, [0.3, 0.3, 0.3, 0.5, 0.5]), _run(2, [0.3, 0.3, 0.3, 0.3, 0.3])]
-    a, b = bench.reach(fast, 0.4), bench.reach(slow, 0.4)
+    a, b = analysis.reach(fast, 0.4), analysis.reach(slow, 0.4)
     assert a["samples"]["per_seed"] == [500, 500] and a["num_reached"] == 2
     assert b["samples"]["per_seed"] == [1500, None] and b["num_reached"] == 1
-    result = bench.ratio(a, b)
+    result = analysis.ratio(a, b)
     assert result["per_seed"]["per_seed"] == [pytest.approx(1 / 3)]
     assert result["of_means"] == pytest.approx(500 / 1500)
     assert not result["all_seeds_reached"] and result["interval95"] is None  # one pair
-    stats = bench.stats([1.0, 3.0, None])
+    stats = analysis.stats([1.0, 3.0, None])
     assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(math.sqrt(2))
     # Two pairs: mean 2, std sqrt(2), t(1) = 12.706: 2 +- 12.706 x sqrt(2) / sqrt(2).
-    assert bench.interval95(stats) == pytest.approx([2 - 12.706, 2 + 12.706])
+    assert analysis.interval95(stats) == pytest.approx([2 - 12.706, 2 + 12.706])
     # Where a method sits between uniform selection (0) and the oracle (1), in samples.
     def entry(mean):
         return {"samples": {"mean": mean}}
-    assert bench.oracle_share(entry(800), entry(1000), entry(600)) == pytest.approx(0.5)
-    assert bench.oracle_share(entry(None), entry(1000), entry(600)) is None
-    assert bench.oracle_share(entry(800), entry(1000), entry(1200)) is None  # no saving
+    assert analysis.oracle_share(entry(800), entry(1000), entry(600)) == pytest.approx(0.5)
+    assert analysis.oracle_share(entry(None), entry(1000), entry(600)) is None
+    assert analysis.oracle_share(entry(800), entry(1000), entry(1200)) is None  # no saving
 
 
 def test_bad_arguments():
@@ -86,7 +89,7 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
     result = run_python("-m tools.bench_sample_efficiency", "--out", str(out), *REDUCED,
                         timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    for task in bench.CPU_TASKS:
+    for task in runs.CPU_TASKS:
         results = json.loads((out / task / "results.json").read_text())
         assert sorted(results["methods"]) == sorted(REDUCED_METHODS)
         # Every run started from the task's one base policy: identical step-0 evaluations.
@@ -134,12 +137,12 @@ def test_every_cpu_method_passes_the_trainers_startup_checks(tmp_path):
     from megatron_paced.validation import validate_startup
 
     args = bench.parse_args(["--out", str(tmp_path)])
-    for args.cpu_task in bench.CPU_TASKS:
-        for method, (_, flags) in bench.METHODS.items():
-            job = parse_args([*bench.task_flags(args), *flags, "--train-iters", "3",
+    for args.cpu_task in runs.CPU_TASKS:
+        for method, (_, flags) in runs.METHODS.items():
+            job = parse_args([*runs.task_flags(args), *flags, "--train-iters", "3",
                               "--allow-random-init",
-                              *(bench.PROBE if method in bench.HAS_LOG_Z else [])])
-            validate_startup(job, world_size=args.nproc).close()
+                              *(runs.PROBE if method in runs.HAS_LOG_Z else [])])
+            validate_startup(job, world_size=args.nproc).task.close()
             assert job.algorithm.algo == method.split("-")[0]
 
 
@@ -154,10 +157,10 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
     hf = tmp_path / "base" / "hf"
     hf.mkdir(parents=True)
     (hf / "config.json").write_text(json.dumps(PRESETS["smollm2-135m"].to_hf_config()))
-    for method, (_, flags) in bench.METHODS.items():
+    for method, (_, flags) in runs.METHODS.items():
         if method == "paced-oracle":
             continue  # the oracle needs one answer string per prompt: the CPU tasks only
-        job = parse_args([*bench.task_flags(args), *flags, "--load", str(tmp_path / "base"),
+        job = parse_args([*runs.task_flags(args), *flags, "--load", str(tmp_path / "base"),
                            "--train-iters", "3"])
         assert job.model.hidden_size == 576 and job.model.num_layers == 30
         assert job.task.task == task.split("-")[0] and job.task.tokenizer == str(hf)

@@ -134,7 +134,7 @@ def test_rollout_server_and_cuda_ipc_weight_sync_on_gpu(tmp_path):
 
 @pytest.mark.gpu
 def test_trainer_on_gpu_bf16_kill_and_resume_equals_uninterrupted(tmp_path):
-    from tests.test_train import COMMON, _metrics
+    from tests.helpers.train_runs import COMMON, read_metrics
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     flags = COMMON + ["--train-iters", "4", "--bf16", "--deterministic-mode",
@@ -145,6 +145,7 @@ def test_trainer_on_gpu_bf16_kill_and_resume_equals_uninterrupted(tmp_path):
         result = launch_workers("megatron_paced.train", nprocs=1, args=args, timeout_s=600)
         assert result.returncode == expect or (expect and result.returncode), \
             result.output[-5000:]
-    uninterrupted, resumed = _metrics(full / "metrics.jsonl"), _metrics(killed / "metrics.jsonl")
+    uninterrupted = read_metrics(full / "metrics.jsonl")
+    resumed = read_metrics(killed / "metrics.jsonl")
     assert sorted(resumed) == [0, 1, 2, 3, 4] and "eval_pass@1" in resumed[4]
     assert resumed == uninterrupted

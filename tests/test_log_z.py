@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_paced.forward_backward import SequenceBatch
 from megatron_paced.paced.learned_log_z import build_log_z_table
 from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ
+from megatron_paced.rollout.engine import RolloutBatch
 
 
 def test_lookup_and_per_prompt_mean_sgd_step():
@@ -48,7 +50,7 @@ def test_running_mean_step_averages_the_visits_then_forgets():
 
 def test_bad_ids_and_nan_gradients_write_nothing():
     table = ShardedLogZ(10, beta=0.05, init_acc=0.5, lr=0.5, optimizer="adam")
-    before = {k: getattr(table, k).clone() for k in table._STATE}
+    before = {k: v.clone() for k, v in table.state_tensors().items()}
     with pytest.raises(ValueError, match="log-Z row 10 is outside the table of 10"):
         table.lookup(torch.tensor([1, 10]))
     with pytest.raises(ValueError, match="log-Z row -1"):
@@ -129,21 +131,22 @@ def _bandit(steps, num_prompts, group_size, prompts_per_step, beta, lr_policy, l
         fresh_rows = rows.repeat_interleave(group_size)
         with torch.no_grad():
             rollout = _arm_log_probs(logits_old, fresh_rows, tokens).float()
-        fresh = SequenceBatch(tokens, torch.ones(len(tokens), 1), {"rollout_log_probs": rollout})
+        fresh = RolloutBatch(tokens, torch.ones(len(tokens), 1), rollout)
         acc_est = table.acc_est(rows)
         replayed = offer_and_draw(replay, rows, acc_est, fresh, rewards, step=step,
                                   version=step)
         batch = build_train_batch(rows, fresh, rewards, replayed)
-        batch_rows = batch.extras["log_z_rows"]
+        batch_rows = batch.log_z_rows
         with torch.no_grad():  # pi_old of every row, replayed ones too (the default)
-            batch.extras["old_log_probs"] = _arm_log_probs(logits_old, batch_rows,
-                                                           batch.tokens)
+            old_log_probs = _arm_log_probs(logits_old, batch_rows, batch.tokens)
             p_before = torch.sigmoid(logits_old[rows])
             logits_old = logits.detach().clone()  # the next step's pi_old
-        if mutation == "replay":
-            batch.extras["updates_log_z"][:] = True
-        batch.extras["rewards"] = batch.extras["rewards"].double()
-        batch.extras["log_z"] = table.lookup(batch_rows).double().requires_grad_(True)
+        updates = torch.ones_like(batch.updates_log_z) if mutation == "replay" \
+            else batch.updates_log_z
+        batch = dataclasses.replace(
+            batch, old_log_probs=old_log_probs, updates_log_z=updates,
+            rewards=batch.rewards.double(),
+            log_z=table.lookup(batch_rows).double().requires_grad_(True))
         logits.grad = None
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(losses, "paced_tb_delta", delta_fn)
@@ -152,7 +155,7 @@ def _bandit(steps, num_prompts, group_size, prompts_per_step, beta, lr_policy, l
         loss_sum.backward()
         with torch.no_grad():
             logits -= lr_policy * logits.grad / float(num)
-        grads = batch.extras["log_z"].grad
+        grads = batch.log_z.grad
         if mutation == "sum":  # each row moved by the sum of its samples' gradients
             grads = grads * torch.bincount(batch_rows, minlength=num_prompts)[batch_rows]
         log_z_step(table, batch, grads)

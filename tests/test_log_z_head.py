@@ -96,7 +96,7 @@ def test_hybrid_trained_rows_read_the_table_and_the_rest_follow_the_head():
 def test_a_table_state_loads_as_the_same_log_z_and_bad_features_are_named():
     table = ShardedLogZ(40, beta=0.05, init_acc=0.5, lr=0.05, optimizer="running-mean")
     table.apply_gradients(torch.tensor([3, 3, 9]), torch.tensor([4.0, 2.0, -7.0]))
-    state = {name: getattr(table, name).clone() for name in ShardedLogZ._STATE}
+    state = {name: value.clone() for name, value in table.state_tensors().items()}
     for param in ("hybrid", "head"):
         learned = _learned(param)
         learned.load_state_dict(dict(state), saved_param="table")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_paced.forward_backward import SequenceBatch
 from megatron_paced.losses import (
     check_beta, flowrl_loss_fn, group_normalized_advantages, grpo_loss_fn, grpo_token_losses,
     paced_loss_fn, paced_tb_delta,
 )
+from megatron_paced.rl.batch import RLBatch
 
 
-def _batch(**extras):
+def _batch(**fields):
+    """Two rows of the RL batch the losses read; fields a test leaves out are zeros."""
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
-    return SequenceBatch(torch.zeros(2, 4, dtype=torch.long), mask, extras)
+    zeros = torch.zeros(2)
+    defaults = dict(log_z_rows=torch.arange(2), updates_log_z=torch.ones(2, dtype=torch.bool),
+                    rewards=zeros, advantages=zeros, old_log_probs=torch.zeros(2, 4))
+    return RLBatch(torch.zeros(2, 4, dtype=torch.long), mask, **{**defaults, **fields})
 
 
 def test_paced_delta_and_loss_contract():

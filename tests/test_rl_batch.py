@@ -3,23 +3,25 @@ replayed samples, and replay's offer/draw."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from megatron_paced.forward_backward import SequenceBatch
 from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample, \
     offer_and_draw
 from megatron_paced.rl.batch import build_train_batch
+from megatron_paced.rollout.engine import RolloutBatch
 
 T = 5
 
 
-def _fresh(num_rows: int) -> SequenceBatch:
+def _fresh(num_rows: int) -> RolloutBatch:
     """Rows whose tokens and log-probs say which row they are."""
     tokens = torch.arange(num_rows)[:, None].repeat(1, T)
     mask = torch.tensor([0, 0, 1, 1, 0.0]).repeat(num_rows, 1)
     log_probs = -torch.arange(num_rows, dtype=torch.float32)[:, None].repeat(1, T)
-    return SequenceBatch(tokens, mask, {"rollout_log_probs": log_probs})
+    return RolloutBatch(tokens, mask, log_probs)
 
 
 def _replayed(row: int, reward: float, marker: int) -> ReplaySample:
@@ -34,12 +36,12 @@ def test_train_batch_is_fresh_groups_then_replayed_rows():
     batch = build_train_batch(prompt_rows, _fresh(6), rewards, replayed)
     assert batch.num_sequences == 8
     assert batch.tokens[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 50, 51]  # (prompt, sample) order
-    assert batch.extras["log_z_rows"].tolist() == [7, 7, 7, 2, 2, 2, 5, 7]
-    assert batch.extras["rewards"].tolist() == [1, 0, 0, 1, 1, 1, 1.0, 0.5]
+    assert batch.log_z_rows.tolist() == [7, 7, 7, 2, 2, 2, 5, 7]
+    assert batch.rewards.tolist() == [1, 0, 0, 1, 1, 1, 1.0, 0.5]
     # Generator's log-probs as pi_old: the fresh rows' rollout ones, the replayed rows' stored.
-    assert batch.extras["old_log_probs"][:, 0].tolist() == [0, -1, -2, -3, -4, -5, -150, -151]
+    assert batch.old_log_probs[:, 0].tolist() == [0, -1, -2, -3, -4, -5, -150, -151]
     assert torch.equal(batch.completion_mask[6], torch.ones(T))
-    advantages = batch.extras["advantages"]
+    advantages = batch.advantages
     # Group 0: rewards (1, 0, 0), mean 1/3, std sqrt(1/3); group 1 all equal; replayed alone.
     std = (1 / 3) ** 0.5
     torch.testing.assert_close(advantages[:3], torch.tensor([2 / 3, -1 / 3, -1 / 3]) / std,
@@ -49,7 +51,7 @@ def test_train_batch_is_fresh_groups_then_replayed_rows():
 
 def test_train_batch_without_replay_and_shape_errors():
     batch = build_train_batch(torch.tensor([4]), _fresh(2), torch.tensor([[0.0, 1.0]]), [])
-    assert batch.num_sequences == 2 and batch.extras["log_z_rows"].tolist() == [4, 4]
+    assert batch.num_sequences == 2 and batch.log_z_rows.tolist() == [4, 4]
     with pytest.raises(ValueError, match="3 fresh rows for 1 prompts and \\(1, 2\\) rewards"):
         build_train_batch(torch.tensor([4]), _fresh(3), torch.tensor([[0.0, 1.0]]), [])
 
@@ -108,16 +110,16 @@ def test_replayed_rows_train_the_policy_but_do_not_move_log_z():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # prompt 2: observed accuracy 0.25
     replayed = [_replayed(2, 1.0, 50), _replayed(6, 1.0, 51)]  # prompt 6: only via replay
     batch = build_train_batch(torch.tensor([2]), _fresh(4), rewards, replayed)
-    assert batch.extras["updates_log_z"].tolist() == [True] * 4 + [False] * 2
+    assert batch.updates_log_z.tolist() == [True] * 4 + [False] * 2
     assert build_train_batch(torch.tensor([2]), _fresh(4), rewards, replayed,
-                             replay_updates_log_z=True).extras["updates_log_z"].all()
+                             replay_updates_log_z=True).updates_log_z.all()
     for mask_replayed, expected in ((True, {2: 0.25, 6: 0.5}), (False, {2: 0.4, 6: 1.0})):
         table = ShardedLogZ(10, beta=beta, init_acc=0.5, lr=0.5)  # lr 0.5: to the optimum
-        rows = batch.extras["log_z_rows"]
+        rows = batch.log_z_rows
         log_z = table.lookup(rows).double()
-        grads = 2 * (log_z - batch.extras["rewards"].double() / beta)  # S_theta = S_old
-        if not mask_replayed:  # the old behaviour, for the numbers above
-            batch.extras["updates_log_z"] = torch.ones(6, dtype=torch.bool)
+        grads = 2 * (log_z - batch.rewards.double() / beta)  # S_theta = S_old
+        if not mask_replayed:  # replayed rows counted too (--replay-updates-log-z)
+            batch = dataclasses.replace(batch, updates_log_z=torch.ones(6, dtype=torch.bool))
         log_z_step(table, batch, grads)
         got = {row: round(float(table.acc_est(torch.tensor([row]))), 4) for row in expected}
         assert got == {row: round(value, 4) for row, value in expected.items()}

@@ -7,30 +7,14 @@ import json
 
 import pytest
 
-from megatron_paced.testing.distributed import launch_workers
 from tests.conftest import chat_tokenizer
+from tests.helpers.train_runs import (
+    COMMON, free_port, read_metrics, rollout_server_flags, run_train,
+)
 
-COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
-          "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
-          "--replay-size", "16", "--replay-per-step", "4", "--no-replay-successful-only",
-          "--save-interval", "2", "--max-new-tokens", "6"]
-TIMINGS = ("step_time_s", "rollout_time_s", "paced_overhead_s")
 # The calibration probe and the KL measurement every 2 steps: their figures must resume too.
 PROBES = ["--log-z-param", "hybrid", "--calibration-interval", "2", "--calibration-prompts", "4",
           "--calibration-samples", "4", "--kl-interval", "2"]
-
-
-def _metrics(path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(path)]
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"duplicate or unordered steps: {steps}"
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
-
-
-def _train(args, nprocs=2, expect=0):
-    result = launch_workers("megatron_paced.train", nprocs=nprocs, args=args, timeout_s=600)
-    assert result.returncode == expect or (expect and result.returncode != 0), result.output[-5000:]
-    return result
 
 
 @pytest.mark.distributed
@@ -41,8 +25,8 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     then resumes on DP1. log Z is the hybrid (head, residual table, features: all in the
     checkpoint)."""
     full, run, moved = tmp_path / "full", tmp_path / "run", tmp_path / "moved"
-    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(full)])
-    uninterrupted = _metrics(full / "metrics.jsonl")
+    run_train(COMMON + PROBES + ["--train-iters", "4", "--save", str(full)])
+    uninterrupted = read_metrics(full / "metrics.jsonl")
     assert uninterrupted[4]["num_samples"] == 64 and uninterrupted[4]["num_replayed"] == 4
     # Probe samples are not training samples; the probe and the KL come every 2 steps.
     assert "calib_visited_rmse_corrected" in uninterrupted[2] and "beta_kl_old_new" in \
@@ -51,29 +35,29 @@ def test_nan_stop_and_kill_resume_to_the_uninterrupted_run_and_on_another_layout
     assert uninterrupted[2]["calib_heldout_num"] == 4  # the head on prompts held out
     assert 0 <= uninterrupted[4]["beta_kl_old_new"] < 0.05
 
-    result = _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run),
-                                       "--inject-nan-at-step", "3"], expect=3)
+    result = run_train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run),
+                                          "--inject-nan-at-step", "3"], expect=3)
     assert "paced-train: error: step 3: non-finite PACED loss residual" in result.output, \
         result.output[-3000:]
     assert "prompt ids [" in result.output and "the last checkpoint is intact" in result.output
     assert 'megatron_paced/train.py", line' not in result.output  # a message, not a traceback
     assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert not (run / "iter_0000003").exists() and not list(run.glob("*.tmp"))
-    assert sorted(_metrics(run / "metrics.jsonl")) == [1, 2]
+    assert sorted(read_metrics(run / "metrics.jsonl")) == [1, 2]
 
-    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run),
-                              "--exit-after-step", "3"], expect=17)
+    run_train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run),
+                                 "--exit-after-step", "3"], expect=17)
     assert (run / "iter_0000002").is_dir() and not (run / "iter_0000004").exists()
     assert (run / "latest_checkpointed_iteration.txt").read_text() == "2"
 
-    _train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run)])
-    resumed = _metrics(run / "metrics.jsonl")
+    run_train(COMMON + PROBES + ["--train-iters", "4", "--save", str(run), "--load", str(run)])
+    resumed = read_metrics(run / "metrics.jsonl")
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed == uninterrupted
     # Resume DP2's checkpoint on DP1 (one process) and go on.
-    _train(COMMON + PROBES + ["--train-iters", "6", "--save", str(moved), "--load", str(full)],
-           nprocs=1)
-    after = _metrics(moved / "metrics.jsonl")
+    run_train(COMMON + PROBES + ["--train-iters", "6", "--save", str(moved), "--load",
+                                 str(full)], nprocs=1)
+    after = read_metrics(moved / "metrics.jsonl")
     assert sorted(after) == [5, 6] and after[6]["num_samples"] == 96
     assert all(0 <= after[s]["acc_est_mae"] <= 1 for s in after)
 
@@ -83,9 +67,9 @@ def test_diverged_update_stops_at_the_next_rollout(tmp_path):
     """lr 1e30 gives finite weights of 1e30, which overflow the next rollout's logits: the run
     stops naming the step, and the last checkpoint is the step before."""
     diverged = tmp_path / "diverged"
-    result = _train(COMMON + ["--train-iters", "4", "--save", str(diverged), "--save-interval",
-                              "1", "--lr", "1e30", "--sft-warmup-iters", "0",
-                              "--allow-random-init"], nprocs=1, expect=3)
+    result = run_train(COMMON + ["--train-iters", "4", "--save", str(diverged),
+                                 "--save-interval", "1", "--lr", "1e30", "--sft-warmup-iters",
+                                 "0", "--allow-random-init"], nprocs=1, expect=3)
     assert "paced-train: error: step 2: non-finite logits while sampling" in result.output, \
         result.output[-3000:]
     assert (diverged / "latest_checkpointed_iteration.txt").read_text() == "1"
@@ -98,23 +82,12 @@ def test_tp2_run_with_launched_rollout_servers_and_group_weight_sync(tmp_path):
     the first step, so the server's log-probs are the trainer's (kl_old_theta ~ 0 with
     --use-rollout-logprobs); asynchronous (--max-staleness 1): the pushes go over the group
     from the trainer's rollout thread, in order."""
-    import socket
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    shape = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
-             "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17")
     save = tmp_path / "sglang"
-    _train(COMMON + ["--train-iters", "2", "--save", str(save), "--tensor-model-parallel-size",
-                     "2", "--rollout-backend", "sglang", "--sglang-launch-command",
-                     f"{sys.executable} -m megatron_paced.rollout.serve",
-                     "--sglang-server-args", f"{shape} --max-sequence-length 64",
-                     "--sglang-base-port", str(port), "--weight-sync", "nccl",
-                     "--use-rollout-logprobs", "--max-staleness", "1",
-                     "--sglang-num-servers", "2"])
-    rows = _metrics(save / "metrics.jsonl")
+    run_train(COMMON + ["--train-iters", "2", "--save", str(save), "--tensor-model-parallel-size",
+                        "2", *rollout_server_flags(), "--weight-sync", "nccl",
+                        "--use-rollout-logprobs", "--max-staleness", "1",
+                        "--sglang-num-servers", "2"])
+    rows = read_metrics(save / "metrics.jsonl")
     assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
     assert abs(rows[1]["kl_old_theta"]) < 1e-4, rows[1]
     assert [rows[1]["staleness_max"], rows[2]["staleness_max"]] == [0.0, 1.0]
@@ -130,25 +103,14 @@ def test_two_nodes_pp2_disk_sync_reaches_every_nodes_server(tmp_path):
     servers, each must report the version (else the run stops with the server's URL), and
     generation uses both."""
     import os
-    import socket
     import subprocess
     import sys
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    shape = ("--num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 "
-             "--num-query-groups 2 --max-position-embeddings 64 --vocab-size 17")
     save, staging = tmp_path / "two-nodes", tmp_path / "staging"
     staging.mkdir()
     master, base = free_port(), free_port()
     args = COMMON + ["--train-iters", "2", "--save", str(save), "--pipeline-model-parallel-size",
-                     "2", "--rollout-backend", "sglang", "--sglang-launch-command",
-                     f"{sys.executable} -m megatron_paced.rollout.serve",
-                     "--sglang-server-args", f"{shape} --max-sequence-length 64",
-                     "--sglang-base-port", str(base), "--weight-sync", "disk",
+                     "2", *rollout_server_flags(port=base), "--weight-sync", "disk",
                      "--weight-sync-dir", str(staging), "--rollout-prompts-per-request", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     agents = [subprocess.Popen(
@@ -158,7 +120,7 @@ def test_two_nodes_pp2_disk_sync_reaches_every_nodes_server(tmp_path):
         stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in range(2)]
     outputs = [agent.communicate(timeout=600)[0] for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-4000:] + outputs[1][-3000:]
-    rows = _metrics(save / "metrics.jsonl")
+    rows = read_metrics(save / "metrics.jsonl")
     assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32
     logs = sorted(save.glob("sglang-*.log"))
     assert [p.name for p in logs] == ["sglang-0.log", "sglang-1.log"]  # one per node
@@ -178,10 +140,10 @@ def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
     flags = list(COMMON)
     flags[flags.index("--replay-per-step") + 1] = "0"
     flags[flags.index("--micro-batch-size") + 1] = "4"
-    _train(flags + ["--train-iters", "3", "--save", str(save),
-                    "--algo", "grpo", "--prompt-selection", "uniform", "--dynamic-sampling",
-                    "--dynamic-sampling-max-rounds", "3", "--save-interval", "0"])
-    rows = _metrics(save / "metrics.jsonl")
+    run_train(flags + ["--train-iters", "3", "--save", str(save),
+                       "--algo", "grpo", "--prompt-selection", "uniform", "--dynamic-sampling",
+                       "--dynamic-sampling-max-rounds", "3", "--save-interval", "0"])
+    rows = read_metrics(save / "metrics.jsonl")
     samples = [rows[s]["num_samples"] for s in (1, 2, 3)]
     per_step = [b - a for a, b in zip([0] + samples, samples)]
     assert all(n % 16 == 0 and 16 <= n <= 48 for n in per_step), per_step
@@ -202,8 +164,8 @@ def test_flowrl_proj_z_trains_resumes_exactly_and_stays_out_of_exports(tmp_path)
 
     full, run = tmp_path / "full", tmp_path / "run"
     flowrl = COMMON + ["--algo", "flowrl", "--train-iters", "4"]
-    _train(flowrl + ["--save", str(full)])
-    uninterrupted = _metrics(full / "metrics.jsonl")
+    run_train(flowrl + ["--save", str(full)])
+    uninterrupted = read_metrics(full / "metrics.jsonl")
     assert sorted(uninterrupted) == [1, 2, 3, 4]
     saved = dist_checkpointing.load_tensors_metadata(str(full / "iter_0000004"))
     head = sorted(key for key in saved if key.startswith("proj_z."))
@@ -211,8 +173,8 @@ def test_flowrl_proj_z_trains_resumes_exactly_and_stays_out_of_exports(tmp_path)
     shutil.copytree(full, run)
     shutil.rmtree(run / "iter_0000004")
     (run / "latest_checkpointed_iteration.txt").write_text("2")
-    _train(flowrl + ["--save", str(run), "--load", str(run)])
-    assert _metrics(run / "metrics.jsonl") == uninterrupted
+    run_train(flowrl + ["--save", str(run), "--load", str(run)])
+    assert read_metrics(run / "metrics.jsonl") == uninterrupted
     convert_megatron_to_hf(str(full), str(tmp_path / "hf"), progress=False)
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["num_hidden_layers"] >= 1
@@ -242,12 +204,12 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
     tokenizer, _ = chat_tokenizer(tmp_path / "tokenizer")
     data = _prompt_file(tmp_path / "sums.jsonl", SUMS)
     save = tmp_path / "run"
-    _train(PROMPT_TASK + ["--allow-random-init", "--tokenizer", tokenizer, "--prompt-data", data,
-                          "--train-iters", "2", "--save", str(save),
-                          "--tensor-model-parallel-size", "2", "--eval-interval", "2",
-                          "--eval-num-prompts", "4", "--bf16", "--deterministic-mode",
-                          *PROBES])
-    rows = _metrics(save / "metrics.jsonl")
+    run_train(PROMPT_TASK + ["--allow-random-init", "--tokenizer", tokenizer, "--prompt-data",
+                             data, "--train-iters", "2", "--save", str(save),
+                             "--tensor-model-parallel-size", "2", "--eval-interval", "2",
+                             "--eval-num-prompts", "4", "--bf16", "--deterministic-mode",
+                             *PROBES])
+    rows = read_metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
     # metrics.jsonl's keys are an interface (plots, the benchmark, users' dashboards).
     step_keys = {"step", "num_samples", "reward_mean", "acc_est_mae", "selected_acc_est_mean",
@@ -401,6 +363,6 @@ def test_resume_in_another_precision_is_refused_but_weights_load(tmp_path):
         check_loadable(str(tmp_path), TINY_MODEL, torch.float32)
     contents.write_text(json.dumps({"contents": ["model"], "params_dtype": "bfloat16"}))
     assert check_loadable(str(tmp_path), TINY_MODEL, torch.float32) == 5  # weights: any dtype
-    contents.unlink()  # a checkpoint from before the precision was recorded: fp32
+    contents.unlink()  # a checkpoint without a recorded precision: read as fp32
     with pytest.raises(ConfigError, match="trained in float32 and this run is bfloat16"):
         check_loadable(str(tmp_path), TINY_MODEL, torch.bfloat16)

@@ -131,8 +131,8 @@ def rl_batch(args, vocab_size: int):
     completion) in groups of --samples-per-prompt, built by the trainer's own
     :func:`~megatron_paced.rl.batch.build_train_batch`; returns (prompt rows, fresh rows,
     rewards, train batch)."""
-    from megatron_paced.forward_backward import SequenceBatch
     from megatron_paced.rl.batch import build_train_batch
+    from megatron_paced.rollout.engine import RolloutBatch
 
     gen = torch.Generator().manual_seed(0)
     num_groups = args.num_sequences // args.samples_per_prompt
@@ -140,7 +140,7 @@ def rl_batch(args, vocab_size: int):
     tokens = torch.randint(0, vocab_size, (num_rows, args.seq_length), generator=gen)
     mask = torch.zeros(num_rows, args.seq_length)
     mask[:, args.prompt_length:] = 1.0
-    fresh = SequenceBatch(tokens, mask, {"rollout_log_probs": torch.full_like(mask, -2.0) * mask})
+    fresh = RolloutBatch(tokens, mask, rollout_log_probs=torch.full_like(mask, -2.0) * mask)
     rewards = torch.randint(0, 2, (num_groups, args.samples_per_prompt), generator=gen).float()
     prompt_rows = torch.arange(num_groups) % args.num_prompts
     return prompt_rows, fresh, rewards, build_train_batch(prompt_rows, fresh, rewards, [])
@@ -165,7 +165,8 @@ def bench(args) -> dict:
     cfg = resolve_model_config(args.model, args.hf_config, PRESETS["tiny"])
     ctx = initialize_parallel(ParallelConfig(), seed=1)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = build_policy(cfg, OptimizerConfig(lr=1e-6), ctx, seed=1, params_dtype=dtype)
+    policy = build_policy(cfg, OptimizerConfig(lr=1e-6), ctx, seed=1, params_dtype=dtype,
+                          micro_batch_size=args.micro_batch_size)
     reference = (build_reference(cfg, ctx, seed=1, copy_from=policy, params_dtype=dtype)
                  if args.reference else None)  # held in memory, as FlowRL/GRPO-KL runs do
     log_z = build_log_z_table(args.num_prompts, LogZConfig(), beta=0.05, target_acc=0.5)
@@ -179,8 +180,7 @@ def bench(args) -> dict:
 
     def train_step(loss_fn, with_log_z: bool) -> None:
         # The trainer's optimization stage; the GRPO step reads log-Z rows but trains none.
-        optimize_step(policy, log_z, batch, loss_fn, ctx, vocab_size=cfg.vocab_size,
-                      micro_batch_size=args.micro_batch_size, train_log_z=with_log_z,
+        optimize_step(policy, log_z, batch, loss_fn, ctx, train_log_z=with_log_z,
                       step=step[0])
 
     def bookkeeping() -> None:
@@ -216,8 +216,8 @@ def bench(args) -> dict:
                   peak),
              Part("grpo step", statistics.median(grpo_times), trained_tokens, train_flops, peak)]
     seconds, peak = timer(lambda: attach_old_log_probs(
-        batch, num_fresh=batch.num_sequences, policy=policy, reference=None, ctx=ctx,
-        vocab_size=cfg.vocab_size, micro_batch_size=args.micro_batch_size, recompute=True))
+        batch, num_fresh=batch.num_sequences, policy=policy, reference=None,
+        dp_group=ctx.dp_group, recompute=True))
     parts.append(Part("logprob recompute", seconds, trained_tokens,
                       forward_flops(cfg, trained_tokens, args.seq_length / 2), peak))
     seconds, peak = timer(generate)

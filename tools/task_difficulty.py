@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if job.checkpoint.load:
         trainer.checkpoints.load(job.checkpoint.load)
     oracle = OracleAccuracy(trainer.task, trainer.policy, trainer.ctx,
-                            max_new_tokens=job.sampling.max_new_tokens,
-                            micro_batch_size=job.batch.micro_batch_size,
-                            vocab_size=job.model.vocab_size)
+                            max_new_tokens=job.sampling.max_new_tokens)
     accuracy = oracle.acc_est(torch.arange(len(trainer.task.problems)))
     figures = difficulty(accuracy, trainer.task.problems)
     if dist.get_rank() == 0:

@@ -10,12 +10,18 @@
   parked in host memory between uses (``park()``/``unpark()``) to free GPU memory for
   rollouts. It starts as a copy of the policy's weights (shard for shard, no communication).
 
+Both run batches through Megatron's schedule (:mod:`megatron_paced.forward_backward`) in
+micro-batches of --micro-batch-size (or the largest size below it that divides the batch):
+``log_probs(batch)`` (no grad, on every PP stage) and ``forward_backward(batch, loss_fn)``.
+
 Usage::
 
-    policy = build_policy(model_cfg, optim_cfg, ctx, seed=1234)
-    logs = forward_backward(policy.model, batch, loss_fn, ctx, vocab_size=..., micro_batch_size=2)
-    grad_norm = policy.step()
+    policy = build_policy(model_cfg, optim_cfg, ctx, seed=1234, micro_batch_size=2)
+    policy.zero_grad()
+    logs = policy.forward_backward(batch, loss_fn)      # the loss logs of each micro-batch
+    grad_norm = policy.step().grad_norm
     reference = build_reference(model_cfg, ctx, seed=1234, copy_from=policy)
+    reference.log_probs(batch).token_log_probs          # (B, T)
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from functools import partial
 import torch
 
 from megatron_paced.config import OptimizerConfig
+from megatron_paced.forward_backward import (
+    LogProbs, LossFn, SequenceBatch, compute_log_probs, forward_backward, micro_batch_size_for,
+)
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.models.gpt import build_gpt_model
 from megatron_paced.models.proj_z import PREFIX as PROJ_Z_PREFIX, attach_proj_z
@@ -42,15 +51,42 @@ class StepResult:
     num_zeros_in_grad: int | None
 
 
-class Policy:
+class ModelRunner:
+    """This rank's model stage(s) on its layout, run through Megatron's schedule."""
+
+    def __init__(self, model: list[torch.nn.Module], model_cfg: ModelConfig,
+                 ctx: ParallelContext, micro_batch_size: int) -> None:
+        self.model = model
+        self.model_cfg = model_cfg
+        self.ctx = ctx
+        self.micro_batch_size = micro_batch_size
+        """--micro-batch-size: the largest micro-batch of a pass."""
+
+    def micro_batch_size_for(self, batch: SequenceBatch) -> int:
+        return micro_batch_size_for(batch.num_sequences, self.micro_batch_size)
+
+    def log_probs(self, batch: SequenceBatch) -> LogProbs:
+        """Token and sequence log-probs of ``batch``'s completions (no grad, eval mode), on
+        every rank of the pipeline."""
+        return compute_log_probs(self.model, batch.sequences(), self.ctx,
+                                 vocab_size=self.model_cfg.vocab_size,
+                                 micro_batch_size=self.micro_batch_size_for(batch))
+
+    def forward_backward(self, batch: SequenceBatch, loss_fn: LossFn) -> list[dict]:
+        """``loss_fn`` over ``batch``'s micro-batches, gradients accumulated into the model;
+        the loss logs of each micro-batch (on the last stage; empty elsewhere)."""
+        return forward_backward(self.model, batch, loss_fn, self.ctx,
+                                vocab_size=self.model_cfg.vocab_size,
+                                micro_batch_size=self.micro_batch_size_for(batch))
+
+
+class Policy(ModelRunner):
     """The trainable model stage(s) of this rank with their optimizer."""
 
     def __init__(self, model: list[torch.nn.Module], optimizer, model_cfg: ModelConfig,
-                 ctx: ParallelContext) -> None:
-        self.model = model
+                 ctx: ParallelContext, micro_batch_size: int = 1) -> None:
+        super().__init__(model, model_cfg, ctx, micro_batch_size)
         self.optimizer = optimizer
-        self.model_cfg = model_cfg
-        self.ctx = ctx
 
     def zero_grad(self) -> None:
         for chunk in self.model:
@@ -96,6 +132,7 @@ def build_policy(
     params_dtype: torch.dtype = torch.float32,
     proj_z_layers: int = 0,
     proj_z_dropout: float = 0.0,
+    micro_batch_size: int = 1,
 ) -> Policy:
     """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer;
     with ``proj_z_layers`` the last stage carries FlowRL's log-Z head
@@ -129,7 +166,7 @@ def build_policy(
         # main groups are gloo already.
         use_gloo_process_groups=False,
     )
-    return Policy([ddp], optimizer, model_cfg, ctx)
+    return Policy([ddp], optimizer, model_cfg, ctx, micro_batch_size)
 
 
 def _finalize_model_grads(finalize, model, num_tokens, pg_collection=None, force_all_reduce=False):
@@ -138,12 +175,12 @@ def _finalize_model_grads(finalize, model, num_tokens, pg_collection=None, force
                     force_all_reduce=force_all_reduce)
 
 
-class Reference:
+class Reference(ModelRunner):
     """A frozen copy of the model for KL terms, optionally parked in host memory."""
 
-    def __init__(self, model: list[torch.nn.Module], ctx: ParallelContext) -> None:
-        self.model = model
-        self.ctx = ctx
+    def __init__(self, model: list[torch.nn.Module], model_cfg: ModelConfig,
+                 ctx: ParallelContext, micro_batch_size: int = 1) -> None:
+        super().__init__(model, model_cfg, ctx, micro_batch_size)
         self.parked = False
 
     @torch.no_grad()
@@ -177,6 +214,7 @@ def build_reference(
     seed: int,
     copy_from: Policy | None = None,
     params_dtype: torch.dtype = torch.float32,
+    micro_batch_size: int = 1,
 ) -> Reference:
     """The frozen reference on the same layout; a copy of ``copy_from``'s weights if given."""
     gpt = build_gpt_model(model_cfg, ctx, seed=seed, params_dtype=params_dtype)
@@ -187,4 +225,4 @@ def build_reference(
     gpt.eval()
     for param in gpt.parameters():
         param.requires_grad_(False)
-    return Reference([gpt], ctx)
+    return Reference([gpt], model_cfg, ctx, micro_batch_size)

@@ -7,6 +7,10 @@ MoPPS's Beta posterior (:class:`~megatron_paced.paced.estimators.BetaPosteriorTa
 oracle (:class:`~megatron_paced.paced.estimators.OracleAccuracy`). Callers read the declared
 attributes, never the class: ``name`` is what checkpoints record, ``scores_change_every_step``
 tells selection to score candidates afresh each step instead of reading a gathered table.
+A per-prompt estimator shards its rows over DP with
+:class:`~megatron_paced.paced.sharded_rows.ShardedRows` (routing, gather, checkpoint blocks);
+one that does not change every step also offers selection's incremental reads
+(``local_acc_est``, ``take_updated_rows``, ``row_start``/``row_end``, ``gather_acc_est``).
 
 Usage::
 
@@ -40,3 +44,12 @@ class AccuracyEstimator(Protocol):
 
     def gather_visits(self) -> torch.Tensor:
         """(num_prompts,) groups observed per row (collective)."""
+
+    def heldout_acc_est(self, index: torch.Tensor) -> torch.Tensor:
+        """Estimates of held-out prompts (outside the table), by their index (the probe)."""
+
+    def sharded_state_dict(self, prefix: str, replica_id=(0,)) -> dict:
+        """What a checkpoint holds of it (Megatron sharded state dict; {} for nothing)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back a loaded :meth:`sharded_state_dict`."""

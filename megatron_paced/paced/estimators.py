@@ -17,8 +17,8 @@ calibration probe read:
   starting from Beta(a0, a0) (``--beta-posterior-prior``). It needs no extra rollouts and
   no loss, so it also selects for GRPO. MoPPS itself picks by a posterior sample (Thompson
   sampling); the posterior mean under PACED's rule is the like-for-like comparison with
-  ``beta * log_z``. The table is sharded by prompt id as the log-Z table is (it reuses its
-  partition, routing and checkpoint format).
+  ``beta * log_z``. The table is sharded by prompt row as the log-Z table is
+  (:class:`~megatron_paced.paced.sharded_rows.ShardedRows`).
 * ``oracle``: the current policy's exact accuracy on each candidate, the upper bound of any
   accuracy-driven selection. For the arithmetic task the answer is one string, so the
   accuracy under sampling at temperature 1 is the probability of the answer followed by the
@@ -32,8 +32,7 @@ Usage::
     posterior = BetaPosteriorTable(num_prompts, prior=1.0, decay=1.0, dp_group=ctx.dp_group)
     posterior.observe(rows, rewards)      # (P,) rows, (P, G) rewards of this rank's groups
     posterior.acc_est(rows)               # posterior means, collective
-    oracle = OracleAccuracy(task, policy, ctx, max_new_tokens=16, micro_batch_size=16,
-                            vocab_size=model_cfg.vocab_size)
+    oracle = OracleAccuracy(task, policy, ctx, max_new_tokens=16)
     oracle.acc_est(rows)                  # exact accuracies, collective over the world
 """
 
@@ -41,41 +40,40 @@ from __future__ import annotations
 
 import torch
 
-from megatron_paced.paced.log_z import ShardedLogZ, _all_to_all
+from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.paced.features import dp_slice, gather_dp_slices
+from megatron_paced.paced.sharded_rows import ShardedRows, load_blocks
 
 
-class BetaPosteriorTable(ShardedLogZ):
-    """Per-prompt Beta posteriors of the success rate, this DP rank's block of rows."""
+class BetaPosteriorTable:
+    """Per-prompt Beta posteriors of the success rate, this DP rank's block of rows (an
+    :class:`~megatron_paced.paced.estimator.AccuracyEstimator`)."""
 
-    _STATE = ("alpha", "beta_post", "visits")
     name = "beta-posterior"
+    scores_change_every_step = False
 
     def __init__(self, num_prompts: int, *, prior: float = 1.0, decay: float = 1.0,
                  dp_group=None) -> None:
-        # beta = 1: the table's "log Z" is the accuracy estimate itself.
-        super().__init__(num_prompts, beta=1.0, init_acc=0.5, lr=0.0, optimizer="sgd",
-                         dp_group=dp_group)
+        self.shard = ShardedRows(num_prompts, dp_group)
+        self.num_prompts, self.dp_group = num_prompts, dp_group
+        self.row_start, self.row_end = self.shard.row_start, self.shard.row_end
         self.prior, self.decay = float(prior), float(decay)
-        n = self.row_end - self.row_start
+        n = self.shard.num_local
         self.alpha = torch.full((n,), self.prior, dtype=torch.float64)
         self.beta_post = torch.full((n,), self.prior, dtype=torch.float64)
-
-    def local_log_z(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        alpha = self.alpha if rows is None else self.alpha[rows]
-        beta = self.beta_post if rows is None else self.beta_post[rows]
-        return alpha / (alpha + beta)
+        self.visits = torch.zeros(n, dtype=torch.int64)
+        self._updated_rows: list[torch.Tensor] | None = None  # None: every row changed
 
     def observe(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
         """Update the posteriors of this rank's groups (collective over DP): ``rows`` (P,)
         global rows, ``rewards`` (P, G) in [0, 1]."""
         rows = rows.to(torch.int64).cpu()
         rewards = rewards.to(torch.float64).cpu()
-        self._check_rows(rows)
+        self.shard.check(rows)
         stats = torch.stack([rewards.sum(1), (1 - rewards).sum(1)], dim=1)  # (P, 2)
-        order, send_counts, recv_counts, recv_rows = self._route(rows)
-        recv = _all_to_all(stats[order].flatten(), [2 * c for c in send_counts],
-                           [2 * c for c in recv_counts], self.dp_group).view(-1, 2)
-        local = recv_rows - self.row_start
+        route = self.shard.route(rows)
+        recv = self.shard.to_owners(route, stats)
+        local = route.recv_rows - self.row_start
         touched, inverse = torch.unique(local, return_inverse=True)
         totals = torch.zeros(len(touched), 2, dtype=torch.float64).index_add_(0, inverse, recv)
         keep, fresh = self.decay, (1 - self.decay) * self.prior
@@ -85,8 +83,50 @@ class BetaPosteriorTable(ShardedLogZ):
         if self._updated_rows is not None:
             self._updated_rows.append(touched)
 
-    def apply_gradients(self, rows: torch.Tensor, grads: torch.Tensor) -> int:
-        raise RuntimeError("the Beta posterior learns from rewards (observe), not a loss")
+    # ---- estimates (what selection reads) -------------------------------------------------
+    def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior means of this rank's rows (all, or the given local indices), float64."""
+        alpha = self.alpha if rows is None else self.alpha[rows]
+        beta = self.beta_post if rows is None else self.beta_post[rows]
+        return alpha / (alpha + beta)
+
+    def acc_est(self, rows: torch.Tensor) -> torch.Tensor:
+        """Posterior means of the given global rows, from their owners (collective)."""
+        return self.shard.lookup(rows, self.local_acc_est)
+
+    def owned_acc_est(self, rows: torch.Tensor) -> torch.Tensor:
+        """Posterior means of global rows this rank owns (no collective)."""
+        return self.local_acc_est(rows - self.row_start)
+
+    def heldout_acc_est(self, index: torch.Tensor) -> torch.Tensor:
+        """Prompts outside the table: the prior mean."""
+        return torch.full((len(index),), 0.5, dtype=torch.float64)
+
+    def gather_acc_est(self) -> torch.Tensor:
+        return self.shard.gather(self.local_acc_est())
+
+    def gather_visits(self) -> torch.Tensor:
+        return self.shard.gather(self.visits.double()).long()
+
+    def take_updated_rows(self) -> torch.Tensor | None:
+        """Local rows written since the last call (None: all of them, e.g. after a load)."""
+        rows = None if self._updated_rows is None else (
+            torch.cat(self._updated_rows) if self._updated_rows
+            else torch.zeros(0, dtype=torch.int64))
+        self._updated_rows = []
+        return rows
+
+    # ---- checkpointing --------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"alpha": self.alpha, "beta_post": self.beta_post, "visits": self.visits}
+
+    def sharded_state_dict(self, prefix: str, replica_id=(0,)) -> dict:
+        return self.shard.sharded_state_dict(self.state_tensors(), prefix=prefix,
+                                             replica_id=replica_id)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_blocks(self.state_tensors(), state)
+        self._updated_rows = None
 
 
 class OracleAccuracy:
@@ -96,20 +136,16 @@ class OracleAccuracy:
     scores_change_every_step = True
     """Selection scores a candidate pool each step (the policy changed)."""
 
-    def __init__(self, task, policy, ctx, *, max_new_tokens: int, micro_batch_size: int,
-                 vocab_size: int) -> None:
+    def __init__(self, task, policy, ctx, *, max_new_tokens: int) -> None:
         self.task, self.policy, self.ctx = task, policy, ctx
-        self.max_new_tokens, self.micro_batch_size = max_new_tokens, micro_batch_size
-        self.vocab_size = vocab_size
+        self.max_new_tokens = max_new_tokens
         self.num_prompts = len(task.problems)
         self.row_start, self.row_end = 0, self.num_prompts
 
     def observe(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
         """Nothing to learn: the oracle reads the policy."""
 
-    def _answer_batch(self, problems):
-        from megatron_paced.forward_backward import SequenceBatch
-
+    def _answer_batch(self, problems) -> SequenceBatch:
         eos = self.task.stop_token_ids[0]
         sequences, masks = [], []
         for problem in problems:
@@ -130,9 +166,6 @@ class OracleAccuracy:
     def acc_est(self, rows: torch.Tensor) -> torch.Tensor:
         """(n,) float64 accuracies of the given rows under the current policy, the same on
         every rank (each DP rank scores a share; collective over the world)."""
-        from megatron_paced.forward_backward import compute_log_probs, micro_batch_size_for
-        from megatron_paced.paced.features import dp_slice, gather_dp_slices
-
         rows = rows.to(torch.int64).cpu()
         start, end = dp_slice(len(rows), self.ctx)
         problems = [self.task.problems[int(row)] for row in rows[start:end]]
@@ -141,11 +174,19 @@ class OracleAccuracy:
             fits = torch.tensor([len(self.task.tokenizer.encode(p.answer)) <= self.max_new_tokens
                                  for p in problems])
             batch = self._answer_batch(problems)
-            log_probs = compute_log_probs(
-                self.policy.model, batch, self.ctx, vocab_size=self.vocab_size,
-                micro_batch_size=micro_batch_size_for(len(problems), self.micro_batch_size))
+            log_probs = self.policy.log_probs(batch)
             local = (log_probs.sequence_log_probs.double().cpu().exp() * fits)[:, None]
         return gather_dp_slices(local, len(rows), self.ctx)[:, 0]
 
     def gather_visits(self) -> torch.Tensor:
         return torch.zeros(self.num_prompts, dtype=torch.int64)
+
+    def heldout_acc_est(self, index: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the oracle estimates training prompts only")
+
+    def sharded_state_dict(self, prefix: str, replica_id=(0,)) -> dict:
+        """Nothing to save: the oracle reads the policy."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to load."""

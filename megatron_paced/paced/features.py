@@ -40,6 +40,7 @@ import torch.distributed as dist
 from megatron_paced.forward_backward import (SequenceBatch, final_hidden_states, forward_eval,
                                              micro_batch_size_for)
 from megatron_paced.models.sharding import unwrap_model
+from megatron_paced.paced.sharded_rows import row_block_tensor
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
 
@@ -82,7 +83,7 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
                                                     device=output.device), {"features": pooled}
 
         logs = forward_eval(
-            model, SequenceBatch(tokens, mask, {}), pool_on_last_stage, ctx,
+            model, SequenceBatch(tokens, mask), pool_on_last_stage, ctx,
             micro_batch_size=micro_batch_size_for(len(prompts), micro_batch_size))
     if ctx.is_last_stage:
         features = torch.cat([log["features"] for log in logs]).float()
@@ -166,7 +167,6 @@ def gather_dp_slices(local: torch.Tensor, num: int, ctx: ParallelContext) -> tor
 
 def _cache_state(local: torch.Tensor, heldout: torch.Tensor, row_start: int, num_prompts: int,
                  replica_id) -> dict:
-    from megatron_paced.paced.log_z import row_block_tensor
 
     return {"features": row_block_tensor("features", local, row_start=row_start,
                                          num_prompts=num_prompts, replica_id=replica_id),

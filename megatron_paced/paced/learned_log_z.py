@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.paced.head import LogZHead
-from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ, row_block_tensor
+from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ
+from megatron_paced.paced.sharded_rows import row_block_tensor
 
 CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
 
@@ -63,7 +64,6 @@ def row_uniforms(rows: torch.Tensor, salt: int) -> torch.Tensor:
 class LearnedLogZ(ShardedLogZ):
     """The head (replicated) plus this DP rank's block of the table, anchors and features."""
 
-    _STATE = ShardedLogZ._STATE + ("anchor", "last_update")
     scores_change_every_step = True
 
     @property
@@ -166,6 +166,10 @@ class LearnedLogZ(ShardedLogZ):
         return self.beta * self._head_of(self.heldout_features[index])
 
     # ---- checkpointing -------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(), "anchor": self.anchor,
+                "last_update": self.last_update}
+
     def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,),
                            names: tuple[str, ...] | None = None) -> dict:
         """The table's tensors with the anchors and last updates, the features as a sharded
@@ -187,7 +191,7 @@ class LearnedLogZ(ShardedLogZ):
 
     def load_state_dict(self, state: dict, saved_param: str | None = None) -> None:
         """Take a loaded :meth:`sharded_state_dict`. From a checkpoint of ``--log-z-param
-        table`` (older ones: no features, no head) the table is kept, the head starts fresh
+        table`` (no features, no head) the table is kept, the head starts fresh
         (a hybrid then reads the same log Z as the table did), and the features are left unset
         (computed again from the policy)."""
         super().load_state_dict(state)

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
-from megatron_paced.paced.partition import PromptPartition
+from megatron_paced.paced.sharded_rows import ShardedRows, agree, load_blocks
 
 
 @dataclass
@@ -122,43 +122,12 @@ class LogZConfig:
                     "must be in [0, 1]")
 
 
-def _agree(group: dist.ProcessGroup | None, ok: bool) -> bool:
-    """True iff ``ok`` holds on every rank of ``group``."""
-    if group is None or dist.get_world_size(group) == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
-
-
-def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return send.clone()
-    recv = torch.empty(sum(recv_counts), dtype=send.dtype)
-    dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
-    return recv
-
-
 def per_prompt_mean(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor,
                                                                       torch.Tensor]:
     """(B,) rows and (B,) per-sample gradients -> the distinct rows and each one's mean."""
     unique, inverse = torch.unique(rows, return_inverse=True)
     sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, grads.double())
     return unique, sums / torch.bincount(inverse, minlength=len(unique))
-
-
-def row_block_tensor(key: str, data: torch.Tensor, *, row_start: int, num_prompts: int,
-                     replica_id):
-    """A ``ShardedTensor`` of this rank's block of rows ``[row_start, row_start + len(data))``
-    of a global (num_prompts, ...) tensor. Blocks may be uneven (the last one shorter), so it
-    carries no ``axis_fragmentations``; it loads into any partition."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    return ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
-                         global_shape=(num_prompts, *data.shape[1:]),
-                         global_offset=(row_start,) + (0,) * (data.dim() - 1),
-                         axis_fragmentations=None, replica_id=replica_id)
 
 
 class ShardedLogZ:
@@ -187,10 +156,10 @@ class ShardedLogZ:
         self.adam_eps = adam_eps
         self.min_step = float(min_step)
         self.dp_group = dp_group
-        self.partition = PromptPartition.of(num_prompts, dp_group)
-        self.dp_size, self.dp_rank = self.partition.dp_size, self.partition.dp_rank
-        self.row_start, self.row_end = self.partition.row_start, self.partition.row_end
-        n = self.row_end - self.row_start
+        self.shard = ShardedRows(num_prompts, dp_group)
+        self.dp_size, self.dp_rank = self.shard.dp_size, self.shard.dp_rank
+        self.row_start, self.row_end = self.shard.row_start, self.shard.row_end
+        n = self.shard.num_local
         self.values = torch.full((n,), self.init_acc / self.beta, dtype=torch.float64)
         self.visits = torch.zeros(n, dtype=torch.int64)
         self.exp_avg = torch.zeros(n, dtype=torch.float64)
@@ -205,39 +174,10 @@ class ShardedLogZ:
         self._updated_rows = []
         return rows
 
-    # ---- routing -------------------------------------------------------------------------
-    def _check_rows(self, rows: torch.Tensor) -> None:
-        ok = bool(((rows >= 0) & (rows < self.num_prompts)).all())
-        if not _agree(self.dp_group, ok):
-            if not ok:
-                bad = rows[(rows < 0) | (rows >= self.num_prompts)]
-                raise ValueError(f"log-Z row {int(bad[0])} is outside the table of "
-                                 f"{self.num_prompts} prompts (rows 0..{self.num_prompts - 1})")
-            raise ValueError("a log-Z row on another data-parallel rank is outside the table "
-                             "(see that rank's error)")
-
-    def _route(self, rows: torch.Tensor):
-        """Sort requests by owner; exchange counts. Returns what both directions need."""
-        owners = self.partition.owner_of(rows)
-        order = torch.argsort(owners, stable=True)
-        send_counts = torch.bincount(owners, minlength=self.dp_size)
-        recv_counts = _all_to_all(send_counts, [1] * self.dp_size, [1] * self.dp_size,
-                                  self.dp_group)
-        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
-        recv_rows = _all_to_all(rows[order], send_counts, recv_counts, self.dp_group)
-        return order, send_counts, recv_counts, recv_rows
-
     # ---- lookup and update -----------------------------------------------------------------
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """log_z of each requested prompt, (n,) int64 rows -> (n,) float32, from the owners."""
-        rows = rows.to(torch.int64).cpu()
-        self._check_rows(rows)
-        order, send_counts, recv_counts, recv_rows = self._route(rows)
-        answers = self.local_log_z(recv_rows - self.row_start)
-        replies = _all_to_all(answers, recv_counts, send_counts, self.dp_group)
-        out = torch.empty(len(rows), dtype=torch.float64)
-        out[order] = replies
-        return out.float()
+        return self.shard.lookup(rows, self.local_log_z).float()
 
     def apply_gradients(self, rows: torch.Tensor, grads: torch.Tensor) -> int:
         """One optimizer step on the rows of the given samples; returns rows updated here.
@@ -250,15 +190,15 @@ class ShardedLogZ:
         grads = grads.detach().to(torch.float64).cpu()
         if grads.shape != rows.shape:
             raise ValueError(f"{grads.shape[0]} gradients for {rows.shape[0]} rows")
-        self._check_rows(rows)
+        self.shard.check(rows)
         finite = bool(torch.isfinite(grads).all())
-        if not _agree(self.dp_group, finite):
+        if not agree(self.dp_group, finite):
             raise FloatingPointError("non-finite log-Z gradient (a NaN reward or loss?): the "
                                      "step is aborted and the log-Z table is unchanged")
-        order, send_counts, recv_counts, recv_rows = self._route(rows)
-        recv_grads = _all_to_all(grads[order], send_counts, recv_counts, self.dp_group)
+        route = self.shard.route(rows)
+        recv_grads = self.shard.to_owners(route, grads)
         # Work on the distinct rows received: O(batch), whatever the table size.
-        touched, mean_grad = per_prompt_mean(recv_rows - self.row_start, recv_grads)
+        touched, mean_grad = per_prompt_mean(route.recv_rows - self.row_start, recv_grads)
         if self._updated_rows is not None:
             self._updated_rows.append(touched)
         self.visits[touched] += 1
@@ -312,21 +252,15 @@ class ShardedLogZ:
 
         For small tables; selection over large tables uses local candidates instead.
         """
-        return self._gather(self.local_acc_est())
+        return self.shard.gather(self.local_acc_est())
 
     def gather_visits(self) -> torch.Tensor:
         """How many steps updated each row, every prompt on every rank: (num_prompts,)."""
-        return self._gather(self.visits.double()).long()
-
-    def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(self.num_prompts, dtype=torch.float64)
-        full[self.row_start:self.row_end] = local
-        if self.dp_group is not None and self.dp_size > 1:
-            dist.all_reduce(full, group=self.dp_group)
-        return full
+        return self.shard.gather(self.visits.double()).long()
 
     # ---- checkpointing ---------------------------------------------------------------------
-    _STATE = ("values", "visits", "exp_avg", "exp_avg_sq")
+    TABLE_STATE = ("values", "visits", "exp_avg", "exp_avg_sq")
+    """What a plain table's checkpoint holds (a learned log Z adds its own)."""
 
     def sharded_state_dict(self, prefix: str = "log_z.", replica_id=(0,),
                            names: tuple[str, ...] | None = None) -> dict:
@@ -336,18 +270,16 @@ class ShardedLogZ:
         (tp_rank, pp_rank)). The last block may be shorter than the others, so the tensors
         carry no ``axis_fragmentations`` (which would demand equal blocks). ``names``: the
         tensors to include (default: all of this class's)."""
-        return {name: row_block_tensor(f"{prefix}{name}", getattr(self, name),
-                                       row_start=self.row_start, num_prompts=self.num_prompts,
-                                       replica_id=replica_id)
-                for name in names or self._STATE}
+        state = self.state_tensors()
+        return self.shard.sharded_state_dict(
+            {name: state[name] for name in names or state}, prefix=prefix, replica_id=replica_id)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-row tensors a checkpoint holds, by name."""
+        return {"values": self.values, "visits": self.visits, "exp_avg": self.exp_avg,
+                "exp_avg_sq": self.exp_avg_sq}
 
     def load_state_dict(self, state: dict) -> None:
         """Take the tensors of a loaded :meth:`sharded_state_dict` (those it holds)."""
-        for name in self._STATE:
-            if name not in state:
-                continue
-            value = state[name]
-            value = value.data if hasattr(value, "data") and not isinstance(
-                value, torch.Tensor) else value
-            getattr(self, name).copy_(value.reshape(-1))
+        load_blocks(self.state_tensors(), state)
         self._updated_rows = None

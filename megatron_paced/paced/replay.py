@@ -306,8 +306,8 @@ def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
     group's priority |acc_est - acc_obs|; returns this rank's share of the drawn samples.
 
     ``prompt_rows`` (P,) log-Z rows, ``acc_est_before`` (P,) their beta * log_z before this
-    step's update, ``fresh`` the (P * G)-row :class:`SequenceBatch` with
-    ``extras["rollout_log_probs"]``, ``rewards`` (P, G); ``version`` is the policy that
+    step's update, ``fresh`` the (P * G)-row
+    :class:`~megatron_paced.rollout.engine.RolloutBatch`, ``rewards`` (P, G); ``version`` is the policy that
     generated them."""
     if local_acc_est is not None:
         replay.rescore(local_acc_est)
@@ -318,7 +318,7 @@ def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
         acc_est_before.repeat_interleave(group_size), rewards.flatten(),
         torch.arange(num_groups).repeat_interleave(group_size))
     samples = [ReplaySample(int(prompt_rows[i // group_size]), fresh.tokens[i],
-                            fresh.completion_mask[i], fresh.extras["rollout_log_probs"][i],
+                            fresh.completion_mask[i], fresh.rollout_log_probs[i],
                             float(reward), version, acc_obs=float(acc_obs[i // group_size]))
                for i, reward in enumerate(rewards.flatten().tolist())]
     replay.add(samples, priorities)

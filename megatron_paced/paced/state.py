@@ -27,11 +27,6 @@ from dataclasses import dataclass
 from megatron_paced.paced.log_z import ShardedLogZ
 
 
-def log_z_param_of(table) -> str:
-    """table, head or hybrid (--log-z-param)."""
-    return table.param
-
-
 def estimator_name_of(estimator, table) -> str:
     """log-z, beta-posterior or oracle (--acc-estimator): the estimator's declared name."""
     return (table if estimator is None else estimator).name
@@ -43,26 +38,27 @@ def paced_sharded_state_dict(table, selector, replay, *, replica_id=(0,),
     """Collective (the replay buffer is gathered). ``replica_id`` is all zeros on one
     replica (TP/PP peer) of each DP rank. ``saved_param``: when loading, the checkpoint's
     --log-z-param (a table checkpoint has no head or features to read)."""
-    names = ShardedLogZ._STATE if saved_param == "table" else None
+    names = ShardedLogZ.TABLE_STATE if saved_param == "table" else None
     log_z = table.sharded_state_dict(prefix=f"{prefix}log_z.", replica_id=replica_id,
                                      names=names)
     out = {
         "log_z": log_z,
         "log_z_meta": {"num_prompts": table.num_prompts, "beta": table.beta,
-                       "optimizer": table.optimizer, "param": log_z_param_of(table),
+                       "optimizer": table.optimizer, "param": table.param,
                        "acc_estimator": estimator_name_of(estimator, table)},
         "selector": selector.state_dict(),
         "replay": replay.state_dict(),
     }
-    if estimator_name_of(estimator, table) == "beta-posterior":
-        out["acc_estimator"] = estimator.sharded_state_dict(
-            prefix=f"{prefix}acc_estimator.", replica_id=replica_id)
+    own = {} if estimator is None else estimator.sharded_state_dict(
+        prefix=f"{prefix}acc_estimator.", replica_id=replica_id)
+    if own:  # what the estimator learns beside log Z (the oracle has nothing to save)
+        out["acc_estimator"] = own
     return out
 
 
 def check_estimator(meta: dict, table, estimator) -> None:
     """Refuse a checkpoint whose --acc-estimator is not this run's (its state differs)."""
-    saved, now = meta.get("acc_estimator", "log-z"), estimator_name_of(estimator, table)
+    saved, now = meta["acc_estimator"], estimator_name_of(estimator, table)
     if saved != now:
         from megatron_paced.config import ConfigError
 
@@ -81,7 +77,7 @@ def load_paced_state(loaded: dict, table, selector, replay, estimator=None) -> l
     if meta["beta"] != table.beta:
         raise ValueError(f"checkpoint was trained with --beta {meta['beta']}; this run has "
                          f"--beta {table.beta} (log_z lives on a 1/beta scale)")
-    saved_param, param = meta.get("param", "table"), log_z_param_of(table)
+    saved_param, param = meta["param"], table.param
     if param == "table":
         if saved_param != "table":
             raise ValueError(f"checkpoint was trained with --log-z-param {saved_param}; this "

@@ -73,6 +73,12 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def close(self) -> None:
+        """The end of the run: finish the wandb run (its files are complete on disk)."""
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
 
 def dp_mean(values: list[float], ctx) -> list[float]:
     """The mean of each value over the DP ranks (collective)."""

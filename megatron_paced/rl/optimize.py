@@ -6,21 +6,21 @@ on; ``forward_backward`` runs the loss on every micro-batch (PP: 1F1B) and Megat
 reduces the policy's gradients; the loss and its item count are summed over micro-batches,
 broadcast from the last pipeline stage and all-reduced over DP, so every rank reports the same
 loss; the policy steps, then the table applies the gradient its fresh rows received (an
-all-to-all to their owners; rows with ``extras["updates_log_z"]`` false, the replayed ones,
-do not move the table). A loss that raises (a NaN reward) or is not finite stops the run before any
+all-to-all to their owners; rows with ``updates_log_z`` false, the replayed ones, do not
+move the table). The batch it is given is not changed: the loss reads a copy with ``log_z``. A loss that raises (a NaN reward) or is not finite stops the run before any
 update, naming the step and the prompts.
 
 Usage::
 
     loss_fn = loss_fn_for(job.algorithm)         # paced, grpo or flowrl, with its coefficients
-    result = optimize_step(policy, log_z, batch, loss_fn, ctx, vocab_size=V,
-                           micro_batch_size=4, train_log_z=True, step=12,
+    result = optimize_step(policy, log_z, batch, loss_fn, ctx, train_log_z=True, step=12,
                            prompt_ids_of=lambda rows: rows)
     result.loss, result.grad_norm, result.kl_old_theta, result.log_z_seconds
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import micro_batch_size_for
+from megatron_paced import losses
+from megatron_paced.parallel import broadcast_from_last_stage
+from megatron_paced.rl.batch import RLBatch
 from megatron_paced.rl.collect import stop_error
 
 
@@ -54,8 +56,6 @@ class StepResult:
 
 def loss_fn_for(algorithm) -> Callable:
     """The loss of ``--algo`` with its coefficients (an :class:`AlgorithmConfig`)."""
-    from megatron_paced import losses
-
     if algorithm.algo == "paced":
         return functools.partial(losses.paced_loss_fn, beta=algorithm.beta)
     if algorithm.algo == "flowrl":
@@ -65,36 +65,28 @@ def loss_fn_for(algorithm) -> Callable:
     return functools.partial(losses.grpo_loss_fn, kl_coef=algorithm.grpo_kl_coef)
 
 
-def log_z_step(log_z, batch, grads: torch.Tensor) -> int:
+def log_z_step(log_z, batch: RLBatch, grads: torch.Tensor) -> int:
     """The table's step (collective over DP): ``grads`` (B,) are d loss_sum / d log_z of the
-    batch's rows; only rows with ``extras["updates_log_z"]`` (the fresh ones) reach the table.
-    Returns the rows updated on this rank."""
-    rows = batch.extras["log_z_rows"]
-    keep = batch.extras.get("updates_log_z", torch.ones(len(rows), dtype=torch.bool))
-    return log_z.apply_gradients(rows[keep], grads[keep])
+    batch's rows; only rows with ``updates_log_z`` (the fresh ones) reach the table. Returns
+    the rows updated on this rank."""
+    keep = batch.updates_log_z
+    return log_z.apply_gradients(batch.log_z_rows[keep], grads[keep])
 
 
-def optimize_step(policy, log_z, batch, loss_fn, ctx, *, vocab_size: int,
-                  micro_batch_size: int, train_log_z: bool, step: int,
-                  prompt_ids_of: Callable[[list[int]], list] = list) -> StepResult:
+def optimize_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: bool,
+                  step: int, prompt_ids_of: Callable[[list[int]], list] = list) -> StepResult:
     """One optimizer step of the policy (and of the log-Z table if ``train_log_z``) on
-    ``batch`` (collective). ``micro_batch_size`` is --micro-batch-size (see
-    :func:`micro_batch_size_for`); ``prompt_ids_of`` maps log-Z rows to the dataset prompt ids
-    an error names."""
-    from megatron_paced.forward_backward import forward_backward
-    from megatron_paced.parallel import broadcast_from_last_stage
-
-    rows = batch.extras["log_z_rows"]
+    ``batch`` (collective; micro-batches of the policy's --micro-batch-size);
+    ``prompt_ids_of`` maps log-Z rows to the dataset prompt ids an error names."""
+    rows = batch.log_z_rows
 
     def stop(err) -> FloatingPointError:  # naming each prompt of the batch once
         return stop_error(step, err, prompt_ids_of(list(dict.fromkeys(rows.tolist()))))
 
-    batch.extras["log_z"] = log_z_rows = log_z.lookup(rows).requires_grad_(True)
+    log_z_rows = log_z.lookup(rows).requires_grad_(True)
     policy.zero_grad()
     try:
-        logs = forward_backward(
-            policy.model, batch, loss_fn, ctx, vocab_size=vocab_size,
-            micro_batch_size=micro_batch_size_for(batch.num_sequences, micro_batch_size))
+        logs = policy.forward_backward(dataclasses.replace(batch, log_z=log_z_rows), loss_fn)
     except FloatingPointError as err:  # raised by the loss before any update
         raise stop(err) from None
     totals = torch.zeros(3, dtype=torch.float64)

@@ -28,6 +28,8 @@ weights over TP) stay on its main thread, in :meth:`sync_weights`.
 
 Usage::
 
+    client = SGLangClient(urls, on_restart=lambda server: backend.on_server_restart(server))
+    transport = TensorTransport(client, model_cfg, ctx, keep_last=True)
     backend = AsyncSGLangBackend(client, transport, ctx, timeout_s=600)
     handle = backend.submit(prompts, n=8, sampling=sampling, seed=step + 1, min_version=step - 1)
     backend.sync_weights(policy.modules(), version=step)   # collective; applied in order
@@ -81,10 +83,11 @@ class AsyncSGLangBackend(SGLangBackend):
     def __init__(self, client, transport, ctx, *, timeout_s: float) -> None:
         from torch.distributed import distributed_c10d as c10d
 
+        if not transport.keep_last:
+            raise ValueError("asynchronous rollouts need a transport built with keep_last=True "
+                             "(a restarted server is given the last push again)")
         super().__init__(client, transport)
         self.ctx, self.timeout_s = ctx, timeout_s
-        transport.keep_last = True
-        client.on_restart = transport.replay_last
         self.is_generator = ctx.tp_rank == 0 and ctx.pp_rank == 0
         self.is_pusher = dist.get_rank() == 0
         flags = [None] * dist.get_world_size()
@@ -156,6 +159,10 @@ class AsyncSGLangBackend(SGLangBackend):
             self.queue.put(None)
             self.worker.join(timeout=self.timeout_s)
             self.worker = None
+
+    def on_server_restart(self, server) -> None:
+        """From the worker thread that found ``server`` dead: the last applied push again."""
+        self.transport.replay_last(server)
 
     def close(self) -> None:
         self.stop()

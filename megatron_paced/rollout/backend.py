@@ -128,6 +128,13 @@ class RolloutBackend(Protocol):
         """Make the backend generate from ``model`` (this rank's policy stages) from now on,
         tagged ``version`` (the trainer's step)."""
 
+    def kill_first_server(self) -> None:
+        """Fault injection (--kill-rollout-server-after-step): SIGKILL one server this
+        process launched (nothing where there is none)."""
+
+    def close(self) -> None:
+        """The end of the run: stop what the backend launched, remove what it staged."""
+
 
 def run_api_key(cfg: RolloutConfig) -> str | None:
     """The key of this run's servers, the same on every rank: --sglang-api-key, else
@@ -167,28 +174,32 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
     num_nodes = node_count()
     if not servers:
         servers = launch_servers(cfg, api_key=api_key, log_dir=log_dir, num_nodes=num_nodes)
+    backend = None  # the client's restart hook reaches the backend built below
     client = SGLangClient(servers, concurrency=cfg.rollout_concurrency,
                           prompts_per_request=cfg.rollout_prompts_per_request,
                           timeout_s=cfg.rollout_timeout, max_retries=cfg.rollout_max_retries,
-                          api_key=api_key, server_offset=ctx.dp_rank)
-    bucket = cfg.weight_sync_bucket_mb << 20
+                          api_key=api_key, server_offset=ctx.dp_rank,
+                          on_restart=lambda server: backend.on_server_restart(server))
+    common = dict(bucket_bytes=cfg.weight_sync_bucket_mb << 20,
+                  keep_last=bool(cfg.max_staleness))
     if cfg.weight_sync == "tensor":
-        transport = TensorTransport(client, model_cfg, ctx, bucket_bytes=bucket)
+        transport = TensorTransport(client, model_cfg, ctx, **common)
     elif cfg.weight_sync == "disk":
         transport = DiskTransport(client, model_cfg, ctx,
                                   directory=shared_staging_directory(cfg.weight_sync_dir),
-                                  bucket_bytes=bucket)
+                                  owns_parent=True, **common)
     else:
         transport = DistributedTransport(
             client, model_cfg, ctx, backend="nccl" if ctx.device.type == "cuda" else "gloo",
             master_address=cfg.weight_sync_master_address,
-            master_port=cfg.weight_sync_master_port, bucket_bytes=bucket)
+            master_port=cfg.weight_sync_master_port, **common)
     if cfg.max_staleness:
         from megatron_paced.rollout.async_rollout import AsyncSGLangBackend
 
-        return AsyncSGLangBackend(client, transport, ctx, timeout_s=cfg.rollout_timeout)
-    client.on_restart = lambda server: transport.on_server_restart(model[0])
-    return SGLangBackend(client, transport)
+        backend = AsyncSGLangBackend(client, transport, ctx, timeout_s=cfg.rollout_timeout)
+    else:
+        backend = SGLangBackend(client, transport)
+    return backend
 
 
 def node_count() -> int:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ConfigError, require
+from megatron_paced.forward_backward import SequenceBatch
 
 
 @dataclass
@@ -165,6 +166,12 @@ class EmbeddedEngine:
     def drain(self) -> None:
         """Nothing runs in the background."""
 
+    def kill_first_server(self) -> None:
+        """No server to kill: the engine is this process."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
     def generate_seeded(self, prompts: list[list[int]], sampling: SamplingParams,
                         seeds: list[int], *, tempered_log_probs: bool = False
                         ) -> list[Completion]:
@@ -280,13 +287,18 @@ class EmbeddedEngine:
                 for row in range(batch)]
 
 
-def completions_to_batch(prompts: list[list[int]], completions: list[list[Completion]],
-                         seq_length: int):
-    """Prompt + completion rows, right-padded to ``seq_length``: a SequenceBatch whose
-    completion mask covers the generated tokens and whose ``rollout_log_probs`` extra holds the
-    engine's log-probs at those positions; rows in (prompt, sample) order."""
-    from megatron_paced.forward_backward import SequenceBatch
+@dataclass
+class RolloutBatch(SequenceBatch):
+    """Generated rows: prompt + completion tokens with the generating engine's log-probs."""
 
+    rollout_log_probs: torch.Tensor
+    """(B, T) the engine's token log-probs at the completion positions, 0 elsewhere."""
+
+
+def completions_to_batch(prompts: list[list[int]], completions: list[list[Completion]],
+                         seq_length: int) -> RolloutBatch:
+    """Prompt + completion rows, right-padded to ``seq_length``, in (prompt, sample) order:
+    the completion mask covers the generated tokens."""
     rows = [(p, c) for p, per_prompt in enumerate(completions) for c in per_prompt]
     tokens = torch.zeros(len(rows), seq_length, dtype=torch.long)
     mask = torch.zeros(len(rows), seq_length)
@@ -299,4 +311,4 @@ def completions_to_batch(prompts: list[list[int]], completions: list[list[Comple
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, len(prompts[p]): len(ids)] = 1.0
         rollout_log_probs[i, len(prompts[p]): len(ids)] = torch.tensor(c.log_probs)
-    return SequenceBatch(tokens, mask, {"rollout_log_probs": rollout_log_probs})
+    return RolloutBatch(tokens, mask, rollout_log_probs)

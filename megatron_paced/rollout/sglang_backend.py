@@ -5,7 +5,8 @@
 
 Usage::
 
-    backend = SGLangBackend(SGLangClient(urls), TensorTransport(client, model_cfg, ctx))
+    client = SGLangClient(urls, on_restart=lambda server: backend.on_server_restart(server))
+    backend = SGLangBackend(client, TensorTransport(client, model_cfg, ctx))
     backend.sync_weights(policy.modules(), version=0)
     completions = backend.generate(prompts, n=8, sampling=sampling, seed=step)
 """
@@ -26,6 +27,14 @@ class SGLangBackend:
 
     def __init__(self, client, transport) -> None:
         self.client, self.transport = client, transport
+        self.model: list[torch.nn.Module] | None = None  # what the last push sent
+
+    def on_server_restart(self, server) -> None:
+        """The client restarted ``server`` (it holds no weights): push the current ones
+        (collective, as every push)."""
+        if self.model is None:
+            raise RuntimeError("a rollout server restarted before any weights were pushed")
+        self.transport.on_server_restart(self.model[0])
 
     def generate(self, prompts: list[list[int]], n: int, sampling, seed: int) -> list[list]:
         return self.client.generate(prompts, n=n, sampling=sampling, seed=seed)
@@ -38,17 +47,20 @@ class SGLangBackend:
         """Nothing runs in the background."""
 
     def sync_weights(self, model: list[torch.nn.Module], version: int) -> None:
+        self.model = model
         self.transport.push(model[0], version=str(version))
 
     def close(self) -> None:
+        """Stop the servers this process launched and release the transport's staging."""
         self.client.close()
+        self.transport.close()
 
 
-def kill_first_server(rollout) -> None:
-    """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout server
-    this process launched, if any."""
-    launched = [s for s in getattr(getattr(rollout, "client", None), "servers", [])
-                if isinstance(s, ServerProcess) and s.process is not None]
-    if launched:
-        launched[0].process.kill()
-        launched[0].process.wait()
+    def kill_first_server(self) -> None:
+        """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout
+        server this process launched, if any."""
+        launched = [s for s in self.client.servers
+                    if isinstance(s, ServerProcess) and s.process is not None]
+        if launched:
+            launched[0].process.kill()
+            launched[0].process.wait()

@@ -151,15 +151,16 @@ def flush_cache(client, servers, *, timeout_s: float) -> None:
 class _Transport:
     uses_session = True
     """Its updates run inside SGLang's /begin_weight_update ... /end_weight_update."""
-    keep_last = False
-    """Keep the last applied push (asynchronous rollouts): a restarted server is given it
-    again from the thread that found it dead, with no collective."""
 
-    def __init__(self, client, model_cfg, ctx, *, bucket_bytes: int = 256 << 20) -> None:
+    def __init__(self, client, model_cfg, ctx, *, bucket_bytes: int = 256 << 20,
+                 keep_last: bool = False) -> None:
         self.client = client
         self.model_cfg = model_cfg
         self.ctx = ctx
         self.bucket_bytes = bucket_bytes
+        self.keep_last = keep_last
+        """Keep the last applied push (asynchronous rollouts): a restarted server is given it
+        again from the thread that found it dead, with no collective."""
         self.version: str | None = None
         self.last_applied: PreparedPush | None = None
 
@@ -228,6 +229,9 @@ class _Transport:
     def forget_servers(self) -> None:
         """A server restarted: drop what the transport holds with the servers (nothing)."""
 
+    def close(self) -> None:
+        """The end of the run: release what the transport made (nothing here)."""
+
     def replay_last(self, server) -> None:
         """A server came back empty during asynchronous rollouts: give it the last applied
         version again (this thread, no collective)."""
@@ -245,9 +249,17 @@ class DiskTransport(_Transport):
 
     uses_session = False  # SGLang loads from disk without a session
 
-    def __init__(self, client, model_cfg, ctx, *, directory: str, **kwargs) -> None:
+    def __init__(self, client, model_cfg, ctx, *, directory: str, owns_parent: bool = False,
+                 **kwargs) -> None:
         super().__init__(client, model_cfg, ctx, **kwargs)
         self.directory = directory
+        self.owns_parent = owns_parent
+        """The folder above ``directory`` was made for this run (:func:`staging_directory`)
+        and is removed by :meth:`close`, every staged version with it."""
+
+    def close(self) -> None:
+        if self.owns_parent and dist.get_rank() == 0:
+            shutil.rmtree(os.path.dirname(self.directory), ignore_errors=True)
 
     def prepare(self, model, version: str) -> PreparedPush | None:
         from safetensors.torch import save_file

@@ -154,8 +154,7 @@ class AdditionTask:
                                  f"seq_length is {seq_length}")
             tokens[row, : len(ids)] = torch.tensor(ids)
             mask[row, len(prompt_ids): len(ids)] = 1.0
-        extras = {"num_digits": torch.tensor([p.num_digits for p in problems])}
-        return SequenceBatch(tokens, mask, extras)
+        return SequenceBatch(tokens, mask)
 
 
 class ArithmeticTask:

@@ -40,6 +40,7 @@ from megatron_paced.models.config import PRESETS
 from megatron_paced.models.gpt import canonical_param_name
 from megatron_paced.models.policy import build_policy
 from megatron_paced.parallel import initialize_parallel
+from megatron_paced.rl.batch import RLBatch
 from megatron_paced.rollout.engine import EmbeddedEngine, SamplingParams, completions_to_batch
 from tests.distributed.invariance_worker import SEQ_LENGTH, make_global_batch
 
@@ -57,10 +58,14 @@ def train_step(policy, ctx) -> dict:
                                   micro_batch_size=4).token_log_probs.cpu()
     gen = torch.Generator().manual_seed(3)
     log_z = torch.zeros(batch.num_sequences, requires_grad=True)
-    batch.extras.update(log_z=log_z, rewards=torch.randint(0, 2, (batch.num_sequences,),
-                                                           generator=gen).float(),
-                        old_log_probs=log_probs + 0.01 * torch.randn(log_probs.shape,
-                                                                     generator=gen))
+    n = batch.num_sequences
+    batch = RLBatch(batch.tokens, batch.completion_mask, log_z_rows=torch.arange(n),
+                    updates_log_z=torch.ones(n, dtype=torch.bool),
+                    rewards=torch.randint(0, 2, (n,), generator=gen).float(),
+                    advantages=torch.zeros(n),
+                    old_log_probs=log_probs + 0.01 * torch.randn(log_probs.shape,
+                                                                 generator=gen),
+                    log_z=log_z)
     policy.zero_grad()
     logs = forward_backward(policy.model, batch, functools.partial(paced_loss_fn, beta=BETA),
                             ctx, vocab_size=MODEL.vocab_size, micro_batch_size=4)
@@ -94,7 +99,7 @@ def greedy_generation(policy, ctx) -> dict:
     top2 = logits.topk(2, dim=-1).values
     margins = torch.nn.functional.pad((top2[..., 0] - top2[..., 1])[:, :-1], (1, 0))
     return {"greedy_tokens": batch.tokens, "greedy_mask": batch.completion_mask,
-            "greedy_log_probs": batch.extras["rollout_log_probs"],
+            "greedy_log_probs": batch.rollout_log_probs,
             "greedy_recomputed": recomputed, "greedy_margins": margins}
 
 

@@ -19,6 +19,7 @@ parallel log-probs against a gathered ``log_softmax``, PP broadcast) go to ``che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from megatron_paced.losses import (
 from megatron_paced.models.config import PRESETS, ModelConfig
 from megatron_paced.models.policy import build_policy, build_reference
 from megatron_paced.models.sharding import gather_full_state_dict, unwrap_model
+from megatron_paced.rl.batch import RLBatch
 from megatron_paced.parallel import (
     ParallelContext, broadcast_from_last_stage, destroy_parallel, initialize_parallel,
 )
@@ -144,7 +146,7 @@ def check_engine(checks, policy, model_cfg, ctx, layout) -> None:
                                         micro_batch_size=batch.num_sequences)
             mask = batch.completion_mask.bool()
             torch.testing.assert_close(trainer.token_log_probs[mask],
-                                       batch.extras["rollout_log_probs"][mask],
+                                       batch.rollout_log_probs[mask],
                                        rtol=1e-5, atol=1e-5)
             if sampling.temperature == 0:
                 assert trainer.is_argmax[mask].all()
@@ -163,22 +165,22 @@ RL_LOSSES = {
 }
 
 
-def rl_extras(global_batch: SequenceBatch, base_log_probs: torch.Tensor) -> dict:
-    """Fixed rewards, group ids, old/ref log-probs (perturbed from the policy's own) and
-    log-Z values for the global batch."""
+def rl_batch(global_batch: SequenceBatch, base_log_probs: torch.Tensor) -> RLBatch:
+    """The global batch with fixed rewards, group ids, old/ref log-probs (perturbed from the
+    policy's own) and log-Z values."""
     gen = torch.Generator().manual_seed(99)
     mask = global_batch.completion_mask
     rewards = (torch.rand(GLOBAL_BATCH, generator=gen) < 0.5).float()
     groups = torch.arange(GLOBAL_BATCH) // 4
-    return {
-        "rewards": rewards,
-        "advantages": group_normalized_advantages(rewards, groups),
-        "old_log_probs": (base_log_probs + 0.05 * torch.randn(base_log_probs.shape,
-                                                              generator=gen)) * mask,
-        "ref_log_probs": (base_log_probs + 0.1 * torch.randn(base_log_probs.shape,
-                                                             generator=gen)) * mask,
-        "log_z": 8.0 + torch.randn(GLOBAL_BATCH, generator=gen),
-    }
+    return RLBatch(
+        global_batch.tokens, mask, log_z_rows=torch.arange(GLOBAL_BATCH),
+        updates_log_z=torch.ones(GLOBAL_BATCH, dtype=torch.bool), rewards=rewards,
+        advantages=group_normalized_advantages(rewards, groups),
+        old_log_probs=(base_log_probs + 0.05 * torch.randn(base_log_probs.shape,
+                                                           generator=gen)) * mask,
+        ref_log_probs=(base_log_probs + 0.1 * torch.randn(base_log_probs.shape,
+                                                          generator=gen)) * mask,
+        log_z=8.0 + torch.randn(GLOBAL_BATCH, generator=gen))
 
 
 def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
@@ -190,11 +192,9 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
                                                      use_distributed_optimizer=False),
                           ctx, seed=SEED, proj_z_layers=3 if algo == "flowrl-proj-z" else 0)
     before = full_params(policy, ctx) if algo == "flowrl-proj-z" else {}
-    extras = rl_extras(global_batch, base_log_probs)
-    batch = SequenceBatch(global_batch.tokens, global_batch.completion_mask, extras)
-    batch = batch.shard_for_dp(ctx.dp_rank, ctx.dp_size)
-    log_z = batch.extras["log_z"].clone().requires_grad_(True)
-    batch.extras["log_z"] = log_z
+    batch = rl_batch(global_batch, base_log_probs).shard_for_dp(ctx.dp_rank, ctx.dp_size)
+    log_z = batch.log_z.clone().requires_grad_(True)
+    batch = dataclasses.replace(batch, log_z=log_z)
     policy.zero_grad()
     forward_backward(policy.model, batch, RL_LOSSES[algo], ctx, vocab_size=model_cfg.vocab_size,
                      micro_batch_size=MICRO_BATCH)

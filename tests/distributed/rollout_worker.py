@@ -60,7 +60,7 @@ def check_log_probs(outputs, policy, cfg, ctx) -> None:
                                 micro_batch_size=batch.num_sequences)
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(trainer.token_log_probs.cpu()[mask],
-                               batch.extras["rollout_log_probs"][mask], rtol=1e-5, atol=1e-5)
+                               batch.rollout_log_probs[mask], rtol=1e-5, atol=1e-5)
 
 
 def train_step(policy, cfg, ctx, seed: int) -> None:
@@ -132,10 +132,13 @@ def check_pause_and_async(checks, client, server, policy, engine, cfg, ctx, samp
         thread.join(60)
         slots = sorted((c.prompt_index, c.sample_index) for row in box["value"] for c in row)
         assert slots == [(p, s) for p in range(len(PROMPTS)) for s in range(2)]
+    backend = None
     async_client = SGLangClient([server], concurrency=2, prompts_per_request=2, timeout_s=120,
-                                api_key=API_KEY)
+                                api_key=API_KEY,
+                                on_restart=lambda s: backend.on_server_restart(s))
     backend = AsyncSGLangBackend(async_client, TensorTransport(async_client, cfg, ctx,
-                                                               bucket_bytes=64 << 10),
+                                                               bucket_bytes=64 << 10,
+                                                               keep_last=True),
                                  ctx, timeout_s=120)
     try:
         with checks.check("async_push_waits_for_the_generations_queued_before_it"):
