@@ -40,9 +40,26 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_paced.checkpointing import (
+    check_metadata,
+    iteration_dir,
+    latest_step,
+    save_model_checkpoint,
+    verify_iteration,
+)
 from megatron_paced.config import ConfigError, ParallelConfig
 from megatron_paced.models.config import ModelConfig
-from megatron_paced.models.hf_mapping import HF_GLOBAL_TO_MEGATRON, hf_layer_of, hf_param_shapes
+from megatron_paced.models.gpt import build_gpt_model
+from megatron_paced.models.hf_mapping import (
+    HF_GLOBAL_TO_MEGATRON,
+    hf_layer_of,
+    hf_param_shapes,
+    hf_to_megatron,
+    megatron_to_hf,
+)
+from megatron_paced.models.sharding import global_param_names, load_full_params_
+from megatron_paced.parallel import destroy_parallel, initialize_parallel
+from megatron_paced.safe_unpickle import install_checkpoint_allow_list
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -222,12 +239,6 @@ def convert_hf_to_megatron(hf_dir: str, save: str, parallel: ParallelConfig, *,
     PP ranks; more ranks are data-parallel replicas that do the same). Returns the config."""
     import torch.distributed as dist
 
-    from megatron_paced.checkpointing import save_model_checkpoint
-    from megatron_paced.models.gpt import build_gpt_model
-    from megatron_paced.models.hf_mapping import hf_to_megatron
-    from megatron_paced.models.sharding import global_param_names, load_full_params_
-    from megatron_paced.parallel import destroy_parallel, initialize_parallel
-
     source = open_hf_checkpoint(hf_dir, parallel)
     parallel.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     staging = _check_output(save)
@@ -375,11 +386,6 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
                            max_shard_gb: float = 5.0, progress: bool = True) -> ModelConfig:
     """Megatron checkpoint folder (the latest iteration) -> HF folder. One process, no
     process group."""
-    from megatron_paced.checkpointing import (
-        check_metadata, iteration_dir, latest_step, verify_iteration,
-    )
-    from megatron_paced.models.hf_mapping import megatron_to_hf
-    from megatron_paced.safe_unpickle import install_checkpoint_allow_list
 
     install_checkpoint_allow_list()
 

@@ -2,9 +2,10 @@
 
 A :class:`SequenceBatch` is this data-parallel rank's share of the step: right-padded token
 ids and a mask of the completion tokens to score; a subclass names the per-sequence tensors
-a loss needs (:class:`~megatron_paced.rl.batch.RLBatch`: rewards, old log-probs, log Z). :func:`forward_backward` cuts it into micro-batches and
-hands them to ``get_forward_backward_func()`` -- the no-pipelining loop for PP1, 1F1B for
-PP > 1 -- so PP works unchanged. On the last stage each micro-batch's vocab-parallel logits
+a loss needs (:class:`~megatron_paced.rl.batch.RLBatch`: rewards, old log-probs, log Z).
+:func:`forward_backward` cuts it into micro-batches and hands them to
+``get_forward_backward_func()`` -- the no-pipelining loop for PP1, 1F1B for PP > 1 -- so PP
+works unchanged. On the last stage each micro-batch's vocab-parallel logits
 become token log-probs (:mod:`megatron_paced.logprobs`) and go to a loss with Megatron's
 contract::
 
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.logprobs import next_token_log_probs, sequence_log_probs
+from megatron_paced.models.proj_z import has_proj_z, prompt_log_z
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
 
@@ -183,7 +185,6 @@ def _loss_on_last_stage(logits: torch.Tensor, micro_batch: SequenceBatch, *, los
                         ctx: ParallelContext, vocab_size: int, proj_z=None,
                         hidden: list[torch.Tensor] | None = None):
     if proj_z is not None:  # FlowRL's head: log Z from this micro-batch's prompt states
-        from megatron_paced.models.proj_z import prompt_log_z
 
         log_z = prompt_log_z(proj_z, hidden.pop(0), micro_batch.completion_mask, ctx)
         if "log_z" in {f.name for f in dataclasses.fields(micro_batch)}:  # an RL batch
@@ -210,7 +211,6 @@ def forward_backward(
     model (DDP grad buffers) unless ``forward_only``. A model whose last stage carries
     FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` from
     the head, in place of the batch's."""
-    from megatron_paced.models.proj_z import has_proj_z
 
     last_chunk = unwrap_model(model[-1])
     proj_z = last_chunk.proj_z if ctx.is_last_stage and has_proj_z(last_chunk) else None

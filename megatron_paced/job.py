@@ -38,12 +38,14 @@ from megatron_paced.config import (
     require,
 )
 from megatron_paced.data import DataConfig
-from megatron_paced.models.config import PRESETS, ModelConfig
+from megatron_paced.models.config import PRESETS, ModelConfig, resolve_model_config
 from megatron_paced.paced.log_z import LogZConfig
 from megatron_paced.paced.replay import ReplayConfig
 from megatron_paced.paced.selection import SelectionConfig
 from megatron_paced.rollout import RolloutConfig
+from megatron_paced.rollout.engine import SamplingParams
 from megatron_paced.tasks import TaskConfig
+from megatron_paced.tasks.arithmetic import CharTokenizer
 
 PROGRAM = ("paced-train: RL post-training with PACED-RL (or GRPO / FlowRL) on "
            "Megatron-Core.")
@@ -109,12 +111,10 @@ class AlgorithmConfig:
     this step's update, by a forward pass) or engine (the generating weights' log-probs from
     the rollout backend: pi_old itself when synchronous, the weights K steps older with
     --max-staleness K). Their gap is logged as old_logprob_drift_* (docs/results.md)."""
-    use_rollout_logprobs: bool = False
-    """Deprecated spelling of --old-log-probs engine."""
 
     @property
     def anchor_from_engine(self) -> bool:
-        return self.old_log_probs == "engine" or self.use_rollout_logprobs
+        return self.old_log_probs == "engine"
 
 
 @dataclass
@@ -149,8 +149,6 @@ class SamplingConfig:
     """Longest completion."""
 
     def validate(self) -> None:
-        from megatron_paced.rollout.engine import SamplingParams
-
         SamplingParams(temperature=self.temperature, top_p=self.top_p,
                        max_new_tokens=self.max_new_tokens).validate()
 
@@ -353,8 +351,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     :data:`TINY_MODEL_DEFAULTS` unless ``--model PRESET`` or ``--hf-config config.json`` gives
     a real model's shape, then ``--config FILE.yaml`` (unknown keys are an error). ``--help``
     prints these, so ``paced-train --model qwen2.5-7b --help`` shows the 7B run's."""
-    from megatron_paced.models.config import resolve_model_config
-    from megatron_paced.tasks.arithmetic import CharTokenizer
 
     parser = argparse.ArgumentParser(prog="paced-train", description=PROGRAM)
     parser.add_argument("--config", help="YAML file of flag values (flag names, - or _)")

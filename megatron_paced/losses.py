@@ -50,10 +50,10 @@ import math
 
 import torch
 
+from megatron_paced.config import ConfigError
+
 
 def check_beta(beta: float) -> None:
-    from megatron_paced.config import ConfigError
-
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ConfigError(f"--beta {beta!r}: must be a finite number > 0")
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_paced.checkpointing import check_loadable
 from megatron_paced.config import ConfigError, require
 from megatron_paced.job import AlgorithmConfig, JobConfig, trains_log_z_table
+from megatron_paced.losses import check_beta
+from megatron_paced.tasks import build_task, check_task_fits_model
 
 
 def validate_algorithm(algo: AlgorithmConfig, job: JobConfig) -> None:
     """The loss's flags, and the selection and log-Z forms it can work with."""
-    from megatron_paced.losses import check_beta
 
     check_beta(algo.beta)
     require(algo.flowrl_proj_z_layers >= 1, "flowrl_proj_z_layers", algo.flowrl_proj_z_layers,
@@ -112,8 +114,6 @@ class Startup:
 def validate_startup(job: JobConfig, world_size: int) -> Startup:
     """Every check that needs no process group, so bad flags fail before any work; the
     checkpoint of --load is verified here, once (each process hashes its share)."""
-    from megatron_paced.checkpointing import check_loadable
-    from megatron_paced.tasks import build_task, check_task_fits_model
 
     parallel, model_cfg, train_cfg = job.parallel, job.model, job.train
     parallel.validate(world_size=world_size)

@@ -64,22 +64,3 @@ def test_oracle_accuracy_matches_the_groups_the_policy_then_samples(tmp_path):
         float(residual.mean()), float(binomial))
     assert 0.6 < float((residual ** 2).mean() / binomial) < 1.6, (
         float((residual ** 2).mean()), float(binomial))
-
-
-def test_every_estimator_declares_the_interface():
-    """Callers read the estimator's declared name and capabilities, never its class."""
-    from megatron_paced.paced.estimator import AccuracyEstimator
-    from megatron_paced.paced.estimators import BetaPosteriorTable, OracleAccuracy
-    from megatron_paced.paced.learned_log_z import LearnedLogZ
-    from megatron_paced.paced.log_z import ShardedLogZ
-
-    names = {}
-    for cls in (ShardedLogZ, LearnedLogZ, BetaPosteriorTable, OracleAccuracy):
-        for member in ("acc_est", "observe", "gather_visits"):
-            assert callable(getattr(cls, member, None)), (cls, member)
-        assert isinstance(cls.scores_change_every_step, bool)
-        names[cls.__name__] = cls.name
-    assert names == {"ShardedLogZ": "log-z", "LearnedLogZ": "log-z",
-                     "BetaPosteriorTable": "beta-posterior", "OracleAccuracy": "oracle"}
-    table = BetaPosteriorTable(4)
-    assert isinstance(table, AccuracyEstimator) and not table.scores_change_every_step

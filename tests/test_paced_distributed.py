@@ -25,11 +25,13 @@ EXPECTED = [
     *(f"replay_equal_single_process[{dp}]" for dp in LAYOUTS),
     *(f"learned_log_z_equal_single_process[{dp}]" for dp in LAYOUTS),
     *(f"learned_selection_equal_single_process[{dp}]" for dp in LAYOUTS),
+    *(f"beta_posterior_equal_single_process[{dp}]" for dp in LAYOUTS),
     *(f"replay_draws_follow_priorities[{dp}]" for dp in LAYOUTS),
     "checkpoint_reshards[ckpt_dp4->dp2]",
     "checkpoint_reshards[ckpt_dp2->dp1]",
     "checkpoint_reshards[ckpt_dp2->dp4]",
     *(f"{kind}[{path}]" for kind in ("learned_checkpoint_reshards",
+                                     "beta_posterior_checkpoint_reshards",
                                      "table_checkpoint_loads_as_hybrid")
       for path in ("ckpt_dp4->dp2", "ckpt_dp2->dp1", "ckpt_dp2->dp4")),
 ]

@@ -68,11 +68,3 @@ def test_state_round_trip():
             (b.row, b.insertion, b.priority, b.reward, b.policy_version)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.old_log_probs, b.old_log_probs)
     assert copy.num_inserted == 3
-    # A checkpoint written before the row was named ``row`` loads the same samples.
-    legacy = replay.state_dict()
-    legacy["items"] = [{("prompt_id" if k == "row" else k): v for k, v in item.items()}
-                       for item in legacy["items"]]
-    older = DistributedReplay(ReplayConfig(replay_size=4), num_prompts=10, seed=0)
-    older.load_state_dict(legacy)
-    assert [(s.row, s.insertion) for s in older.items] == [(s.row, s.insertion)
-                                                           for s in replay.items]

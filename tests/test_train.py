@@ -80,12 +80,12 @@ def test_tp2_run_with_launched_rollout_servers_and_group_weight_sync(tmp_path):
     """--rollout-backend sglang against the project's server (SGLang's API): two servers for
     the node, asked once per replica; --weight-sync nccl (gloo here) pushes the policy before
     the first step, so the server's log-probs are the trainer's (kl_old_theta ~ 0 with
-    --use-rollout-logprobs); asynchronous (--max-staleness 1): the pushes go over the group
+    --old-log-probs engine); asynchronous (--max-staleness 1): the pushes go over the group
     from the trainer's rollout thread, in order."""
     save = tmp_path / "sglang"
     run_train(COMMON + ["--train-iters", "2", "--save", str(save), "--tensor-model-parallel-size",
                         "2", *rollout_server_flags(), "--weight-sync", "nccl",
-                        "--use-rollout-logprobs", "--max-staleness", "1",
+                        "--old-log-probs", "engine", "--max-staleness", "1",
                         "--sglang-num-servers", "2"])
     rows = read_metrics(save / "metrics.jsonl")
     assert sorted(rows) == [1, 2] and rows[2]["num_samples"] == 32

@@ -42,7 +42,7 @@ import torch
 
 from megatron_paced.forward_backward import SequenceBatch
 from megatron_paced.paced.features import dp_slice, gather_dp_slices
-from megatron_paced.paced.sharded_rows import ShardedRows, load_blocks
+from megatron_paced.paced.sharded_rows import ShardedRows, UpdatedRows, load_blocks
 
 
 class BetaPosteriorTable:
@@ -62,7 +62,7 @@ class BetaPosteriorTable:
         self.alpha = torch.full((n,), self.prior, dtype=torch.float64)
         self.beta_post = torch.full((n,), self.prior, dtype=torch.float64)
         self.visits = torch.zeros(n, dtype=torch.int64)
-        self._updated_rows: list[torch.Tensor] | None = None  # None: every row changed
+        self.updated = UpdatedRows()
 
     def observe(self, rows: torch.Tensor, rewards: torch.Tensor) -> None:
         """Update the posteriors of this rank's groups (collective over DP): ``rows`` (P,)
@@ -80,8 +80,7 @@ class BetaPosteriorTable:
         self.alpha[touched] = keep * self.alpha[touched] + fresh + totals[:, 0]
         self.beta_post[touched] = keep * self.beta_post[touched] + fresh + totals[:, 1]
         self.visits[touched] += 1
-        if self._updated_rows is not None:
-            self._updated_rows.append(touched)
+        self.updated.mark(touched)
 
     # ---- estimates (what selection reads) -------------------------------------------------
     def local_acc_est(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,11 +109,7 @@ class BetaPosteriorTable:
 
     def take_updated_rows(self) -> torch.Tensor | None:
         """Local rows written since the last call (None: all of them, e.g. after a load)."""
-        rows = None if self._updated_rows is None else (
-            torch.cat(self._updated_rows) if self._updated_rows
-            else torch.zeros(0, dtype=torch.int64))
-        self._updated_rows = []
-        return rows
+        return self.updated.take()
 
     # ---- checkpointing --------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -126,7 +121,7 @@ class BetaPosteriorTable:
 
     def load_state_dict(self, state: dict) -> None:
         load_blocks(self.state_tensors(), state)
-        self._updated_rows = None
+        self.updated.mark_all()
 
 
 class OracleAccuracy:

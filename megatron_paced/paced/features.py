@@ -37,8 +37,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from megatron_paced.forward_backward import (SequenceBatch, final_hidden_states, forward_eval,
-                                             micro_batch_size_for)
+from megatron_paced.checkpointing import iteration_dir, latest_step
+from megatron_paced.forward_backward import (
+    SequenceBatch,
+    final_hidden_states,
+    forward_eval,
+    micro_batch_size_for,
+)
 from megatron_paced.models.sharding import unwrap_model
 from megatron_paced.paced.sharded_rows import row_block_tensor
 from megatron_paced.parallel import ParallelContext, broadcast_from_last_stage
@@ -70,7 +75,6 @@ def prompt_features(model: list[torch.nn.Module], prompts: list[list[int]],
         mask[row, :len(prompt)] = 1.0
     hidden_size = unwrap_model(model[-1]).config.hidden_size
     with final_hidden_states(model, ctx, detach=True) as captured:
-
         def pool_on_last_stage(output, micro_batch):
             hidden = captured.pop(0)  # (s, b, h), split along s under sequence parallelism
             if ctx.config.sequence_parallel:
@@ -167,7 +171,6 @@ def gather_dp_slices(local: torch.Tensor, num: int, ctx: ParallelContext) -> tor
 
 def _cache_state(local: torch.Tensor, heldout: torch.Tensor, row_start: int, num_prompts: int,
                  replica_id) -> dict:
-
     return {"features": row_block_tensor("features", local, row_start=row_start,
                                          num_prompts=num_prompts, replica_id=replica_id),
             "heldout": heldout}
@@ -225,8 +228,6 @@ def set_log_z_features(log_z, task, model, *, job, model_cfg, ctx, step: int) ->
     start's settings, the model shape, the step, pooling, width, seed and the prompts'
     digests). A table, or a head whose checkpoint brought its features, is left as it is."""
     import dataclasses
-
-    from megatron_paced.checkpointing import iteration_dir, latest_step
 
     if not log_z.needs_features:  # a table, or features loaded with the checkpoint
         return

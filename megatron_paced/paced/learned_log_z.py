@@ -24,9 +24,9 @@ then regresses on the table: ``--log-z-head-fit-steps`` Adam steps on
 ``--log-z-head-window`` steps (about ``--log-z-head-fit-rows`` of them per Adam step, a
 hashed subsample the same on any DP layout; all DP ranks: an all-reduce of the parameter
 gradients), i.e.
-the TB gradient's per-prompt fixed points, kept by the table, drive the head. One Adam step
-per RL step on that step's prompts alone (the first version) was measured too slow to fit
-and let the head's error bias the policy's loss (docs/results.md).
+the TB gradient's per-prompt fixed points, kept by the table, drive the head (one Adam step
+per RL step on that step's prompts alone fits too slowly and lets the head's error bias the
+policy's loss: docs/results.md).
 
 Prompts outside the table (a held-out set with features of their own, ``heldout_features``)
 are estimated by the head alone: the calibration probe measures how well it generalizes.

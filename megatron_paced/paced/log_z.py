@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
-from megatron_paced.paced.sharded_rows import ShardedRows, agree, load_blocks
+from megatron_paced.paced.sharded_rows import ShardedRows, UpdatedRows, agree, load_blocks
 
 
 @dataclass
@@ -164,15 +164,11 @@ class ShardedLogZ:
         self.visits = torch.zeros(n, dtype=torch.int64)
         self.exp_avg = torch.zeros(n, dtype=torch.float64)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float64)
-        self._updated_rows: list[torch.Tensor] | None = None  # None: every row changed
+        self.updated = UpdatedRows()
 
     def take_updated_rows(self) -> torch.Tensor | None:
         """Local rows written since the last call (None: all of them, e.g. after a load)."""
-        rows = None if self._updated_rows is None else (
-            torch.cat(self._updated_rows) if self._updated_rows
-            else torch.zeros(0, dtype=torch.int64))
-        self._updated_rows = []
-        return rows
+        return self.updated.take()
 
     # ---- lookup and update -----------------------------------------------------------------
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
@@ -199,8 +195,7 @@ class ShardedLogZ:
         recv_grads = self.shard.to_owners(route, grads)
         # Work on the distinct rows received: O(batch), whatever the table size.
         touched, mean_grad = per_prompt_mean(route.recv_rows - self.row_start, recv_grads)
-        if self._updated_rows is not None:
-            self._updated_rows.append(touched)
+        self.updated.mark(touched)
         self.visits[touched] += 1
         self._step_rows(touched, mean_grad)
         return len(touched)
@@ -282,4 +277,4 @@ class ShardedLogZ:
     def load_state_dict(self, state: dict) -> None:
         """Take the tensors of a loaded :meth:`sharded_state_dict` (those it holds)."""
         load_blocks(self.state_tensors(), state)
-        self._updated_rows = None
+        self.updated.mark_all()

@@ -70,9 +70,9 @@ class ReplayConfig:
     """S_old of a replayed sample: recomputed by the current pi_old (one anchor for every
     row of a prompt, as the TB target needs), or the generating policy's log-probs."""
     replay_updates_log_z: bool = False
-    """Let replayed samples move the log-Z table too (the behaviour before 2026-12). It breaks
-    Proposition 4.1 (the success-filtered buffer pulls beta * log_z above the accuracy); it
-    measured better sample efficiency only with the old SGD lr 0.05 step (docs/results.md)."""
+    """Let replayed samples move the log-Z table too (an ablation). It breaks Proposition 4.1
+    (the success-filtered buffer pulls beta * log_z above the accuracy); it measured better
+    sample efficiency only with an SGD lr 0.05 log-Z step (docs/results.md)."""
     replay_rescore: bool = False
     """Before each draw, re-score every stored sample's priority against the current
     estimate (|beta * log_z now - its group's observed accuracy|) instead of keeping the
@@ -278,21 +278,13 @@ class DistributedReplay:
     def load_state_dict(self, state: dict) -> None:
         """Keep the saved samples this rank owns under the current DP size."""
         self.num_inserted = int(state["num_inserted"])
-        items = [ReplaySample(**_renamed(item)) for item in state["items"]]
+        items = [ReplaySample(**item) for item in state["items"]]
         for item in items:
             if not 0 <= item.row < self.num_prompts:
                 raise ValueError(f"replay state holds log-Z row {item.row}, outside the "
                                  f"table of {self.num_prompts} prompts")
         mine = (s for s in items if self.partition.owner_of(s.row) == self.dp_rank)
         self.items = sorted(mine, key=ReplaySample.order_key)
-
-
-def _renamed(item: dict) -> dict:
-    """A saved sample's fields under today's names (checkpoints before 2026-12 call the row
-    ``prompt_id``)."""
-    if "prompt_id" in item and "row" not in item:
-        item = {("row" if name == "prompt_id" else name): value for name, value in item.items()}
-    return item
 
 
 def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
@@ -307,8 +299,8 @@ def offer_and_draw(replay: DistributedReplay, prompt_rows: torch.Tensor,
 
     ``prompt_rows`` (P,) log-Z rows, ``acc_est_before`` (P,) their beta * log_z before this
     step's update, ``fresh`` the (P * G)-row
-    :class:`~megatron_paced.rollout.engine.RolloutBatch`, ``rewards`` (P, G); ``version`` is the policy that
-    generated them."""
+    :class:`~megatron_paced.rollout.engine.RolloutBatch`, ``rewards`` (P, G); ``version`` is
+    the policy that generated them."""
     if local_acc_est is not None:
         replay.rescore(local_acc_est)
     drawn = replay.sample(step)

@@ -156,6 +156,28 @@ class ShardedRows:
                 for name, data in tensors.items()}
 
 
+class UpdatedRows:
+    """The local rows written since the last :meth:`take` (what selection re-scores)."""
+
+    def __init__(self) -> None:
+        self._rows: list[torch.Tensor] | None = None  # None: every row changed
+
+    def mark(self, local_rows: torch.Tensor) -> None:
+        if self._rows is not None:
+            self._rows.append(local_rows)
+
+    def mark_all(self) -> None:
+        """Every row changed (a load)."""
+        self._rows = None
+
+    def take(self) -> torch.Tensor | None:
+        """The rows marked since the last call (None: all of them)."""
+        rows = None if self._rows is None else (
+            torch.cat(self._rows) if self._rows else torch.zeros(0, dtype=torch.int64))
+        self._rows = []
+        return rows
+
+
 def load_blocks(tensors: dict[str, torch.Tensor], state: dict) -> None:
     """Copy the loaded blocks of :meth:`ShardedRows.sharded_state_dict` (those ``state``
     holds) into ``tensors``."""

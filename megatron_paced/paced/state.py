@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_paced.config import ConfigError
 from megatron_paced.paced.log_z import ShardedLogZ
 
 
@@ -60,8 +61,6 @@ def check_estimator(meta: dict, table, estimator) -> None:
     """Refuse a checkpoint whose --acc-estimator is not this run's (its state differs)."""
     saved, now = meta["acc_estimator"], estimator_name_of(estimator, table)
     if saved != now:
-        from megatron_paced.config import ConfigError
-
         raise ConfigError(f"--load: the checkpoint was trained with --acc-estimator {saved}; "
                           f"this run has --acc-estimator {now} (its state is not there)")
 

@@ -7,8 +7,9 @@ reduces the policy's gradients; the loss and its item count are summed over micr
 broadcast from the last pipeline stage and all-reduced over DP, so every rank reports the same
 loss; the policy steps, then the table applies the gradient its fresh rows received (an
 all-to-all to their owners; rows with ``updates_log_z`` false, the replayed ones, do not
-move the table). The batch it is given is not changed: the loss reads a copy with ``log_z``. A loss that raises (a NaN reward) or is not finite stops the run before any
-update, naming the step and the prompts.
+move the table). The batch it is given is not changed: the loss reads a copy with ``log_z``.
+A loss that raises (a NaN reward) or is not finite stops the run before any update, naming
+the step and the prompts.
 
 Usage::
 

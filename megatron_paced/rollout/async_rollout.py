@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from megatron_paced.rollout.sglang_backend import SGLangBackend
-from megatron_paced.rollout.sglang_client import RolloutError
+from megatron_paced.rollout.sglang_client import RolloutError, ServerProcess
 
 POLL_S = 0.002
 
@@ -77,8 +77,8 @@ class _Barrier:
 
 
 class AsyncSGLangBackend(SGLangBackend):
-    """:class:`~megatron_paced.rollout.sglang_backend.SGLangBackend` whose requests run in a worker thread,
-    ordered against the weight pushes as the module docstring says."""
+    """:class:`~megatron_paced.rollout.sglang_backend.SGLangBackend` whose requests run in a
+    worker thread, ordered against the weight pushes as the module docstring says."""
 
     def __init__(self, client, transport, ctx, *, timeout_s: float) -> None:
         from torch.distributed import distributed_c10d as c10d
@@ -234,7 +234,6 @@ class AsyncSGLangBackend(SGLangBackend):
 
     def _restart_dead(self) -> bool:
         """Restart the servers this rank launched that died; True if one was."""
-        from megatron_paced.rollout.sglang_client import ServerProcess
 
         restarted = [s for s in self.client.servers
                      if isinstance(s, ServerProcess) and s.restart_if_dead()]

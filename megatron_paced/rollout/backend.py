@@ -26,6 +26,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.config import require
+from megatron_paced.rollout.async_rollout import AsyncSGLangBackend
+from megatron_paced.rollout.engine import EmbeddedEngine
+from megatron_paced.rollout.http_api import API_KEY_ENV
+from megatron_paced.rollout.sglang_backend import SGLangBackend
+from megatron_paced.rollout.sglang_client import ServerProcess, SGLangClient
+from megatron_paced.rollout.update_group import DistributedTransport
+from megatron_paced.rollout.weight_sync import (
+    DiskTransport,
+    TensorTransport,
+    shared_staging_directory,
+)
 
 
 @dataclass
@@ -142,8 +153,6 @@ def run_api_key(cfg: RolloutConfig) -> str | None:
     rank 0. None for --sglang-url servers without a key."""
     import secrets
 
-    from megatron_paced.rollout.http_api import API_KEY_ENV
-
     key = cfg.sglang_api_key or os.environ.get(API_KEY_ENV)
     if key or cfg.sglang_url:
         return key
@@ -156,18 +165,11 @@ def run_api_key(cfg: RolloutConfig) -> str | None:
 def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_length: int,
                   log_dir: str | None = None) -> RolloutBackend:
     """The backend of this configuration."""
-    from megatron_paced.rollout.engine import EmbeddedEngine
 
     cfg.validate()
     if cfg.rollout_backend == "embedded":
         return EmbeddedEngine(model, ctx, vocab_size=model_cfg.vocab_size,
                               max_sequence_length=max_sequence_length)
-    from megatron_paced.rollout.sglang_backend import SGLangBackend
-    from megatron_paced.rollout.sglang_client import SGLangClient
-    from megatron_paced.rollout.update_group import DistributedTransport
-    from megatron_paced.rollout.weight_sync import (
-        DiskTransport, TensorTransport, shared_staging_directory,
-    )
 
     servers: list = list(cfg.sglang_url)
     api_key = run_api_key(cfg)
@@ -194,8 +196,6 @@ def build_rollout(cfg: RolloutConfig, *, model, model_cfg, ctx, max_sequence_len
             master_address=cfg.weight_sync_master_address,
             master_port=cfg.weight_sync_master_port, **common)
     if cfg.max_staleness:
-        from megatron_paced.rollout.async_rollout import AsyncSGLangBackend
-
         backend = AsyncSGLangBackend(client, transport, ctx, timeout_s=cfg.rollout_timeout)
     else:
         backend = SGLangBackend(client, transport)
@@ -251,8 +251,6 @@ def launch_servers(cfg: RolloutConfig, *, api_key: str | None, log_dir: str | No
     node's as :class:`ServerProcess` on the launching rank, URLs elsewhere. With several
     nodes the servers listen on all interfaces (with the run's key) and are named by host."""
     import socket
-
-    from megatron_paced.rollout.sglang_client import ServerProcess
 
     command = shlex.split(cfg.sglang_launch_command)
     server_args = shlex.split(cfg.sglang_server_args)

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_paced.config import ConfigError, require
 from megatron_paced.forward_backward import SequenceBatch
+from megatron_paced.models.sharding import unwrap_model
 
 
 @dataclass
@@ -136,7 +137,6 @@ class EmbeddedEngine:
             raise ConfigError(
                 f"--pipeline-model-parallel-size {ctx.pp_size}: the embedded rollout engine "
                 "needs 1; use the SGLang backend for pipeline-parallel policies")
-        from megatron_paced.models.sharding import unwrap_model
 
         self.model = [unwrap_model(m) for m in model]
         self.ctx = ctx

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_paced.config import ConfigError
+from megatron_paced.models.hf_mapping import hf_param_shapes
+from megatron_paced.rollout.engine import SamplingParams
+from megatron_paced.rollout.sglang_source import normalize_generate
 
 # SGLang /generate fields this server does not implement: refused by name, never ignored.
 UNSUPPORTED_FIELDS = {"text", "input_embeds", "image_data", "audio_data", "video_data",
@@ -122,7 +125,6 @@ def sglang_normalization(body: dict) -> None:
     """Run SGLang's own ``GenerateReqInput.normalize_batch_and_arguments`` on the body where
     the installed wheel allows it (:mod:`megatron_paced.rollout.sglang_source`); its
     ValueError is SGLang's 400."""
-    from megatron_paced.rollout.sglang_source import normalize_generate
 
     known = {k: v for k, v in body.items() if k in KNOWN_FIELDS}
     try:
@@ -135,7 +137,6 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
                            limits: ServerLimits) -> GenerateRequest:
     """Validate a /generate body completely (before any work) -> the request; a
     :class:`RequestError` 400 naming the field otherwise."""
-    from megatron_paced.rollout.engine import SamplingParams
 
     unsupported = sorted(set(body) & UNSUPPORTED_FIELDS)
     if unsupported:
@@ -235,7 +236,6 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
 def validate_update_shapes(named_shapes, model_cfg) -> dict[str, tuple[int, ...]]:
     """Every ``(name, shape)`` of a weight update names a tensor of this model, with its
     shape; raises a 400 naming the first that does not. Returns the model's HF shapes."""
-    from megatron_paced.models.hf_mapping import hf_param_shapes
 
     shapes = hf_param_shapes(model_cfg)
     for name, shape in named_shapes:

@@ -78,9 +78,13 @@ from http.server import BaseHTTPRequestHandler
 
 import torch
 
-from megatron_paced.config import ConfigError
+from megatron_paced.config import ConfigError, add_flags, from_args
+from megatron_paced.models.config import ModelConfig, resolve_model_config
 from megatron_paced.rollout.http_api import (
-    API_KEY_ENV, PARENT_PID_ENV, BoundedHTTPServer, make_handler,
+    API_KEY_ENV,
+    PARENT_PID_ENV,
+    BoundedHTTPServer,
+    make_handler,
 )
 from megatron_paced.rollout.requests import ServerLimits
 from megatron_paced.rollout.service import RolloutService
@@ -143,9 +147,6 @@ def exit_with_parent(pid: int, interval_s: float = 1.0) -> threading.Thread:
 
 def main(argv: list[str] | None = None) -> int:
     import socket
-
-    from megatron_paced.config import add_flags, from_args
-    from megatron_paced.models.config import ModelConfig, resolve_model_config
 
     parser = argparse.ArgumentParser(prog="python -m megatron_paced.rollout.serve",
                                      description=__doc__.split("\n")[0])

@@ -21,8 +21,18 @@ import uuid
 
 import torch
 
+from megatron_paced.config import ParallelConfig
+from megatron_paced.models.gpt import build_gpt_model
+from megatron_paced.models.hf_mapping import hf_to_megatron
+from megatron_paced.models.sharding import load_full_params_
+from megatron_paced.parallel import initialize_parallel
+from megatron_paced.rollout.engine import EmbeddedEngine
 from megatron_paced.rollout.requests import (
-    RequestError, ServerLimits, parse_generate_request, validate_hf_update, version_string,
+    RequestError,
+    ServerLimits,
+    parse_generate_request,
+    validate_hf_update,
+    version_string,
 )
 from megatron_paced.rollout.service_weights import WeightEndpoints
 from megatron_paced.utils import free_port, is_torchrun_variable
@@ -59,11 +69,6 @@ class RolloutService(WeightEndpoints):
                  allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0,
                  weight_version_lag: int = 0, deterministic: bool = False,
                  weight_update_session: bool = True, base_gpu_id: int = 0) -> None:
-        from megatron_paced.config import ParallelConfig
-        from megatron_paced.models.gpt import build_gpt_model
-        from megatron_paced.parallel import initialize_parallel
-        from megatron_paced.rollout.engine import EmbeddedEngine
-
         # The server is a world of one, even when started from a torchrun-launched trainer
         # whose rendezvous variables it inherits.
         for name in list(os.environ):
@@ -105,8 +110,6 @@ class RolloutService(WeightEndpoints):
     # ---- weights ---------------------------------------------------------------------------
     def load_hf_tensors(self, hf: dict[str, torch.Tensor], *, complete: bool) -> int:
         """Validate, then load (a transaction: on any error nothing has changed)."""
-        from megatron_paced.models.hf_mapping import hf_to_megatron
-        from megatron_paced.models.sharding import load_full_params_
 
         validate_hf_update(hf, self.model_cfg, complete=complete)
         try:

@@ -17,9 +17,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_paced.rollout.requests import (
-    FLUSH_DONE, FLUSH_FAILED, RequestError, TextAnswer, int_field, optional_version,
+    FLUSH_DONE,
+    FLUSH_FAILED,
+    RequestError,
+    TextAnswer,
+    int_field,
+    optional_version,
     validate_update_shapes,
 )
+from megatron_paced.rollout.update_group import close_update_group, open_update_group
+from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
 
 
 class WeightEndpoints:
@@ -92,8 +99,6 @@ class WeightEndpoints:
     def update_weights_from_tensor(self, body: dict):
         import torch.multiprocessing as torch_mp
 
-        from megatron_paced.safe_unpickle import UnsafePickleError, loads_weight_payload
-
         version = optional_version(body)  # checked before anything loads
         self._require_session("update_weights_from_tensor")
         torch_mp.set_sharing_strategy("file_system")
@@ -120,8 +125,6 @@ class WeightEndpoints:
         return self._load_update(hf, body, version)
 
     def init_weights_update_group(self, body: dict):
-        from megatron_paced.rollout.update_group import close_update_group, open_update_group
-
         missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size")
                    if k not in body]
         if missing:
@@ -191,8 +194,6 @@ class WeightEndpoints:
         return self._load_update(received, body, version)
 
     def destroy_weights_update_group(self, body: dict):
-        from megatron_paced.rollout.update_group import close_update_group
-
         name = body.get("group_name", "weight_update_group")
         entry = self.update_groups.pop(name, None)
         if entry is None:

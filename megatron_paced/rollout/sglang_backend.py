@@ -20,8 +20,9 @@ from megatron_paced.rollout.sglang_client import ServerProcess
 
 
 class SGLangBackend:
-    """SGLang servers (or the project's rollout server) behind :class:`~megatron_paced.rollout.backend.RolloutBackend`: the
-    /generate client, and the weight transport that pushes the policy into the servers."""
+    """SGLang servers (or the project's rollout server) behind
+    :class:`~megatron_paced.rollout.backend.RolloutBackend`: the /generate client, and the
+    weight transport that pushes the policy into the servers."""
 
     asked_once_per_replica = True
 
@@ -54,7 +55,6 @@ class SGLangBackend:
         """Stop the servers this process launched and release the transport's staging."""
         self.client.close()
         self.transport.close()
-
 
     def kill_first_server(self) -> None:
         """Fault injection (--kill-rollout-server-after-step): SIGKILL the first rollout

@@ -54,8 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from megatron_paced.rollout.engine import Completion, SamplingParams
+from megatron_paced.rollout.http_api import API_KEY_ENV, PARENT_PID_ENV
 from megatron_paced.utils import is_torchrun_variable
-
 
 MAX_ABORTS_PER_REQUEST = 100  # then an aborted request counts as a failed attempt
 
@@ -155,8 +155,6 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
-        from megatron_paced.rollout.http_api import API_KEY_ENV, PARENT_PID_ENV
-
         command = self.command + ["--host", self.host, "--port", str(self.port)]
         env = server_environment(dict(os.environ), {**(self.env or {}),
                                                     PARENT_PID_ENV: str(os.getpid())})

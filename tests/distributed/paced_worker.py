@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_paced.config import ParallelConfig
+from megatron_paced.paced.estimators import BetaPosteriorTable
 from megatron_paced.paced.learned_log_z import LearnedLogZ
 from megatron_paced.paced.log_z import ShardedLogZ
 from megatron_paced.paced.replay import DistributedReplay, ReplayConfig, ReplaySample
 from megatron_paced.paced.selection import PromptSelector, SelectionConfig
+from megatron_paced.paced.sharded_rows import load_blocks
 from megatron_paced.paced.state import load_paced_state, paced_sharded_state_dict
 from megatron_paced.parallel import destroy_parallel, initialize_parallel
 from megatron_paced.testing.distributed import CheckRecorder
@@ -108,6 +111,38 @@ def check_learned(name: str, ctx, checks: CheckRecorder, mine: slice) -> Learned
     return sharded
 
 
+def check_posterior(name: str, ctx, checks: CheckRecorder, mine: slice) -> BetaPosteriorTable:
+    """MoPPS's Beta posterior on DP (its rewards routed to the rows' owners) equals the
+    single-process one: estimates, visits and the selections read from it."""
+    kwargs = dict(prior=2.0, decay=0.9)
+    sharded = BetaPosteriorTable(NUM_PROMPTS, dp_group=ctx.dp_group, **kwargs)
+    reference = BetaPosteriorTable(NUM_PROMPTS, **kwargs)
+    with checks.check(f"beta_posterior_equal_single_process[{name}]"):
+        for step in range(STEPS):
+            ids, _, rewards = global_stream(step)
+            groups = rewards.reshape(-1, 2)  # groups of 2 samples of the same prompt
+            rows = ids[::2]
+            mine_groups = slice(mine.start // 2, mine.stop // 2)
+            torch.testing.assert_close(sharded.acc_est(rows[mine_groups]),
+                                       reference.acc_est(rows)[mine_groups], rtol=0, atol=0)
+            sharded.observe(rows[mine_groups], groups[mine_groups])
+            reference.observe(rows, groups)
+        torch.testing.assert_close(sharded.gather_acc_est(), reference.gather_acc_est(),
+                                   rtol=0, atol=0)
+        assert torch.equal(sharded.gather_visits(), reference.gather_visits())
+        assert int((reference.gather_visits() > 0).sum()) > 100
+        cfg = SelectionConfig(prompt_selection="paced-greedy", selection_epsilon=0.2)
+        for gather_max in (100_000, 0):  # the gathered table and the candidates' path
+            dist_cfg = dataclasses.replace(cfg, selection_gather_max=gather_max)
+            dist_selector = PromptSelector(dist_cfg, seed=SEED, dp_group=ctx.dp_group)
+            ref_selector = PromptSelector(cfg, seed=SEED)
+            for step in range(3):
+                chosen = dist_selector.select(sharded, 32, step)
+                assert torch.equal(chosen, ref_selector.select(reference, 32, step)), step
+                assert same_everywhere(chosen)
+    return reference
+
+
 def same_everywhere(tensor: torch.Tensor) -> bool:
     reference = tensor.clone()
     dist.broadcast(reference, src=0)
@@ -155,6 +190,7 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                     assert same_everywhere(chosen)
                     assert len(set(chosen.tolist())) == 32
     learned = check_learned(name, ctx, checks, mine)
+    posterior = check_posterior(name, ctx, checks, mine)
     # The Adam table (non-trivial optimizer state) goes into the checkpoint below.
     with checks.check(f"replay_equal_single_process[{name}]"):
         for step in range(STEPS):
@@ -221,6 +257,17 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
                 torch.testing.assert_close(param.detach(), saved_param, rtol=0, atol=0)
             torch.testing.assert_close(fresh.head.optimizer.state_dict()["state"][0]["exp_avg"],
                                        saved["head_exp_avg"], rtol=0, atol=0)
+        with checks.check(f"beta_posterior_checkpoint_reshards[{load_from}->{name}]"):
+            fresh_posterior = BetaPosteriorTable(NUM_PROMPTS, prior=2.0, decay=0.9,
+                                                 dp_group=ctx.dp_group)
+            table, _ = tables(ctx.dp_group, "adam")
+            template = paced_sharded_state_dict(table, fresh_selector, fresh_replay,
+                                                replica_id=replica_id, estimator=fresh_posterior)
+            loaded = dist_checkpointing.load(template, str(out / f"posterior_{load_from}"))
+            load_paced_state(loaded, table, fresh_selector, fresh_replay, fresh_posterior)
+            torch.testing.assert_close(fresh_posterior.gather_acc_est(),
+                                       saved["posterior_acc_est"], rtol=0, atol=0)
+            assert torch.equal(fresh_posterior.gather_visits(), saved["posterior_visits"])
         with checks.check(f"table_checkpoint_loads_as_hybrid[{load_from}->{name}]"):
             hybrid, _ = learned_tables(ctx.dp_group)
             template = paced_sharded_state_dict(hybrid, fresh_selector, fresh_replay,
@@ -241,7 +288,19 @@ def run_layout(tp: int, out: Path, checks: CheckRecorder, load_from: str | None,
         dist_checkpointing.save(paced_sharded_state_dict(learned, selectors["gather"][0],
                                                          replay, replica_id=replica_id),
                                 str(out / f"learned_{save_to}"))
+        (out / f"posterior_{save_to}").mkdir(parents=True, exist_ok=True)
+        sharded_posterior = BetaPosteriorTable(NUM_PROMPTS, prior=2.0, decay=0.9,
+                                               dp_group=ctx.dp_group)
+        load_blocks(sharded_posterior.state_tensors(),  # the reference's rows, this rank's block
+                    {k: v[sharded_posterior.row_start:sharded_posterior.row_end]
+                     for k, v in posterior.state_tensors().items()})
+        dist_checkpointing.save(paced_sharded_state_dict(sharded, selectors["gather"][0], replay,
+                                                         replica_id=replica_id,
+                                                         estimator=sharded_posterior),
+                                str(out / f"posterior_{save_to}"))
         expected = {"acc_est": reference.gather_acc_est(),
+                    "posterior_acc_est": posterior.gather_acc_est(),
+                    "posterior_visits": posterior.gather_visits(),
                     "learned_acc_est": learned.gather_acc_est(),
                     "head": [p.detach().clone() for p in learned.head.parameters()],
                     "head_exp_avg": learned.head.optimizer.state_dict()["state"][0]["exp_avg"],
