@@ -228,7 +228,8 @@ class LoggingConfig:
 
     kl_interval: int = 10
     """Every this many steps, log beta_kl_old_new = beta * KL(pi_old || pi_theta) after the
-    update on the step's fresh samples (one more forward pass; 0: never)."""
+    update, on fresh samples of pi_old that the update did not use (a group per prompt of
+    the step, generated before it, not counted in num_samples; 0: never)."""
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""

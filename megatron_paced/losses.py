@@ -91,14 +91,19 @@ def grpo_token_losses(
     token_log_probs: torch.Tensor, old_token_log_probs: torch.Tensor,
     advantages: torch.Tensor, *, clip_low: float, clip_high: float,
     ref_token_log_probs: torch.Tensor | None = None, kl_coef: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GRPO per-token loss (B, T): clipped surrogate plus optional k3 KL to the reference."""
-    ratio = torch.exp(token_log_probs - old_token_log_probs)
+    """GRPO per-token loss (B, T): clipped surrogate plus optional k3 KL to the reference.
+    ``mask`` (B, T): the completion tokens; the log-ratios are zeroed outside it before they
+    are exponentiated (a padding position's log-prob may be very negative: exp would
+    overflow, and inf x 0 is NaN)."""
+    keep = torch.ones_like(token_log_probs) if mask is None else mask
+    ratio = torch.exp((token_log_probs - old_token_log_probs) * keep)
     adv = advantages.unsqueeze(-1)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
     loss = -surrogate
     if ref_token_log_probs is not None and kl_coef > 0:
-        log_ratio = ref_token_log_probs - token_log_probs
+        log_ratio = (ref_token_log_probs - token_log_probs) * keep
         loss = loss + kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
     return loss
 
@@ -181,7 +186,8 @@ def grpo_loss_fn(token_log_probs: torch.Tensor, micro_batch, *, clip_low: float 
     mask = micro_batch.completion_mask
     per_token = grpo_token_losses(
         token_log_probs, micro_batch.old_log_probs, micro_batch.advantages, clip_low=clip_low,
-        clip_high=clip_high, ref_token_log_probs=micro_batch.ref_log_probs, kl_coef=kl_coef)
+        clip_high=clip_high, ref_token_log_probs=micro_batch.ref_log_probs, kl_coef=kl_coef,
+        mask=mask)
     loss_sum = (per_token * mask).sum()
     _check_finite("GRPO loss", loss_sum.detach())
     num_tokens = mask.sum().to(torch.int)

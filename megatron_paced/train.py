@@ -64,7 +64,7 @@ from megatron_paced.rl.collect import Collector, build_collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
 from megatron_paced.rl.faults import FaultInjection
 from megatron_paced.rl.metrics import MetricsLog, print_summary, staleness_metrics, step_record
-from megatron_paced.rl.old_log_probs import attach_old_log_probs, beta_kl_old_new
+from megatron_paced.rl.old_log_probs import attach_old_log_probs, kl_probe
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
 from megatron_paced.rl.reference import prepare_reference
 from megatron_paced.rollout import RolloutBackend, build_rollout
@@ -77,6 +77,7 @@ from megatron_paced.validation import Startup, validate_startup
 # batch with seed * SFT_SEED_STRIDE + i.
 EVAL_SEED_OFFSET = 10**6
 SFT_SEED_STRIDE = 7
+KL_SEED_OFFSET = 4 * 10**6  # the KL probe's samples of step s: seed KL_SEED_OFFSET + s
 
 
 @dataclass
@@ -219,16 +220,18 @@ def train_step(t: Trainer) -> dict:
         batch, num_fresh=num_fresh, policy=t.policy, reference=t.reference,
         dp_group=ctx.dp_group, recompute=not job.algorithm.anchor_from_engine,
         recompute_replayed=job.replay.replay_old_log_probs == "recompute", measure_drift=kl_due)
+    probe = kl_probe(t.collector, groups.problems, t.policy,  # Prop. 4.1's premise, held out
+                     num_samples=job.batch.num_samples_per_prompt,
+                     seed=KL_SEED_OFFSET + step, step=step) if kl_due else None
     batch = t.faults.before_optimize(batch, step)
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
                            train_log_z=trains_log_z_table(job.algorithm.algo,
                                                           job.algorithm.flowrl_log_z),
                            step=step, prompt_ids_of=t.prompt_ids_of)
     losses = {**result.metrics(), **drift, **staleness_metrics(groups, ctx, job.rollout)}
-    if kl_due:  # Prop. 4.1's premise
-        losses["beta_kl_old_new"] = beta_kl_old_new(batch, num_fresh=num_fresh, policy=t.policy,
-                                                    dp_group=ctx.dp_group,
-                                                    beta=job.algorithm.beta)
+    if probe is not None:
+        losses["beta_kl_old_new"] = probe.beta_kl(t.policy, dp_group=ctx.dp_group,
+                                                  beta=job.algorithm.beta)
     t.step, t.num_samples = step, t.num_samples + groups.num_generated
     t.rollout.sync_weights(t.policy.modules(), step)                 # weight sync
     return step_record(step, t.num_samples, rewards, acc_est, losses,  # metrics

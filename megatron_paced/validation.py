@@ -159,6 +159,14 @@ def validate_startup(job: JobConfig, world_size: int) -> Startup:
                     "anchor the loss on SGLang's log-probs of the temperature-scaled logits: "
                     "start the --sglang-url servers with SGLANG_RETURN_ORIGINAL_LOGPROB=1 and "
                     "pass --sglang-original-logprobs (or use --old-log-probs recompute)")
+        sampling = job.sampling
+        if trains_log_z_table(job.algorithm.algo, job.algorithm.flowrl_log_z):
+            require(sampling.temperature == 1.0 and sampling.top_p == 1.0, "temperature",
+                    sampling.temperature,
+                    f"(--top-p {sampling.top_p}) with --algo {job.algorithm.algo}: the loss "
+                    "anchors on pi_old's temperature-1 log-probs, and Proposition 4.1 "
+                    "(beta * log_z -> the accuracy of pi_old) holds for samples of pi_old "
+                    "itself; sample at --temperature 1 --top-p 1")
         if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
         if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):

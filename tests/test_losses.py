@@ -89,6 +89,17 @@ def test_grpo_advantages_and_clipping():
     batch = _batch(old_log_probs=token_lp, advantages=torch.tensor([1.0, -1.0]))
     loss_sum, num_tokens, _ = grpo_loss_fn(token_lp, batch)
     assert int(num_tokens) == 5 and float(loss_sum) == pytest.approx(-2 + 3)
+    # A padding position whose log-prob is very negative: its k3 term is masked before the
+    # exponential (exp(1000) overflows, and inf x 0 would be NaN).
+    padded = token_lp.clone().requires_grad_(True)
+    with torch.no_grad():
+        padded[:, 0] = -1000.0  # outside the completion mask
+    batch = _batch(old_log_probs=token_lp, advantages=torch.tensor([1.0, -1.0]),
+                   ref_log_probs=token_lp)
+    loss_sum, _, _ = grpo_loss_fn(padded, batch, kl_coef=0.1)
+    assert float(loss_sum) == pytest.approx(-2 + 3)
+    loss_sum.backward()
+    assert torch.isfinite(padded.grad).all()
 
 
 @pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf")])

@@ -102,3 +102,32 @@ def test_dataset_task_tokenizes_with_chat_template_and_scores(tmp_path):
         assert task.stop_token_ids == sorted({ids["<|endoftext|>"], ids["<|im_end|>"]})
     finally:
         task.close()
+
+
+def test_verifier_and_oracle_count_the_same_completions():
+    """A reward of 1 is exactly the completion the oracle scores, ``answer <eos>`` (or the
+    answer alone when it fills --max-new-tokens): a pad or bos token inside scores 0."""
+    from types import SimpleNamespace
+
+    from megatron_paced.data import DataConfig
+    from megatron_paced.paced.estimators import OracleAccuracy
+    from megatron_paced.tasks import TaskConfig, build_task
+
+    task = build_task(TaskConfig(task_num_prompts=8), DataConfig(), seed=0, eval_num_prompts=4)
+    tok, problem = task.tokenizer, task.problems[0]
+    answer = tok.encode(problem.answer)
+    pad, bos, eos = tok.pad_id, tok.bos_id, tok.eos_id
+    cases = {"answer eos": (answer + [eos], 1.0), "answer alone (length)": (answer, 1.0),
+             "pad first": ([pad] + answer + [eos], 0.0), "bos before eos": (answer + [bos, eos], 0.0),
+             "pad inside": (answer[:1] + [pad] + answer[1:] + [eos], 0.0),
+             "wrong": (answer + answer + [eos], 0.0)}
+    got = {name: float(task.score([problem], [[SimpleNamespace(token_ids=ids)]])[0, 0])
+           for name, (ids, _) in cases.items()}
+    assert got == {name: reward for name, (_, reward) in cases.items()}
+    for max_new_tokens, target in ((len(answer) + 1, answer + [eos]), (len(answer), answer)):
+        oracle = OracleAccuracy(task, policy=None, ctx=None, max_new_tokens=max_new_tokens)
+        batch = oracle._answer_batch([problem])
+        scored = batch.tokens[0][batch.completion_mask[0] > 0].tolist()
+        assert scored == target  # what the oracle's exp(S) is over: the rewarded completion
+        assert float(task.score([problem], [[SimpleNamespace(token_ids=scored)]])[0, 0]) == 1.0
+    task.close()

@@ -23,8 +23,8 @@ calibration probe read:
   accuracy-driven selection. For the arithmetic task the answer is one string, so the
   accuracy under sampling at temperature 1 is the probability of the answer followed by the
   end token, ``exp(S_theta(answer <eos> | x))``: one teacher-forced forward pass per
-  candidate, no sampling noise (it leaves out completions that put pad or bos tokens, which
-  the decoder drops, inside the answer). Its forward passes are not samples: they are
+  candidate, no sampling noise; the task's verifier rewards exactly that completion (a pad or
+  bos token inside the answer scores 0). Its forward passes are not samples: they are
   neither counted nor trained on.
 
 Usage::

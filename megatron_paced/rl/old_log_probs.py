@@ -14,10 +14,12 @@ generated them, a different anchor). With a reference model (FlowRL, GRPO with a
 ``ref_log_probs`` holds its log-probs of every row. Both are forward passes through
 Megatron's schedule (no grad), on every PP stage.
 
-After the optimizer step, :func:`beta_kl_old_new` measures the premise of Proposition 4.1
-(``beta * KL(pi_old || pi_theta)`` small; the paper reports below 4e-3) on the step's fresh
-samples, which pi_old generated: beta times the mean over them of S_old - S_new, the sequence
-log-probs over the completion under pi_old and the updated policy.
+The premise of Proposition 4.1 (``beta * KL(pi_old || pi_theta)`` small; the paper reports
+below 4e-3) is measured on samples the update did not use (:func:`kl_probe`): fresh
+completions of the step's prompts from pi_old, drawn before the update, whose S_old is
+recomputed; after the update ``beta * mean(S_old - S_new)`` is an unbiased Monte-Carlo
+estimate. On the samples the step trained on the same mean is biased at O(lr) (the update
+raised exactly those samples' S_new), while the KL itself is O(lr^2).
 
 Usage::
 
@@ -25,19 +27,21 @@ Usage::
                                         reference=None, dp_group=ctx.dp_group,
                                         recompute=True)  # drift: {"old_logprob_drift_abs": ...}
     batch.old_log_probs                    # (B, T)
+    probe = kl_probe(collector, problems, policy, num_samples=8, seed=s, step=step)
     ... optimizer step ...
-    beta_kl_old_new(batch, num_fresh=P * G, policy=policy, dp_group=ctx.dp_group,
-                    beta=0.05)             # a float, same on every rank
+    probe.beta_kl(policy, dp_group=ctx.dp_group, beta=0.05)   # same on every rank
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_paced.rl.batch import RLBatch
+from megatron_paced.rollout.engine import RolloutBatch, completions_to_batch
 
 
 def attach_old_log_probs(batch: RLBatch, *, num_fresh: int, policy, reference, dp_group,
@@ -89,12 +93,37 @@ def log_prob_drift(engine: torch.Tensor, recomputed: torch.Tensor, mask: torch.T
             "old_logprob_drift_kl": float(totals[2] / totals[3].clamp(min=1))}
 
 
-def beta_kl_old_new(batch: RLBatch, *, num_fresh: int, policy, dp_group, beta: float) -> float:
-    """beta * mean over the first ``num_fresh`` rows (all DP ranks) of S_old - S_new, S_new
-    by ``policy`` now (collective): the Monte-Carlo beta * KL(pi_old || pi_theta)."""
-    fresh = batch.rows(0, num_fresh)
-    new = policy.log_probs(fresh).token_log_probs.cpu()
-    per_sequence = ((fresh.old_log_probs - new) * fresh.completion_mask).sum(1)
-    totals = torch.tensor([float(per_sequence.sum()), float(num_fresh)], dtype=torch.float64)
-    dist.all_reduce(totals, group=dp_group)
-    return beta * float(totals[0] / totals[1])
+def sequence_kl(old_token_log_probs: torch.Tensor, new_token_log_probs: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """(B,) S_old - S_new of each sequence over its completion tokens: on samples of pi_old,
+    its mean is a Monte-Carlo KL(pi_old || pi_new) (unbiased when the samples are fresh)."""
+    return ((old_token_log_probs - new_token_log_probs) * mask).sum(-1)
+
+
+@dataclass
+class KLProbe:
+    """Fresh samples of pi_old, not trained on, with their S_old (pi_old's recompute)."""
+
+    batch: RolloutBatch
+    old_token_log_probs: torch.Tensor
+
+    def beta_kl(self, policy, *, dp_group, beta: float) -> float:
+        """beta * the mean over every DP rank's probe sequences of S_old - S_new, S_new by
+        ``policy`` now (collective): the Monte-Carlo beta * KL(pi_old || pi_theta)."""
+        new = policy.log_probs(self.batch).token_log_probs.cpu()
+        per_sequence = sequence_kl(self.old_token_log_probs, new, self.batch.completion_mask)
+        totals = torch.tensor([float(per_sequence.sum()), float(len(per_sequence))],
+                              dtype=torch.float64)
+        dist.all_reduce(totals, group=dp_group)
+        return beta * float(totals[0] / totals[1].clamp(min=1))
+
+
+def kl_probe(collector, problems: list, policy, *, num_samples: int, seed: int,
+             step: int) -> KLProbe:
+    """``num_samples`` fresh completions of each problem from the backend's current weights
+    (pi_old, before the update; neither trained on nor counted) and their S_old
+    (collective)."""
+    completions = collector.generate(problems, num_samples, seed, step)
+    prompts = [collector.task.prompt_tokens(p) for p in problems]
+    batch = completions_to_batch(prompts, completions, collector.seq_length)
+    return KLProbe(batch, policy.log_probs(batch).token_log_probs.cpu())

@@ -183,11 +183,18 @@ class ArithmeticTask:
         return [self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)]
 
     def score(self, problems, completions) -> torch.Tensor:
-        """(P, G) exact-match rewards, decoded up to the end token."""
+        """(P, G) exact-match rewards of the tokens before the first end token: 1 only for the
+        answer's own tokens (a pad or bos token among them scores 0), so the reward is what
+        the oracle measures, ``exp(S(answer <eos>))``."""
+        return torch.tensor([[self.reward_of(p, c.token_ids) for c in row]
+                             for p, row in zip(problems, completions)])
+
+    def reward_of(self, problem, token_ids: list[int]) -> float:
         eos = self.tokenizer.eos_id
-        return torch.tensor([[self.task.verify(p, self.tokenizer.decode(
-            [t for t in c.token_ids if t != eos])) for c in row]
-            for p, row in zip(problems, completions)])
+        body = token_ids[:token_ids.index(eos)] if eos in token_ids else token_ids
+        if any(t < 3 for t in body):  # pad or bos inside the answer
+            return 0.0
+        return self.task.verify(problem, self.tokenizer.decode(body))
 
     def supervised_batch(self, num: int, seed: int, seq_length: int):
         """Reference answers of ``num`` problems drawn from all but the held-out prompts."""
