@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -230,3 +231,39 @@ def test_flags_and_init_default_to_tau():
     torch.testing.assert_close(table.gather_acc_est(), torch.full((8,), 0.3, dtype=torch.float64))
     table = build_log_z_table(8, LogZConfig(log_z_init_acc=0.9), beta=0.05, target_acc=0.3)
     torch.testing.assert_close(table.gather_acc_est(), torch.full((8,), 0.9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("anchor", ["recompute", "engine"])
+def test_under_staleness_log_z_estimates_the_generating_weights(anchor):
+    """--max-staleness K: the samples come from weights K steps older than pi_old. Through the
+    trainer's loss and log-Z step, with theta = pi_old when the gradient is taken:
+    recompute anchor (S_old = pi_old's): beta * log Z -> the generating weights' accuracy;
+    engine anchor (S_old = the generator's): -> that accuracy + beta * KL(pi_gen || pi_old).
+    A one-armed bandit: the generator succeeds with 0.2, pi_old with 0.8."""
+    from megatron_paced import losses
+    from megatron_paced.rl.batch import RLBatch
+
+    beta, group, p_gen, p_old = 0.05, 8, 0.2, 0.8
+    gen = torch.Generator().manual_seed(0)
+    table = ShardedLogZ(1, beta=beta, init_acc=0.5, lr=0.0, optimizer="running-mean",
+                        min_step=1e-4)
+    log_p = {"gen": torch.log(torch.tensor([1 - p_gen, p_gen], dtype=torch.float64)),
+             "old": torch.log(torch.tensor([1 - p_old, p_old], dtype=torch.float64))}
+    for _ in range(2000):
+        arms = (torch.rand(group, generator=gen, dtype=torch.float64) < p_gen).long()
+        theta = log_p["old"][arms][:, None]  # pi_old: the policy has not stepped yet
+        anchor_log_probs = log_p["old" if anchor == "recompute" else "gen"][arms][:, None]
+        log_z = table.lookup(torch.zeros(group, dtype=torch.long)).double().requires_grad_(True)
+        batch = RLBatch(arms[:, None], torch.ones(group, 1, dtype=torch.float64),
+                        log_z_rows=torch.zeros(group, dtype=torch.long),
+                        updates_log_z=torch.ones(group, dtype=torch.bool),
+                        rewards=arms.double(), advantages=torch.zeros(group),
+                        old_log_probs=anchor_log_probs, log_z=log_z)
+        loss_sum, _, _ = losses.paced_loss_fn(theta, batch, beta=beta)
+        loss_sum.backward()
+        table.apply_gradients(batch.log_z_rows, log_z.grad)
+    kl_gen_old = p_gen * math.log(p_gen / p_old) + (1 - p_gen) * math.log((1 - p_gen) / (1 - p_old))
+    expected = p_gen + (beta * kl_gen_old if anchor == "engine" else 0.0)
+    estimate = float(table.acc_est(torch.tensor([0])))
+    assert abs(estimate - expected) < 0.012, (estimate, expected)
+    assert abs(estimate - p_old) > 0.5  # not pi_old's accuracy
