@@ -230,6 +230,13 @@ class LoggingConfig:
     """Every this many steps, log beta_kl_old_new = beta * KL(pi_old || pi_theta) after the
     update, on fresh samples of pi_old that the update did not use (a group per prompt of
     the step, generated before it, not counted in num_samples; 0: never)."""
+    grad_noise_scale_interval: int = 10
+    """Every this many steps, log grad_noise_scale: McCandlish's B_simple = tr(Sigma) / |G|^2
+    of the loss's gradient, in the loss's items (sequences; GRPO: tokens), from the DP ranks'
+    local gradients and their mean over the steps since the last log, with its standard
+    error (grad_noise_scale_se) and the batch it compares with (grad_batch_items). The small
+    batch is each DP rank's share, or with one DP rank the first micro-batch (PP 1 and more
+    than one micro-batch per step; otherwise it is not logged). 0: never."""
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""

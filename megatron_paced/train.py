@@ -64,6 +64,7 @@ from megatron_paced.rl.collect import Collector, build_collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
 from megatron_paced.rl.faults import FaultInjection
 from megatron_paced.rl.metrics import MetricsLog, print_summary, staleness_metrics, step_record
+from megatron_paced.rl.noise_scale import NoiseScale
 from megatron_paced.rl.old_log_probs import attach_old_log_probs, kl_probe
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
 from megatron_paced.rl.reference import prepare_reference
@@ -105,6 +106,8 @@ class Trainer:
     checkpoints: CheckpointManager
     metrics: MetricsLog
     faults: FaultInjection
+    noise: NoiseScale = dataclasses.field(default_factory=NoiseScale)
+    """The gradient noise scale's terms since it was last logged."""
     step: int = 0
     num_samples: int = 0
     """Completions generated so far, all DP ranks (what sample efficiency counts)."""
@@ -114,7 +117,8 @@ class Trainer:
         counters and the rollouts already generated for later steps (--max-staleness;
         collective: it waits for them)."""
         return {"step": self.step, "num_samples": self.num_samples,
-                "pending_rollouts": self.collector.pending_state()}
+                "pending_rollouts": self.collector.pending_state(),
+                "noise_scale": self.noise.state_dict()}
 
     def prompt_ids_of(self, rows: list[int]) -> list:
         """The dataset's stable prompt ids of log-Z rows (what an error names)."""
@@ -126,6 +130,7 @@ class Trainer:
         counters = self.checkpoints.load(load, step)
         self.step = int(counters.get("step", 0))
         self.num_samples = int(counters.get("num_samples", 0))
+        self.noise.load_state_dict(counters.get("noise_scale"))
         self.collector.restore_pending(counters.get("pending_rollouts"), f"--load {load!r}")
 
     def close(self) -> None:
@@ -229,6 +234,11 @@ def train_step(t: Trainer) -> dict:
                                                           job.algorithm.flowrl_log_z),
                            step=step, prompt_ids_of=t.prompt_ids_of)
     losses = {**result.metrics(), **drift, **staleness_metrics(groups, ctx, job.rollout)}
+    if result.noise_terms is not None:                               # gradient noise scale
+        t.noise.add(*result.noise_terms, result.num_items)
+    interval = job.logging.grad_noise_scale_interval
+    if interval and step % interval == 0:
+        losses.update(t.noise.summary())
     if probe is not None:
         losses["beta_kl_old_new"] = probe.beta_kl(t.policy, dp_group=ctx.dp_group,
                                                   beta=job.algorithm.beta)

@@ -89,6 +89,8 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
     require(job.eval.eval_final_k >= 0, "eval_final_k", job.eval.eval_final_k, "must be >= 0")
     for name in ("eval_interval", "calibration_interval", "eval_train_interval"):
         require(getattr(job.eval, name) >= 0, name, getattr(job.eval, name), "must be >= 0")
+    require(job.logging.grad_noise_scale_interval >= 0, "grad_noise_scale_interval",
+            job.logging.grad_noise_scale_interval, "must be >= 0")
     require(job.logging.kl_interval >= 0, "kl_interval", job.logging.kl_interval,
             "must be >= 0")
     require(job.eval.calibration_prompts >= 1, "calibration_prompts",

@@ -118,7 +118,8 @@ def test_verifier_and_oracle_count_the_same_completions():
     answer = tok.encode(problem.answer)
     pad, bos, eos = tok.pad_id, tok.bos_id, tok.eos_id
     cases = {"answer eos": (answer + [eos], 1.0), "answer alone (length)": (answer, 1.0),
-             "pad first": ([pad] + answer + [eos], 0.0), "bos before eos": (answer + [bos, eos], 0.0),
+             "pad first": ([pad] + answer + [eos], 0.0),
+             "bos before eos": (answer + [bos, eos], 0.0),
              "pad inside": (answer[:1] + [pad] + answer[1:] + [eos], 0.0),
              "wrong": (answer + answer + [eos], 0.0)}
     got = {name: float(task.score([problem], [[SimpleNamespace(token_ids=ids)]])[0, 0])

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 from megatron_paced.config import OptimizerConfig
 from megatron_paced.forward_backward import (
@@ -80,13 +81,83 @@ class ModelRunner:
                                 micro_batch_size=self.micro_batch_size_for(batch))
 
 
+def local_grad_sq_norm(model: list[torch.nn.Module], ctx: ParallelContext) -> float:
+    """The squared norm of the gradient in this rank's grad buffers over the whole model (TP
+    and PP shards summed, TP duplicates and shared copies counted once, as Megatron's grad
+    norm counts them; collective over TP and PP)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    sq = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    for chunk in model:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is not None and param_is_not_shared(param) and \
+                    param_is_not_tensor_parallel_duplicate(param, ctx.tp_group):
+                sq += grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq, group=ctx.tp_group)
+    dist.all_reduce(sq, group=ctx.pp_group)
+    return float(sq)
+
+
+@dataclass
+class LocalGradients:
+    """The small-batch gradients of the last backward pass, what the gradient noise scale
+    reads (:mod:`megatron_paced.rl.noise_scale`): this DP rank's local mean gradient before
+    Megatron reduced it over DP (its squared norm and item count; recorded by the
+    gradient-finalization hook), and, with PP 1, its first micro-batch's alone (recorded
+    before the second micro-batch's forward pass). With several pipeline stages and tied
+    embeddings the output layer's share of the embedding's gradient reaches the local
+    gradient only in the reduction, so it is missing there."""
+
+    sq_norm: float = float("nan")
+    num_items: float = 0.0
+    first_micro_sq_norm: float = float("nan")
+    first_micro_items: float = 0.0
+
+    def record(self, model: list[torch.nn.Module], num_tokens, ctx: ParallelContext) -> None:
+        sq = local_grad_sq_norm(model, ctx)
+        items = torch.tensor([float(num_tokens)], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(items, op=dist.ReduceOp.MAX, group=ctx.pp_group)  # the last stage's
+        self.num_items = float(items)
+        self.sq_norm = sq / max(self.num_items, 1.0) ** 2
+
+    def record_first_micro_batch(self, model: list[torch.nn.Module], num_items: float,
+                                 ctx: ParallelContext) -> None:
+        self.first_micro_items = float(num_items)
+        self.first_micro_sq_norm = local_grad_sq_norm(model, ctx) / max(num_items, 1.0) ** 2
+
+
 class Policy(ModelRunner):
     """The trainable model stage(s) of this rank with their optimizer."""
 
     def __init__(self, model: list[torch.nn.Module], optimizer, model_cfg: ModelConfig,
-                 ctx: ParallelContext, micro_batch_size: int = 1) -> None:
+                 ctx: ParallelContext, micro_batch_size: int = 1,
+                 local_gradients: LocalGradients | None = None) -> None:
         super().__init__(model, model_cfg, ctx, micro_batch_size)
         self.optimizer = optimizer
+        self.local_gradients = local_gradients or LocalGradients()
+        """This DP rank's gradient of the last backward pass, before the DP reduction."""
+
+    def forward_backward(self, batch: SequenceBatch, loss_fn: LossFn) -> list[dict]:
+        """As :meth:`ModelRunner.forward_backward`; with PP 1 the first micro-batch's gradient
+        is recorded in :attr:`local_gradients` too (one more norm of the grad buffers)."""
+        self.local_gradients.first_micro_items = 0.0
+        if self.ctx.pp_size > 1:
+            return super().forward_backward(batch, loss_fn)
+        first: list[float] = []
+
+        def counting(token_log_probs, micro_batch):
+            out = loss_fn(token_log_probs, micro_batch)
+            if not first:
+                first.append(float(out[1]))
+            return out
+
+        return forward_backward(
+            self.model, batch, counting, self.ctx, vocab_size=self.model_cfg.vocab_size,
+            micro_batch_size=self.micro_batch_size_for(batch),
+            after_first_micro_batch=lambda: self.local_gradients.record_first_micro_batch(
+                self.model, first[0], self.ctx))
 
     def zero_grad(self) -> None:
         for chunk in self.model:
@@ -158,7 +229,9 @@ def build_policy(
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
                                   pg_collection=ctx.pg)
     ddp.broadcast_params()  # identical replicas across DP, whatever happened at init
-    config.finalize_model_grads_func = partial(_finalize_model_grads, finalize_model_grads)
+    local_gradients = LocalGradients()
+    config.finalize_model_grads_func = partial(_finalize_model_grads, finalize_model_grads,
+                                               local_gradients, ctx)
     config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
         _megatron_optimizer_config(optim_cfg, params_dtype), [ddp], pg_collection=ctx.pg,
@@ -166,11 +239,15 @@ def build_policy(
         # main groups are gloo already.
         use_gloo_process_groups=False,
     )
-    return Policy([ddp], optimizer, model_cfg, ctx, micro_batch_size)
+    return Policy([ddp], optimizer, model_cfg, ctx, micro_batch_size, local_gradients)
 
 
-def _finalize_model_grads(finalize, model, num_tokens, pg_collection=None, force_all_reduce=False):
+def _finalize_model_grads(finalize, local_gradients, ctx, model, num_tokens, pg_collection=None,
+                          force_all_reduce=False):
     # The schedule passes its own pg_collection, which is ours (forward_backward passes ctx.pg).
+    # The local gradient first: the reduction below replaces it (and num_tokens, summed).
+    if num_tokens is not None:
+        local_gradients.record(model, num_tokens, ctx)
     return finalize(model, num_tokens, pg_collection=pg_collection,
                     force_all_reduce=force_all_reduce)
 

@@ -7,8 +7,8 @@ the anchor in their place (the batch it is given is not changed). With ``--old-l
 recompute`` (the default), the fresh rows' are replaced by a recompute with the current policy
 (which is pi_old: it has not stepped yet; with ``--max-staleness K`` the samples came from
 the weights K steps older, and the anchor is still pi_old); ``--old-log-probs engine`` keeps
-the generating weights' as the anchor. The gap between the two is measured on the fresh rows (the train/inference
-drift, :func:`log_prob_drift`). The replayed rows are recomputed too unless
+the generating weights' as the anchor. The gap between the two is measured on the fresh rows
+(the train/inference drift, :func:`log_prob_drift`). The replayed rows are recomputed too unless
 ``--replay-old-log-probs generation`` (they then keep the log-probs of the older policy that
 generated them, a different anchor). With a reference model (FlowRL, GRPO with a KL term)
 ``ref_log_probs`` holds its log-probs of every row. Both are forward passes through

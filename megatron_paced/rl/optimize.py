@@ -35,6 +35,7 @@ from megatron_paced import losses
 from megatron_paced.parallel import broadcast_from_last_stage
 from megatron_paced.rl.batch import RLBatch
 from megatron_paced.rl.collect import stop_error
+from megatron_paced.rl.noise_scale import noise_scale_terms
 
 
 @dataclass
@@ -49,6 +50,11 @@ class StepResult:
     Proposition 4.1; that is ``beta_kl_old_new``, after the update."""
     log_z_seconds: float
     """Time spent applying the log-Z gradient (PACED's bookkeeping)."""
+    noise_terms: tuple[float, float] | None = None
+    """(|G|^2, tr Sigma) of this step's gradient from the DP ranks' local gradients
+    (:mod:`megatron_paced.rl.noise_scale`; None with one DP rank)."""
+    num_items: float = 0.0
+    """Items the loss counted over all DP ranks (the batch B of the noise scale)."""
 
     def metrics(self) -> dict:
         return {"loss": self.loss, "grad_norm": self.grad_norm,
@@ -108,4 +114,25 @@ def optimize_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: b
         start = time.perf_counter()
         log_z_step(log_z, batch, grads)
         seconds = time.perf_counter() - start
-    return StepResult(loss, result.grad_norm, float(totals[2] / totals[1].clamp(min=1)), seconds)
+    return StepResult(loss, result.grad_norm, float(totals[2] / totals[1].clamp(min=1)), seconds,
+                      local_noise_terms(policy, result.grad_norm, float(totals[1]), ctx),
+                      float(totals[1]))
+
+
+def local_noise_terms(policy, grad_norm: float, num_items: float, ctx):
+    """The step's (|G|^2, tr Sigma) from every DP rank's local gradient and the reduced one
+    (collective over DP); with one DP rank, from the first micro-batch's gradient (PP 1);
+    None where neither gives a smaller batch."""
+    local_gradients = policy.local_gradients
+    if ctx.dp_size == 1:
+        small = local_gradients.first_micro_items
+        if not 0 < small < num_items:
+            return None
+        return noise_scale_terms(torch.tensor([local_gradients.first_micro_sq_norm]),
+                                 torch.tensor([small]), grad_norm ** 2, num_items)
+    local = torch.tensor([policy.local_gradients.sq_norm, policy.local_gradients.num_items],
+                         dtype=torch.float64)
+    ranks = [torch.empty_like(local) for _ in range(ctx.dp_size)]
+    dist.all_gather(ranks, local, group=ctx.dp_group)
+    every = torch.stack(ranks)
+    return noise_scale_terms(every[:, 0], every[:, 1], grad_norm ** 2, num_items)

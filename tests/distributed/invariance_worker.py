@@ -190,14 +190,26 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
     policy = build_policy(model_cfg, OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0,
                                                      clip_grad=1.0,
                                                      use_distributed_optimizer=False),
-                          ctx, seed=SEED, proj_z_layers=3 if algo == "flowrl-proj-z" else 0)
+                          ctx, seed=SEED, proj_z_layers=3 if algo == "flowrl-proj-z" else 0,
+                          micro_batch_size=MICRO_BATCH)
     before = full_params(policy, ctx) if algo == "flowrl-proj-z" else {}
+    shard_sq = {}  # one process: the local gradients DP 2 and 4 ranks would have
+    if ctx.world_size == 1 and algo == "paced":
+        for dp in (2, 4):
+            shard_sq[dp] = []
+            for rank in range(dp):
+                shard = rl_batch(global_batch, base_log_probs).shard_for_dp(rank, dp)
+                policy.zero_grad()
+                forward_backward(policy.model, dataclasses.replace(
+                    shard, log_z=shard.log_z.clone().requires_grad_(True)), RL_LOSSES[algo],
+                    ctx, vocab_size=model_cfg.vocab_size, micro_batch_size=MICRO_BATCH)
+                shard_sq[dp].append(policy.local_gradients.sq_norm)
     batch = rl_batch(global_batch, base_log_probs).shard_for_dp(ctx.dp_rank, ctx.dp_size)
     log_z = batch.log_z.clone().requires_grad_(True)
     batch = dataclasses.replace(batch, log_z=log_z)
     policy.zero_grad()
-    forward_backward(policy.model, batch, RL_LOSSES[algo], ctx, vocab_size=model_cfg.vocab_size,
-                     micro_batch_size=MICRO_BATCH)
+    policy.forward_backward(batch, RL_LOSSES[algo])
+    local = torch.tensor([policy.local_gradients.sq_norm], dtype=torch.float64)
     grad_norm = policy.step().grad_norm
     log_z_grad = log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)
     log_z_grad = broadcast_from_last_stage(log_z_grad.detach().clone(), ctx)
@@ -207,7 +219,10 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
             dist.all_gather(copies, param.detach().contiguous(), group=ctx.tp_group)
             assert all(torch.equal(copy, copies[0]) for copy in copies), name
     return {"params": full_params(policy, ctx), "log_z_grad": gather_over_dp(log_z_grad, ctx),
-            "grad_norm": grad_norm, "params_before": before}
+            "grad_norm": grad_norm, "params_before": before,
+            "local_sq": gather_over_dp(local, ctx), "shard_sq": shard_sq,
+            "first_micro": (policy.local_gradients.first_micro_sq_norm,
+                            policy.local_gradients.first_micro_items)}
 
 
 def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
