@@ -93,6 +93,11 @@ class SequenceBatch:
         return dataclasses.replace(
             self, **{name: value[start:stop] for name, value in self.tensors().items()})
 
+    def select(self, rows: torch.Tensor) -> "SequenceBatch":
+        """The given rows (int64 indices) of every tensor, as the same kind of batch."""
+        return dataclasses.replace(
+            self, **{name: value[rows] for name, value in self.tensors().items()})
+
     def to(self, device: torch.device) -> "SequenceBatch":
         return dataclasses.replace(
             self, **{name: value.to(device) for name, value in self.tensors().items()})

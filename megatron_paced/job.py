@@ -127,6 +127,11 @@ class BatchConfig:
     """Prompts selected per step (over all DP ranks)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass on one rank."""
+    num_steps_per_rollout: int = 1
+    """Optimizer steps per rollout batch (slime's --num-steps-per-rollout, PPO's mini-batches):
+    the step's groups (and replayed rows) split into this many mini-batches of whole groups,
+    each one optimizer step (and one log-Z step of its prompts) against the same anchor
+    pi_old. Each DP rank's prompts and replayed rows must divide by it."""
     global_batch_size: Optional[int] = None
     """Sequences per step; must equal prompts x samples + --replay-per-step if given."""
     dynamic_sampling: bool = False

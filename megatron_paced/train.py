@@ -232,10 +232,12 @@ def train_step(t: Trainer) -> dict:
     result = optimize_step(t.policy, t.log_z, batch, t.loss_fn, ctx,  # optimize
                            train_log_z=trains_log_z_table(job.algorithm.algo,
                                                           job.algorithm.flowrl_log_z),
-                           step=step, prompt_ids_of=t.prompt_ids_of)
+                           step=step, prompt_ids_of=t.prompt_ids_of,
+                           num_steps=job.batch.num_steps_per_rollout, num_fresh=num_fresh,
+                           group_size=job.batch.num_samples_per_prompt)
     losses = {**result.metrics(), **drift, **staleness_metrics(groups, ctx, job.rollout)}
-    if result.noise_terms is not None:                               # gradient noise scale
-        t.noise.add(*result.noise_terms, result.num_items)
+    for terms in result.noise:                                       # gradient noise scale
+        t.noise.add(*terms)
     interval = job.logging.grad_noise_scale_interval
     if interval and step % interval == 0:
         losses.update(t.noise.summary())

@@ -64,6 +64,14 @@ def validate_batch(job: "JobConfig", dp_size: int) -> int:
             batch.num_prompts_per_step, f"must divide by the data-parallel size {dp_size}")
     require(replay.replay_per_step % dp_size == 0, "replay_per_step",
             replay.replay_per_step, f"must divide by the data-parallel size {dp_size}")
+    steps = batch.num_steps_per_rollout
+    require(steps >= 1, "num_steps_per_rollout", steps, "must be >= 1")
+    require((batch.num_prompts_per_step // dp_size) % steps == 0, "num_steps_per_rollout", steps,
+            f"must divide the {batch.num_prompts_per_step // dp_size} prompts per data-parallel "
+            "rank (each mini-batch holds whole groups)")
+    require((replay.replay_per_step // dp_size) % steps == 0, "num_steps_per_rollout", steps,
+            f"must divide the {replay.replay_per_step // dp_size} replayed rows per "
+            "data-parallel rank (--replay-per-step)")
     total = batch.num_prompts_per_step * batch.num_samples_per_prompt + replay.replay_per_step
     if batch.global_batch_size is not None and batch.global_batch_size != total:
         raise ConfigError(

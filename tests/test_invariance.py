@@ -130,6 +130,24 @@ def test_local_gradients_match_single_process_shards(invariance_dir, layout):
         assert first_items == 0
 
 
+@pytest.mark.parametrize("algo", ["paced", "grpo"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_several_optimizer_steps_per_rollout_match_single_process(invariance_dir, layout, algo):
+    """--num-steps-per-rollout 2: the mini-batches are the same rows on every layout, so the
+    two updates and their grad norms equal the one process's; the second step differs from
+    the first (the policy moved away from the anchor)."""
+    ours = _load(invariance_dir, layout, FAMILIES[0])[f"rl_{algo}_mini_steps"]
+    ref = _load(invariance_dir, REFERENCE, FAMILIES[0])[f"rl_{algo}_mini_steps"]
+    init = _load(invariance_dir, REFERENCE, FAMILIES[0])["params_init"]
+    names = sorted(init)
+    update_ours = _flat(ours["params"], names) - _flat(init, names)
+    update_ref = _flat(ref["params"], names) - _flat(init, names)
+    assert update_ref.norm() > 0.1
+    assert _rel(update_ours, update_ref) <= RTOL
+    assert ours["grad_norms"] == pytest.approx(ref["grad_norms"], rel=RTOL)
+    assert ref["grad_norms"][0] != pytest.approx(ref["grad_norms"][1], rel=1e-3)
+
+
 @pytest.mark.parametrize("algo", ["paced", "flowrl", "flowrl-proj-z", "grpo"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rl_losses_match_single_process(invariance_dir, layout, algo):

@@ -144,3 +144,36 @@ def test_sequence_kl_on_samples_of_pi_old_is_the_exact_kl():
     assert abs(float(per_sequence.mean()) - exact) < 4 * standard_error
     masked = sequence_kl(old[tokens], new[tokens], torch.tensor([1.0, 1.0, 0.0]).expand(40000, 3))
     assert abs(float(masked.mean()) - exact * 2 / 3) < 4 * standard_error
+
+
+def test_mini_batches_take_whole_groups_and_strided_replay_the_same_on_any_dp_size():
+    """--num-steps-per-rollout 2: each mini-batch holds whole groups; the union over DP ranks
+    of each rank's mini-batch k is the one process's mini-batch k."""
+    from megatron_paced.rl.batch import split_for_steps
+
+    num_prompts, group, replayed = 8, 3, 8
+    rows = torch.arange(num_prompts)
+    rewards = (torch.arange(num_prompts * group) % 2).float().view(num_prompts, group)
+    samples = [_replayed(10 + i, 1.0, 60 + i) for i in range(replayed)]
+
+    def minis(dp_rank: int, dp_size: int):
+        per_rank, replay_per_rank = num_prompts // dp_size, replayed // dp_size
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        batch = build_train_batch(rows[mine], _fresh(num_prompts * group).rows(
+            dp_rank * per_rank * group, (dp_rank + 1) * per_rank * group), rewards[mine],
+            samples[dp_rank * replay_per_rank:(dp_rank + 1) * replay_per_rank])
+        return split_for_steps(batch, 2, num_fresh=per_rank * group, group_size=group)
+
+    def rows_of(batch):  # the rows' identities: the token marker of each row
+        return sorted(batch.tokens[:, 0].tolist())
+
+    single = minis(0, 1)
+    assert [len(m.log_z_rows) for m in single] == [4 * group + 4] * 2
+    assert single[0].log_z_rows[:group].tolist() == [0] * group  # a whole group
+    for dp in (2, 4):
+        for k in range(2):
+            union = sorted(sum((rows_of(minis(r, dp)[k]) for r in range(dp)), []))
+            assert union == rows_of(single[k]), (dp, k)
+    with pytest.raises(ValueError, match="do not divide into --num-steps-per-rollout 3"):
+        split_for_steps(build_train_batch(rows[:2], _fresh(2 * group), rewards[:2], []), 3,
+                        num_fresh=2 * group, group_size=group)

@@ -136,14 +136,16 @@ def test_two_nodes_pp2_disk_sync_reaches_every_nodes_server(tmp_path):
 def test_grpo_with_dynamic_sampling_counts_every_completion(tmp_path):
     """DAPO-style dynamic sampling on DP2: rounds of fresh prompts until each rank has groups
     whose rewards differ; num_samples counts all completions generated, so it grows faster
-    than prompts x samples per step."""
+    than prompts x samples per step. Each step's groups train as two mini-batches, one
+    optimizer step each (--num-steps-per-rollout 2)."""
     save = tmp_path / "dapo"
     flags = list(COMMON)
     flags[flags.index("--replay-per-step") + 1] = "0"
     flags[flags.index("--micro-batch-size") + 1] = "4"
     run_train(flags + ["--train-iters", "3", "--save", str(save),
                        "--algo", "grpo", "--prompt-selection", "uniform", "--dynamic-sampling",
-                       "--dynamic-sampling-max-rounds", "3", "--save-interval", "0"])
+                       "--dynamic-sampling-max-rounds", "3", "--save-interval", "0",
+                       "--num-steps-per-rollout", "2"])
     rows = read_metrics(save / "metrics.jsonl")
     samples = [rows[s]["num_samples"] for s in (1, 2, 3)]
     per_step = [b - a for a, b in zip([0] + samples, samples)]

@@ -80,3 +80,27 @@ def build_train_batch(prompt_rows: torch.Tensor, fresh: RolloutBatch, rewards: t
                    rewards=all_rewards,
                    advantages=group_normalized_advantages(all_rewards, groups),
                    old_log_probs=old_log_probs)
+
+
+def split_for_steps(batch: RLBatch, num_steps: int, *, num_fresh: int,
+                    group_size: int) -> list[RLBatch]:
+    """``batch`` as ``num_steps`` mini-batches, one optimizer step each
+    (--num-steps-per-rollout): mini-batch k holds this rank's fresh groups whose index is k
+    modulo ``num_steps`` (whole groups) and its replayed rows whose index is k modulo
+    ``num_steps``. When every DP rank holds the same number of groups and of replayed rows,
+    each a multiple of ``num_steps``, mini-batch k over all ranks is the same set of rows on
+    any layout."""
+    if num_steps == 1:
+        return [batch]
+    num_groups, num_replayed = num_fresh // group_size, batch.num_sequences - num_fresh
+    if num_groups % num_steps:
+        raise ValueError(f"{num_groups} groups on this rank do not divide into "
+                         f"--num-steps-per-rollout {num_steps} mini-batches")
+    minis = []
+    for k in range(num_steps):
+        rows = [g * group_size + j for g in range(k, num_groups, num_steps)
+                for j in range(group_size)]
+        rows += [num_fresh + i for i in range(k, num_replayed, num_steps)]
+        minis.append(batch.select(torch.tensor(rows, dtype=torch.long)))
+    return minis
+

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_paced import losses
 from megatron_paced.parallel import broadcast_from_last_stage
-from megatron_paced.rl.batch import RLBatch
+from megatron_paced.rl.batch import RLBatch, split_for_steps
 from megatron_paced.rl.collect import stop_error
 from megatron_paced.rl.noise_scale import noise_scale_terms
 
@@ -50,11 +50,11 @@ class StepResult:
     Proposition 4.1; that is ``beta_kl_old_new``, after the update."""
     log_z_seconds: float
     """Time spent applying the log-Z gradient (PACED's bookkeeping)."""
-    noise_terms: tuple[float, float] | None = None
-    """(|G|^2, tr Sigma) of this step's gradient from the DP ranks' local gradients
-    (:mod:`megatron_paced.rl.noise_scale`; None with one DP rank)."""
+    noise: list = dataclasses.field(default_factory=list)
+    """(|G|^2, tr Sigma, B) of each optimizer step's gradient, B the items it counted over all
+    DP ranks (:mod:`megatron_paced.rl.noise_scale`; none where there is no smaller batch)."""
     num_items: float = 0.0
-    """Items the loss counted over all DP ranks (the batch B of the noise scale)."""
+    """Items the loss counted over all DP ranks and optimizer steps."""
 
     def metrics(self) -> dict:
         return {"loss": self.loss, "grad_norm": self.grad_norm,
@@ -81,10 +81,30 @@ def log_z_step(log_z, batch: RLBatch, grads: torch.Tensor) -> int:
 
 
 def optimize_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: bool,
-                  step: int, prompt_ids_of: Callable[[list[int]], list] = list) -> StepResult:
-    """One optimizer step of the policy (and of the log-Z table if ``train_log_z``) on
-    ``batch`` (collective; micro-batches of the policy's --micro-batch-size);
-    ``prompt_ids_of`` maps log-Z rows to the dataset prompt ids an error names."""
+                  step: int, prompt_ids_of: Callable[[list[int]], list] = list,
+                  num_steps: int = 1, num_fresh: int | None = None,
+                  group_size: int = 1) -> StepResult:
+    """``num_steps`` optimizer steps of the policy (and of the log-Z table if
+    ``train_log_z``) on ``batch``, one per mini-batch of :func:`split_for_steps` (its first
+    ``num_fresh`` rows are groups of ``group_size``; collective; micro-batches of the
+    policy's --micro-batch-size): every mini-batch keeps the batch's anchor pi_old, so after
+    the first one the policy has moved away from it. ``prompt_ids_of`` maps log-Z rows to the
+    dataset prompt ids an error names. The result sums the steps' items: the loss and
+    ``kl_old_theta`` per item over all of them, the mean grad norm."""
+    minis = split_for_steps(batch, num_steps, num_fresh=batch.num_sequences if num_fresh
+                            is None else num_fresh, group_size=group_size)
+    steps = [_optimizer_step(policy, log_z, mini, loss_fn, ctx, train_log_z=train_log_z,
+                             step=step, prompt_ids_of=prompt_ids_of) for mini in minis]
+    items = sum(s.num_items for s in steps)
+    return StepResult(sum(s.loss * s.num_items for s in steps) / max(items, 1),
+                      sum(s.grad_norm for s in steps) / len(steps),
+                      sum(s.kl_old_theta * s.num_items for s in steps) / max(items, 1),
+                      sum(s.log_z_seconds for s in steps),
+                      [term for s in steps for term in s.noise], items)
+
+
+def _optimizer_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: bool,
+                    step: int, prompt_ids_of: Callable[[list[int]], list]) -> StepResult:
     rows = batch.log_z_rows
 
     def stop(err) -> FloatingPointError:  # naming each prompt of the batch once
@@ -114,9 +134,9 @@ def optimize_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: b
         start = time.perf_counter()
         log_z_step(log_z, batch, grads)
         seconds = time.perf_counter() - start
+    terms = local_noise_terms(policy, result.grad_norm, float(totals[1]), ctx)
     return StepResult(loss, result.grad_norm, float(totals[2] / totals[1].clamp(min=1)), seconds,
-                      local_noise_terms(policy, result.grad_norm, float(totals[1]), ctx),
-                      float(totals[1]))
+                      [] if terms is None else [(*terms, float(totals[1]))], float(totals[1]))
 
 
 def local_noise_terms(policy, grad_norm: float, num_items: float, ctx):

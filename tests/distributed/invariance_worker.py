@@ -225,6 +225,27 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
                             policy.local_gradients.first_micro_items)}
 
 
+def rl_mini_steps(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
+    """--num-steps-per-rollout 2: the batch's two mini-batches (rl.batch.split_for_steps, each
+    row its own group here), one SGD step each against the same old log-probs; the second
+    step's policy has moved from them (GRPO's ratio is clipped there). Returns the full
+    params after both and the two grad norms."""
+    from megatron_paced.rl.batch import split_for_steps
+
+    policy = build_policy(model_cfg, OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0,
+                                                     clip_grad=1.0,
+                                                     use_distributed_optimizer=False),
+                          ctx, seed=SEED, micro_batch_size=MICRO_BATCH)
+    batch = rl_batch(global_batch, base_log_probs).shard_for_dp(ctx.dp_rank, ctx.dp_size)
+    grad_norms = []
+    for mini in split_for_steps(batch, 2, num_fresh=batch.num_sequences, group_size=1):
+        policy.zero_grad()
+        policy.forward_backward(dataclasses.replace(
+            mini, log_z=mini.log_z.clone().requires_grad_(True)), RL_LOSSES[algo])
+        grad_norms.append(policy.step().grad_norm)
+    return {"params": full_params(policy, ctx), "grad_norms": grad_norms}
+
+
 def prompt_feature_record(checks: CheckRecorder, policy, batch: SequenceBatch, log_probs,
                           ctx: ParallelContext, name: str) -> dict:
     """Features of the batch's prompts (mean and last-token pooling of the final-norm hidden
@@ -336,6 +357,9 @@ def run_layout(tp: int, pp: int, out: Path, checks: CheckRecorder) -> None:
             for algo in RL_LOSSES:
                 record[f"rl_{algo}"] = rl_step(algo, model_cfg, ctx, global_batch,
                                                record["log_probs"])
+            for algo in ("paced", "grpo"):
+                record[f"rl_{algo}_mini_steps"] = rl_mini_steps(algo, model_cfg, ctx,
+                                                                global_batch, record["log_probs"])
 
         adam = build_policy(model_cfg, OptimizerConfig(optimizer="adam", lr=1e-3,
                                                        weight_decay=0.1), ctx, seed=SEED)
