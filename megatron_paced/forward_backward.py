@@ -146,15 +146,11 @@ def _forward_step(
 def _run_schedule(
     model: list[torch.nn.Module], batch: SequenceBatch, last_stage_fn: LastStageFn,
     ctx: ParallelContext, *, micro_batch_size: int, forward_only: bool,
-    after_first_micro_batch: Callable[[], None] | None = None,
 ) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     micro_batches = batch.to(ctx.device).micro_batches(micro_batch_size)
-    data = iter(micro_batches)
-    if after_first_micro_batch is not None:
-        data = _calling_before_second(micro_batches, after_first_micro_batch)
     config = unwrap_model(model[0]).config
     extra = {}
     if ctx.pp_size > 1:
@@ -162,7 +158,7 @@ def _run_schedule(
     forward_backward_func = get_forward_backward_func(pp_size=ctx.pp_size)
     return forward_backward_func(
         forward_step_func=partial(_forward_step, last_stage_fn=last_stage_fn),
-        data_iterator=data,
+        data_iterator=iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),
         seq_length=batch.seq_length,
@@ -205,16 +201,6 @@ def _loss_on_last_stage(logits: torch.Tensor, micro_batch: SequenceBatch, *, los
     return loss_fn(token_log_probs, micro_batch)
 
 
-def _calling_before_second(micro_batches: list, call: Callable[[], None]):
-    """The micro-batches, calling ``call()`` before the second is taken: with PP 1 Megatron's
-    schedule takes it after the first one's backward, so the grad buffers then hold the first
-    micro-batch's gradient alone."""
-    for index, micro_batch in enumerate(micro_batches):
-        if index == 1:
-            call()
-        yield micro_batch
-
-
 def forward_backward(
     model: list[torch.nn.Module],
     batch: SequenceBatch,
@@ -224,16 +210,12 @@ def forward_backward(
     vocab_size: int,
     micro_batch_size: int,
     forward_only: bool = False,
-    after_first_micro_batch: Callable[[], None] | None = None,
 ) -> list[dict]:
     """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
     micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
     model (DDP grad buffers) unless ``forward_only``. A model whose last stage carries
     FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` from
-    the head, in place of the batch's. ``after_first_micro_batch`` (PP 1 only): called once
-    the first micro-batch's gradient is accumulated, before the second's forward pass."""
-    if after_first_micro_batch is not None and ctx.pp_size > 1:
-        raise ValueError("after_first_micro_batch needs a pipeline-parallel size of 1")
+    the head, in place of the batch's."""
 
     last_chunk = unwrap_model(model[-1])
     proj_z = last_chunk.proj_z if ctx.is_last_stage and has_proj_z(last_chunk) else None
@@ -243,8 +225,7 @@ def forward_backward(
         last_stage_fn = partial(_loss_on_last_stage, loss_fn=loss_fn, ctx=ctx,
                                 vocab_size=vocab_size, proj_z=proj_z, hidden=hidden)
         return _run_schedule(model, batch, last_stage_fn, ctx,
-                             micro_batch_size=micro_batch_size, forward_only=forward_only,
-                             after_first_micro_batch=after_first_micro_batch)
+                             micro_batch_size=micro_batch_size, forward_only=forward_only)
 
 
 def _keep_log_probs(logits: torch.Tensor, micro_batch: SequenceBatch, *, ctx: ParallelContext,

@@ -240,8 +240,7 @@ class LoggingConfig:
     of the loss's gradient, in the loss's items (sequences; GRPO: tokens), from the DP ranks'
     local gradients and their mean over the steps since the last log, with its standard
     error (grad_noise_scale_se) and the batch it compares with (grad_batch_items). The small
-    batch is each DP rank's share, or with one DP rank the first micro-batch (PP 1 and more
-    than one micro-batch per step; otherwise it is not logged). 0: never."""
+    batch is each DP rank's share: with one DP rank it is not logged. 0: never."""
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""

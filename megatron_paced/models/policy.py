@@ -102,18 +102,15 @@ def local_grad_sq_norm(model: list[torch.nn.Module], ctx: ParallelContext) -> fl
 
 @dataclass
 class LocalGradients:
-    """The small-batch gradients of the last backward pass, what the gradient noise scale
+    """The small-batch gradient of the last backward pass, what the gradient noise scale
     reads (:mod:`megatron_paced.rl.noise_scale`): this DP rank's local mean gradient before
     Megatron reduced it over DP (its squared norm and item count; recorded by the
-    gradient-finalization hook), and, with PP 1, its first micro-batch's alone (recorded
-    before the second micro-batch's forward pass). With several pipeline stages and tied
-    embeddings the output layer's share of the embedding's gradient reaches the local
-    gradient only in the reduction, so it is missing there."""
+    gradient-finalization hook). With several pipeline stages and tied embeddings the output
+    layer's share of the embedding's gradient reaches the local gradient only in the
+    reduction, so it is missing there."""
 
     sq_norm: float = float("nan")
     num_items: float = 0.0
-    first_micro_sq_norm: float = float("nan")
-    first_micro_items: float = 0.0
 
     def record(self, model: list[torch.nn.Module], num_tokens, ctx: ParallelContext) -> None:
         sq = local_grad_sq_norm(model, ctx)
@@ -121,11 +118,6 @@ class LocalGradients:
         dist.all_reduce(items, op=dist.ReduceOp.MAX, group=ctx.pp_group)  # the last stage's
         self.num_items = float(items)
         self.sq_norm = sq / max(self.num_items, 1.0) ** 2
-
-    def record_first_micro_batch(self, model: list[torch.nn.Module], num_items: float,
-                                 ctx: ParallelContext) -> None:
-        self.first_micro_items = float(num_items)
-        self.first_micro_sq_norm = local_grad_sq_norm(model, ctx) / max(num_items, 1.0) ** 2
 
 
 class Policy(ModelRunner):
@@ -138,26 +130,6 @@ class Policy(ModelRunner):
         self.optimizer = optimizer
         self.local_gradients = local_gradients or LocalGradients()
         """This DP rank's gradient of the last backward pass, before the DP reduction."""
-
-    def forward_backward(self, batch: SequenceBatch, loss_fn: LossFn) -> list[dict]:
-        """As :meth:`ModelRunner.forward_backward`; with PP 1 the first micro-batch's gradient
-        is recorded in :attr:`local_gradients` too (one more norm of the grad buffers)."""
-        self.local_gradients.first_micro_items = 0.0
-        if self.ctx.pp_size > 1:
-            return super().forward_backward(batch, loss_fn)
-        first: list[float] = []
-
-        def counting(token_log_probs, micro_batch):
-            out = loss_fn(token_log_probs, micro_batch)
-            if not first:
-                first.append(float(out[1]))
-            return out
-
-        return forward_backward(
-            self.model, batch, counting, self.ctx, vocab_size=self.model_cfg.vocab_size,
-            micro_batch_size=self.micro_batch_size_for(batch),
-            after_first_micro_batch=lambda: self.local_gradients.record_first_micro_batch(
-                self.model, first[0], self.ctx))
 
     def zero_grad(self) -> None:
         for chunk in self.model:

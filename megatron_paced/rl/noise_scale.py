@@ -19,9 +19,12 @@ mixes the two. A step's B_simple is very noisy; :class:`NoiseScale` averages S a
 separately over the steps of an interval (McCandlish's recipe) and reports their ratio with a
 delta-method standard error over those steps. Progress per sample falls once the batch is
 well above B_simple: 1 / (1 + B_simple / B) of a step's progress is what a batch of B buys.
-With one DP rank the small batch is the first micro-batch of the step (its gradient alone,
-read before the second micro-batch's forward pass; PP 1): one small-batch sample per step
-instead of one per rank, the same estimator.
+It needs a data-parallel size above 1. (The first micro-batch of a DP1 step is no substitute:
+its rows are the batch's first prompts in selection order, not a random subset, and on the
+CPU benchmark it gave a negative B_simple on every run.) The ranks' shares are contiguous
+slices of the selected prompts too, so a selection order that sorts prompts (the paced
+rules rank them by their distance to tau) makes the shares differ by more than chance and
+inflates tr(Sigma); the estimate is cleanest under uniform selection.
 
 Usage::
 

@@ -141,15 +141,9 @@ def _optimizer_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z:
 
 def local_noise_terms(policy, grad_norm: float, num_items: float, ctx):
     """The step's (|G|^2, tr Sigma) from every DP rank's local gradient and the reduced one
-    (collective over DP); with one DP rank, from the first micro-batch's gradient (PP 1);
-    None where neither gives a smaller batch."""
-    local_gradients = policy.local_gradients
+    (collective over DP; None with one DP rank: there is no smaller batch)."""
     if ctx.dp_size == 1:
-        small = local_gradients.first_micro_items
-        if not 0 < small < num_items:
-            return None
-        return noise_scale_terms(torch.tensor([local_gradients.first_micro_sq_norm]),
-                                 torch.tensor([small]), grad_norm ** 2, num_items)
+        return None
     local = torch.tensor([policy.local_gradients.sq_norm, policy.local_gradients.num_items],
                          dtype=torch.float64)
     ranks = [torch.empty_like(local) for _ in range(ctx.dp_size)]

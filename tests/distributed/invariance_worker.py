@@ -220,9 +220,7 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
             assert all(torch.equal(copy, copies[0]) for copy in copies), name
     return {"params": full_params(policy, ctx), "log_z_grad": gather_over_dp(log_z_grad, ctx),
             "grad_norm": grad_norm, "params_before": before,
-            "local_sq": gather_over_dp(local, ctx), "shard_sq": shard_sq,
-            "first_micro": (policy.local_gradients.first_micro_sq_norm,
-                            policy.local_gradients.first_micro_items)}
+            "local_sq": gather_over_dp(local, ctx), "shard_sq": shard_sq}
 
 
 def rl_mini_steps(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
