@@ -216,6 +216,7 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
     # metrics.jsonl's keys are an interface (plots, the benchmark, users' dashboards).
     step_keys = {"step", "num_samples", "reward_mean", "acc_est_mae", "selected_acc_est_mean",
+                 "informative_groups",
                  "loss", "grad_norm", "kl_old_theta", "num_replayed",
                  "old_logprob_drift_abs", "old_logprob_drift_kl"}  # + TIMINGS, dropped
     eval_keys = {"eval_pass@1", "eval_pass@2", "eval_pass@4"}

@@ -99,13 +99,17 @@ def step_record(step: int, num_samples: int, rewards: torch.Tensor, acc_est: tor
     ``acc_est_mae`` is |acc_est - the accuracy of one group of G| on the *selected* prompts:
     mostly that group's binomial noise (0.14 for a perfect estimate at G = 8 under greedy
     selection) and the selection; the estimate's own error is the calibration probe's
-    ``calib_visited_rmse_corrected`` (megatron_paced.rl.calibration)."""
+    ``calib_visited_rmse_corrected`` (megatron_paced.rl.calibration). ``informative_groups``
+    is the share of the step's fresh groups whose rewards differ (those with a GRPO signal;
+    the share selection can raise)."""
     acc_obs = rewards.double().mean(dim=1)
-    reward_mean, mae, selected = dp_mean([float(rewards.mean()),
-                                          float((acc_est - acc_obs).abs().mean()),
-                                          float(acc_est.clamp(0, 1).mean())], ctx)
+    informative = (rewards.max(dim=1).values > rewards.min(dim=1).values).double().mean()
+    reward_mean, mae, selected, informative = dp_mean(
+        [float(rewards.mean()), float((acc_est - acc_obs).abs().mean()),
+         float(acc_est.clamp(0, 1).mean()), float(informative)], ctx)
     record = {"step": step, "num_samples": num_samples, "reward_mean": reward_mean,
-              "acc_est_mae": mae, "selected_acc_est_mean": selected, **losses,
+              "acc_est_mae": mae, "selected_acc_est_mean": selected,
+              "informative_groups": informative, **losses,
               "num_replayed": num_replayed, "step_time_s": step_seconds,
               "rollout_time_s": rollout_seconds, "paced_overhead_s": paced_seconds}
     if log_prompt_accuracy:
