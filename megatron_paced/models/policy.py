@@ -107,8 +107,10 @@ class LocalGradients:
     Megatron reduced it over DP (its squared norm and item count; recorded by the
     gradient-finalization hook). With several pipeline stages and tied embeddings the output
     layer's share of the embedding's gradient reaches the local gradient only in the
-    reduction, so it is missing there."""
+    reduction, so it is missing there. Recorded only when ``enabled`` (a norm over every
+    gradient and three small all-reduces per backward pass)."""
 
+    enabled: bool = False
     sq_norm: float = float("nan")
     num_items: float = 0.0
 
@@ -176,10 +178,12 @@ def build_policy(
     proj_z_layers: int = 0,
     proj_z_dropout: float = 0.0,
     micro_batch_size: int = 1,
+    record_local_gradients: bool = False,
 ) -> Policy:
     """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer;
     with ``proj_z_layers`` the last stage carries FlowRL's log-Z head
-    (:mod:`megatron_paced.models.proj_z`), trained with it."""
+    (:mod:`megatron_paced.models.proj_z`), trained with it. ``record_local_gradients``: keep
+    each backward pass's local gradient norm (:class:`LocalGradients`, the noise scale's)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -201,7 +205,7 @@ def build_policy(
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
                                   pg_collection=ctx.pg)
     ddp.broadcast_params()  # identical replicas across DP, whatever happened at init
-    local_gradients = LocalGradients()
+    local_gradients = LocalGradients(enabled=record_local_gradients)
     config.finalize_model_grads_func = partial(_finalize_model_grads, finalize_model_grads,
                                                local_gradients, ctx)
     config.no_sync_func = ddp.no_sync
@@ -218,7 +222,7 @@ def _finalize_model_grads(finalize, local_gradients, ctx, model, num_tokens, pg_
                           force_all_reduce=False):
     # The schedule passes its own pg_collection, which is ours (forward_backward passes ctx.pg).
     # The local gradient first: the reduction below replaces it (and num_tokens, summed).
-    if num_tokens is not None:
+    if local_gradients.enabled and num_tokens is not None:
         local_gradients.record(model, num_tokens, ctx)
     return finalize(model, num_tokens, pg_collection=pg_collection,
                     force_all_reduce=force_all_reduce)

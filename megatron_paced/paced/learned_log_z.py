@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from megatron_paced.paced.head import LogZHead
 from megatron_paced.paced.log_z import LogZConfig, ShardedLogZ
-from megatron_paced.paced.sharded_rows import row_block_tensor
+from megatron_paced.paced.sharded_rows import block_data
 
 CHUNK = 1 << 16  # rows per head evaluation, to bound memory over large blocks
 
@@ -179,9 +179,8 @@ class LearnedLogZ(ShardedLogZ):
             return out
         features = self.features if self.features is not None else torch.zeros(
             self.row_end - self.row_start, self.feature_dim)  # a template to load into
-        out["features"] = row_block_tensor(f"{prefix}features", features,
-                                           row_start=self.row_start,
-                                           num_prompts=self.num_prompts, replica_id=replica_id)
+        out.update(self.shard.sharded_state_dict({"features": features}, prefix=prefix,
+                                                 replica_id=replica_id))
         out["head"] = {"model": self.head.state_dict(),
                        "optimizer": self.head.optimizer.state_dict(),
                        "num_updates": self.num_updates}
@@ -199,9 +198,7 @@ class LearnedLogZ(ShardedLogZ):
             self.anchor.fill_(self.init_acc / self.beta)
             self.last_update.fill_(-1)
             return
-        features = state["features"]
-        features = features.data if not isinstance(features, torch.Tensor) else features
-        self.set_features(features.reshape(-1, self.feature_dim),
+        self.set_features(block_data(state["features"]).reshape(-1, self.feature_dim),
                           state.get("heldout_features"))
         self.head.load_state_dict(state["head"]["model"])
         self.head.optimizer.load_state_dict(state["head"]["optimizer"])

@@ -271,8 +271,7 @@ class ShardedLogZ:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The per-row tensors a checkpoint holds, by name."""
-        return {"values": self.values, "visits": self.visits, "exp_avg": self.exp_avg,
-                "exp_avg_sq": self.exp_avg_sq}
+        return {name: getattr(self, name) for name in self.TABLE_STATE}
 
     def load_state_dict(self, state: dict) -> None:
         """Take the tensors of a loaded :meth:`sharded_state_dict` (those it holds)."""

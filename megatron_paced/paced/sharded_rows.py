@@ -178,11 +178,14 @@ class UpdatedRows:
         return rows
 
 
+def block_data(value) -> torch.Tensor:
+    """A loaded block's tensor (``dist_checkpointing`` gives a tensor or a ShardedTensor)."""
+    return value if isinstance(value, torch.Tensor) else value.data
+
+
 def load_blocks(tensors: dict[str, torch.Tensor], state: dict) -> None:
     """Copy the loaded blocks of :meth:`ShardedRows.sharded_state_dict` (those ``state``
     holds) into ``tensors``."""
     for name, target in tensors.items():
         if name in state:
-            value = state[name]
-            value = value if isinstance(value, torch.Tensor) else value.data  # a ShardedTensor
-            target.copy_(value.reshape(-1))
+            target.copy_(block_data(state[name]).reshape(-1))

@@ -115,7 +115,7 @@ class Collector:
         self.num_prompts_per_step = num_prompts_per_step
         self.num_samples_per_prompt = num_samples_per_prompt
 
-    def collect(self, step: int, last_step: int) -> ScoredGroups:
+    def collect(self, step: int, last_step: int | None = None) -> ScoredGroups:
         """The step's groups on this rank (``last_step``: the run's last, --train-iters)."""
         raise NotImplementedError
 

@@ -141,8 +141,9 @@ def _optimizer_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z:
 
 def local_noise_terms(policy, grad_norm: float, num_items: float, ctx):
     """The step's (|G|^2, tr Sigma) from every DP rank's local gradient and the reduced one
-    (collective over DP; None with one DP rank: there is no smaller batch)."""
-    if ctx.dp_size == 1:
+    (collective over DP; None with one DP rank, where there is no smaller batch, or when the
+    policy does not record its local gradients)."""
+    if ctx.dp_size == 1 or not policy.local_gradients.enabled:
         return None
     local = torch.tensor([policy.local_gradients.sq_norm, policy.local_gradients.num_items],
                          dtype=torch.float64)

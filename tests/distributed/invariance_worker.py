@@ -191,7 +191,7 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
                                                      clip_grad=1.0,
                                                      use_distributed_optimizer=False),
                           ctx, seed=SEED, proj_z_layers=3 if algo == "flowrl-proj-z" else 0,
-                          micro_batch_size=MICRO_BATCH)
+                          micro_batch_size=MICRO_BATCH, record_local_gradients=algo == "paced")
     before = full_params(policy, ctx) if algo == "flowrl-proj-z" else {}
     shard_sq = {}  # one process: the local gradients DP 2 and 4 ranks would have
     if ctx.world_size == 1 and algo == "paced":
