@@ -14,6 +14,8 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
 
 _MASK64 = (1 << 64) - 1
@@ -30,11 +32,26 @@ def derive_seed(*values: int) -> int:
     return x >> 1
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now ("" for every interface)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+# Ports handed out by free_port: below Linux's default ephemeral range (32768-60999), where
+# the kernel picks the local port of every outgoing connection, so that none of those takes
+# the port between the check and the bind of the process that will listen on it.
+PORT_RANGE = (20000, 32000)
+
+
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """The first of ``count`` consecutive TCP ports that are free on ``host`` now ("" for
+    every interface), drawn from :data:`PORT_RANGE`."""
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise OSError(f"no {count} consecutive free ports in {PORT_RANGE} on {host!r}")
 
 
 # What torchrun and its elastic agent put in a worker's environment. A server started from a

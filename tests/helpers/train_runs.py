@@ -22,10 +22,10 @@ Usage::
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 from megatron_paced.testing.distributed import launch_workers
+from megatron_paced.utils import free_port
 
 COMMON = ["--num-prompts-per-step", "4", "--num-samples-per-prompt", "4", "--micro-batch-size",
           "5", "--task-num-prompts", "64", "--task-max-digits", "2", "--sft-warmup-iters", "30",
@@ -57,13 +57,6 @@ def read_metrics(path, check_order: bool = True) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rollout_server_flags(server_args: str = "", port: int | None = None) -> list[str]:
     """``--rollout-backend sglang`` flags that launch ``megatron_paced.rollout.serve`` with
     :data:`SERVER_SHAPE` and ``server_args``, the servers' ports from ``port`` (default: a
@@ -71,4 +64,4 @@ def rollout_server_flags(server_args: str = "", port: int | None = None) -> list
     return ["--rollout-backend", "sglang", "--sglang-launch-command",
             f"{sys.executable} -m megatron_paced.rollout.serve", "--sglang-server-args",
             f"{SERVER_SHAPE} {server_args}" if server_args else SERVER_SHAPE,
-            "--sglang-base-port", str(port or free_port())]
+            "--sglang-base-port", str(port or free_port(count=4))]
