@@ -143,9 +143,16 @@ def _forward_step(
     return output, partial(last_stage_fn, micro_batch=micro_batch)
 
 
+def _announced(micro_batches: list[SequenceBatch], before_micro_batch: Callable[[int], None]):
+    for index, micro_batch in enumerate(micro_batches):
+        before_micro_batch(index)  # inside micro-batch ``index``'s forward step
+        yield micro_batch
+
+
 def _run_schedule(
     model: list[torch.nn.Module], batch: SequenceBatch, last_stage_fn: LastStageFn,
     ctx: ParallelContext, *, micro_batch_size: int, forward_only: bool,
+    before_micro_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -158,7 +165,8 @@ def _run_schedule(
     forward_backward_func = get_forward_backward_func(pp_size=ctx.pp_size)
     return forward_backward_func(
         forward_step_func=partial(_forward_step, last_stage_fn=last_stage_fn),
-        data_iterator=iter(micro_batches),
+        data_iterator=(iter(micro_batches) if before_micro_batch is None
+                       else _announced(micro_batches, before_micro_batch)),
         model=model,
         num_microbatches=len(micro_batches),
         seq_length=batch.seq_length,
@@ -210,12 +218,15 @@ def forward_backward(
     vocab_size: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    before_micro_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """One pass of ``batch`` through the pipeline schedule; returns the loss logs of each
     micro-batch (on the last stage; empty elsewhere). Gradients are accumulated into the
     model (DDP grad buffers) unless ``forward_only``. A model whose last stage carries
     FlowRL's head (:mod:`megatron_paced.models.proj_z`) gives the loss its ``log_z`` from
-    the head, in place of the batch's."""
+    the head, in place of the batch's. ``before_micro_batch(k)`` is called as micro-batch k's
+    forward step starts (without a pipeline: after the backward passes of micro-batches
+    0..k-1, so the grad buffers hold their gradient)."""
 
     last_chunk = unwrap_model(model[-1])
     proj_z = last_chunk.proj_z if ctx.is_last_stage and has_proj_z(last_chunk) else None
@@ -225,7 +236,8 @@ def forward_backward(
         last_stage_fn = partial(_loss_on_last_stage, loss_fn=loss_fn, ctx=ctx,
                                 vocab_size=vocab_size, proj_z=proj_z, hidden=hidden)
         return _run_schedule(model, batch, last_stage_fn, ctx,
-                             micro_batch_size=micro_batch_size, forward_only=forward_only)
+                             micro_batch_size=micro_batch_size, forward_only=forward_only,
+                             before_micro_batch=before_micro_batch)
 
 
 def _keep_log_probs(logits: torch.Tensor, micro_batch: SequenceBatch, *, ctx: ParallelContext,

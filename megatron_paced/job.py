@@ -237,10 +237,11 @@ class LoggingConfig:
     the step, generated before it, not counted in num_samples; 0: never)."""
     grad_noise_scale_interval: int = 10
     """Every this many steps, log grad_noise_scale: McCandlish's B_simple = tr(Sigma) / |G|^2
-    of the loss's gradient, in the loss's items (sequences; GRPO: tokens), from the DP ranks'
-    local gradients and their mean over the steps since the last log, with its standard
-    error (grad_noise_scale_se) and the batch it compares with (grad_batch_items). The small
-    batch is each DP rank's share: with one DP rank it is not logged. 0: never."""
+    of the loss's gradient, in the loss's items (sequences; GRPO: tokens), over the steps
+    since the last log, with its standard error (grad_noise_scale_se) and the batch it
+    compares with (grad_batch_items). The small batch is each DP rank's share, or with one
+    DP rank the first micro-batch of the step's rows in a seeded random order (not logged
+    with one DP rank and a pipeline, or with one micro-batch). 0: never (and no shuffle)."""
     log_prompt_accuracy: bool = False
     """Also log each step's per-prompt acc_est (beta * log_z) and observed group accuracy
     (for calibration plots)."""

@@ -158,8 +158,7 @@ def build_trainer(job: JobConfig, task: Task | None = None) -> Trainer:
                           params_dtype=cfg.params_dtype,
                           proj_z_layers=algo.flowrl_proj_z_layers if proj_z else 0,
                           proj_z_dropout=algo.flowrl_proj_z_dropout, micro_batch_size=micro,
-                          record_local_gradients=bool(job.logging.grad_noise_scale_interval
-                                                      and ctx.dp_size > 1))
+                          record_local_gradients=job.logging.grad_noise_scale_interval > 0)
     reference = None
     if algo.algo == "flowrl" or (algo.algo == "grpo" and algo.grpo_kl_coef > 0):
         reference = build_reference(job.model, ctx, seed=cfg.seed, copy_from=policy,

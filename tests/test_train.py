@@ -4,6 +4,7 @@ uninterrupted run, resume on another DP size, a TP2 run, and start-up errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -211,7 +212,7 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
                              data, "--train-iters", "2", "--save", str(save),
                              "--tensor-model-parallel-size", "2", "--eval-interval", "2",
                              "--eval-num-prompts", "4", "--bf16", "--deterministic-mode",
-                             *PROBES])
+                             "--grad-noise-scale-interval", "2", *PROBES])
     rows = read_metrics(save / "metrics.jsonl")
     assert sorted(rows) == [0, 1, 2] and rows[2]["num_samples"] == 32
     # metrics.jsonl's keys are an interface (plots, the benchmark, users' dashboards).
@@ -224,7 +225,12 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
                   for name in ("mae", "noise_var", "rmse_corrected", "acc_std", "num")}
     assert set(rows[0]) == {"step", "num_samples"} | eval_keys
     assert set(rows[1]) == step_keys
-    assert set(rows[2]) == step_keys | eval_keys | probe_keys | {"beta_kl_old_new"}
+    # DP1: the noise scale's small batch is the first (shuffled) micro-batch of 8 of 16 rows.
+    noise_keys = {"grad_noise_scale", "grad_noise_scale_se", "grad_sq_norm", "grad_noise_trace",
+                  "grad_noise_steps", "grad_batch_items"}
+    assert set(rows[2]) == step_keys | eval_keys | probe_keys | noise_keys | {"beta_kl_old_new"}
+    assert rows[2]["grad_noise_steps"] == 2 and rows[2]["grad_batch_items"] > 0
+    assert all(math.isfinite(rows[2][key]) for key in noise_keys)  # G^2's estimate may be < 0
     assert "eval_pass@4" in rows[2] and 0 <= rows[2]["eval_pass@1"] <= 1
     assert "eval_pass@1" in rows[0]
     for key in ("reward_mean", "acc_est_mae", "selected_acc_est_mean", "loss", "grad_norm"):

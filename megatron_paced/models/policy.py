@@ -103,16 +103,27 @@ def local_grad_sq_norm(model: list[torch.nn.Module], ctx: ParallelContext) -> fl
 @dataclass
 class LocalGradients:
     """The small-batch gradient of the last backward pass, what the gradient noise scale
-    reads (:mod:`megatron_paced.rl.noise_scale`): this DP rank's local mean gradient before
-    Megatron reduced it over DP (its squared norm and item count; recorded by the
-    gradient-finalization hook). With several pipeline stages and tied embeddings the output
-    layer's share of the embedding's gradient reaches the local gradient only in the
-    reduction, so it is missing there. Recorded only when ``enabled`` (a norm over every
-    gradient and three small all-reduces per backward pass)."""
+    reads (:mod:`megatron_paced.rl.noise_scale`), as its squared norm and item count. Which
+    small batch (``small_batch``):
 
-    enabled: bool = False
+    * ``"dp-rank"`` (DP > 1): this DP rank's local mean gradient before Megatron reduced it
+      over DP, recorded by the gradient-finalization hook. With several pipeline stages and
+      tied embeddings the output layer's share of the embedding's gradient reaches the local
+      gradient only in the reduction, so it is missing there.
+    * ``"micro-batch"`` (one DP rank, no pipeline): the first micro-batch's gradient, read
+      from the grad buffers as the second micro-batch's forward step starts (no extra pass;
+      the optimization stage shuffles the rows first, so it is a random subset of them).
+    * ``None``: not recorded (one DP rank with a pipeline, or the noise scale not logged).
+
+    Recording costs a norm over every gradient and a few small all-reduces per pass."""
+
+    small_batch: str | None = None
     sq_norm: float = float("nan")
     num_items: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.small_batch is not None
 
     def record(self, model: list[torch.nn.Module], num_tokens, ctx: ParallelContext) -> None:
         sq = local_grad_sq_norm(model, ctx)
@@ -120,6 +131,29 @@ class LocalGradients:
         dist.all_reduce(items, op=dist.ReduceOp.MAX, group=ctx.pp_group)  # the last stage's
         self.num_items = float(items)
         self.sq_norm = sq / max(self.num_items, 1.0) ** 2
+
+    def first_micro_batch_hook(self, model: list[torch.nn.Module], ctx: ParallelContext):
+        """``before_micro_batch`` of :func:`forward_backward`: the buffers' norm at micro-batch
+        1 (micro-batch 0's gradient, a sum over its items; :meth:`count_first` divides)."""
+        self.sq_norm, self.num_items = float("nan"), 0.0
+
+        def hook(index: int) -> None:
+            if index == 1:
+                self.sq_norm = local_grad_sq_norm(model, ctx)
+        return hook
+
+    def count_first(self, logs: list[dict]) -> None:
+        """Micro-batch 0's item count from the pass's loss logs; |G_b|^2 per item."""
+        if len(logs) > 1:
+            self.num_items = float(logs[0].get("num_sequences", logs[0].get("num_tokens")))
+            self.sq_norm /= max(self.num_items, 1.0) ** 2
+
+
+def small_batch_for(ctx: ParallelContext) -> str | None:
+    """Which small batch the noise scale compares with on this layout (:class:`LocalGradients`)."""
+    if ctx.dp_size > 1:
+        return "dp-rank"
+    return "micro-batch" if ctx.pp_size == 1 else None
 
 
 class Policy(ModelRunner):
@@ -132,6 +166,17 @@ class Policy(ModelRunner):
         self.optimizer = optimizer
         self.local_gradients = local_gradients or LocalGradients()
         """This DP rank's gradient of the last backward pass, before the DP reduction."""
+
+    def forward_backward(self, batch: SequenceBatch, loss_fn: LossFn) -> list[dict]:
+        if self.local_gradients.small_batch != "micro-batch":
+            return super().forward_backward(batch, loss_fn)
+        logs = forward_backward(self.model, batch, loss_fn, self.ctx,
+                                vocab_size=self.model_cfg.vocab_size,
+                                micro_batch_size=self.micro_batch_size_for(batch),
+                                before_micro_batch=self.local_gradients.first_micro_batch_hook(
+                                    self.model, self.ctx))
+        self.local_gradients.count_first(logs)
+        return logs
 
     def zero_grad(self) -> None:
         for chunk in self.model:
@@ -183,7 +228,8 @@ def build_policy(
     """Build this rank's policy stage with Megatron DDP and the (distributed) optimizer;
     with ``proj_z_layers`` the last stage carries FlowRL's log-Z head
     (:mod:`megatron_paced.models.proj_z`), trained with it. ``record_local_gradients``: keep
-    each backward pass's local gradient norm (:class:`LocalGradients`, the noise scale's)."""
+    each backward pass's small-batch gradient norm (:class:`LocalGradients`, the noise
+    scale's)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -205,7 +251,7 @@ def build_policy(
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
                                   pg_collection=ctx.pg)
     ddp.broadcast_params()  # identical replicas across DP, whatever happened at init
-    local_gradients = LocalGradients(enabled=record_local_gradients)
+    local_gradients = LocalGradients(small_batch_for(ctx) if record_local_gradients else None)
     config.finalize_model_grads_func = partial(_finalize_model_grads, finalize_model_grads,
                                                local_gradients, ctx)
     config.no_sync_func = ddp.no_sync
@@ -222,7 +268,7 @@ def _finalize_model_grads(finalize, local_gradients, ctx, model, num_tokens, pg_
                           force_all_reduce=False):
     # The schedule passes its own pg_collection, which is ours (forward_backward passes ctx.pg).
     # The local gradient first: the reduction below replaces it (and num_tokens, summed).
-    if local_gradients.enabled and num_tokens is not None:
+    if local_gradients.small_batch == "dp-rank" and num_tokens is not None:
         local_gradients.record(model, num_tokens, ctx)
     return finalize(model, num_tokens, pg_collection=pg_collection,
                     force_all_reduce=force_all_reduce)

@@ -1,6 +1,7 @@
 """The gradient noise scale of the RL loss, measured from the two batch sizes every step
-already has: each data-parallel rank's local gradient (b_r items) and their all-reduced mean
-(B items). McCandlish et al. 2018 (arXiv 1812.06162), appendix A.1: with G the true gradient
+already has: a small batch's gradient (b items; each data-parallel rank's local gradient, or
+on one rank the first micro-batch's) and the step's whole mean gradient (B items).
+McCandlish et al. 2018 (arXiv 1812.06162), appendix A.1: with G the true gradient
 and Sigma the per-item gradient covariance, E |G_b|^2 = |G|^2 + tr(Sigma) / b, so the two
 sizes give unbiased estimates of both terms::
 
@@ -11,20 +12,22 @@ sizes give unbiased estimates of both terms::
     B_simple = S / G^2                                 the noise scale, in items
 
 Items are what the loss counts (sequences for the PACED and FlowRL losses, completion tokens
-for GRPO). The small batches are not random subsets of the batch: a DP rank's share (and a
-micro-batch) holds whole prompt groups when its size is a multiple of G, so the figure is
-the noise scale of adding prompts at the step's G samples each (the within-prompt noise
-counted per item, the between-prompt noise G times); a micro-batch that splits groups
-mixes the two. A step's B_simple is very noisy; :class:`NoiseScale` averages S and G^2
-separately over the steps of an interval (McCandlish's recipe) and reports their ratio with a
-delta-method standard error over those steps. Progress per sample falls once the batch is
-well above B_simple: 1 / (1 + B_simple / B) of a step's progress is what a batch of B buys.
-It needs a data-parallel size above 1. (The first micro-batch of a DP1 step is no substitute:
-its rows are the batch's first prompts in selection order, not a random subset, and on the
-CPU benchmark it gave a negative B_simple on every run.) The ranks' shares are contiguous
-slices of the selected prompts too, so a selection order that sorts prompts (the paced
-rules rank them by their distance to tau) makes the shares differ by more than chance and
-inflates tr(Sigma); the estimate is cleanest under uniform selection.
+for GRPO). On DP > 1 the small batches are the ranks' shares, contiguous slices of the
+selected prompts holding whole groups: the figure is then the noise scale of adding prompts
+at the step's G samples each (the within-prompt noise counted per item, the between-prompt
+noise G times), and a selection order that sorts prompts (the paced rules rank them by
+their distance to tau) makes the shares differ by more than chance and inflates tr(Sigma);
+it is cleanest under uniform selection. On one DP rank without a pipeline the small batch
+is the first micro-batch (``models.policy.LocalGradients``, read from the grad buffers
+before the second micro-batch, no extra pass), and the optimization stage shuffles the
+step's rows first (seeded by the step), so it is a uniformly random subset of sequences and
+the figure is the noise scale per sequence (groups split). (Without the shuffle the first
+micro-batch is the first prompts in selection order, and on the CPU benchmark it gave a
+negative B_simple on every run.) A step's B_simple is very noisy; :class:`NoiseScale`
+averages S and G^2 separately over the steps of an interval (McCandlish's recipe) and
+reports their ratio with a delta-method standard error over those steps. Progress per
+sample falls once the batch is well above B_simple: 1 / (1 + B_simple / B) of a step's
+progress is what a batch of B buys.
 
 Usage::
 

@@ -93,6 +93,10 @@ def optimize_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z: b
     ``kl_old_theta`` per item over all of them, the mean grad norm."""
     minis = split_for_steps(batch, num_steps, num_fresh=batch.num_sequences if num_fresh
                             is None else num_fresh, group_size=group_size)
+    if policy.local_gradients.small_batch == "micro-batch":  # its first micro-batch: random rows
+        order = torch.Generator().manual_seed(step)
+        minis = [mini.select(torch.randperm(mini.num_sequences, generator=order))
+                 for mini in minis]
     steps = [_optimizer_step(policy, log_z, mini, loss_fn, ctx, train_log_z=train_log_z,
                              step=step, prompt_ids_of=prompt_ids_of) for mini in minis]
     items = sum(s.num_items for s in steps)
@@ -140,13 +144,19 @@ def _optimizer_step(policy, log_z, batch: RLBatch, loss_fn, ctx, *, train_log_z:
 
 
 def local_noise_terms(policy, grad_norm: float, num_items: float, ctx):
-    """The step's (|G|^2, tr Sigma) from every DP rank's local gradient and the reduced one
-    (collective over DP; None with one DP rank, where there is no smaller batch, or when the
-    policy does not record its local gradients)."""
-    if ctx.dp_size == 1 or not policy.local_gradients.enabled:
+    """The step's (|G|^2, tr Sigma) from the small batches' gradients (every DP rank's local
+    one, collective over DP; or the first micro-batch's) and the reduced one; None where
+    there is no smaller batch (one DP rank with a pipeline or a single micro-batch) or the
+    policy does not record it."""
+    small = policy.local_gradients
+    if small.small_batch == "micro-batch":
+        if not 0 < small.num_items < num_items:
+            return None
+        return noise_scale_terms(torch.tensor([small.sq_norm]), torch.tensor([small.num_items]),
+                                 grad_norm ** 2, num_items)
+    if small.small_batch != "dp-rank":
         return None
-    local = torch.tensor([policy.local_gradients.sq_norm, policy.local_gradients.num_items],
-                         dtype=torch.float64)
+    local = torch.tensor([small.sq_norm, small.num_items], dtype=torch.float64)
     ranks = [torch.empty_like(local) for _ in range(ctx.dp_size)]
     dist.all_gather(ranks, local, group=ctx.dp_group)
     every = torch.stack(ranks)

@@ -34,7 +34,7 @@ from megatron_paced.losses import (
     flowrl_loss_fn, group_normalized_advantages, grpo_loss_fn, nll_loss, paced_loss_fn,
 )
 from megatron_paced.models.config import PRESETS, ModelConfig
-from megatron_paced.models.policy import build_policy, build_reference
+from megatron_paced.models.policy import build_policy, build_reference, local_grad_sq_norm
 from megatron_paced.models.sharding import gather_full_state_dict, unwrap_model
 from megatron_paced.rl.batch import RLBatch
 from megatron_paced.parallel import (
@@ -195,15 +195,17 @@ def rl_step(algo: str, model_cfg, ctx, global_batch, base_log_probs) -> dict:
     before = full_params(policy, ctx) if algo == "flowrl-proj-z" else {}
     shard_sq = {}  # one process: the local gradients DP 2 and 4 ranks would have
     if ctx.world_size == 1 and algo == "paced":
-        for dp in (2, 4):
-            shard_sq[dp] = []
-            for rank in range(dp):
-                shard = rl_batch(global_batch, base_log_probs).shard_for_dp(rank, dp)
-                policy.zero_grad()
-                forward_backward(policy.model, dataclasses.replace(
-                    shard, log_z=shard.log_z.clone().requires_grad_(True)), RL_LOSSES[algo],
-                    ctx, vocab_size=model_cfg.vocab_size, micro_batch_size=MICRO_BATCH)
-                shard_sq[dp].append(policy.local_gradients.sq_norm)
+        def mean_grad_sq(rows: RLBatch) -> float:  # finalize divides by the rows' items
+            policy.zero_grad()
+            forward_backward(policy.model, dataclasses.replace(
+                rows, log_z=rows.log_z.clone().requires_grad_(True)), RL_LOSSES[algo],
+                ctx, vocab_size=model_cfg.vocab_size, micro_batch_size=MICRO_BATCH)
+            return local_grad_sq_norm(policy.model, ctx)
+
+        whole = rl_batch(global_batch, base_log_probs)
+        shard_sq = {dp: [mean_grad_sq(whole.shard_for_dp(rank, dp)) for rank in range(dp)]
+                    for dp in (2, 4)}
+        shard_sq["first_micro_batch"] = mean_grad_sq(whole.rows(0, MICRO_BATCH))
     batch = rl_batch(global_batch, base_log_probs).shard_for_dp(ctx.dp_rank, ctx.dp_size)
     log_z = batch.log_z.clone().requires_grad_(True)
     batch = dataclasses.replace(batch, log_z=log_z)
