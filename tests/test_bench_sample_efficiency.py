@@ -115,6 +115,7 @@ def test_reduced_benchmark_runs_methods_through_the_trainer(tmp_path):
                 method not in ("paced", "paced-beta")), method
             assert 0 <= summary["final_train_acc"]["mean"] <= 1
             assert isinstance(summary["wall_time_s"]["mean"], float)  # reported, not asserted
+            assert summary["grad_noise_scale"]["per_seed"][0] is not None  # every run logs it
         assert "share_of_oracle_gain" in results
     metrics = (out / "add" / "runs" / "paced" / "seed1" / "metrics.jsonl").read_text()
     step = json.loads(metrics.splitlines()[-1])
@@ -170,3 +171,43 @@ def test_gpu_variant_runs_parse_with_the_trainers_flags(tmp_path, task):
             job.model.max_position_embeddings
     if task == "math500-l1-2":
         assert job.task.task_levels == [1, 2]
+
+
+def test_regime_map_reads_each_cells_savings_share_and_noise_scale(tmp_path, capsys):
+    """tools/regime_map.py on two hand-made cells: prompts per step from the command, the
+    oracle-gain share from final accuracies, B / B_noise from the runs' noise scales."""
+    from tools import regime_map
+
+    def summary(final, informative, noise, ratio):
+        entry = {"mean": final, "std": 0.0, "per_seed": [final]}
+        return {"steps": 40, "seeds": [1], "samples_total": {"mean": 5120.0},
+                "final_train_acc": entry, "informative_group_fraction": {"mean": informative},
+                "final": {"pass@16": {"mean": 0.2}}, "grad_noise_scale": {"mean": noise},
+                "batch_over_noise_scale": {"mean": ratio}}
+
+    for prompts, oracle in ((4, 0.20), (16, 0.15)):
+        cell = tmp_path / f"p{prompts}"
+        cell.mkdir()
+        results = {"command": f"tools/bench_sample_efficiency.py --num-prompts-per-step "
+                              f"{prompts}",
+                   "methods": {"grpo": summary(0.10, 0.25, 200.0, 0.5),
+                               "paced-oracle": summary(oracle, 0.98, 100.0, 1.0),
+                               "paced": summary(0.125, 0.40, 150.0, None)},
+                   "ratios_to_grpo_by_target_fraction": {
+                       "1.0": {"paced": {"of_means": 0.7, "per_seed": {"per_seed": []}},
+                               "paced-oracle": {"of_means": 0.5,
+                                                "per_seed": {"per_seed": [0.5]}}},
+                       "0.5": {"paced": {"of_means": 0.6, "per_seed": {"per_seed": [0.6]}}}}}
+        (cell / "results.json").write_text(json.dumps(results))
+    assert regime_map.main([str(tmp_path / "p16"), str(tmp_path / "p4"),
+                            "--plot", str(tmp_path / "map.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| 4 ") or line.startswith("| 16 ")]
+    assert rows[0].startswith("| 4 | GRPO |") and len(rows) == 6  # sorted by batch, GRPO first
+    paced4 = next(r for r in rows if r.startswith("| 4 | PACED-RL |"))
+    # share (0.125 - 0.10) / (0.20 - 0.10); no seed pair reached GRPO's final; B/B_noise "-"
+    assert paced4 == ("| 4 | PACED-RL | 40 (5120) | 1 | 0.125 | 0.70 (0/1 seeds reached) "
+                      "| 0.60 | 0.25 | 0.40 | 0.200 | 150 | - |")
+    oracle16 = next(r for r in rows if r.startswith("| 16 | PACED-RL, oracle"))
+    assert "| 0.150 | 0.50 | - | 1.00 | 0.98 |" in oracle16
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,9 +5,10 @@ error."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from megatron_paced.rl.noise_scale import NoiseScale, noise_scale_terms
+from megatron_paced.rl.noise_scale import NoiseScale, noise_scale_terms, run_noise_scale
 
 
 def test_two_batch_sizes_recover_the_noise_scale():
@@ -34,3 +35,22 @@ def test_two_batch_sizes_recover_the_noise_scale():
     restored = NoiseScale()
     restored.load_state_dict(noise.state_dict())
     assert restored.summary()["grad_noise_scale"] == 2.0
+
+
+def test_a_runs_noise_scale_pools_its_logs_as_one_interval_would():
+    """run_noise_scale over logs of unequal intervals (the last one short, as at a run's end)
+    equals one summary over all the steps: S and G^2 weighted by each log's steps."""
+    gen = torch.Generator().manual_seed(1)
+    terms = torch.rand(17, 3, generator=gen, dtype=torch.float64) + 0.5
+    whole, rows = NoiseScale(), []
+    for start, stop in ((0, 10), (10, 15), (15, 17)):
+        part = NoiseScale()
+        for g2, trace, items in terms[start:stop].tolist():
+            part.add(g2, trace, 100 * items)
+            whole.add(g2, trace, 100 * items)
+        rows += [{"step": stop}, part.summary()]
+    scale, batch = run_noise_scale(rows)
+    expected = whole.summary()
+    assert scale == pytest.approx(expected["grad_noise_scale"], rel=1e-12)
+    assert batch == pytest.approx(expected["grad_batch_items"], rel=1e-12)
+    assert run_noise_scale([{"step": 1}]) is None

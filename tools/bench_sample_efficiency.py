@@ -110,8 +110,8 @@ def table(results: dict) -> str:
              f"{results['base']['eval_pass@1']:.3f}; {results['target_rule']})", "",
              f"| method | samples to target | steps to target | reached | final train acc | "
              f"final pass@1 | final pass@{k_max} | calibration err | probe RMSE visited / "
-             f"unvisited / held-out | informative groups | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"unvisited / held-out | informative groups | B_noise (items) | B / B_noise | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for summary in methods.values():
         reached = summary["to_target"]
         lines.append(
@@ -122,6 +122,8 @@ def table(results: dict) -> str:
             f"| {fmt(summary['calibration_error'])} "
             f"| {' / '.join(fmt(summary.get(f'probe_{g}_rmse'), 2) for g in PROBE_GROUPS)} "
             f"| {fmt(summary['informative_group_fraction'], 2)} "
+            f"| {fmt(summary.get('grad_noise_scale'), 0)} "
+            f"| {fmt(summary.get('batch_over_noise_scale'), 2)} "
             f"| {fmt(summary['wall_time_s'], 0)} |")
     if "paced_over_grpo_samples" in results:
         r = results["paced_over_grpo_samples"]

@@ -30,6 +30,7 @@ import json
 import math
 import os
 
+from megatron_paced.rl.noise_scale import run_noise_scale
 from tools.sample_efficiency_runs import HAS_LOG_Z, METHODS
 
 def smoothed(values: list[float]) -> list[float]:
@@ -98,6 +99,17 @@ def informative_fraction(rows: list[dict]) -> float:
     groups that carry a GRPO signal, which prompt selection and dynamic sampling aim for."""
     observed = [o for r in rows if "prompt_acc_obs" in r for o in r["prompt_acc_obs"]]
     return sum(0 < o < 1 for o in observed) / len(observed)
+
+
+def noise_scales(rows: list[dict]) -> tuple[float | None, float | None]:
+    """A run's gradient noise scale B_simple (items) and its batch over it, B / B_simple
+    (:func:`megatron_paced.rl.noise_scale.run_noise_scale`; None without a log, and the
+    ratio None where the estimate is not positive)."""
+    pooled = run_noise_scale(rows)
+    if pooled is None or not math.isfinite(pooled[0]):
+        return None, None
+    scale, batch = pooled
+    return scale, (batch / scale if scale > 0 else None)
 
 
 def reach(runs: list[dict], target: float, metric: str = "eval_pass@1") -> dict:
@@ -213,6 +225,10 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                       for group in PROBE_GROUPS},
                    "informative_group_fraction": stats([informative_fraction(r["rows"])
                                                         for r in method_runs]),
+                   "grad_noise_scale": stats([noise_scales(r["rows"])[0]
+                                              for r in method_runs]),
+                   "batch_over_noise_scale": stats([noise_scales(r["rows"])[1]
+                                                    for r in method_runs]),
                    "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
         results["methods"][method] = summary
     if "paced" in runs and "grpo" in runs:

@@ -203,6 +203,7 @@ def train_one(args, method: str, seed: int) -> str:
                *METHODS[method][1], "--load", base_dir(args), "--seed", str(seed),
                "--train-iters", str(args.steps), "--eval-interval", str(args.eval_interval),
                "--log-prompt-accuracy", "--save", path, "--save-interval", "0",
+               "--grad-noise-scale-interval", str(min(10, args.steps)),
                *(PROBE if method in HAS_LOG_Z else []), *shlex.split(args.train_args)]
     code, seconds = run_logged(command, os.path.join(path, "train.log"), args.threads)
     if code != 0:

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_paced.rl.noise_scale import run_noise_scale
+
 
 class MetricsLog:
     """metrics.jsonl (and wandb) on the logging rank; nothing elsewhere."""
@@ -162,17 +164,16 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
     if kls:
         lines.append(f"  beta*KL(pi_old || pi_theta) after the update: mean "
                      f"{sum(kls) / len(kls):.1e}, max {max(kls):.1e} over {len(kls)} steps")
-    noise = [r for r in history if "grad_noise_scale" in r]
+    noise = run_noise_scale(history)
     if noise:
-        scale = sum(r["grad_noise_trace"] for r in noise) / sum(r["grad_sq_norm"] for r in noise)
-        batch = sum(r["grad_batch_items"] for r in noise) / len(noise)
+        scale, batch = noise
         if scale > 0:
             lines.append(f"  gradient noise scale B_simple {scale:.1f} items against a batch "
                          f"of {batch:.0f} (B / B_simple {batch / scale:.2f}: a step makes "
                          f"{1 / (1 + scale / batch):.0%} of the progress of an infinite batch)")
         else:
-            lines.append(f"  gradient noise scale not resolved over {len(noise)} logs (a "
-                         f"negative estimate, {scale:.1f}: too few steps for its noise)")
+            lines.append(f"  gradient noise scale not resolved (a negative estimate, "
+                         f"{scale:.1f}: too few steps for its noise)")
     save = job.checkpoint.save
     if save:
         lines.append(f"  metrics {os.path.join(save, 'metrics.jsonl')}; checkpoints "

@@ -34,6 +34,7 @@ Usage::
     noise = NoiseScale()
     noise.add(*noise_scale_terms(local_sq, local_items, policy_step.grad_norm ** 2, total))
     noise.summary()   # {"grad_noise_scale": ..., "grad_noise_scale_se": ..., ...}, then reset
+    run_noise_scale(rows)  # (B_simple, B) over a whole metrics.jsonl, or None
 """
 
 from __future__ import annotations
@@ -89,3 +90,16 @@ class NoiseScale:
     def load_state_dict(self, state: dict | None) -> None:
         self.terms = [tuple(t) for t in (state or {}).get("terms", [])]
         self.items = list((state or {}).get("items", []))
+
+
+def run_noise_scale(rows: list[dict]) -> tuple[float, float] | None:
+    """(B_simple, B) of a whole run from its ``metrics.jsonl`` rows: sum of S over sum of G^2
+    (each log weighted by its steps) and the mean batch in items; None without a log."""
+    logs = [r for r in rows if "grad_noise_scale" in r]
+    if not logs:
+        return None
+    weight = [r["grad_noise_steps"] for r in logs]
+    trace = sum(w * r["grad_noise_trace"] for w, r in zip(weight, logs))
+    sq_norm = sum(w * r["grad_sq_norm"] for w, r in zip(weight, logs))
+    batch = sum(w * r["grad_batch_items"] for w, r in zip(weight, logs)) / sum(weight)
+    return (trace / sq_norm if sq_norm != 0 else float("nan")), batch
