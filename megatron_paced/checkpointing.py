@@ -306,6 +306,24 @@ def _same(a, b) -> bool:
     return a == b
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+def no_checkpoint_message(root: str) -> str:
+    """What a --load folder without a ``latest`` file holds, and what to pass instead."""
+    names = sorted(os.listdir(root))
+    if "config.json" in names and any(name in names for name in HF_WEIGHTS):
+        return (f"--load {root!r} is a Hugging Face model folder, not a Megatron checkpoint: "
+                f"convert it first (python tools/convert_hf_to_megatron.py --hf-dir {root} "
+                f"--save CKPT) and pass --load CKPT")
+    found = "it is empty" if not names else \
+        f"it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+    return (f"--load {root!r} holds no checkpoint (no {LATEST}; {found}): pass a folder "
+            f"written by tools/convert_hf_to_megatron.py or by a run's --save, or leave out "
+            f"--load (or pass the same folder as --save to resume a requeued job)")
+
+
 def check_metadata(root: str, path: str) -> None:
     """Read the iteration's torch ``.metadata`` through the allow-list (no collective): a
     crafted or damaged one is a ConfigError naming it, before any model is built."""
@@ -322,16 +340,23 @@ def check_metadata(root: str, path: str) -> None:
                           f"--load {root!r}: {metadata} is unreadable ({err})") from None
 
 
-def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None) -> int | None:
-    """The step to resume from, or None; raises ConfigError (no collective) when ``--load``
-    does not exist, holds another model's shape, or (given ``params_dtype``) holds optimizer
-    state of another precision (its buffers differ; weights alone load in any precision)."""
+def check_loadable(root: str, model_cfg, params_dtype: torch.dtype | None = None, *,
+                   may_be_empty: bool = False) -> int | None:
+    """The step to resume from, or None (only with ``may_be_empty``: ``--load`` is also
+    ``--save``, Megatron's pattern for a job that is requeued, and nothing is saved yet);
+    raises ConfigError (no collective) when ``--load`` does not exist, holds no checkpoint
+    (an HF folder named as such), holds another model's shape, or (given ``params_dtype``)
+    holds optimizer state of another precision (weights alone load in any precision)."""
     install_checkpoint_allow_list()
     if not os.path.isdir(root):
+        if may_be_empty:
+            return None
         raise ConfigError(f"--load {root!r}: no such folder")
     step = latest_step(root)
     if step is None:
-        return None
+        if may_be_empty:
+            return None
+        raise ConfigError(no_checkpoint_message(root))
     path = iteration_dir(root, step)
     config_path = os.path.join(path, "model_config.json")
     if not os.path.isfile(config_path):
@@ -428,7 +453,8 @@ class CheckpointManager:
     def load(self, root: str, step: int | None = None) -> dict:
         """Iteration ``step`` of ``root`` (default: the latest, checked and verified here)
         into the policy and PACED state; its counters ({} where ``root`` holds none)."""
-        step = check_loadable(root, self.policy.model_cfg) if step is None else step
+        step = (check_loadable(root, self.policy.model_cfg, may_be_empty=True) if step is None
+                else step)
         return {} if step is None else load_checkpoint(root, self.policy, self.paced, step)
 
     def save(self, step: int, counters) -> str:

@@ -205,9 +205,16 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Folder of checkpoints and metrics.jsonl."""
     load: Optional[str] = None
-    """Checkpoint folder to resume from (the latest iteration in it)."""
+    """Checkpoint folder to start or resume from (the latest iteration in it: a converted model
+    or a run's --save). A folder without a checkpoint is an error, unless it is also --save
+    (a requeued job's pattern: it then starts fresh until something is saved)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end, if --save)."""
+
+    def load_is_save(self) -> bool:
+        """--load and --save name one folder (resume where a requeued job left off)."""
+        return bool(self.load and self.save) and \
+            os.path.realpath(self.load) == os.path.realpath(self.save)
 
     def validate(self) -> None:
         require(self.save_interval >= 0, "save_interval", self.save_interval,

@@ -134,7 +134,8 @@ def validate_startup(job: JobConfig, world_size: int) -> Startup:
     validate_batch(job, parallel.data_parallel_size(world_size))
     resume_step = None
     if job.checkpoint.load:
-        resume_step = check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype)
+        resume_step = check_loadable(job.checkpoint.load, model_cfg, train_cfg.params_dtype,
+                                     may_be_empty=job.checkpoint.load_is_save())
     task = build_task(job.task, job.data, seed=train_cfg.seed,
                       eval_num_prompts=job.eval.eval_num_prompts)
     try:
@@ -179,7 +180,8 @@ def validate_startup(job: JobConfig, world_size: int) -> Startup:
                     "itself; sample at --temperature 1 --top-p 1")
         if train_cfg.sft_warmup_iters and job.task.task != "arithmetic":
             task.supervised_batch(0, 0, 0)  # raises: no built-in warm start
-        if not (job.checkpoint.load or train_cfg.sft_warmup_iters or train_cfg.allow_random_init):
+        if not (resume_step is not None or train_cfg.sft_warmup_iters
+                or train_cfg.allow_random_init):
             raise ConfigError(
                 "the policy would start from random weights (no --load, --sft-warmup-iters 0), "
                 "and RL from random weights learns nothing: start from a checkpoint (--load "

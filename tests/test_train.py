@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -292,6 +293,14 @@ def cli(tmp_path_factory):
     (ckpt / "iter_0000003" / "model_config.json").write_text(json.dumps(
         {"architecture": "llama", "num_layers": 2, "hidden_size": 64}))
     cases["load_shape"] = (["--load", str(ckpt)], {})
+    empty, hf = root / "empty", root / "hf"
+    empty.mkdir()
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (hf / name).write_text("{}")
+    cases["load_empty"] = (["--load", str(empty)], {})
+    cases["load_hf"] = (["--load", str(hf)], {})
+    cases["load_is_save"] = (["--load", str(empty), "--save", str(empty)], {})  # a requeue
     config, bad = root / "run.yaml", root / "bad.yaml"
     config.write_text("num-prompts-per-step: 3\nmicro_batch_size: 7\n")
     bad.write_text("num_promts_per_step: 3\n")
@@ -344,6 +353,23 @@ def test_dataset_that_does_not_match_model_or_tokenizer(cli):
 def test_load_of_another_model_shape(cli):
     _refused(cli["load_shape"], "holds another model shape (num_layers: checkpoint 2 vs this "
                                 "run 4")
+
+
+def test_load_without_a_checkpoint_is_one_line_naming_what_to_pass(cli):
+    """--load of an empty folder or of an HF model folder: exit 2, one line, before any
+    model is built; an empty --load that is also --save starts fresh (Megatron's requeue
+    pattern), so there the random-start refusal speaks."""
+    root = os.path.dirname(cli["paths"]["data"])
+    expected = {"load_empty": f"--load '{root}/empty' holds no checkpoint (no "
+                              "latest_checkpointed_iteration.txt; it is empty): pass a folder",
+                "load_hf": f"--load '{root}/hf' is a Hugging Face model folder, not a Megatron "
+                           f"checkpoint: convert it first (python tools/convert_hf_to_megatron.py "
+                           f"--hf-dir {root}/hf --save CKPT) and pass --load CKPT",
+                "load_is_save": "the policy would start from random weights"}
+    for name, message in expected.items():
+        _refused(cli[name], message)
+        lines = [line for line in cli[name].stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "building" not in cli[name].stdout.lower(), cli[name].stderr
 
 
 def test_yaml_config_sets_flags_and_rejects_unknown_keys(cli):

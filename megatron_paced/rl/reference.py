@@ -28,7 +28,7 @@ def prepare_reference(reference, policy, *, step: int, load: str | None, save: s
         reference.copy_from(policy)
     else:
         root = os.path.join(load, "reference")
-        saved = check_loadable(root, reference.model_cfg) if os.path.isdir(root) else None
+        saved = check_loadable(root, reference.model_cfg, may_be_empty=True)
         if saved is None:
             raise ConfigError(f"--load {load!r}: resuming --algo {algo} needs the KL "
                               f"reference saved at step 0 in {root}")
