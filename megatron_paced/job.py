@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -399,7 +400,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     else:
         parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
                             **TINY_MODEL_DEFAULTS)
-    parser.set_defaults(prompt_selection=None, **values)
+    parser.base_defaults = {a.dest: a.default for a in parser._actions}  # before the YAML
+    parser.set_defaults(**{"prompt_selection": None, **values})
     return parser
 
 
@@ -411,6 +413,51 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                                                                      args.flowrl_log_z)
                                  else "paced-greedy")
     return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
+
+
+def flag_values(job: JobConfig) -> dict:
+    """Every flag of the run and its value (field name -> value), in --help's order."""
+    return {f.name: getattr(getattr(job, title), f.name) for title, cls in CONFIGS.items()
+            for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def changed_flags(job: JobConfig, argv: list[str] | None = None) -> dict:
+    """The flags whose values differ from the defaults a run with ``argv``'s model would
+    use (the YAML file and the command line counted as changes)."""
+    defaults = dict(build_parser(argv).base_defaults)
+    defaults["prompt_selection"] = ("paced-greedy" if trains_log_z_table(
+        job.algorithm.algo, job.algorithm.flowrl_log_z) else "uniform")
+    return {name: value for name, value in flag_values(job).items()
+            if _plain(value) != _plain(defaults.get(name))}
+
+
+def as_command_line(values: dict) -> str:
+    """Flag values (field name -> value) as the command line that sets them."""
+    words = []
+    for name, value in values.items():
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(option if value else "--no-" + option[2:])
+        elif isinstance(value, (list, tuple)):
+            words.append(" ".join([option, *map(str, value)]))
+        else:
+            words.append(f"{option} {value}")
+    return " ".join(words)
+
+
+def config_yaml(job: JobConfig) -> str:
+    """The run's resolved configuration as a YAML file of every flag that ``--config``
+    reads back to the same job (unset flags and secrets, ``*api_key*``, left out)."""
+    import yaml
+
+    values = {name: _plain(value) for name, value in flag_values(job).items()
+              if value is not None and value != [] and value != () and "api_key" not in name}
+    return ("# paced-train's resolved configuration: paced-train --config THIS_FILE repeats "
+            "the run\n" + yaml.safe_dump(values, sort_keys=False))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def trains_log_z_table(algo: str, flowrl_log_z: str = "table") -> bool:

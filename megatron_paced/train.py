@@ -45,7 +45,14 @@ import torch.distributed as dist
 
 from megatron_paced.checkpointing import CheckpointManager, save_model_checkpoint
 from megatron_paced.config import ConfigError
-from megatron_paced.job import JobConfig, parse_args, trains_log_z_table
+from megatron_paced.job import (
+    JobConfig,
+    as_command_line,
+    changed_flags,
+    config_yaml,
+    parse_args,
+    trains_log_z_table,
+)
 from megatron_paced.losses import nll_loss
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.models.policy import Policy, Reference, build_policy, build_reference
@@ -402,13 +409,42 @@ def save_base_policy(trainer: Trainer) -> None:
               + (f" ({shown})" if shown else ""), flush=True)
 
 
+CONFIG_FILE = "config.yaml"
+"""The resolved configuration beside the checkpoints: ``--config`` repeats the run from it."""
+
+
+def record_config(job: JobConfig, argv: list[str] | None, world_size: int) -> None:
+    """Print the layout, the model and the flags that differ from the defaults; save every
+    flag's value to ``<--save>/config.yaml`` (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    p, m = job.parallel, job.model
+    changed = as_command_line(changed_flags(job, argv))
+    print(f"paced-train: {world_size} processes, TP{p.tensor_model_parallel_size} "
+          f"PP{p.pipeline_model_parallel_size} DP{p.data_parallel_size(world_size)}; model "
+          f"{m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
+          f"{m.num_attention_heads} heads, vocab {m.vocab_size}; --algo {job.algorithm.algo}, "
+          f"{job.batch.num_prompts_per_step} prompts x {job.batch.num_samples_per_prompt} "
+          f"samples per step", flush=True)
+    print(f"  flags that differ from the defaults: {changed or 'none'}", flush=True)
+    if job.checkpoint.save:
+        os.makedirs(job.checkpoint.save, exist_ok=True)
+        path = os.path.join(job.checkpoint.save, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
+            f.write(config_yaml(job))
+        os.replace(path + ".tmp", path)
+        print(f"  configuration saved: {path} (--config {path} repeats the run)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     job = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        startup = validate_startup(job, int(os.environ.get("WORLD_SIZE", "1")))
+        startup = validate_startup(job, world_size)
     except ConfigError as err:
         print(f"paced-train: error: {err}", file=sys.stderr)
         return 2
+    record_config(job, argv, world_size)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     try:
         train(job, startup)

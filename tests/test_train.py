@@ -238,6 +238,14 @@ def test_tp2_bf16_run_on_a_prompt_file_with_an_hf_tokenizer_trains_and_logs(tmp_
         assert key in rows[2] and rows[2][key] == rows[2][key]  # present and not NaN
     assert json.loads((save / "iter_0000002" / "contents.json").read_text())[
         "params_dtype"] == "bfloat16"
+    # The run's folder holds its resolved configuration, and it repeats the run bit for bit.
+    again = tmp_path / "again"
+    run_train(["--config", str(save / "config.yaml"), "--save", str(again)])
+    assert read_metrics(again / "metrics.jsonl") == rows
+    checksums = [json.loads((run / "iter_0000002" / "checksums.json").read_text())
+                 for run in (save, again)]  # every file's sha256 but torch's .metadata (ids)
+    assert len(checksums[0]) > 3 and checksums[0].pop(".metadata") and checksums[1].pop(
+        ".metadata") and checksums[0] == checksums[1]
 
 
 # Start-up errors: every case runs through paced-train's main() in ONE child process

@@ -68,8 +68,9 @@ class TaskConfig:
     """MATH-500: difficulty levels kept."""
     tokenizer: Optional[str] = None
     """Folder of a Hugging Face tokenizer (dataset tasks)."""
-    no_chat_template: bool = False
-    """Feed prompts as plain text instead of one chat-template user turn."""
+    chat_template: bool = True
+    """Feed each prompt as one user turn of the tokenizer's chat template (--no-chat-template:
+    as plain text)."""
     system_prompt: Optional[str] = None
     """System turn put before every prompt (chat template only)."""
     eval_prompt_data: Optional[str] = None

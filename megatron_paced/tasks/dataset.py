@@ -26,7 +26,7 @@ class DatasetTask:
         from megatron_paced.rewards import get_reward
         from megatron_paced.tokenizer import HFTokenizer
 
-        self.tokenizer = HFTokenizer(cfg.tokenizer, chat_template=not cfg.no_chat_template,
+        self.tokenizer = HFTokenizer(cfg.tokenizer, chat_template=cfg.chat_template,
                                      system_prompt=cfg.system_prompt)
         kwargs = dict(tokenize=self.tokenizer.encode_prompt,
                       max_prompt_length=data.max_prompt_length, on_long_prompt=data.on_long_prompt)
