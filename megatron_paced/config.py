@@ -36,6 +36,19 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag and the value."""
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``prog: error: ...``, without the
+    usage block (``--help`` prints it on request); exit code 2, as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def description(doc: str) -> str:
+    """A module docstring's first paragraph as one line: a ``--help`` description."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field: ``micro_batch_size`` -> ``--micro-batch-size``."""
     return "--" + name.replace("_", "-")

@@ -32,6 +32,7 @@ import torch
 
 from megatron_paced.config import (
     ConfigError,
+    FlagParser,
     OptimizerConfig,
     ParallelConfig,
     add_flags,
@@ -373,7 +374,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     a real model's shape, then ``--config FILE.yaml`` (unknown keys are an error). ``--help``
     prints these, so ``paced-train --model qwen2.5-7b --help`` shows the 7B run's."""
 
-    parser = argparse.ArgumentParser(prog="paced-train", description=PROGRAM)
+    parser = FlagParser(prog="paced-train", description=PROGRAM)
     parser.add_argument("--config", help="YAML file of flag values (flag names, - or _)")
     parser.add_argument("--model", help="model preset whose shape sets the model flags' "
                         "defaults (see megatron_paced.models.config.PRESETS)")

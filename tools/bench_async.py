@@ -22,7 +22,6 @@ by (generation + training) / max(generation, training), read off the K = 0 row (
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -30,6 +29,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from megatron_paced.config import FlagParser, description
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -106,7 +107,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--out", required=True)
     parser.add_argument("--config", default="examples/demo.yaml")
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])

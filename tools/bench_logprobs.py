@@ -11,12 +11,12 @@ and saves an (N, V/tp) tensor. This script times forward+backward of both on one
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from megatron_paced.config import FlagParser, description
 from megatron_paced.logprobs import vocab_parallel_log_probs
 
 
@@ -31,7 +31,7 @@ def _time_ms(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from megatron_paced.config import FlagParser, description
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.2f}"
@@ -143,7 +145,7 @@ def bench_all_to_all_worker(num_prompts: int, batch: int, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
     parser.add_argument("--num-prompts-per-step", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)

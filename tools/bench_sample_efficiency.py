@@ -73,12 +73,13 @@ it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import sys
 import time
+
+from megatron_paced.config import FlagParser, description
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -154,7 +155,7 @@ def table(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--out", required=True, help="folder of the runs, results and plots")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per method (1, 2, ...)")
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run")

@@ -29,7 +29,6 @@ the precision (bf16 or fp32; ``--peak-tflops`` to override; none on a CPU).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -38,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from megatron_paced.config import FlagParser, description
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -265,7 +266,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--model", help="a preset (default: the trainer's tiny model)")
     parser.add_argument("--hf-config", help="an HF config.json instead of a preset")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")

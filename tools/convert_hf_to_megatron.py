@@ -14,13 +14,14 @@ divide the heads, mixed dtypes) is reported before anything is written; output a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from megatron_paced.config import FlagParser, description
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--hf-dir", required=True, help="Hugging Face checkpoint folder")
     parser.add_argument("--save", required=True, help="output folder (must not exist)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)

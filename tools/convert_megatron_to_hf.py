@@ -14,13 +14,14 @@ from ``--tokenizer``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
+from megatron_paced.config import FlagParser, description
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--load", required=True, help="megatron-paced checkpoint folder")
     parser.add_argument("--save", required=True, help="output folder (must not exist)")
     parser.add_argument("--tokenizer", help="tokenizer folder to copy (default <load>/hf)")

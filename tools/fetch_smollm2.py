@@ -13,11 +13,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import sys
+
+from megatron_paced.config import FlagParser, description
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +65,7 @@ def write_hf_folder(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("--out", default="checkpoints/SmolLM2-135M-Instruct")
     args = parser.parse_args(argv)
     print(write_hf_folder(args.out))

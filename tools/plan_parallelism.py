@@ -21,7 +21,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from megatron_paced.config import ConfigError, add_flags, from_args
+from megatron_paced.config import ConfigError, FlagParser, add_flags, description, from_args
 from megatron_paced.models.config import ModelConfig
 from megatron_paced.models.counting import KNOWN_MODELS, count_parameters, resolve_model
 from megatron_paced.planner import (
@@ -41,13 +41,6 @@ HEADERS = {"weights": "weights", "gradients": "grads", "optimizer": "optim",
            "reserved": "resv"}
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 @dataclass(frozen=True)
 class TableRow:
     mark: str
@@ -58,7 +51,7 @@ class TableRow:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = FlagParser(prog=PROG, description=description(__doc__))
     parser.add_argument("--model", required=True,
                         help="config.json, a folder holding one, or a name: "
                         + ", ".join(sorted(KNOWN_MODELS)))

@@ -13,10 +13,11 @@ Several runs share the panels (one line each), x is the step or the completions 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from megatron_paced.config import FlagParser, description
 
 
 def load_metrics(run_dir: str) -> list[dict]:
@@ -28,7 +29,7 @@ def load_metrics(run_dir: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=description(__doc__))
     parser.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl)")
     parser.add_argument("-o", "--output", help="PNG path (default: <first run>/curves.png)")
     parser.add_argument("--x", choices=["step", "num_samples"], default="step")

@@ -30,6 +30,8 @@ import os
 import shlex
 import sys
 
+from megatron_paced.config import FlagParser, description
+
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -139,7 +141,7 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = FlagParser(description=description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cells", nargs="+", help="benchmark task folders holding results.json")
     parser.add_argument("--plot", default=None, help="PNG of the savings against B / B_noise")

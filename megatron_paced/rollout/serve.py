@@ -67,7 +67,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import math
 import os
@@ -78,6 +77,7 @@ from http.server import BaseHTTPRequestHandler
 
 import torch
 
+from megatron_paced.config import FlagParser, description
 from megatron_paced.config import ConfigError, add_flags, from_args
 from megatron_paced.models.config import ModelConfig, resolve_model_config
 from megatron_paced.rollout.http_api import (
@@ -148,8 +148,8 @@ def exit_with_parent(pid: int, interval_s: float = 1.0) -> threading.Thread:
 def main(argv: list[str] | None = None) -> int:
     import socket
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_paced.rollout.serve",
-                                     description=__doc__.split("\n")[0])
+    parser = FlagParser(prog="python -m megatron_paced.rollout.serve",
+                                     description=description(__doc__))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     parser.add_argument("--port-file", help="write the bound port here once serving")
