@@ -382,6 +382,38 @@ class _ShardWriter:
                           f, indent=2)
 
 
+def export_sources(load: str, tokenizer: str | None) -> tuple[str | None, str | None]:
+    """(model assets, tokenizer) folders an export copies from: ``<load>/hf`` (kept by
+    convert_hf_to_megatron); for a training run's folder, the ``hf`` folder of the run's own
+    ``--load`` and its ``--tokenizer``, read from the run's ``config.yaml``; ``tokenizer``
+    (the converter's flag) first. None where there is none."""
+    assets = os.path.join(load, "hf")
+    run_config = os.path.join(load, "config.yaml")
+    if not os.path.isdir(assets) and os.path.isfile(run_config):
+        import yaml
+
+        with open(run_config) as f:
+            run = yaml.safe_load(f) or {}
+        started = os.path.join(run["load"], "hf") if run.get("load") else None
+        assets = started if started and os.path.isdir(started) else None
+        if tokenizer is None and run.get("tokenizer") and os.path.isdir(run["tokenizer"]):
+            tokenizer = run["tokenizer"]
+    return (assets if assets and os.path.isdir(assets) else None), tokenizer
+
+
+def special_token_ids(folder: str) -> dict[str, int]:
+    """``bos_token_id``, ``eos_token_id``, ``pad_token_id`` of the HF tokenizer in ``folder``
+    (those it defines; {} without a tokenizer there)."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES[:2]):
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
 def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None,
                            max_shard_gb: float = 5.0, progress: bool = True) -> ModelConfig:
     """Megatron checkpoint folder (the latest iteration) -> HF folder. One process, no
@@ -427,14 +459,19 @@ def convert_megatron_to_hf(load: str, save: str, *, tokenizer: str | None = None
                   progress)
     writer.add(embeddings)  # final norm (and lm_head when untied)
     writer.close()
-    assets = os.path.join(load, "hf")
-    _copy_assets(tokenizer or assets, staging)
+    assets, tokenizer = export_sources(load, tokenizer)
+    for source in (assets, tokenizer):  # the tokenizer's files win over the model's
+        if source is not None:
+            _copy_assets(source, staging)
     config = cfg.to_hf_config(_DTYPE_NAMES[dtype])
-    if os.path.isfile(os.path.join(assets, "config.json")):  # the converted model's own
-        with open(os.path.join(assets, "config.json")) as f:
+    if assets is not None and os.path.isfile(os.path.join(assets, "config.json")):
+        with open(os.path.join(assets, "config.json")) as f:  # the converted model's own
             config = json.load(f)
         config.pop("dtype", None)
         config["torch_dtype"] = _DTYPE_NAMES[dtype]
+    if tokenizer is not None or assets is not None:
+        for key, value in special_token_ids(tokenizer or assets).items():
+            config.setdefault(key, value)  # what generate() stops at and pads with
     with open(os.path.join(staging, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     _finish_output(staging, save)

@@ -7,9 +7,11 @@ One process; layers are streamed one at a time::
     python tools/convert_megatron_to_hf.py --load runs/qwen7b --save hf/qwen7b-step200
     python tools/convert_megatron_to_hf.py --load runs/demo --save hf/demo --tokenizer tok/
 
-The config and tokenizer come from ``<load>/hf/`` (kept there by convert_hf_to_megatron),
-else the config is generated from the checkpoint's model config and the tokenizer is taken
-from ``--tokenizer``.
+The config and tokenizer come from ``<load>/hf/`` (kept there by convert_hf_to_megatron);
+for a training run's folder, from the model the run started from and the run's
+``--tokenizer`` (both read from its ``config.yaml``); ``--tokenizer`` overrides. Where no HF
+config exists it is generated from the checkpoint's model config, and the tokenizer's
+``bos``/``eos``/``pad`` token ids are written into it, so ``generate()`` stops at the end token.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(description=description(__doc__))
     parser.add_argument("--load", required=True, help="megatron-paced checkpoint folder")
     parser.add_argument("--save", required=True, help="output folder (must not exist)")
-    parser.add_argument("--tokenizer", help="tokenizer folder to copy (default <load>/hf)")
+    parser.add_argument("--tokenizer", help="tokenizer folder to copy (default: <load>/hf, or the run's --tokenizer)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
     parser.add_argument("--quiet", action="store_true", help="no per-layer progress")
     args = parser.parse_args(argv)
