@@ -70,7 +70,14 @@ from megatron_paced.rl.calibration import calibration_probe
 from megatron_paced.rl.collect import Collector, build_collector
 from megatron_paced.rl.evaluate import evaluate as rl_evaluate
 from megatron_paced.rl.faults import FaultInjection
-from megatron_paced.rl.metrics import MetricsLog, print_summary, staleness_metrics, step_record
+from megatron_paced.rl.metrics import (
+    LOSS_MEANING,
+    MetricsLog,
+    Progress,
+    print_summary,
+    staleness_metrics,
+    step_record,
+)
 from megatron_paced.rl.noise_scale import NoiseScale
 from megatron_paced.rl.old_log_probs import attach_old_log_probs, kl_probe
 from megatron_paced.rl.optimize import loss_fn_for, optimize_step
@@ -311,13 +318,18 @@ def sft_warmup(trainer: Trainer) -> None:
     saved_lrs = [group["lr"] for group in policy.optimizer.param_groups]
     for group in policy.optimizer.param_groups:
         group["lr"] = cfg.sft_lr
+    progress = Progress("warm start", cfg.sft_warmup_iters, enabled=trainer.metrics.is_logger,
+                        every=max(1, cfg.sft_warmup_iters // 10))
     for step in range(cfg.sft_warmup_iters):
         batch = trainer.task.supervised_batch(job.batch.micro_batch_size * ctx.dp_size,
                                               seed=cfg.seed * SFT_SEED_STRIDE + step,
                                               seq_length=trainer.collector.seq_length)
         policy.zero_grad()
-        policy.forward_backward(batch.shard_for_dp(ctx.dp_rank, ctx.dp_size), nll_loss)
+        logs = policy.forward_backward(batch.shard_for_dp(ctx.dp_rank, ctx.dp_size), nll_loss)
         policy.step()
+        nll = (sum(float(log["nll_sum"]) for log in logs)
+               / max(sum(int(log["num_tokens"]) for log in logs), 1)) if logs else None
+        progress.tick(step + 1, f"nll/token {nll:.3f}" if nll is not None else "")
     for group, lr in zip(policy.optimizer.param_groups, saved_lrs):
         group["lr"] = lr
 
@@ -351,7 +363,12 @@ def run(trainer: Trainer) -> None:
     """The RL steps to --train-iters, with their evaluations, probes, logs and checkpoints."""
     job, cfg = trainer.job, trainer.job.train
     history: list[dict] = []
-    start_step, started = trainer.step, time.perf_counter()
+    progress = Progress("step", cfg.train_iters, start=trainer.step,
+                        enabled=trainer.metrics.is_logger)
+    if trainer.metrics.is_logger:
+        print(f"(reward: the step's mean training reward; acc_est_mae: |acc estimate - observed "
+              f"group accuracy| of the selected prompts; "
+              f"{LOSS_MEANING[job.algorithm.algo]})", flush=True)
     while trainer.step < cfg.train_iters:
         record = train_step(trainer)
         last = trainer.step == cfg.train_iters
@@ -366,13 +383,9 @@ def run(trainer: Trainer) -> None:
             record.update(calibrate(trainer))
         trainer.metrics.log(record)
         history.append(record)
-        if trainer.metrics.is_logger:
-            per_step = (time.perf_counter() - started) / (trainer.step - start_step)
-            eta = per_step * (cfg.train_iters - trainer.step)
-            print(f"step {trainer.step:5d}/{cfg.train_iters}  "
-                  f"reward {record['reward_mean']:.3f}  "
-                  f"acc_est_mae {record['acc_est_mae']:.3f}  loss {record['loss']:.4f}  "
-                  f"{record['step_time_s']:.2f} s/step  ETA {eta:5.0f} s", flush=True)
+        progress.tick(trainer.step, f"reward {record['reward_mean']:.3f}  acc_est_mae "
+                      f"{record['acc_est_mae']:.3f}  loss {record['loss']:.4f}",
+                      seconds=record["step_time_s"])
         trainer.faults.after_step(trainer.step, trainer.rollout)
         trainer.checkpoints.save_if_due(trainer.step, trainer.counters)
         trainer.faults.after_save(trainer.step)

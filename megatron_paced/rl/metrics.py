@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -141,12 +142,16 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
     evals = [r for r in ([first_eval] if first_eval else []) + history if "eval_pass@1" in r]
     lines = [f"\n{job.algorithm.algo} run: steps {history[0]['step']}-{history[-1]['step']}, "
              f"{num_samples} completions generated"]
+    eval_k = job.eval.eval_k
+    k = f"eval_pass@{eval_k}"
     if len(evals) >= 2:
-        eval_k = job.eval.eval_k
-        k = f"eval_pass@{eval_k}"
         lines.append(f"  held-out pass@1 {evals[0]['eval_pass@1']:.3f} -> "
                      f"{evals[-1]['eval_pass@1']:.3f}, pass@{eval_k} {evals[0][k]:.3f} -> "
                      f"{evals[-1][k]:.3f}")
+    elif evals:
+        lines.append(f"  held-out pass@1 {evals[0]['eval_pass@1']:.3f}, pass@{eval_k} "
+                     f"{evals[0].get(k, float('nan')):.3f} at step {evals[0]['step']} (the "
+                     f"run's only evaluation: --eval-interval {job.eval.eval_interval})")
     lines.append(f"  training reward (first/last {window} steps) {mean(first, 'reward_mean'):.3f}"
                  f" -> {mean(last, 'reward_mean'):.3f}")
     lines.append(f"  |beta*log_z - one observed group| on the selected prompts (first/last "
@@ -163,7 +168,8 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
     kls = [r["beta_kl_old_new"] for r in history if "beta_kl_old_new" in r]
     if kls:
         lines.append(f"  beta*KL(pi_old || pi_theta) after the update: mean "
-                     f"{sum(kls) / len(kls):.1e}, max {max(kls):.1e} over {len(kls)} steps")
+                     f"{sum(kls) / len(kls):.1e}, max {max(kls):.1e} over {len(kls)} "
+                     f"step{'s' if len(kls) > 1 else ''}")
     noise = run_noise_scale(history)
     if noise:
         scale, batch = noise
@@ -179,6 +185,37 @@ def print_summary(job, first_eval: dict | None, history: list[dict], num_samples
         lines.append(f"  metrics {os.path.join(save, 'metrics.jsonl')}; checkpoints "
                      f"{save}/iter_*")
     print("\n".join(lines), flush=True)
+
+
+LOSS_MEANING = {
+    "paced": "loss: mean of the TB residual squared, (log Z + log pi_theta - log pi_old - r / "
+             "beta)^2; log Z starts at --log-z-init-acc / beta, so a batch of zero rewards reads "
+             "(0.5 / beta)^2 (100 at beta 0.05) until log Z learns",
+    "flowrl": "loss: FlowRL's importance-weighted TB residual squared (log Z from its ProjZ head)",
+    "grpo": "loss: GRPO's clipped surrogate per token (negative: advantage-weighted ratio), plus "
+            "its KL term",
+}
+"""What a step line's ``loss`` means, per --algo (printed once before the first step)."""
+
+
+class Progress:
+    """One line per ``every`` units of a long stage (and at its end) on the logging rank:
+    ``label done/total  text  S s/step  ETA E s``, the ETA from the mean time so far."""
+
+    def __init__(self, label: str, total: int, *, start: int = 0, every: int = 1,
+                 enabled: bool = True) -> None:
+        self.label, self.total, self.start, self.every = label, total, start, max(1, every)
+        self.enabled, self.started = enabled, time.perf_counter()
+
+    def tick(self, done: int, text: str = "", seconds: float | None = None) -> None:
+        """``seconds``: the time shown per unit (default: the mean so far)."""
+        if not self.enabled or (done % self.every and done != self.total):
+            return
+        mean = (time.perf_counter() - self.started) / max(done - self.start, 1)
+        eta = mean * (self.total - done)
+        print(f"{self.label} {done:5d}/{self.total}  {text + '  ' if text else ''}"
+              f"{mean if seconds is None else seconds:.2f} s/step  ETA {eta:5.0f} s",
+              flush=True)
 
 
 def _without_secrets(config):
