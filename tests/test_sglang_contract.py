@@ -39,6 +39,7 @@ from megatron_paced.rollout.engine import SamplingParams
 from megatron_paced.rollout.sglang_client import (
     SGLangClient, http_json, oldest_weight_version, server_environment,
 )
+from tests.conftest import chat_tokenizer
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9], [10]]
 
@@ -190,8 +191,9 @@ def sglang_like_server(tmp_path_factory):
     from megatron_paced.utils import free_port
 
     folder = tmp_path_factory.mktemp("sglang-like")
+    tokenizer, _ = chat_tokenizer(folder / "tokenizer")
     server = ServerProcess(serve_command("--model", "tiny-llama", "--seed", "3",
-                                         "--max-sequence-length", "48",
+                                         "--max-sequence-length", "48", "--tokenizer", tokenizer,
                                          "--debug-generate-delay", "0.4"),
                            port=free_port(), startup_timeout_s=120, api_key="k",
                            log_path=str(folder / "server.log"),
@@ -257,6 +259,21 @@ def test_project_server_answers_as_sglang(sglang_like_server):
     assert status == 400 and b"Duplicate request ID detected: dup" in raw
     assert _raw(server, "/generate", method="GET")[0] == 405
     assert _raw(server, "/model_info", {}, method="POST")[0] == 405
+    # With a tokenizer, "text" prompts are tokenized as SGLang's TokenizerManager does (the
+    # tokenizer's call) and outputs carry decoded "text"; both fields at once, or a
+    # max_new_tokens past the context, are SGLang's 400s (io_struct.py, tokenizer_manager.py
+    # _validate_one_request): refused, not capped.
+    status, _, raw = _raw(server, "/generate", {"text": "what is 1 + 2 ?",
+                                                "sampling_params": {"max_new_tokens": 3}})
+    output = json.loads(raw)
+    assert status == 200 and output["meta_info"]["prompt_tokens"] == 11, raw  # words, spaces
+    assert isinstance(output["text"], str) and len(output["output_ids"]) <= 3
+    status, _, raw = _raw(server, "/generate", {"text": "1", "input_ids": [1]})
+    assert status == 400 and b"text and input_ids cannot be provided at the same time" in raw
+    status, _, raw = _raw(server, "/generate", {"input_ids": [1] * 40,
+                                                "sampling_params": {"max_new_tokens": 9}})
+    assert status == 400 and b"maximum context length of 48 tokens. You requested a total " \
+        b"of 49 tokens: 40 tokens from the input messages and 9 tokens" in raw
     # Tensor updates only inside the weight-update session.
     update = {"serialized_named_tensors": ["AAAA"], "weight_version": "x"}
     status, _, raw = _raw(server, "/update_weights_from_tensor", update)
@@ -268,6 +285,11 @@ def test_project_server_answers_as_sglang(sglang_like_server):
     assert status == 400 and b"must run between" not in raw  # now the payload is judged
     assert _raw(server, "/end_weight_update", {})[0] == 200
     assert _raw(server, "/end_weight_update", {})[0] == 400
+    # One access-log line per request (not /health), without bodies or keys.
+    log = open(server.log_path).read()
+    assert "POST /generate 200" in log and "POST /generate 400" in log and \
+        "GET /generate 405" in log
+    assert "Bearer" not in log and "what is 1" not in log and "input_ids" not in log
 
 
 def test_sglang_pins_agree_with_torch():

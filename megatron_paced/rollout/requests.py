@@ -111,6 +111,8 @@ class GenerateRequest:
     """Each prompt's ``sampling_seed`` (its n copies share it, as in SGLang)."""
     rids: list | str | None
     return_logprob: bool
+    from_text: bool = False
+    """The prompts came as ``text`` (tokenized by the server's tokenizer)."""
 
     @property
     def seed(self) -> int | None:
@@ -133,22 +135,44 @@ def sglang_normalization(body: dict) -> None:
         raise RequestError(400, str(err)[:300]) from None
 
 
-def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: int,
-                           limits: ServerLimits) -> GenerateRequest:
-    """Validate a /generate body completely (before any work) -> the request; a
-    :class:`RequestError` 400 naming the field otherwise."""
+def tokenize_text(body: dict, tokenizer) -> dict:
+    """A body with ``text`` (a string or a list of strings) -> the same with ``input_ids``,
+    tokenized as SGLang's ``TokenizerManager._tokenize_texts`` does (the HF tokenizer's call,
+    special tokens added); SGLang's error where both are given (``io_struct.py``)."""
+    text = body["text"]
+    if body.get("input_ids") is not None:
+        raise RequestError(400, "text and input_ids cannot be provided at the same time")
+    single = isinstance(text, str)
+    texts = [text] if single else text
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise RequestError(400, "text must be a string or a non-empty list of strings")
+    ids = tokenizer(texts)["input_ids"]
+    return {**{k: v for k, v in body.items() if k != "text"},
+            "input_ids": ids[0] if single else ids}
 
+
+def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: int,
+                           limits: ServerLimits, tokenizer=None) -> GenerateRequest:
+    """Validate a /generate body completely (before any work) -> the request; a
+    :class:`RequestError` 400 naming the field otherwise. With ``tokenizer`` (an HF one),
+    ``text`` prompts are tokenized first."""
+
+    from_text = tokenizer is not None and "text" in body
+    if from_text:
+        body = tokenize_text(body, tokenizer)
     unsupported = sorted(set(body) & UNSUPPORTED_FIELDS)
     if unsupported:
         raise RequestError(400, f"{', '.join(unsupported)}: not supported by this server"
-                                + (" (it has no tokenizer: send input_ids)"
-                                   if "text" in unsupported else ""))
+                                + (" (it has no tokenizer: start it with --tokenizer DIR, "
+                                   "or send input_ids)" if "text" in unsupported else ""))
     unknown = sorted(set(body) - KNOWN_FIELDS - UNSUPPORTED_FIELDS)
     if unknown:
         raise RequestError(400, f"unknown field(s) {unknown[:4]}"[:200])
     input_ids = body.get("input_ids")
     if input_ids is None:
-        raise RequestError(400, "this server needs input_ids (it has no tokenizer for text)")
+        raise RequestError(400, "this server needs input_ids or text" if tokenizer is not None
+                           else "this server needs input_ids (it has no tokenizer for text: "
+                                "start it with --tokenizer DIR)")
     if not isinstance(input_ids, list) or not input_ids:
         raise RequestError(400, "input_ids must be a non-empty list of token ids, or a list "
                                 "of such lists")
@@ -209,6 +233,16 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
     if longest >= max_sequence_length:  # (completions stop at the maximum length)
         raise RequestError(400, f"a prompt of {longest} tokens leaves no room under the "
                                 f"server's --max-sequence-length {max_sequence_length}")
+    if "max_new_tokens" in params and longest + sampling.max_new_tokens > max_sequence_length:
+        # SGLang's 400, in its words (TokenizerManager._validate_one_request, without
+        # --allow-auto-truncate): a request asking past the context is refused, not capped.
+        raise RequestError(400, f"Requested token count exceeds the model's maximum context "
+                                f"length of {max_sequence_length} tokens. You requested a total "
+                                f"of {longest + sampling.max_new_tokens} tokens: {longest} "
+                                f"tokens from the input messages and {sampling.max_new_tokens} "
+                                f"tokens for the completion. Please reduce the number of tokens "
+                                f"in the input messages or the completion to fit within the "
+                                f"limit.")
     total = n * sum(min(len(p) + sampling.max_new_tokens, max_sequence_length)
                     for p in prompts)
     if total > limits.max_total_tokens:
@@ -230,7 +264,8 @@ def parse_generate_request(body: dict, *, vocab_size: int, max_sequence_length: 
     if not isinstance(return_logprob, bool):
         raise RequestError(400, "return_logprob must be true or false")
     sglang_normalization(body)  # SGLang's own code has the last word where it is installed
-    return GenerateRequest(prompts, single, n, sampling, seeds, rids, return_logprob)
+    return GenerateRequest(prompts, single, n, sampling, seeds, rids, return_logprob,
+                           from_text=from_text)
 
 
 def validate_update_shapes(named_shapes, model_cfg) -> dict[str, tuple[int, ...]]:

@@ -2,10 +2,12 @@
 
 It lets the SGLang client, the weight sync and the fault handling run against a real process
 on any machine (SGLang itself needs CUDA). Requests and answers follow SGLang's schema
-(``sglang/srt/managers/io_struct.py``); token ids only (no server-side tokenizer):
+(``sglang/srt/managers/io_struct.py``); token ids, or ``text`` where the server has a
+tokenizer (``--tokenizer``, or the one in ``--hf-dir``), tokenized and decoded as SGLang's
+tokenizer manager does:
 
     GET  /health, /health_generate, /model_info (and the deprecated /get_model_info)
-    POST /generate                     input_ids (one list or a batch), sampling_params
+    POST /generate                     input_ids or text (one or a batch), sampling_params
                                        (with ``n``; a list per prompt), return_logprob, rid
                                        (one per prompt); answers prompt-major, as SGLang's
                                        tokenizer manager: output i * n + j is sample j of
@@ -145,6 +147,30 @@ def exit_with_parent(pid: int, interval_s: float = 1.0) -> threading.Thread:
     return thread
 
 
+def load_tokenizer(folder: str | None, hf_dir: str | None, vocab_size: int):
+    """The HF tokenizer of ``--tokenizer`` (or of ``--hf-dir`` when it holds one), or None; a
+    ConfigError naming the flag when it cannot be read or does not fit the model."""
+    flag = "--tokenizer"
+    if folder is None and hf_dir and any(os.path.isfile(os.path.join(hf_dir, name)) for name
+                                         in ("tokenizer.json", "tokenizer_config.json")):
+        folder, flag = hf_dir, "--hf-dir"
+    if folder is None:
+        return None
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {folder!r}: no such folder")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{flag} {folder!r}: not a tokenizer transformers can load "
+                          f"({str(err).splitlines()[0][:200]})") from None
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"{flag} {folder!r} has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary is {vocab_size}")
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     import socket
 
@@ -165,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-config", help="HF config.json (or its folder) of the model")
     parser.add_argument("--hf-dir", help="HF folder to load weights from (config.json + "
                                          "*.safetensors)")
+    parser.add_argument("--tokenizer", help="HF tokenizer folder: serve \"text\" prompts and "
+                                            "decode outputs' \"text\", as SGLang does "
+                                            "(default: the one in --hf-dir, if any)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of random weights")
     parser.add_argument("--max-sequence-length", type=int, default=2048)
     parser.add_argument("--max-batch-size", type=int, default=64)
@@ -233,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return fail(str(err))
 
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, args.hf_dir, model_cfg.vocab_size)
+    except ConfigError as err:
+        return fail(str(err))
+
     class Server(BoundedHTTPServer):
         address_family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
@@ -251,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                              weight_version_lag=args.debug_weight_version_lag,
                              deterministic=args.enable_deterministic_inference,
                              weight_update_session=args.weight_update_session == "required",
-                             base_gpu_id=args.base_gpu_id)
+                             base_gpu_id=args.base_gpu_id, tokenizer=tokenizer)
     server.RequestHandlerClass = make_handler(service, api_key)
     port = server.server_address[1]
     if args.port_file:

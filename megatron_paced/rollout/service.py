@@ -68,7 +68,8 @@ class RolloutService(WeightEndpoints):
                  max_batch_size: int, limits: ServerLimits = ServerLimits(),
                  allowed_peers: tuple[str, ...] = (), generate_delay_s: float = 0.0,
                  weight_version_lag: int = 0, deterministic: bool = False,
-                 weight_update_session: bool = True, base_gpu_id: int = 0) -> None:
+                 weight_update_session: bool = True, base_gpu_id: int = 0,
+                 tokenizer=None) -> None:
         # The server is a world of one, even when started from a torchrun-launched trainer
         # whose rendezvous variables it inherits.
         for name in list(os.environ):
@@ -85,6 +86,7 @@ class RolloutService(WeightEndpoints):
                                      max_sequence_length=max_sequence_length,
                                      max_batch_size=max_batch_size)
         self.model_path = hf_dir or f"random-init(seed={seed})"
+        self.tokenizer = tokenizer  # an HF tokenizer: "text" prompts, decoded "text" outputs
         self.max_sequence_length = max_sequence_length
         self.limits = limits
         self.allowed_peers = allowed_peers
@@ -149,7 +151,7 @@ class RolloutService(WeightEndpoints):
     def generate(self, body: dict):
         request = parse_generate_request(body, vocab_size=self.model_cfg.vocab_size,
                                          max_sequence_length=self.max_sequence_length,
-                                         limits=self.limits)
+                                         limits=self.limits, tokenizer=self.tokenizer)
         if self.released:
             raise RequestError(400, "memory is released; call /resume_memory_occupation")
         rids = [request.rids] if isinstance(request.rids, str) else list(request.rids or [])
@@ -241,7 +243,9 @@ class RolloutService(WeightEndpoints):
                 if request.return_logprob:
                     meta["output_token_logprobs"] = [[lp, t, None]
                                                      for lp, t in zip(c.log_probs, c.token_ids)]
-                outputs.append({"text": "", "output_ids": c.token_ids, "meta_info": meta})
+                text = "" if self.tokenizer is None else self.tokenizer.decode(
+                    c.token_ids, skip_special_tokens=True)  # SGLang's detokenizer default
+                outputs.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
         return outputs[0] if request.single and n == 1 else outputs
 
     def pause_generation(self, body: dict):
