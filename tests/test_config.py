@@ -187,6 +187,9 @@ def test_help_shows_the_defaults_the_run_uses(argv, capsys):
             expected = "paced-greedy" if job.algorithm.algo == "paced" else "uniform"
             assert parsed["prompt_selection"] == expected and expected in shown
             continue
+        if action.dest == "replay_per_step" and argv[:1] == ["--model"]:  # a real model's
+            assert parsed["replay_per_step"] == 16 and "16 with --algo paced" in shown
+            continue
         assert shown.endswith(f"(default: {parsed[action.dest]})"), (action.dest, shown)
         checked += 1
     assert checked > 100

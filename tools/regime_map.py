@@ -9,7 +9,8 @@ the cell's ``results.json``:
     share(method)    = (final(method) - final(GRPO)) / (final(oracle) - final(GRPO))
                        (final train_acc_exact at the same samples; 1 is the oracle's gain)
     B / B_noise      = the batch (items the loss counts) over the measured gradient noise
-                       scale B_simple of the run (rl/noise_scale.py), mean over seeds
+                       scale B_simple (rl/noise_scale.py), pooled over the method's seeds
+                       (their S and G^2 summed: one run's estimate is too noisy)
 
 McCandlish et al. 2018: a step of B items makes 1 / (1 + B_noise / B) of an infinite
 batch's progress, so making a larger share of the batch informative can pay only while
@@ -79,9 +80,19 @@ def cell_rows(results: dict) -> list[dict]:
                                      else (final[method] - final["grpo"]) / gain),
             "informative": mean(summary["informative_group_fraction"]),
             f"pass@{k_max}": mean(summary["final"][f"pass@{k_max}"]),
-            "grad_noise_scale": mean(summary.get("grad_noise_scale")),
-            "batch_over_noise": mean(summary.get("batch_over_noise_scale"))})
+            **noise_of(summary)})
     return rows
+
+
+def noise_of(summary: dict) -> dict:
+    """B_noise and B / B_noise of a method: pooled over its seeds where the cell has it,
+    else the mean of the seeds' own."""
+    pooled = summary.get("noise_scale_pooled")
+    if pooled:
+        return {"grad_noise_scale": pooled["grad_noise_scale"],
+                "batch_over_noise": pooled["batch_over_noise_scale"]}
+    return {"grad_noise_scale": mean(summary.get("grad_noise_scale")),
+            "batch_over_noise": mean(summary.get("batch_over_noise_scale"))}
 
 
 def fmt(value, digits: int = 2) -> str:

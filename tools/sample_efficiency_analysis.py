@@ -112,6 +112,18 @@ def noise_scales(rows: list[dict]) -> tuple[float | None, float | None]:
     return scale, (batch / scale if scale > 0 else None)
 
 
+def pooled_noise_scale(runs: list[dict]) -> dict | None:
+    """B_simple of all the runs' logs together (sum of S over sum of G^2, every log weighted
+    by its steps: one run's estimate is noisy, often negative), and B / B_simple."""
+    rows = [row for run in runs for row in run["rows"]]
+    pooled = run_noise_scale(rows)
+    if pooled is None or not math.isfinite(pooled[0]):
+        return None
+    scale, batch = pooled
+    return {"grad_noise_scale": scale, "batch": batch,
+            "batch_over_noise_scale": batch / scale if scale > 0 else None}
+
+
 def reach(runs: list[dict], target: float, metric: str = "eval_pass@1") -> dict:
     """Samples and steps to the target, per seed (None where never reached)."""
     curve = "train_curve" if metric == "train_acc_exact" else "curve"
@@ -229,6 +241,7 @@ def analyze(runs: dict[str, list[dict]], target_accuracy: float | None,
                                               for r in method_runs]),
                    "batch_over_noise_scale": stats([noise_scales(r["rows"])[1]
                                                     for r in method_runs]),
+                   "noise_scale_pooled": pooled_noise_scale(method_runs),
                    "wall_time_s": stats([r["wall_time_s"] for r in method_runs])}
         results["methods"][method] = summary
     if "paced" in runs and "grpo" in runs:
