@@ -36,6 +36,7 @@ from megatron_paced.config import (
     OptimizerConfig,
     ParallelConfig,
     add_flags,
+    flag,
     from_args,
     require,
 )
@@ -401,7 +402,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     else:
         parser.set_defaults(**vars(TINY_MODEL.replace(vocab_size=CharTokenizer().vocab_size)),
                             **TINY_MODEL_DEFAULTS)
-    parser.base_defaults = {a.dest: a.default for a in parser._actions}  # before the YAML
     replay = {}
     if model or hf_config:  # a real model: PACED-RL replays (the tiny one trains without)
         action = next(a for a in parser._actions if a.dest == "replay_per_step")
@@ -409,19 +409,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             "(default: %(default)s)", f"(default: {PACED_REPLAY_PER_STEP} with --algo paced, "
             "0 otherwise; 0 is PACED-RL's no-replay ablation)")
         replay = {"replay_per_step": None}
-    parser.set_defaults(**{"prompt_selection": None, **replay, **values})
+    parser.set_defaults(prompt_selection=None, **replay)  # None: follows --algo
+    parser.base_defaults = {a.dest: a.default for a in parser._actions}  # before the YAML
+    parser.set_defaults(**values)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     """The run's configuration from its flags (defaults: :func:`build_parser`)."""
     args = build_parser(argv).parse_args(argv)
-    if args.replay_per_step is None:  # PACED-RL's replay; GRPO and FlowRL have none
-        args.replay_per_step = default_replay_per_step(args.algo)
-    if args.prompt_selection is None:  # GRPO and FlowRL's head train no log-Z table
-        args.prompt_selection = ("uniform" if not trains_log_z_table(args.algo,
-                                                                     args.flowrl_log_z)
-                                 else "paced-greedy")
+    for name, value in algorithm_defaults(args.algo, args.flowrl_log_z).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return JobConfig(**{title: from_args(cls, args) for title, cls in CONFIGS.items()})
 
 
@@ -431,9 +430,13 @@ setting docs/results.md measured (at 4 prompts x 8 samples a step it halves the 
 to half of GRPO's gain against no replay; the paper's 64 into 128 is not measured here)."""
 
 
-def default_replay_per_step(algo: str) -> int:
-    """--replay-per-step's default: PACED-RL replays; GRPO and FlowRL train on fresh samples."""
-    return PACED_REPLAY_PER_STEP if algo == "paced" else 0
+def algorithm_defaults(algo: str, flowrl_log_z: str) -> dict:
+    """The defaults that follow --algo, where the parser leaves None: PACED-RL replays (GRPO
+    and FlowRL train on fresh samples); runs that train a log-Z table select by it (GRPO and
+    FlowRL's head train none)."""
+    return {"replay_per_step": PACED_REPLAY_PER_STEP if algo == "paced" else 0,
+            "prompt_selection": "paced-greedy" if trains_log_z_table(algo, flowrl_log_z)
+            else "uniform"}
 
 
 def flag_values(job: JobConfig) -> dict:
@@ -446,10 +449,9 @@ def changed_flags(job: JobConfig, argv: list[str] | None = None) -> dict:
     """The flags whose values differ from the defaults a run with ``argv``'s model would
     use (the YAML file and the command line counted as changes)."""
     defaults = dict(build_parser(argv).base_defaults)
-    if defaults.get("replay_per_step") is None:
-        defaults["replay_per_step"] = default_replay_per_step(job.algorithm.algo)
-    defaults["prompt_selection"] = ("paced-greedy" if trains_log_z_table(
-        job.algorithm.algo, job.algorithm.flowrl_log_z) else "uniform")
+    derived = algorithm_defaults(job.algorithm.algo, job.algorithm.flowrl_log_z)
+    defaults.update({name: value for name, value in derived.items()
+                     if defaults.get(name) is None})
     return {name: value for name, value in flag_values(job).items()
             if _plain(value) != _plain(defaults.get(name))}
 
@@ -458,7 +460,7 @@ def as_command_line(values: dict) -> str:
     """Flag values (field name -> value) as the command line that sets them."""
     words = []
     for name, value in values.items():
-        option = "--" + name.replace("_", "-")
+        option = flag(name)
         if isinstance(value, bool):
             words.append(option if value else "--no-" + option[2:])
         elif isinstance(value, (list, tuple)):
