@@ -28,7 +28,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: install
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) \
+	OMP_NUM_THREADS=1 $(PY) -m megatron_paced.launch --standalone --nproc-per-node=$(NPROC) \
 		-m megatron_paced.train --config examples/demo.yaml $(ARGS)
 
 # Two pytest workers, each taking whole files (module fixtures stay in one process): the unit

@@ -42,6 +42,7 @@ setup(
     entry_points={
         "console_scripts": [
             "paced-train=megatron_paced.train:main",
+            "paced-run=megatron_paced.launch:main",
         ],
     },
 )

@@ -13,7 +13,9 @@
 # and SLURM_NODEID), MASTER_ADDR to the job's first node. Submitted with more than one task,
 # the batch script starts itself once per task with srun.
 #
-# Knobs: NNODES, NODE_RANK, NPROC (processes per node), MASTER_ADDR, MASTER_PORT, TP, PP, SAVE.
+# Knobs: NNODES, NODE_RANK, NPROC (processes per node), MASTER_ADDR, MASTER_PORT, TP, PP, SAVE,
+# LAUNCHER (default paced-run, torchrun with one-line failures, from the active environment or
+# the repository's .venv: no need to activate it).
 #SBATCH --job-name=paced-tiny-cpu
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=00:30:00
@@ -36,11 +38,12 @@ if [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} && ${NNODES} -gt 1 ]]; then
     exec srun --ntasks="${NNODES}" --kill-on-bad-exit=1 examples/tiny_cpu.sh "$@"
 fi
 NODE_RANK=${NODE_RANK:-${SLURM_PROCID:-0}}
-# shellcheck source=launch/port_check.sh
-source "$(dirname "${BASH_SOURCE[0]}")/launch/port_check.sh"
+# shellcheck source=launch/preflight.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch/preflight.sh"
+find_launcher
 [[ ${NODE_RANK} != 0 ]] || check_master_port "${MASTER_PORT}"
 
-exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${NPROC}" \
+exec "${LAUNCHER}" --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${NPROC}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
     -m megatron_paced.train --config examples/demo.yaml \
     --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" \

@@ -100,7 +100,27 @@ _KNOWN_UPSTREAM_WARNINGS = (
     r".*full scope is deprecated.*",
     r".*`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
     r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",
+    r".*`load_state_dict` is deprecated and will be removed in future versions.*",
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
+
+
+def initialize_rerun_state_machine() -> None:
+    """Megatron's rerun state machine (its result validation, which the schedules consult),
+    disabled as Megatron's ``--rerun-mode`` defaults to, and set up here as Megatron's
+    ``training.py`` does: its schedules would otherwise set it up implicitly and say so on
+    every run. Its start-up notice of the mode is not printed."""
+    import logging
+
+    from megatron.core import rerun_state_machine as rerun
+
+    upstream = logging.getLogger(rerun.__name__)
+    level = upstream.level
+    upstream.setLevel(logging.ERROR)
+    try:
+        rerun.initialize_rerun_state_machine(mode=rerun.RerunMode.DISABLED)
+    finally:
+        upstream.setLevel(level)
 
 
 def silence_known_upstream_warnings() -> None:
@@ -181,6 +201,7 @@ def initialize_parallel(
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    initialize_rerun_state_machine()
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
     return ParallelContext(

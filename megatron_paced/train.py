@@ -449,21 +449,27 @@ def record_config(job: JobConfig, argv: list[str] | None, world_size: int) -> No
         print(f"  configuration saved: {path} (--config {path} repeats the run)", flush=True)
 
 
+def usage_error(err: ConfigError) -> int:
+    """Print a configuration error once per node (every process of a node finds the same one)
+    and return paced-train's exit code for it, 2."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     job = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         startup = validate_startup(job, world_size)
     except ConfigError as err:
-        print(f"paced-train: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
     record_config(job, argv, world_size)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     try:
         train(job, startup)
     except ConfigError as err:  # found on reading --load, by every rank alike
-        print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return usage_error(err)
     except FloatingPointError as err:  # every rank stops at the same step
         print(f"paced-train: error: {err}", file=sys.stderr, flush=True)
         return 3

@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
 from multiprocessing.connection import Connection, wait
@@ -26,6 +27,18 @@ def final_answer_text(completion: str) -> str:
     if "####" in completion:
         return completion.rsplit("####", 1)[1].strip()
     return completion
+
+
+class _OwnTimeout(logging.Filter):
+    """Drops math-verify's notice that its timeout is off: :class:`TimeoutWorkerPool` is the
+    timeout (math-verify's own is signal-based, which works only in a main thread)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.grader", "math_verify.parser"):
+    logging.getLogger(_name).addFilter(_OwnTimeout())
 
 
 def math_verify_score(completion: str, answer: str) -> float:

@@ -574,6 +574,62 @@ def test_two_runs_on_one_master_port_fail_in_one_line():
         busy.close()
 
 
+def test_a_failed_launch_ends_in_one_line_without_the_environment_activated(tmp_path):
+    """examples/tiny_cpu.sh finds paced-run in the repository's .venv with nothing activated;
+    a layout error prints once (not once per process) and the launcher adds one line, where
+    torchrun prints its traceback and a table of ranks."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".venv" / "bin" / "paced-run").exists():
+        pytest.skip("needs make install's .venv")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "VIRTUAL_ENV", "CONDA"))}
+    result = subprocess.run(["bash", "examples/tiny_cpu.sh", "--tensor-model-parallel-size",
+                             "3", "--save", str(tmp_path / "run")], cwd=repo,
+                            capture_output=True, text=True, timeout=120,
+                            env={**env, "PATH": "/usr/bin:/bin", "NNODES": "1",
+                                 "MASTER_PORT": str(free_port())})
+    assert result.returncode == 2, result.stderr[-2000:]
+    error, launcher = result.stderr.splitlines()  # exactly two lines
+    assert error == ("paced-train: error: world size 2 is not divisible by "
+                     "--tensor-model-parallel-size 3 x --pipeline-model-parallel-size 1 = 3")
+    # Whichever process exits first is reported; the agent stops the other.
+    assert launcher in [f"paced-run: megatron_paced.train failed: rank {rank} exited with code "
+                        "2 (a usage or configuration error, above) (1 other process stopped)"
+                        for rank in (0, 1)], result.stderr[-2000:]
+    assert "Traceback" not in result.stdout
+
+
+def test_the_launcher_line_reads_torchs_own_failure_records(tmp_path, monkeypatch):
+    """paced-run's line from torch's ProcessFailure: an error file written by torch's own
+    ErrorHandler (what @record writes), a signal, and a plain exit code
+    (torch/distributed/elastic/multiprocessing/errors/__init__.py)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+
+    from megatron_paced.launch import failure_line
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        raise ValueError("shard 3 is missing\nsecond line")
+    except ValueError as err:
+        ErrorHandler().record_exception(err)
+    crashed = ProcessFailure(local_rank=1, pid=11, exitcode=1, error_file=str(error_file))
+    stopped = ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file="/nonexistent")
+    line, code = failure_line("megatron_paced.train", {0: stopped, 1: crashed})
+    assert (line, code) == ("paced-run: megatron_paced.train failed: rank 1 exited with code 1 "
+                            "(ValueError: shard 3 is missing) (1 other process stopped)", 1)
+    killed = ProcessFailure(local_rank=0, pid=12, exitcode=-9, error_file="/nonexistent")
+    assert failure_line("m", {4: killed}) == (
+        "paced-run: m failed: rank 4 was killed by SIGKILL (out of memory?)", 137)
+    nonfinite = ProcessFailure(local_rank=0, pid=13, exitcode=3, error_file="/nonexistent")
+    assert failure_line("m", {0: nonfinite, 1: stopped})[0] == (
+        "paced-run: m failed: rank 0 exited with code 3 (a non-finite loss, above) (1 other "
+        "process stopped)")
+
+
 def test_the_server_lock_serves_requests_in_arrival_order():
     """Fair scheduling: waiters get the model in the order they asked, and a thread that
     releases it cannot jump the queue."""

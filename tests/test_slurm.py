@@ -1,7 +1,7 @@
 """The launch scripts of ``examples/``.
 
 * Every script's trainer flags are real and consistent: each script runs with stand-ins for
-  ``torchrun``, ``srun``, ``scontrol`` and ``curl`` on ``PATH``, and the flags it would launch
+  ``paced-run`` (their torchrun), ``srun``, ``scontrol`` and ``curl`` on ``PATH``, and the flags it would launch
   are parsed by paced-train's own parser and checked against the world size it would start
   (TP x PP divides it, the batch divides over DP, the model's heads and layers over TP and PP).
 * A real Slurm job (slow): ``tools/slurm_loopback.sh`` brings up a one-node cluster on 127.0.0.1,
@@ -40,7 +40,7 @@ JOB_TIMEOUT_S = 240
 # Stand-ins that record what the scripts would run. srun runs its command with
 # SLURM_PROCID=0 (the first task), except an SGLang server, which it only records.
 SHIMS = {
-    "torchrun": 'printf "%s\\n" "$@" >"$SHIM_LOG/torchrun"\n',
+    "paced-run": 'printf "%s\\n" "$@" >"$SHIM_LOG/paced-run"\n',
     "srun": ('printf "%s\\n" "$*" >>"$SHIM_LOG/srun"\n'
              'while [[ $# -gt 0 && $1 == --* ]]; do shift; done\n'
              '[[ $1 == python ]] && exit 0\n'
@@ -108,7 +108,7 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
     world_size, tp, pp, urls = expected
     result, log_dir = _run_script(tmp_path, script, env, nodes)
     assert result.returncode == 0, result.stderr
-    argv = (log_dir / "torchrun").read_text().splitlines()
+    argv = (log_dir / "paced-run").read_text().splitlines()
     split = argv.index("-m")
     assert argv[split + 1] == "megatron_paced.train"
     launcher = dict(zip(argv[:split:2], argv[1:split:2]))
@@ -157,7 +157,7 @@ def test_example_launches_real_flags_that_fit_their_layout(tmp_path, script, env
 def test_example_refuses_a_layout_it_cannot_run(tmp_path, script, env, nodes, message):
     result, log_dir = _run_script(tmp_path, script, env, nodes)
     assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert not (log_dir / "torchrun").exists()
+    assert not (log_dir / "paced-run").exists()
 
 
 def _start_cluster() -> None:
@@ -177,7 +177,7 @@ def test_sbatch_two_tasks_train_tiny_cpu(tmp_path):
     save, log = tmp_path / "run", tmp_path / "slurm.out"
     name = f"paced-test-slurm-{os.getpid()}"
     # The job inherits this environment (sbatch --export=ALL): the repo's venv first on PATH so
-    # that `torchrun` is its torchrun; no SLURM_* of an enclosing job.
+    # that `paced-run` is its paced-run; no SLURM_* of an enclosing job.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                SAVE=str(save), NPROC="1", MASTER_ADDR="127.0.0.1",

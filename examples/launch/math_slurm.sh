@@ -65,10 +65,14 @@ if (( SGLANG_NODES > 0 )); then
                   --weight-sync-dir "${WEIGHT_STAGING_DIR}")
 fi
 
-# One torchrun per training node; its node rank is its task rank in this step.
+# One launcher (paced-run: torchrun with one-line failures) per training node; its node rank is
+# its task rank in this step.
+# shellcheck source=preflight.sh
+source "${SLURM_SUBMIT_DIR:-.}/examples/launch/preflight.sh"
+find_launcher
 # shellcheck disable=SC2016  # $SLURM_PROCID expands in each task, not here
 srun --nodes="${NUM_TRAIN_NODES}" --ntasks-per-node=1 --nodelist="${TRAIN_NODES}" \
-    --kill-on-bad-exit=1 bash -c 'exec torchrun --node-rank "${SLURM_PROCID}" "$@"' torchrun \
+    --kill-on-bad-exit=1 bash -c 'exec "$0" --node-rank "${SLURM_PROCID}" "$@"' "${LAUNCHER}" \
     --nnodes "${NUM_TRAIN_NODES}" --nproc-per-node "${GPUS_PER_NODE}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
     -m megatron_paced.train --hf-config "${HF_DIR}/config.json" "${PACED_ARGS[@]}" \

@@ -44,9 +44,10 @@ case "${ROLLOUT}" in
     *) echo "ROLLOUT=${ROLLOUT}: choose embedded or sglang" >&2; exit 2 ;;
 esac
 
-# shellcheck source=port_check.sh
-source "$(dirname "${BASH_SOURCE[0]}")/port_check.sh"
+# shellcheck source=preflight.sh
+source "$(dirname "${BASH_SOURCE[0]}")/preflight.sh"
+find_launcher
 [[ ${NODE_RANK} != 0 ]] || check_master_port "${MASTER_PORT}"
-exec torchrun --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}" \
+exec "${LAUNCHER}" --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
     -m megatron_paced.train "${MODEL_FLAGS[@]}" "${PACED_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "$@"
