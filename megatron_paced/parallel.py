@@ -20,6 +20,7 @@ Usage (under ``torchrun --nproc-per-node 4``)::
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -109,15 +110,16 @@ def initialize_rerun_state_machine() -> None:
     """Megatron's rerun state machine (its result validation, which the schedules consult),
     disabled as Megatron's ``--rerun-mode`` defaults to, and set up here as Megatron's
     ``training.py`` does: its schedules would otherwise set it up implicitly and say so on
-    every run. Its start-up notice of the mode is not printed."""
-    import logging
-
+    every run. Its start-up notice of the mode is not printed. A machine left by an earlier
+    layout in this process is replaced (Megatron asserts on a second initialization), as
+    ``initialize_model_parallel`` replaces the groups."""
     from megatron.core import rerun_state_machine as rerun
 
     upstream = logging.getLogger(rerun.__name__)
     level = upstream.level
     upstream.setLevel(logging.ERROR)
     try:
+        rerun.destroy_rerun_state_machine()
         rerun.initialize_rerun_state_machine(mode=rerun.RerunMode.DISABLED)
     finally:
         upstream.setLevel(level)
@@ -215,8 +217,9 @@ def initialize_parallel(
 
 def destroy_parallel(*, destroy_process_group: bool = False) -> None:
     """Tear down Megatron's groups (so that another layout can be built in the same process)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, rerun_state_machine
 
     parallel_state.destroy_model_parallel()
+    rerun_state_machine.destroy_rerun_state_machine()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
